@@ -1,0 +1,39 @@
+// The op registry: every llmkernels schema, one comment each. No CUDA here: each kernel family
+// registers its CUDA implementation from its own .cu (TORCH_LIBRARY_IMPL(llmkernels, CUDA, m)).
+// CPU (reference) and Meta (fake) implementations are registered from Python (llmkernels/ops.py).
+// Ops are destination-passing: the caller allocates `out`, kernels never allocate or sync.
+//
+// Keep in sync with llmkernels/_schemas.py (used when this extension is not built);
+// tests/test_ops_registry.py checks that the two agree.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(llmkernels, m) {
+  // out[N, H] = x[N, H] * rsqrt(mean(x^2) + eps) * weight[H]; x rows may be strided.
+  m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()");
+  // residual[N, H] += x[N, H]; x = rms_norm(residual) * weight[H]   (both in place)
+  m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()");
+  // In place: q[T, Hq, D], k[T, Hk, D] rotated by cos_sin_cache[max_pos, rot_dim] (fp32, cos | sin)
+  // at positions[T] (int32/int64); is_neox: rotate_half halves (HF Llama) vs interleaved pairs.
+  m.def("rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()");
+  // out[N, I] = silu(x[N, :I]) * x[N, I:]   with x[N, 2I]
+  m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  // Writes k[N, Hk, D], v[N, Hk, D] into k_cache/v_cache[B, Hk, S, D] at slot_mapping[N] (int64,
+  // flat slot b * S + s); slots < 0 or >= B * S are skipped (padding).
+  m.def("kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");
+  // out[B, Hq, D] = softmax(q[B, Hq, D] . k_cache[B, Hk, :len, D]^T * scale) @ v_cache[B, Hk, :len, D]
+  // with len = seq_lens[B] (int32, on device); GQA: query head h reads kv head h / (Hq / Hk).
+  // workspace[B, Hq, max_splits, D + 2] (fp32) holds split-K partials (max_splits 1 = no split).
+  m.def("decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace) -> ()");
+  // out[B] (int64) ~ softmax(logits[B, V] / temperature[B]) filtered by top_k[B] (int32, 0 = off)
+  // then top_p[B] (fp32), renormalized; temperature 0 = argmax. rng_state[2] (int64, device) =
+  // (seed, offset): Philox counter; the op advances offset on device.
+  m.def("sample(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor! rng_state) -> ()");
+}
+
+// `import llmkernels._C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

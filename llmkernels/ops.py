@@ -1,0 +1,616 @@
+"""The one dispatch point: public ops, input validation, and routing.
+
+Each public op validates its arguments (raising ``TypeError``/``ValueError`` that name the
+argument and the expectation), allocates its output when ``out`` is None, then runs the CUDA
+kernel (``torch.ops.llmkernels.*``) when the extension is built and the tensors are on a CUDA
+device, else the pure-PyTorch reference. Nothing else in the package asks which path to take.
+
+This module also registers, for every ``llmkernels::*`` schema, a CPU implementation (the
+reference) and a fake (meta) implementation, so the ops work on CPU tensors, under
+``torch.compile`` and under ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+
+from . import reference as ref
+from ._schemas import SCHEMAS
+
+__all__ = [
+    "cuda_kernels_available",
+    "extension_status",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rope_cos_sin_cache",
+    "rotary_embedding",
+    "silu_and_mul",
+    "kv_cache_append",
+    "decode_attention",
+    "decode_attention_workspace",
+    "sample",
+    "new_rng_state",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DECODE_HEAD_DIMS = (64, 128)  # head sizes the decode-attention kernel is compiled for
+
+
+# ---- the extension ----------------------------------------------------------------------------------
+def _load_extension() -> tuple[bool, str]:
+    try:
+        from . import _build_info
+    except ImportError:  # running from a source tree that was never built
+        return False, "not built (no build info: install the package to build it)"
+    if not _build_info.CUDA_BUILD:
+        return False, f"not built: {_build_info.BUILD_REASON}"
+    try:
+        from . import _C  # noqa: F401  (registers the schemas and CUDA kernels)
+    except ImportError as exc:
+        warnings.warn(
+            f"llmkernels: the CUDA extension failed to import ({exc}); falling back to the "
+            "PyTorch reference ops. Rebuild it against the installed torch with "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .` "
+            "from the llmkernels source tree.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False, f"import failed: {exc}"
+    return True, f"built for sm {_build_info.CUDA_ARCHS}"
+
+
+_EXTENSION_LOADED, _EXTENSION_STATUS = _load_extension()
+# Without the extension the schemas are defined here, so torch.ops.llmkernels.* still exists.
+_python_lib = None if _EXTENSION_LOADED else torch.library.Library("llmkernels", "DEF")
+if _python_lib is not None:
+    for _schema in SCHEMAS.values():
+        _python_lib.define(_schema)
+
+
+def extension_status() -> str:
+    """One line saying whether the compiled kernels are loaded, and if not, why."""
+    return _EXTENSION_STATUS
+
+
+def cuda_kernels_available() -> bool:
+    """True when the compiled CUDA kernels are loaded and a CUDA device is visible."""
+    return _EXTENSION_LOADED and torch.cuda.is_available()
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return _EXTENSION_LOADED and t.is_cuda
+
+
+# ---- validation helpers -------------------------------------------------------------------------------
+def _tensor(t, name: str, dtypes=None, ndim=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_device(*named: tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on the same device"
+            )
+
+
+def _same_dtype(*named: tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def _last_dim_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """View ``[..., H]`` as 2-D rows ``[N, H]`` without copying (rows may be strided)."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        raise ValueError(
+            f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as rows "
+            "[N, H]; make it contiguous first"
+        ) from None
+
+
+def _eps(eps) -> float:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_out(out, name: str, shape, dtype, device) -> torch.Tensor:
+    _tensor(out, name)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)}, dtype {dtype} and device {device}; "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    return out
+
+
+# ---- normalization ---------------------------------------------------------------------------------
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm, HF ``LlamaRMSNorm`` semantics:
+    ``out = weight * (x * rsqrt(mean(x^2, -1) + eps))`` with statistics in fp32 and the normalized
+    value rounded to x's dtype before the weight multiply.
+
+    x: ``[..., H]`` fp32/fp16/bf16, last dim contiguous (rows may be strided); weight: ``[H]``,
+    same dtype; out: ``[..., H]`` contiguous, allocated when None.
+    """
+    _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
+    _tensor(weight, "weight", ndim=1)
+    _same_dtype(("x", x), ("weight", weight))
+    _same_device(("x", x), ("weight", weight))
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    _last_dim_contiguous(x, "x")
+    eps = _eps(eps)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, "out", x.shape, x.dtype, x.device)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if _use_kernel(x):
+        torch.ops.llmkernels.rms_norm(_as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps)
+    else:
+        out.copy_(ref.rms_norm(x, weight, eps))
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> None:
+    """Residual add + RMSNorm, in place: ``residual += x; x = rms_norm(residual, weight, eps)``.
+
+    x, residual: ``[..., H]`` same shape/dtype, last dim contiguous; weight: ``[H]``.
+    """
+    _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
+    _tensor(residual, "residual", FLOAT_DTYPES)
+    _tensor(weight, "weight", ndim=1)
+    _same_dtype(("x", x), ("residual", residual), ("weight", weight))
+    _same_device(("x", x), ("residual", residual), ("weight", weight))
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    _last_dim_contiguous(x, "x")
+    _last_dim_contiguous(residual, "residual")
+    eps = _eps(eps)
+    if _use_kernel(x):
+        torch.ops.llmkernels.fused_add_rms_norm(
+            _as_rows(x, "x"), _as_rows(residual, "residual"), weight.contiguous(), eps
+        )
+    else:
+        ref.fused_add_rms_norm(x, residual, weight, eps)
+
+
+# ---- rotary -------------------------------------------------------------------------------------------
+def rope_cos_sin_cache(config, max_position: int | None = None, device=None) -> torch.Tensor:
+    """fp32 ``[max_position, rotary_dim]`` RoPE table (cos half | sin half) from an HF
+    ``LlamaConfig`` or config dict, honouring ``rope_theta`` and rope scaling (default, linear,
+    llama3). See :func:`llmkernels.reference.rope_cos_sin_cache` for the formula."""
+    return ref.rope_cos_sin_cache(config, max_position, device)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> None:
+    """Rotary embedding in place on q and k:
+    ``x1' = x1 cos(p w) - x2 sin(p w)``, ``x2' = x2 cos(p w) + x1 sin(p w)`` over the first
+    ``rotary_dim`` channels, halves (NeoX / HF ``rotate_half``, ``is_neox=True``) or interleaved
+    pairs (GPT-J).
+
+    positions: ``[T]`` int32/int64 in ``[0, max_pos)``; q: ``[T, Hq, D]``; k: ``[T, Hk, D]``
+    (same dtype, last dim contiguous, tokens/heads may be strided); cos_sin_cache:
+    ``[max_pos, rotary_dim]`` fp32 with rotary_dim even and <= D.
+    """
+    _tensor(positions, "positions", (torch.int32, torch.int64), ndim=1)
+    _tensor(q, "q", FLOAT_DTYPES, ndim=3)
+    _tensor(k, "k", FLOAT_DTYPES, ndim=3)
+    _tensor(cos_sin_cache, "cos_sin_cache", (torch.float32,), ndim=2)
+    _same_dtype(("q", q), ("k", k))
+    _same_device(("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache))
+    num_tokens, _, head_dim = q.shape
+    if positions.shape[0] != num_tokens or k.shape[0] != num_tokens:
+        raise ValueError(
+            f"positions [T], q [T, Hq, D] and k [T, Hk, D] must agree on T; got "
+            f"{tuple(positions.shape)}, {tuple(q.shape)}, {tuple(k.shape)}"
+        )
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k must have head dim {head_dim} like q, got {k.shape[2]}")
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim % 2 or rotary_dim > head_dim or rotary_dim == 0:
+        raise ValueError(f"cos_sin_cache's rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}")
+    _last_dim_contiguous(q, "q")
+    _last_dim_contiguous(k, "k")
+    if not cos_sin_cache.is_contiguous():
+        raise ValueError("cos_sin_cache must be contiguous")
+    if not positions.is_cuda and num_tokens:  # checkable without a device sync
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(
+                f"positions must be in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), "
+                f"got range [{lo}, {hi}]"
+            )
+    if _use_kernel(q):
+        torch.ops.llmkernels.rotary_embedding(positions, q, k, cos_sin_cache, bool(is_neox))
+    else:
+        ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+
+# ---- activation ---------------------------------------------------------------------------------------
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU gate: ``out = silu(x[..., :I]) * x[..., I:]`` with ``silu(g) = g / (1 + exp(-g))``.
+
+    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous.
+    """
+    _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even (gate | up), got {x.shape[-1]}")
+    _last_dim_contiguous(x, "x")
+    out_shape = (*x.shape[:-1], x.shape[-1] // 2)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, "out", out_shape, x.dtype, x.device)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if _use_kernel(x):
+        torch.ops.llmkernels.silu_and_mul(_as_rows(out, "out"), _as_rows(x, "x"))
+    else:
+        out.copy_(ref.silu_and_mul(x))
+    return out
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+def _check_cache(k_cache, v_cache) -> None:
+    _tensor(k_cache, "k_cache", FLOAT_DTYPES, ndim=4)
+    _tensor(v_cache, "v_cache", FLOAT_DTYPES, ndim=4)
+    _same_dtype(("k_cache", k_cache), ("v_cache", v_cache))
+    _same_device(("k_cache", k_cache), ("v_cache", v_cache))
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous [B, Hk, S, D]")
+
+
+def kv_cache_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values into the static cache in place:
+    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]`` with ``b, s = divmod(slot_mapping[n], S)``;
+    slots outside ``[0, B * S)`` are skipped (padding).
+
+    k, v: ``[N, Hk, D]`` (last dim contiguous, tokens may be strided); k_cache, v_cache:
+    ``[B, Hk, S, D]`` contiguous; slot_mapping: ``[N]`` int32/int64.
+    """
+    _check_cache(k_cache, v_cache)
+    _tensor(k, "k", FLOAT_DTYPES, ndim=3)
+    _tensor(v, "v", FLOAT_DTYPES, ndim=3)
+    _tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64), ndim=1)
+    _same_dtype(("k_cache", k_cache), ("k", k), ("v", v))
+    _same_device(("k_cache", k_cache), ("k", k), ("v", v), ("slot_mapping", slot_mapping))
+    expected = (slot_mapping.shape[0], k_cache.shape[1], k_cache.shape[3])
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape [N, Hk, D] = {list(expected)}, got {tuple(t.shape)}")
+        _last_dim_contiguous(t, name)
+    if _use_kernel(k):
+        torch.ops.llmkernels.kv_cache_append(k, v, k_cache, v_cache, slot_mapping.long())
+    else:
+        ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_attention_num_splits(batch: int, num_kv_heads: int, seq_capacity: int, device) -> int:
+    """How many split-K partitions the decode-attention kernel uses (1 = single pass).
+
+    Split only when ``batch * num_kv_heads`` blocks cannot fill the GPU: aim at ~2 blocks per SM,
+    each partition at least 256 cached tokens, at most 64 partitions. Depends on shapes only
+    (never on device values), so it is fixed for a captured graph.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    blocks = batch * num_kv_heads
+    want = math.ceil(2 * _sm_count(index) / max(blocks, 1))
+    return max(1, min(want, math.ceil(seq_capacity / 256), 64))
+
+
+def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+    """Allocate the split-K workspace ``[B, Hq, num_splits, D + 2]`` (fp32) for these shapes.
+
+    Allocate once and pass it to every :func:`decode_attention` call (CUDA-graph friendly)."""
+    batch, num_q_heads, head_dim = q.shape
+    splits = decode_attention_num_splits(batch, k_cache.shape[1], k_cache.shape[2], q.device)
+    return torch.empty((batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention over a static KV cache (one new query token per sequence, GQA):
+    ``out[b, h] = softmax(scale * q[b, h] . K[b, g]^T) V[b, g]`` over the first ``seq_lens[b]``
+    cached tokens, ``g = h // (Hq / Hk)``; softmax in fp32; ``seq_lens[b] = 0`` gives zeros.
+
+    q: ``[B, Hq, D]`` (last dim contiguous); k_cache, v_cache: ``[B', Hk, S, D]`` contiguous with
+    ``B' >= B``, same dtype as q; seq_lens: ``[B]`` int32 with values in ``[0, S]``;
+    scale: default ``D ** -0.5``; out: ``[B, Hq, D]`` contiguous; workspace: from
+    :func:`decode_attention_workspace` (allocated per call when None).
+    """
+    _tensor(q, "q", FLOAT_DTYPES, ndim=3)
+    _check_cache(k_cache, v_cache)
+    _tensor(seq_lens, "seq_lens", (torch.int32,), ndim=1)
+    _same_dtype(("q", q), ("k_cache", k_cache))
+    _same_device(("q", q), ("k_cache", k_cache), ("seq_lens", seq_lens))
+    batch, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, seq_capacity, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache head dim {cache_head_dim} does not match q's {head_dim}")
+    if k_cache.shape[0] < batch:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} rows, fewer than q's batch {batch}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q's heads ({num_q_heads}) must be a multiple of the cache's kv heads ({num_kv_heads})")
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have B = {batch} entries, got {seq_lens.shape[0]}")
+    _last_dim_contiguous(q, "q")
+    if scale is None:
+        scale = head_dim**-0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if not seq_lens.is_cuda and batch:
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < 0 or hi > seq_capacity:
+            raise ValueError(f"seq_lens must be in [0, {seq_capacity}] (the cache length), got range [{lo}, {hi}]")
+    if out is None:
+        out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    else:
+        _check_out(out, "out", (batch, num_q_heads, head_dim), q.dtype, q.device)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if _use_kernel(q):
+        if head_dim not in DECODE_HEAD_DIMS:
+            raise ValueError(f"decode_attention on CUDA supports head_dim in {DECODE_HEAD_DIMS}, got {head_dim}")
+        if q.dtype == torch.float32:
+            raise TypeError("decode_attention on CUDA supports float16/bfloat16 q and caches, got float32")
+        if workspace is None:
+            workspace = decode_attention_workspace(q, k_cache)
+        elif (
+            workspace.dtype != torch.float32
+            or workspace.dim() != 4
+            or tuple(workspace.shape[:2]) != (batch, num_q_heads)
+            or workspace.shape[3] != head_dim + 2
+            or not workspace.is_contiguous()
+            or workspace.device != q.device
+        ):
+            raise ValueError(
+                f"workspace must be a contiguous float32 [B, Hq, splits, D + 2] = [{batch}, {num_q_heads}, "
+                f"splits, {head_dim + 2}] tensor on {q.device} (see decode_attention_workspace), "
+                f"got {workspace.dtype} {tuple(workspace.shape)}"
+            )
+        torch.ops.llmkernels.decode_attention(out, q, k_cache, v_cache, seq_lens, float(scale), workspace)
+    else:
+        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
+    return out
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+def new_rng_state(
+    device, seed: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A sampler RNG state: int64 ``[2]`` = (seed, offset) on ``device``.
+
+    The seed is ``seed`` when given, else drawn from ``generator`` (or torch's default generator,
+    so ``torch.manual_seed`` makes runs reproducible). The CUDA sampler advances the offset on the
+    device after every call, so a captured graph draws fresh numbers on each replay.
+    """
+    if seed is not None:
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed_t = torch.tensor([seed & (2**63 - 1)], dtype=torch.int64)
+    else:
+        gen_device = generator.device if generator is not None else "cpu"
+        seed_t = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device)
+    return torch.cat([seed_t.to(device), torch.zeros(1, dtype=torch.int64, device=device)])
+
+
+def _row_param(value, name: str, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1)
+        if value.dim() != 1 or value.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
+        if value.device != torch.device(device) and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+        return value.to(device=device, dtype=dtype).expand(batch).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _check_sampling_values(logits, temperature, top_k, top_p) -> None:
+    # One device sync: called only when check_values=True (off inside CUDA graphs).
+    bad_logits = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    all_neg_inf = torch.isneginf(logits).all(-1)
+    flags = torch.stack(
+        [
+            bad_logits.any(),
+            all_neg_inf.any(),
+            ((temperature < 0) | ~torch.isfinite(temperature)).any(),
+            (top_k < 0).any(),
+            ((top_p <= 0) | (top_p > 1) | torch.isnan(top_p)).any(),
+        ]
+    ).tolist()
+    if flags[0]:
+        rows = torch.nonzero(bad_logits).flatten().tolist()[:8]
+        raise ValueError(f"logits contain NaN or +inf (rows {rows}); cannot sample")
+    if flags[1]:
+        raise ValueError("logits has a row that is entirely -inf; no token can be sampled")
+    if flags[2]:
+        raise ValueError("temperature must be finite and >= 0 (0 = greedy)")
+    if flags[3]:
+        raise ValueError("top_k must be >= 0 (0 = off)")
+    if flags[4]:
+        raise ValueError("top_p must be in (0, 1]")
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    rng_state: torch.Tensor | None = None,
+    check_values: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample one token per row, HF filter order: ``p = softmax(logits / T)``; keep the top-k
+    (``k = 0`` off; ties at the k-th value kept); then keep tokens whose strictly-more-probable
+    mass is ``< top_p`` (at least one); renormalize; draw. ``T = 0`` is greedy (argmax, lowest
+    index among ties).
+
+    logits: ``[B, V]`` fp32/fp16/bf16 (last dim contiguous); temperature (>= 0), top_k (>= 0),
+    top_p (in (0, 1]): numbers or ``[B]`` tensors. Randomness: ``rng_state`` (int64 ``[2]`` on the
+    logits' device, see :func:`new_rng_state`; advanced in place) or ``seed`` or ``generator``.
+    ``check_values`` checks for NaN/inf logits and parameter ranges (one device sync; switch it
+    off inside CUDA graphs). Returns int64 ``[B]`` (written to ``out`` when given).
+    """
+    _tensor(logits, "logits", FLOAT_DTYPES, ndim=2)
+    _last_dim_contiguous(logits, "logits")
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    device = logits.device
+    if out is not None:
+        _check_out(out, "out", (batch,), torch.int64, device)
+    # Python-number parameters are checked here, without any device sync.
+    if not isinstance(temperature, torch.Tensor) and (
+        isinstance(temperature, (int, float)) and (not math.isfinite(temperature) or temperature < 0)
+    ):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_k, torch.Tensor) and isinstance(top_k, int) and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_k, float):
+        raise TypeError(f"top_k must be an int, got {top_k!r}")
+    if not isinstance(top_p, torch.Tensor) and isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    temperature_t = _row_param(temperature, "temperature", batch, torch.float32, device)
+    top_k_t = _row_param(top_k, "top_k", batch, torch.int32, device)
+    top_p_t = _row_param(top_p, "top_p", batch, torch.float32, device)
+    if check_values:
+        _check_sampling_values(logits, temperature_t, top_k_t, top_p_t)
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int64, device=device)
+
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:  # all rows greedy
+        return torch.argmax(logits, dim=-1, out=out)
+    if rng_state is not None:
+        _tensor(rng_state, "rng_state", (torch.int64,), ndim=1)
+        if rng_state.shape[0] != 2 or rng_state.device != device:
+            raise ValueError(f"rng_state must be int64 [2] (seed, offset) on {device}, got {tuple(rng_state.shape)} on {rng_state.device}")
+    if _use_kernel(logits):
+        if rng_state is None:
+            rng_state = new_rng_state(device, seed, generator)
+        torch.ops.llmkernels.sample(out, logits, temperature_t, top_k_t, top_p_t, rng_state)
+        return out
+    if rng_state is not None:
+        _sample_from_state(out, logits, temperature_t, top_k_t, top_p_t, rng_state)
+        return out
+    if generator is None and seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    out.copy_(ref.sample(logits, temperature_t, top_k_t, top_p_t, generator=generator))
+    return out
+
+
+def _sample_from_state(out, logits, temperature, top_k, top_p, rng_state) -> None:
+    """Reference sampling driven by an (seed, offset) state, which it advances by one."""
+    seed, offset = (int(v) for v in rng_state.tolist())
+    generator = torch.Generator(logits.device).manual_seed((seed * 1_000_003 + offset) % (2**63))
+    out.copy_(ref.sample(logits, temperature, top_k, top_p, generator=generator))
+    rng_state[1] += 1
+
+
+# ---- CPU and fake implementations of the schemas --------------------------------------------------
+def _register_python_impls() -> None:
+    def cpu_rms_norm(out, x, weight, eps):
+        out.copy_(ref.rms_norm(x, weight, eps))
+
+    def cpu_fused_add_rms_norm(x, residual, weight, eps):
+        ref.fused_add_rms_norm(x, residual, weight, eps)
+
+    def cpu_rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
+        ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+    def cpu_silu_and_mul(out, x):
+        out.copy_(ref.silu_and_mul(x))
+
+    def cpu_kv_cache_append(k, v, k_cache, v_cache, slot_mapping):
+        ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
+
+    def cpu_decode_attention(out, q, k_cache, v_cache, seq_lens, scale, workspace):
+        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
+
+    cpu_impls = {
+        "rms_norm": cpu_rms_norm,
+        "fused_add_rms_norm": cpu_fused_add_rms_norm,
+        "rotary_embedding": cpu_rotary_embedding,
+        "silu_and_mul": cpu_silu_and_mul,
+        "kv_cache_append": cpu_kv_cache_append,
+        "decode_attention": cpu_decode_attention,
+        "sample": _sample_from_state,
+    }
+    for name, fn in cpu_impls.items():
+        torch.library.impl(f"llmkernels::{name}", "CPU")(fn)
+
+        # Every op writes into its arguments and returns nothing: the fake has nothing to compute.
+        def fake(*args, **kwargs):
+            return None
+
+        torch.library.register_fake(f"llmkernels::{name}")(fake)
+
+
+_register_python_impls()

@@ -1,0 +1,323 @@
+"""Pure-PyTorch reference of every llmkernels op: the spec, the CPU path and the test oracle.
+
+Each function is written to be read as its formula. Numerics follow Hugging Face transformers'
+Llama modules (statistics in fp32, results rounded to the activation dtype where HF rounds), so
+that the CUDA kernels, which are tested against these functions, are as exact as transformers.
+
+In-place ops (``fused_add_rms_norm``, ``rotary_embedding``, ``kv_cache_append``) mutate their
+arguments and return ``None``, like their kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rope_parameters",
+    "rope_inv_freq",
+    "rope_cos_sin_cache",
+    "rotary_embedding",
+    "silu_and_mul",
+    "kv_cache_append",
+    "decode_attention",
+    "sampling_probs",
+    "sample",
+]
+
+
+# ---- normalization --------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm with HF ``LlamaRMSNorm`` numerics.
+
+    ``y = weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)`` with ``x32 = x.float()``.
+
+    x: ``[..., H]``; weight: ``[H]`` (same dtype as x). Returns ``[..., H]`` in x's dtype.
+    """
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (x32 * inv_rms).to(x.dtype)).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> None:
+    """Residual add then RMSNorm, in place (the pre-norm of every Llama sub-layer).
+
+    ``residual = residual + x`` (rounded to the activation dtype, as HF adds in the model dtype);
+    ``x = rms_norm(residual, weight, eps)``. x, residual: ``[..., H]``; weight: ``[H]``.
+    """
+    residual.add_(x)
+    x.copy_(rms_norm(residual, weight, eps))
+
+
+# ---- rotary embedding -------------------------------------------------------------------------------
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def rope_parameters(config: Any) -> dict:
+    """Normalize a config's RoPE settings (HF v4 ``rope_theta``/``rope_scaling`` or v5
+    ``rope_parameters``; an HF config object or a ``config.json`` dict) to one dict with keys
+    ``rope_type``, ``rope_theta``, ``head_dim``, ``rotary_dim`` and the scaling fields."""
+    params = dict(_get(config, "rope_parameters", None) or {})
+    scaling = _get(config, "rope_scaling", None)
+    if scaling and not params.get("rope_type"):
+        params.update(scaling)
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    theta = params.get("rope_theta", _get(config, "rope_theta", None)) or 10000.0
+    head_dim = _get(config, "head_dim", None) or _get(config, "hidden_size") // _get(
+        config, "num_attention_heads"
+    )
+    partial = params.get("partial_rotary_factor", _get(config, "partial_rotary_factor", None)) or 1.0
+    out = dict(params)
+    out.update(
+        rope_type=rope_type,
+        rope_theta=float(theta),
+        head_dim=int(head_dim),
+        rotary_dim=int(head_dim * partial),
+    )
+    if rope_type == "llama3":
+        out.setdefault(
+            "original_max_position_embeddings", _get(config, "max_position_embeddings", 8192)
+        )
+    return out
+
+
+def rope_inv_freq(config: Any) -> torch.Tensor:
+    """Inverse frequencies ``[rotary_dim / 2]`` (fp32) for rope types default, linear, llama3.
+
+    default: ``inv_freq[i] = theta ** (-2i / rotary_dim)``; linear: ``inv_freq / factor``;
+    llama3: low frequencies (wavelength > original_max / low_freq_factor) divided by ``factor``,
+    high frequencies (wavelength < original_max / high_freq_factor) kept, and in between a linear
+    blend with ``s = (original_max / wavelength - low_freq_factor) / (high_freq_factor -
+    low_freq_factor)``: ``(1 - s) * inv_freq / factor + s * inv_freq``.
+    """
+    p = rope_parameters(config)
+    dim = p["rotary_dim"]
+    if dim % 2:
+        raise ValueError(f"config: rotary_dim must be even, got {dim}")
+    inv_freq = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rope_type = p["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / p["factor"]
+    if rope_type == "llama3":
+        factor = p["factor"]
+        low, high = p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, blended, scaled)
+    raise ValueError(
+        f"config: rope_type {rope_type!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def rope_cos_sin_cache(
+    config: Any, max_position: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """RoPE table ``[max_position, rotary_dim]`` (fp32): ``cos(p * inv_freq)`` in the first half,
+    ``sin(p * inv_freq)`` in the second, for positions ``p = 0 .. max_position - 1``.
+
+    max_position defaults to the config's ``max_position_embeddings``.
+    """
+    if max_position is None:
+        max_position = _get(config, "max_position_embeddings")
+    if max_position is None or int(max_position) <= 0:
+        raise ValueError(f"max_position must be a positive int, got {max_position!r}")
+    inv_freq = rope_inv_freq(config)
+    positions = torch.arange(int(max_position), dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    # x: [T, H, rot]; cos/sin: [T, 1, rot/2] in x's dtype (HF casts cos/sin to the activation dtype)
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        return torch.cat([o1, o2], dim=-1)
+    return torch.stack([o1, o2], dim=-1).flatten(-2)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> None:
+    """Rotary position embedding, in place on the first ``rotary_dim`` channels of q and k.
+
+    With ``c = cos[positions]``, ``s = sin[positions]`` (cast to the activation dtype, as HF does)
+    and ``x1, x2`` the two halves (NeoX / HF ``rotate_half``) or the even/odd channels (GPT-J):
+    ``x1' = x1 * c - x2 * s``, ``x2' = x2 * c + x1 * s``.
+
+    positions: ``[T]`` int; q: ``[T, Hq, D]``; k: ``[T, Hk, D]``; cos_sin_cache:
+    ``[max_pos, rotary_dim]`` fp32 from :func:`rope_cos_sin_cache`.
+    """
+    rot = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2] each
+    for x in (q, k):
+        c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        x[..., :rot] = _rotate(x[..., :rot], c, s, is_neox)
+
+
+# ---- activation -------------------------------------------------------------------------------------
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate: ``silu(x[..., :I]) * x[..., I:]`` for x ``[..., 2I]`` → ``[..., I]``, in x's dtype
+    (``silu(g) = g * sigmoid(g)``; both products rounded to x's dtype, as HF ``LlamaMLP``)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+def kv_cache_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values into the static cache, in place.
+
+    For token n with ``slot = slot_mapping[n]``, ``b, s = divmod(slot, S)``:
+    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]``; slots outside ``[0, B * S)`` are
+    skipped (padding tokens).
+
+    k, v: ``[N, Hk, D]``; k_cache, v_cache: ``[B, Hk, S, D]``; slot_mapping: ``[N]`` int.
+    """
+    num_rows, _, seq_capacity, _ = k_cache.shape
+    slots = slot_mapping.long()
+    valid = (slots >= 0) & (slots < num_rows * seq_capacity)
+    b, s = slots[valid] // seq_capacity, slots[valid] % seq_capacity
+    k_cache[b, :, s] = k[valid].to(k_cache.dtype)
+    v_cache[b, :, s] = v[valid].to(v_cache.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One-token attention over a static KV cache, with grouped-query heads, computed in fp32.
+
+    For row b, query head h and its kv head ``g = h // (Hq / Hk)``, with ``L = seq_lens[b]``:
+    ``out[b, h] = softmax(scale * q[b, h] . k_cache[b, g, :L]^T) @ v_cache[b, g, :L]``;
+    rows with ``L = 0`` give zeros. ``scale`` defaults to ``D ** -0.5``.
+
+    q: ``[B, Hq, D]``; k_cache, v_cache: ``[B', Hk, S, D]`` with ``B' >= B`` (rows ``>= B`` are
+    not read); seq_lens: ``[B]`` int. Returns ``[B, Hq, D]`` in q's dtype.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, seq_capacity = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    keys = k_cache[:batch].float()  # [B, Hk, S, D]
+    values = v_cache[:batch].float()
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
+    valid = torch.arange(seq_capacity, device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (L = 0) -> zeros
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
+    return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+def _per_row(value: Any, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).expand(batch)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def sampling_probs(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """The exact distribution :func:`sample` draws from, ``[B, V]`` fp32 (HF filter order).
+
+    1. temperature: ``p = softmax(logits / T)``; rows with ``T = 0`` are greedy: all mass on the
+       argmax (lowest index among ties).
+    2. top-k (``k = 0`` or ``k >= V`` is off): keep token t iff fewer than k tokens have a strictly
+       larger logit (ties at the k-th value are kept, as HF's ``TopKLogitsWarper``).
+    3. top-p over the top-k-renormalized p: keep token t iff the mass of tokens strictly more
+       probable than t is ``< top_p`` (HF's ``TopPLogitsWarper``, ties kept together); at least
+       the most probable token is always kept.
+    4. renormalize the kept probabilities.
+
+    logits: ``[B, V]``; temperature, top_p: float or ``[B]``; top_k: int or ``[B]``.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    logits = logits.float()
+    temperature = _per_row(temperature, batch, torch.float32, device)
+    top_k = _per_row(top_k, batch, torch.int64, device)
+    top_p = _per_row(top_p, batch, torch.float32, device)
+
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+
+    # top-k: threshold at the k-th largest value
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    sorted_desc = scaled.sort(dim=-1, descending=True).values
+    kth_value = sorted_desc.gather(1, (k - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth_value, float("-inf"))
+
+    # top-p: mass strictly above each token (computed in sorted order, ties share their group's
+    # first exclusive prefix sum)
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    exclusive = sorted_p.cumsum(dim=-1) - sorted_p
+    neg = -sorted_p  # ascending, for a leftmost search of each tie group
+    group_start = torch.searchsorted(neg.contiguous(), neg.contiguous(), right=False)
+    mass_above = exclusive.gather(1, group_start)
+    keep_sorted = mass_above < top_p[:, None]
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+
+    if greedy.any():
+        one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token id per row from :func:`sampling_probs` (temperature → top-k → top-p →
+    renormalize → multinomial). Greedy rows (``T = 0``) return the argmax.
+
+    logits: ``[B, V]``. Returns int64 ``[B]``.
+    """
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,34 @@
+"""Shared test configuration: the per-dtype tolerance table, device skips, seeded RNG."""
+
+import pytest
+import torch
+
+import llmkernels as lk
+
+# One tolerance table for every kernel-vs-reference comparison: (atol, rtol) per dtype.
+# bf16 has 8 mantissa bits (~4e-3 relative), fp16 11 bits (~5e-4); results may differ by one
+# rounding of the output plus accumulated fp32 reordering.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+requires_cuda = pytest.mark.skipif(
+    not lk.cuda_kernels_available(),
+    reason=f"needs a CUDA GPU and the compiled kernels (kernels: {lk.extension_status()}; "
+    f"GPU visible: {torch.cuda.is_available()})",
+)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw):
+    """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default: actual's dtype)."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual, expected, atol=kw.pop("atol", atol), rtol=kw.pop("rtol", rtol), **kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

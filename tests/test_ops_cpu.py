@@ -1,0 +1,226 @@
+"""Public ops on CPU: dispatch to the reference, opcheck of every schema, and bad-input errors."""
+
+import pytest
+import torch
+from conftest import DTYPES
+
+import llmkernels as lk
+from llmkernels import reference as ref
+
+
+def make_cache(batch=2, kv_heads=2, capacity=16, head_dim=64, dtype=torch.float32):
+    return (
+        torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype),
+        torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype),
+    )
+
+
+def op_samples():
+    """(op name, args) for every llmkernels schema, with small CPU tensors."""
+    x = torch.randn(3, 33)
+    weight = torch.randn(33)
+    cache = lk.rope_cos_sin_cache({"hidden_size": 128, "num_attention_heads": 2}, max_position=32)
+    k_cache, v_cache = make_cache()
+    return [
+        ("rms_norm", (torch.empty(3, 33), x, weight, 1e-6)),
+        ("fused_add_rms_norm", (x.clone(), torch.randn(3, 33), weight, 1e-5)),
+        ("rotary_embedding", (torch.tensor([4, 0, 31]), torch.randn(3, 4, 64), torch.randn(3, 2, 64), cache, True)),
+        ("silu_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
+        ("kv_cache_append", (torch.randn(3, 2, 64), torch.randn(3, 2, 64), k_cache.clone(), v_cache.clone(), torch.tensor([1, -1, 20]))),
+        ("decode_attention", (torch.empty(2, 4, 64), torch.randn(2, 4, 64), k_cache, v_cache,
+                              torch.tensor([3, 16], dtype=torch.int32), 0.125, torch.empty(2, 4, 1, 66))),
+        ("sample", (torch.empty(3, dtype=torch.int64), torch.randn(3, 50), torch.tensor([0.7, 0.0, 1.0]),
+                    torch.tensor([5, 0, 0], dtype=torch.int32), torch.tensor([0.9, 1.0, 0.5]),
+                    torch.tensor([7, 0]))),
+    ]
+
+
+@pytest.mark.parametrize("name,args", op_samples(), ids=[n for n, _ in op_samples()])
+def test_opcheck_every_op_on_cpu(name, args):
+    torch.library.opcheck(getattr(torch.ops.llmkernels, name).default, args)
+
+
+def test_every_schema_has_a_sample():
+    from llmkernels._schemas import SCHEMAS
+
+    assert sorted(SCHEMAS) == sorted(n for n, _ in op_samples())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_ops_on_cpu_equal_reference(dtype):
+    x = torch.randn(2, 3, 40, dtype=dtype)
+    w = torch.randn(40, dtype=dtype)
+    torch.testing.assert_close(lk.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), atol=0, rtol=0)
+    out = torch.empty_like(x)
+    assert lk.rms_norm(x, w, out=out) is out
+
+    r = torch.randn_like(x)
+    x1, r1, x2, r2 = x.clone(), r.clone(), x.clone(), r.clone()
+    lk.fused_add_rms_norm(x1, r1, w)
+    ref.fused_add_rms_norm(x2, r2, w)
+    assert torch.equal(x1, x2) and torch.equal(r1, r2)
+
+    g = torch.randn(5, 22, dtype=dtype)
+    torch.testing.assert_close(lk.silu_and_mul(g), ref.silu_and_mul(g), atol=0, rtol=0)
+
+
+def test_strided_rows_are_accepted():
+    wide = torch.randn(4, 100)
+    x = wide[:, :40]  # row stride 100
+    w = torch.randn(40)
+    torch.testing.assert_close(lk.rms_norm(x, w), ref.rms_norm(x.contiguous(), w))
+
+
+def test_rotary_on_strided_qkv_views():
+    """q and k as views of a fused QKV output [T, (Hq + 2Hk) * D], as the engine uses them."""
+    heads, kv_heads, head_dim, tokens = 4, 2, 64, 3
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    q_copy, k_copy = q.clone(), k.clone()
+    cache = lk.rope_cos_sin_cache({"hidden_size": 256, "num_attention_heads": 4}, max_position=16)
+    positions = torch.tensor([2, 9, 5])
+    lk.rotary_embedding(positions, q, k, cache)
+    ref.rotary_embedding(positions, q_copy, k_copy, cache)
+    assert torch.equal(q, q_copy) and torch.equal(k, k_copy)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :])
+
+
+def test_compile_sees_fake_implementations():
+    """torch.compile traces through the custom ops via their fake (meta) implementations."""
+
+    def step(x, residual, weight, g):
+        lk.fused_add_rms_norm(x, residual, weight)
+        return lk.silu_and_mul(g) + 1
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    x, r, w, g = torch.randn(2, 16), torch.randn(2, 16), torch.randn(16), torch.randn(2, 8)
+    x_ref, r_ref = x.clone(), r.clone()
+    out = compiled(x, r, w, g)
+    ref.fused_add_rms_norm(x_ref, r_ref, w)
+    torch.testing.assert_close(out, ref.silu_and_mul(g) + 1)
+    torch.testing.assert_close(x, x_ref)
+    torch.testing.assert_close(r, r_ref)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------
+def test_rms_norm_errors():
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        lk.rms_norm([1.0], torch.ones(8))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        lk.rms_norm(x.long(), torch.ones(8))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        lk.rms_norm(x, torch.ones(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        lk.rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        lk.rms_norm(torch.randn(8, 2).t(), torch.ones(8))
+    with pytest.raises(ValueError, match="eps must be"):
+        lk.rms_norm(x, torch.ones(8), eps=-1.0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.rms_norm(x, torch.ones(8), out=torch.empty(3, 8))
+
+
+def test_fused_add_rms_norm_errors():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        lk.fused_add_rms_norm(x, torch.randn(3, 8), torch.ones(8))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        lk.fused_add_rms_norm(x, torch.randn(2, 8).half(), torch.ones(8))
+
+
+def test_rotary_errors():
+    cache = lk.rope_cos_sin_cache({"hidden_size": 128, "num_attention_heads": 2}, max_position=8)
+    q, k = torch.randn(3, 2, 64), torch.randn(3, 1, 64)
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        lk.rotary_embedding(torch.tensor([0.0, 1.0, 2.0]), q, k, cache)
+    with pytest.raises(ValueError, match="agree on T"):
+        lk.rotary_embedding(torch.arange(2), q, k, cache)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 8\)"):
+        lk.rotary_embedding(torch.tensor([0, 8, 1]), q, k, cache)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 8\)"):
+        lk.rotary_embedding(torch.tensor([0, -1, 1]), q, k, cache)
+    with pytest.raises(TypeError, match="cos_sin_cache must have dtype"):
+        lk.rotary_embedding(torch.arange(3), q, k, cache.half())
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        lk.rotary_embedding(torch.arange(3), q, k, torch.randn(8, 66))
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        lk.rotary_embedding(torch.arange(3), q.flatten(1), k, cache)
+
+
+def test_silu_and_mul_errors():
+    with pytest.raises(ValueError, match="last dim must be even"):
+        lk.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.silu_and_mul(torch.randn(2, 8), out=torch.empty(2, 8))
+
+
+def test_kv_cache_append_errors():
+    k_cache, v_cache = make_cache()
+    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    with pytest.raises(TypeError, match="slot_mapping must have dtype"):
+        lk.kv_cache_append(k, v, k_cache, v_cache, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"k must have shape \[N, Hk, D\]"):
+        lk.kv_cache_append(torch.randn(3, 4, 64), v, k_cache, v_cache, torch.arange(3))
+    with pytest.raises(ValueError, match="must have the same shape"):
+        lk.kv_cache_append(k, v, k_cache, v_cache[:, :1], torch.arange(3))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        lk.kv_cache_append(k, v, k_cache.transpose(1, 2), v_cache.transpose(1, 2), torch.arange(3))
+
+
+def test_decode_attention_errors():
+    k_cache, v_cache = make_cache()
+    q = torch.randn(2, 4, 64)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match="seq_lens must have dtype"):
+        lk.decode_attention(q, k_cache, v_cache, lens.long())
+    with pytest.raises(ValueError, match="seq_lens must have B = 2 entries"):
+        lk.decode_attention(q, k_cache, v_cache, lens[:1])
+    with pytest.raises(ValueError, match=r"seq_lens must be in \[0, 16\]"):
+        lk.decode_attention(q, k_cache, v_cache, torch.tensor([3, 17], dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of the cache's kv heads"):
+        lk.decode_attention(torch.randn(2, 3, 64), k_cache, v_cache, lens)
+    with pytest.raises(ValueError, match="head dim"):
+        lk.decode_attention(torch.randn(2, 4, 32), k_cache, v_cache, lens)
+    with pytest.raises(ValueError, match="fewer than q's batch"):
+        lk.decode_attention(torch.randn(3, 4, 64), k_cache, v_cache, torch.tensor([1, 1, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="k_cache has dtype"):
+        lk.decode_attention(q.half(), k_cache, v_cache, lens)
+
+
+def test_sample_errors():
+    logits = torch.randn(2, 10)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        lk.sample(logits, top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        lk.sample(logits, top_p=1.5)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        lk.sample(logits, top_p=torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        lk.sample(logits, top_k=-1)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        lk.sample(logits, temperature=-0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        lk.sample(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="entirely -inf"):
+        lk.sample(torch.tensor([[float("-inf")] * 3, [1.0, 2.0, 3.0]]))
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        lk.sample(torch.randn(10))
+    with pytest.raises(ValueError, match=r"temperature must be a scalar or a \[B\]"):
+        lk.sample(logits, temperature=torch.ones(3))
+    with pytest.raises(ValueError, match="rng_state must be int64"):
+        lk.sample(logits, rng_state=torch.zeros(3, dtype=torch.int64))
+
+
+def test_sample_seeded_and_greedy():
+    logits = torch.randn(4, 100)
+    a = lk.sample(logits, temperature=1.0, seed=123)
+    b = lk.sample(logits, temperature=1.0, seed=123)
+    assert torch.equal(a, b)
+    assert torch.equal(lk.sample(logits, temperature=0.0), logits.argmax(-1))
+    state = lk.new_rng_state("cpu", seed=5)
+    first = lk.sample(logits[:1].expand(64, 100), rng_state=state)
+    assert state.tolist() == [5, 1]  # offset advanced
+    second = lk.sample(logits[:1].expand(64, 100), rng_state=state)
+    assert not torch.equal(first, second)  # fresh numbers after the advance

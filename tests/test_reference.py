@@ -1,0 +1,239 @@
+"""The reference ops (the spec) checked against transformers' own Llama modules."""
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close
+from transformers import LlamaConfig
+from transformers.models.llama import modeling_llama as hf
+
+import llmkernels as lk
+from llmkernels import reference as ref
+
+ROPE_CONFIGS = {
+    "default": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "theta500k": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "llama3": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    ),
+}
+
+
+def llama_config(rope="default", head_dim=64, heads=4, kv_heads=2, **kw):
+    return LlamaConfig(
+        hidden_size=heads * 32,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=kw.pop("max_position_embeddings", 131072),
+        **ROPE_CONFIGS[rope],
+        **kw,
+    )
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 7, 769, 2048])
+def test_rms_norm_matches_llama_rms_norm(dtype, hidden):
+    norm = hf.LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden) * 0.5 + 1)
+    x = torch.randn(3, 5, hidden, dtype=dtype) * 3
+    expected = norm(x)
+    actual = ref.rms_norm(x, norm.weight, 1e-5)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_is_add_then_norm(dtype):
+    hidden = 769
+    weight = torch.randn(hidden, dtype=dtype)
+    x = torch.randn(4, hidden, dtype=dtype)
+    residual = torch.randn(4, hidden, dtype=dtype)
+    norm = hf.LlamaRMSNorm(hidden, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    expected_residual = residual + x  # HF: hidden_states = residual + hidden_states (model dtype)
+    expected_x = norm(expected_residual)
+    x2, r2 = x.clone(), residual.clone()
+    assert ref.fused_add_rms_norm(x2, r2, weight, 1e-6) is None
+    torch.testing.assert_close(r2, expected_residual, atol=0, rtol=0)
+    torch.testing.assert_close(x2, expected_x, atol=0, rtol=0)
+
+
+# ---- RoPE -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rope", list(ROPE_CONFIGS))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cos_sin_cache_matches_llama_rotary_embedding(rope, head_dim):
+    config = llama_config(rope, head_dim=head_dim)
+    rotary = hf.LlamaRotaryEmbedding(config)
+    positions = torch.tensor([[0, 1, 2, 17, 511, 4095, 8191, 9000, 20000, 131071]])
+    cos, sin = rotary(torch.empty(1, dtype=torch.float32), positions)  # [1, T, D], halves repeated
+    cache = lk.rope_cos_sin_cache(config)
+    assert cache.shape == (131072, head_dim) and cache.dtype == torch.float32
+    ours_cos, ours_sin = cache[positions[0]].chunk(2, dim=-1)
+    half = head_dim // 2
+    torch.testing.assert_close(ours_cos, cos[0, :, :half], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours_sin, sin[0, :, :half], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cos[0, :, half:], cos[0, :, :half])  # HF repeats the half
+
+
+def test_cos_sin_cache_from_v4_style_dict():
+    """A config.json dict with rope_theta + rope_scaling (transformers v4 format)."""
+    v4 = {
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 4096,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    v5 = llama_config("llama3", head_dim=64, heads=32, max_position_embeddings=4096)
+    torch.testing.assert_close(lk.rope_cos_sin_cache(v4), lk.rope_cos_sin_cache(v5), atol=0, rtol=0)
+    assert lk.rope_cos_sin_cache(v4, max_position=10).shape == (10, 64)
+
+
+def test_unsupported_rope_type_is_refused():
+    config = {"hidden_size": 64, "num_attention_heads": 2, "max_position_embeddings": 8,
+              "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        lk.rope_cos_sin_cache(config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 1, 128)])
+def test_rotary_embedding_matches_apply_rotary_pos_emb(dtype, rope, heads, kv_heads, head_dim):
+    config = llama_config(rope, head_dim=head_dim, heads=heads, kv_heads=kv_heads)
+    rotary = hf.LlamaRotaryEmbedding(config)
+    num_tokens = 11
+    positions = torch.randperm(4096)[:num_tokens]  # out of order
+    q = torch.randn(num_tokens, heads, head_dim, dtype=dtype)
+    k = torch.randn(num_tokens, kv_heads, head_dim, dtype=dtype)
+    cos, sin = rotary(q, positions[None])  # [1, T, D] in q's dtype
+    # HF layout: [B, H, T, D]
+    q_hf, k_hf = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    cache = lk.rope_cos_sin_cache(config, max_position=4096)
+    q2, k2 = q.clone(), k.clone()
+    ref.rotary_embedding(positions, q2, k2, cache, is_neox=True)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0, 0)
+    torch.testing.assert_close(q2, q_hf[0].transpose(0, 1), atol=atol, rtol=rtol)
+    torch.testing.assert_close(k2, k_hf[0].transpose(0, 1), atol=atol, rtol=rtol)
+
+
+def test_rotary_gptj_layout_rotates_adjacent_pairs():
+    """Interleaved pairs (GPT-J) == NeoX halves after permuting channels (0,2,4,6 | 1,3,5,7)."""
+    cache = lk.rope_cos_sin_cache({"hidden_size": 8, "num_attention_heads": 1}, max_position=16)
+    q = torch.randn(3, 1, 8)
+    k = torch.randn(3, 1, 8)
+    positions = torch.tensor([3, 0, 9])
+    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+    q_gptj, k_gptj = q.clone(), k.clone()
+    ref.rotary_embedding(positions, q_gptj, k_gptj, cache, is_neox=False)
+    q_perm, k_perm = q[..., perm].clone(), k[..., perm].clone()
+    ref.rotary_embedding(positions, q_perm, k_perm, cache, is_neox=True)
+    inverse = torch.argsort(perm)
+    torch.testing.assert_close(q_gptj, q_perm[..., inverse])
+    torch.testing.assert_close(k_gptj, k_perm[..., inverse])
+    assert not torch.allclose(q_gptj, q)
+
+
+def test_partial_rotary_leaves_tail_channels():
+    config = {"hidden_size": 128, "num_attention_heads": 2, "partial_rotary_factor": 0.5}
+    cache = lk.rope_cos_sin_cache(config, max_position=32)
+    assert cache.shape == (32, 32)  # rotary_dim = 64 * 0.5
+    q = torch.randn(5, 2, 64)
+    k = torch.randn(5, 1, 64)
+    q2, k2 = q.clone(), k.clone()
+    ref.rotary_embedding(torch.arange(1, 6), q2, k2, cache)
+    torch.testing.assert_close(q2[..., 32:], q[..., 32:], atol=0, rtol=0)
+    torch.testing.assert_close(k2[..., 32:], k[..., 32:], atol=0, rtol=0)
+    assert not torch.allclose(q2[..., :32], q[..., :32])
+
+
+# ---- SwiGLU ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_llama_mlp_gate(dtype):
+    config = LlamaConfig(hidden_size=32, intermediate_size=75)
+    mlp = hf.LlamaMLP(config).to(dtype)
+    x = torch.randn(6, 2 * 75, dtype=dtype)
+    gate, up = x.chunk(2, dim=-1)
+    expected = mlp.act_fn(gate) * up
+    torch.testing.assert_close(ref.silu_and_mul(x), expected, atol=0, rtol=0)
+
+
+# ---- decode attention ----------------------------------------------------------------------------
+def eager_decode_attention(q, k_cache, v_cache, seq_lens, scale):
+    """transformers' eager attention with repeat_kv, one row at a time over the valid prefix."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+
+    class _Module(torch.nn.Module):
+        num_key_value_groups = heads // kv_heads
+        training = False
+
+    outs = []
+    for b in range(batch):
+        length = int(seq_lens[b])
+        if length == 0:
+            outs.append(torch.zeros(heads, head_dim, dtype=q.dtype))
+            continue
+        query = q[b][None, :, None, :]  # [1, H, 1, D]
+        key = k_cache[b : b + 1, :, :length]
+        value = v_cache[b : b + 1, :, :length]
+        out, _ = hf.eager_attention_forward(_Module(), query, key, value, None, scaling=scale)
+        outs.append(out[0, 0])  # eager returns [B, T, H, D]
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_matches_eager_repeat_kv(heads, kv_heads, head_dim):
+    batch, capacity = 5, 40
+    q = torch.randn(batch, heads, head_dim)
+    k_cache = torch.randn(batch + 2, kv_heads, capacity, head_dim)  # more cache rows than batch
+    v_cache = torch.randn(batch + 2, kv_heads, capacity, head_dim)
+    seq_lens = torch.tensor([1, 17, 40, 3, 0], dtype=torch.int32)  # mixed, incl. empty
+    scale = head_dim**-0.5
+    expected = eager_decode_attention(q, k_cache, v_cache, seq_lens, scale)
+    actual = ref.decode_attention(q, k_cache, v_cache, seq_lens, scale)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(actual[4], torch.zeros_like(actual[4]))  # seq_len 0 -> zeros
+
+
+def test_decode_attention_ignores_cache_beyond_seq_len():
+    q = torch.randn(2, 4, 64)
+    k_cache = torch.randn(2, 2, 16, 64)
+    v_cache = torch.randn(2, 2, 16, 64)
+    seq_lens = torch.tensor([5, 9], dtype=torch.int32)
+    before = ref.decode_attention(q, k_cache, v_cache, seq_lens)
+    k_cache[0, :, 5:] = float("nan")
+    v_cache[1, :, 9:] = 1e4
+    torch.testing.assert_close(ref.decode_attention(q, k_cache, v_cache, seq_lens), before)
+
+
+def test_kv_cache_append_writes_slots_and_skips_padding():
+    k_cache = torch.zeros(3, 2, 8, 4)
+    v_cache = torch.zeros(3, 2, 8, 4)
+    k = torch.randn(4, 2, 4)
+    v = torch.randn(4, 2, 4)
+    slots = torch.tensor([0 * 8 + 2, -1, 2 * 8 + 7, 3 * 8])  # (0, 2), pad, (2, 7), out of range
+    ref.kv_cache_append(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache[0, :, 2], k[0])
+    torch.testing.assert_close(v_cache[2, :, 7], v[2])
+    written = torch.zeros(3, 8, dtype=torch.bool)
+    written[0, 2] = written[2, 7] = True
+    assert torch.all(k_cache.abs().sum((1, 3)).ne(0) == written)

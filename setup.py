@@ -21,8 +21,13 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
-KNOBS = ("LLMKERNELS_SKIP_CUDA_BUILD", "LLMKERNELS_FORCE_CUDA_BUILD", "TORCH_CUDA_ARCH_LIST",
-         "MAX_JOBS", "CUDA_HOME")
+KNOBS = (
+    "LLMKERNELS_SKIP_CUDA_BUILD",
+    "LLMKERNELS_FORCE_CUDA_BUILD",
+    "TORCH_CUDA_ARCH_LIST",
+    "MAX_JOBS",
+    "CUDA_HOME",
+)
 
 
 def log(msg: str) -> None:
@@ -60,19 +65,25 @@ def cuda_extension_plan():
 
     def pure_python(reason: str):
         if force:
-            raise RuntimeError(f"LLMKERNELS_FORCE_CUDA_BUILD=1 but the CUDA build is impossible: {reason}")
+            raise RuntimeError(
+                f"LLMKERNELS_FORCE_CUDA_BUILD=1 but the CUDA build is impossible: {reason}"
+            )
         log(f"installing pure Python (reference ops only): {reason}")
         write_build_info(False, "", reason)
         return [], {}
 
     if flag("LLMKERNELS_SKIP_CUDA_BUILD"):
         if force:
-            raise RuntimeError("LLMKERNELS_SKIP_CUDA_BUILD and LLMKERNELS_FORCE_CUDA_BUILD both set")
+            raise RuntimeError(
+                "LLMKERNELS_SKIP_CUDA_BUILD and LLMKERNELS_FORCE_CUDA_BUILD both set"
+            )
         return pure_python("LLMKERNELS_SKIP_CUDA_BUILD=1")
     try:
         import torch
     except ImportError:
-        return pure_python("torch is not importable at build time (use pip install --no-build-isolation)")
+        return pure_python(
+            "torch is not importable at build time (use pip install --no-build-isolation)"
+        )
     if torch.version.cuda is None:
         return pure_python(f"torch {torch.__version__} is a CPU build")
     cuda_home = find_cuda_home()
@@ -91,22 +102,31 @@ def cuda_extension_plan():
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    sources = ["csrc/ops.cpp"] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")
+    )
     ext = CUDAExtension(
         name="llmkernels._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "-lineinfo",
-                     "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
-                     "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                     "-U__CUDA_NO_HALF2_OPERATORS__"],
+            "nvcc": [
+                "-O3",
+                "-lineinfo",
+                "--expt-relaxed-constexpr",
+                "-U__CUDA_NO_HALF_OPERATORS__",
+                "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-U__CUDA_NO_HALF2_OPERATORS__",
+            ],
         },
     )
-    log(f"building CUDA extension llmkernels._C with nvcc from {cuda_home} for archs {archs} "
+    log(
+        f"building CUDA extension llmkernels._C with nvcc from {cuda_home} for archs {archs} "
         f"(torch {torch.__version__}, CUDA {torch.version.cuda}, {len(sources)} sources, "
-        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})")
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})"
+    )
 
     class BuildAndRecord(BuildExtension):
         def run(self):
@@ -114,7 +134,9 @@ def cuda_extension_plan():
             write_build_info(True, archs, "built")  # only once the compile succeeded
 
     write_build_info(False, archs, "the CUDA build did not finish")
-    return [ext], {"build_ext": BuildAndRecord.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], {
+        "build_ext": BuildAndRecord.with_options(use_ninja=shutil.which("ninja") is not None)
+    }
 
 
 ext_modules, cmdclass = cuda_extension_plan()

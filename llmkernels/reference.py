@@ -77,7 +77,9 @@ def rope_parameters(config: Any) -> dict:
     head_dim = _get(config, "head_dim", None) or _get(config, "hidden_size") // _get(
         config, "num_attention_heads"
     )
-    partial = params.get("partial_rotary_factor", _get(config, "partial_rotary_factor", None)) or 1.0
+    partial = (
+        params.get("partial_rotary_factor", _get(config, "partial_rotary_factor", None)) or 1.0
+    )
     out = dict(params)
     out.update(
         rope_type=rope_type,
@@ -238,7 +240,9 @@ def decode_attention(
     values = v_cache[:batch].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
-    valid = torch.arange(seq_capacity, device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, S]
+    valid = (
+        torch.arange(seq_capacity, device=q.device)[None, :] < seq_lens.long()[:, None]
+    )  # [B, S]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (L = 0) -> zeros
     out = torch.einsum("bhgs,bhsd->bhgd", probs, values)

@@ -23,10 +23,14 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw
+):
     """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default: actual's dtype)."""
     atol, rtol = TOLERANCES[dtype or actual.dtype]
-    torch.testing.assert_close(actual, expected, atol=kw.pop("atol", atol), rtol=kw.pop("rtol", rtol), **kw)
+    torch.testing.assert_close(
+        actual, expected, atol=kw.pop("atol", atol), rtol=kw.pop("rtol", rtol), **kw
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,44 @@ def op_samples():
     return [
         ("rms_norm", (torch.empty(3, 33), x, weight, 1e-6)),
         ("fused_add_rms_norm", (x.clone(), torch.randn(3, 33), weight, 1e-5)),
-        ("rotary_embedding", (torch.tensor([4, 0, 31]), torch.randn(3, 4, 64), torch.randn(3, 2, 64), cache, True)),
+        (
+            "rotary_embedding",
+            (torch.tensor([4, 0, 31]), torch.randn(3, 4, 64), torch.randn(3, 2, 64), cache, True),
+        ),
         ("silu_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
-        ("kv_cache_append", (torch.randn(3, 2, 64), torch.randn(3, 2, 64), k_cache.clone(), v_cache.clone(), torch.tensor([1, -1, 20]))),
-        ("decode_attention", (torch.empty(2, 4, 64), torch.randn(2, 4, 64), k_cache, v_cache,
-                              torch.tensor([3, 16], dtype=torch.int32), 0.125, torch.empty(2, 4, 1, 66))),
-        ("sample", (torch.empty(3, dtype=torch.int64), torch.randn(3, 50), torch.tensor([0.7, 0.0, 1.0]),
-                    torch.tensor([5, 0, 0], dtype=torch.int32), torch.tensor([0.9, 1.0, 0.5]),
-                    torch.tensor([7, 0]))),
+        (
+            "kv_cache_append",
+            (
+                torch.randn(3, 2, 64),
+                torch.randn(3, 2, 64),
+                k_cache.clone(),
+                v_cache.clone(),
+                torch.tensor([1, -1, 20]),
+            ),
+        ),
+        (
+            "decode_attention",
+            (
+                torch.empty(2, 4, 64),
+                torch.randn(2, 4, 64),
+                k_cache,
+                v_cache,
+                torch.tensor([3, 16], dtype=torch.int32),
+                0.125,
+                torch.empty(2, 4, 1, 66),
+            ),
+        ),
+        (
+            "sample",
+            (
+                torch.empty(3, dtype=torch.int64),
+                torch.randn(3, 50),
+                torch.tensor([0.7, 0.0, 1.0]),
+                torch.tensor([5, 0, 0], dtype=torch.int32),
+                torch.tensor([0.9, 1.0, 0.5]),
+                torch.tensor([7, 0]),
+            ),
+        ),
     ]
 
 
@@ -83,7 +113,9 @@ def test_rotary_on_strided_qkv_views():
     lk.rotary_embedding(positions, q, k, cache)
     ref.rotary_embedding(positions, q_copy, k_copy, cache)
     assert torch.equal(q, q_copy) and torch.equal(k, k_copy)
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :])
+    assert torch.equal(
+        qkv[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :]
+    )
 
 
 def test_compile_sees_fake_implementations():
@@ -184,7 +216,9 @@ def test_decode_attention_errors():
     with pytest.raises(ValueError, match="head dim"):
         lk.decode_attention(torch.randn(2, 4, 32), k_cache, v_cache, lens)
     with pytest.raises(ValueError, match="fewer than q's batch"):
-        lk.decode_attention(torch.randn(3, 4, 64), k_cache, v_cache, torch.tensor([1, 1, 1], dtype=torch.int32))
+        lk.decode_attention(
+            torch.randn(3, 4, 64), k_cache, v_cache, torch.tensor([1, 1, 1], dtype=torch.int32)
+        )
     with pytest.raises(TypeError, match="k_cache has dtype"):
         lk.decode_attention(q.half(), k_cache, v_cache, lens)
 

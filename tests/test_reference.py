@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from conftest import DTYPES
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama as hf
 
@@ -107,8 +107,12 @@ def test_cos_sin_cache_from_v4_style_dict():
 
 
 def test_unsupported_rope_type_is_refused():
-    config = {"hidden_size": 64, "num_attention_heads": 2, "max_position_embeddings": 8,
-              "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    config = {
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 8,
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+    }
     with pytest.raises(ValueError, match="rope_type 'dynamic'"):
         lk.rope_cos_sin_cache(config)
 

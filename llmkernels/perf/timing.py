@@ -39,8 +39,10 @@ def time_fn(
     On CUDA each run is bracketed by CUDA events (``cold_l2`` writes a 256 MiB buffer between runs,
     so small kernels are measured reading from HBM, not L2). On CPU, ``time.perf_counter``.
     """
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     for _ in range(warmup):
         fn()
@@ -80,7 +82,9 @@ def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 
         nbytes = min(nbytes, 256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    stats = time_fn(lambda: dst.copy_(src), warmup=5, iters=30 if device.type == "cuda" else 5, device=device)
+    stats = time_fn(
+        lambda: dst.copy_(src), warmup=5, iters=30 if device.type == "cuda" else 5, device=device
+    )
     return 2 * nbytes / (stats["median_us"] * 1e-6) / 1e9
 
 
@@ -88,10 +92,18 @@ def git_sha() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -108,10 +120,16 @@ def environment(device: torch.device | str | None = None) -> dict:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
     return {
         "device": name,
         "device_type": device.type,
@@ -125,7 +143,9 @@ def environment(device: torch.device | str | None = None) -> dict:
     }
 
 
-def results_dir(base: str | Path = "benchmarks/results", device: torch.device | str | None = None) -> Path:
+def results_dir(
+    base: str | Path = "benchmarks/results", device: torch.device | str | None = None
+) -> Path:
     """``<base>/<device>-<date>/``, created."""
     env = environment(device)
     slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower() or "cpu"
@@ -149,8 +169,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, rows: Sequence[dict], out_dir: str | Path, extra: dict | None = None,
-                  columns: Sequence[str] | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str,
+    rows: Sequence[dict],
+    out_dir: str | Path,
+    extra: dict | None = None,
+    columns: Sequence[str] | None = None,
+) -> tuple[Path, Path]:
     """Write ``<name>.json`` (environment + rows) and ``<name>.md`` (a table) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,5 +189,7 @@ def write_results(name: str, rows: Sequence[dict], out_dir: str | Path, extra: d
     )
     extra_lines = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(header + extra_lines + ("\n" if extra_lines else "") + markdown_table(rows, columns))
+    md_path.write_text(
+        header + extra_lines + ("\n" if extra_lines else "") + markdown_table(rows, columns)
+    )
     return json_path, md_path

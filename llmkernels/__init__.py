@@ -10,6 +10,7 @@ from ._version import __version__
 from .ops import (
     cuda_kernels_available,
     decode_attention,
+    decode_attention_supported,
     decode_attention_workspace,
     extension_status,
     fused_add_rms_norm,
@@ -34,6 +35,7 @@ __all__ = [
     "kv_cache_append",
     "decode_attention",
     "decode_attention_workspace",
+    "decode_attention_supported",
     "sample",
     "new_rng_state",
     "Engine",

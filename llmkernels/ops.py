@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = [
     "kv_cache_append",
     "decode_attention",
     "decode_attention_workspace",
+    "decode_attention_supported",
     "sample",
     "new_rng_state",
 ]
@@ -332,7 +333,7 @@ def kv_cache_append(
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -340,17 +341,21 @@ def _sm_count(device_index: int) -> int:
 def decode_attention_num_splits(batch: int, num_kv_heads: int, seq_capacity: int, device) -> int:
     """How many split-K partitions the decode-attention kernel uses (1 = single pass).
 
-    Split only when ``batch * num_kv_heads`` blocks cannot fill the GPU: aim at ~2 blocks per SM,
-    each partition at least 256 cached tokens, at most 64 partitions. Depends on shapes only
-    (never on device values), so it is fixed for a captured graph.
+    The kernel runs one block per (batch row, kv head, split) and up to 3 blocks per SM. Split only
+    when ``batch * num_kv_heads`` blocks cannot fill the GPU: as many splits as still fit in one
+    wave of 2 blocks per SM (``floor(2 * SMs / (B * Hk))``, so no second partial wave), each
+    partition at least 256 tokens of the capacity, at most 128 partitions. The kernel divides the
+    *actual* length ``seq_lens[b]`` (read on the device) into these partitions, so short
+    sequences in a long cache stay balanced. Depends on shapes only (never on device values), so
+    it is fixed for a captured graph.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    blocks = batch * num_kv_heads
-    want = math.ceil(2 * _sm_count(index) / max(blocks, 1))
-    return max(1, min(want, math.ceil(seq_capacity / 256), 64))
+    blocks = max(batch * num_kv_heads, 1)
+    fit = (2 * _sm_count(index)) // blocks
+    return max(1, min(fit, math.ceil(seq_capacity / 256), 128))
 
 
 def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
@@ -360,6 +365,16 @@ def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.
     batch, num_q_heads, head_dim = q.shape
     splits = decode_attention_num_splits(batch, k_cache.shape[1], k_cache.shape[2], q.device)
     return torch.empty((batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device)
+
+
+def decode_attention_supported(q: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` accepts q's dtype and head size on q's device: the CUDA
+    kernel takes float16/bfloat16 with head_dim in ``DECODE_HEAD_DIMS``; the reference (CPU, or
+    CUDA without the extension) takes any float dtype and head size. Callers use it to choose
+    between decode_attention and a generic attention."""
+    if _use_kernel(q):
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in DECODE_HEAD_DIMS
+    return q.dtype in FLOAT_DTYPES
 
 
 def decode_attention(
@@ -411,10 +426,11 @@ def decode_attention(
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
     if _use_kernel(q):
-        if head_dim not in DECODE_HEAD_DIMS:
-            raise ValueError(f"decode_attention on CUDA supports head_dim in {DECODE_HEAD_DIMS}, got {head_dim}")
-        if q.dtype == torch.float32:
-            raise TypeError("decode_attention on CUDA supports float16/bfloat16 q and caches, got float32")
+        if not decode_attention_supported(q):
+            raise ValueError(
+                f"decode_attention on CUDA supports float16/bfloat16 with head_dim in {DECODE_HEAD_DIMS}, "
+                f"got {q.dtype} with head_dim {head_dim} (check decode_attention_supported first)"
+            )
         if workspace is None:
             workspace = decode_attention_workspace(q, k_cache)
         elif (

@@ -1,0 +1,433 @@
+"""CUDA kernels of the per-layer memory-bound ops (rms_norm, fused_add_rms_norm,
+rotary_embedding, silu_and_mul) against the pure-PyTorch reference, on the GPU.
+
+Covers awkward sizes (odd hidden sizes take the scalar path, aligned ones the 16-byte path,
+very wide rows the uncached tail), strided and misaligned rows, GQA head counts, partial rotary,
+both RoPE layouts, out-of-range positions, CUDA-graph capture and ``torch.library.opcheck``.
+"""
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close, requires_cuda
+
+import llmkernels as lk
+from llmkernels import reference as ref
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+HIDDEN = [1, 7, 769, 2048, 5125, 8192]
+ROWS = [1, 3, 8192]
+EPS = 1e-5
+
+
+def _randn(*shape, dtype, scale=2.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+
+def _weight(hidden, dtype):
+    # Not all ones, so the weight multiply (and its rounding) is exercised.
+    return (1.0 + 0.5 * torch.randn(hidden, device="cuda")).to(dtype)
+
+
+def _strided(rows, hidden, dtype, pad, offset):
+    """``[rows, hidden]`` view of a wider buffer: row stride hidden + pad + offset, base offset."""
+    wide = _randn(rows, hidden + pad + offset, dtype=dtype)
+    return wide, wide[:, offset : offset + hidden]
+
+
+# ---- rms_norm -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm(rows, hidden, dtype):
+    x = _randn(rows, hidden, dtype=dtype)
+    w = _weight(hidden, dtype)
+    x_before = x.clone()
+    out = lk.rms_norm(x, w, eps=EPS)
+    assert_close(out, ref.rms_norm(x_before, w, EPS))
+    assert torch.equal(x, x_before)
+
+
+# pad 8 keeps 16-byte rows (vector path with stride != H); pad 3 and offset 1 force the scalar
+# path. 300 rows take the prefill launch policy, 5 rows the decode one.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [769, 2048])
+@pytest.mark.parametrize("rows", [5, 300])
+@pytest.mark.parametrize("pad, offset", [(8, 0), (3, 0), (16, 1)])
+def test_rms_norm_strided_rows(rows, hidden, dtype, pad, offset):
+    wide, x = _strided(rows, hidden, dtype, pad, offset)
+    wide_before = wide.clone()
+    w = _weight(hidden, dtype)
+    out = lk.rms_norm(x, w, eps=EPS)
+    assert_close(out, ref.rms_norm(x.clone(), w, EPS))
+    assert torch.equal(wide, wide_before)
+
+
+# Rows wider than the per-thread register cache re-read their tail (vector and scalar paths).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [40000, 40001])
+@pytest.mark.parametrize("rows", [2, 300])
+def test_rms_norm_wide_rows(rows, hidden, dtype):
+    x = _randn(rows, hidden, dtype=dtype)
+    w = _weight(hidden, dtype)
+    assert_close(lk.rms_norm(x, w, eps=EPS), ref.rms_norm(x, w, EPS))
+
+
+def test_rms_norm_3d_and_out():
+    x = _randn(2, 7, 512, dtype=torch.bfloat16)
+    w = _weight(512, torch.bfloat16)
+    out = torch.full_like(x, 7.0)
+    got = lk.rms_norm(x, w, eps=EPS, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(out, ref.rms_norm(x, w, EPS))
+
+
+def test_rms_norm_large_magnitude_bf16():
+    # Squares of 1e4 overflow bf16/fp16 but not the fp32 accumulator.
+    x = _randn(4, 4096, dtype=torch.bfloat16, scale=1e4)
+    w = _weight(4096, torch.bfloat16)
+    out = lk.rms_norm(x, w, eps=EPS)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref.rms_norm(x, w, EPS))
+
+
+# ---- fused_add_rms_norm ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_fused_add_rms_norm(rows, hidden, dtype):
+    x = _randn(rows, hidden, dtype=dtype)
+    residual = _randn(rows, hidden, dtype=dtype)
+    w = _weight(hidden, dtype)
+    x_ref, residual_ref = x.clone(), residual.clone()
+    lk.fused_add_rms_norm(x, residual, w, eps=EPS)
+    ref.fused_add_rms_norm(x_ref, residual_ref, w, EPS)
+    assert_close(residual, residual_ref)
+    assert_close(x, x_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [769, 2048, 40000])
+@pytest.mark.parametrize("rows", [5, 300])
+@pytest.mark.parametrize(
+    "x_layout, res_layout", [((8, 0), (24, 0)), ((3, 0), (8, 0)), ((8, 0), (8, 1))]
+)
+def test_fused_add_rms_norm_strided(rows, hidden, dtype, x_layout, res_layout):
+    x_wide, x = _strided(rows, hidden, dtype, *x_layout)
+    r_wide, residual = _strided(rows, hidden, dtype, *res_layout)
+    w = _weight(hidden, dtype)
+    x_wide_ref, r_wide_ref = x_wide.clone(), r_wide.clone()
+    x_ref = x_wide_ref[:, x_layout[1] : x_layout[1] + hidden]
+    residual_ref = r_wide_ref[:, res_layout[1] : res_layout[1] + hidden]
+    lk.fused_add_rms_norm(x, residual, w, eps=EPS)
+    ref.fused_add_rms_norm(x_ref, residual_ref, w, EPS)
+    # Whole buffers: the slices match and the padding around them is untouched.
+    assert_close(r_wide, r_wide_ref)
+    assert_close(x_wide, x_wide_ref)
+
+
+def test_fused_add_rms_norm_3d():
+    x = _randn(2, 3, 1024, dtype=torch.float16)
+    residual = _randn(2, 3, 1024, dtype=torch.float16)
+    w = _weight(1024, torch.float16)
+    x_ref, residual_ref = x.clone(), residual.clone()
+    lk.fused_add_rms_norm(x, residual, w, eps=EPS)
+    ref.fused_add_rms_norm(x_ref, residual_ref, w, EPS)
+    assert_close(residual, residual_ref)
+    assert_close(x, x_ref)
+
+
+# ---- rotary_embedding -----------------------------------------------------------------------------
+def _cos_sin_cache(max_pos, rot, base=10000.0):
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).cuda()
+
+
+def _qk(tokens, num_q_heads, num_kv_heads, head_dim, dtype, layout):
+    """(buffers, views): random buffers and a function mapping buffers (or clones of them) to
+    ``q [T, Hq, D]`` and ``k [T, Hk, D]`` views in the given layout."""
+    heads = num_q_heads + num_kv_heads
+    if layout == "contiguous":  # separate contiguous q and k
+        bufs = [
+            _randn(tokens, num_q_heads, head_dim, dtype=dtype),
+            _randn(tokens, num_kv_heads, head_dim, dtype=dtype),
+        ]
+        return bufs, lambda b: (b[0], b[1])
+    if layout == "fused_qkv":  # slices of a QKV projection output [T, (Hq + 2 Hk) * D]
+        bufs = [_randn(tokens, (heads + num_kv_heads) * head_dim, dtype=dtype)]
+
+        def views(b):
+            q = b[0][:, : num_q_heads * head_dim].view(tokens, num_q_heads, head_dim)
+            k = b[0][:, num_q_heads * head_dim : heads * head_dim]
+            return q, k.view(tokens, num_kv_heads, head_dim)
+
+        return bufs, views
+    if layout == "padded_heads":  # head stride D + 8: vector path with head stride != D
+        bufs = [_randn(tokens, heads, head_dim + 8, dtype=dtype)]
+        first = 0
+    else:  # "misaligned": base shifted by one element, odd head stride: scalar path
+        bufs = [_randn(tokens, heads, head_dim + 1, dtype=dtype)]
+        first = 1
+
+    def strided_views(b):
+        view = b[0][..., first : first + head_dim]
+        return view[:, :num_q_heads], view[:, num_q_heads:]
+
+    return bufs, strided_views
+
+
+ROT_CHOICES = ["full", "half", "odd_half"]
+
+
+def _rot(head_dim, choice):
+    # odd_half: rot/2 odd, so no 16-byte unit fits and the scalar path runs.
+    return {"full": head_dim, "half": head_dim // 2, "odd_half": head_dim - 6}[choice]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", [(32, 8), (9, 3), (32, 4)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("rot_choice", ROT_CHOICES)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_embedding(dtype, num_q_heads, num_kv_heads, head_dim, rot_choice, is_neox):
+    max_pos = 4096
+    positions = torch.randperm(max_pos, device="cuda")[:37]  # out of order, int64
+    _check_rotary(
+        positions,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        _rot(head_dim, rot_choice),
+        dtype,
+        "fused_qkv",
+        is_neox,
+        max_pos,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "fused_qkv", "padded_heads", "misaligned"])
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_rotary_embedding_layouts(dtype, layout, pos_dtype, is_neox, tokens):
+    max_pos = 2048
+    positions = torch.randint(0, max_pos, (tokens,), device="cuda", dtype=pos_dtype)
+    _check_rotary(positions, 32, 8, 128, 128, dtype, layout, is_neox, max_pos)
+
+
+def _check_rotary(
+    positions, num_q_heads, num_kv_heads, head_dim, rot, dtype, layout, is_neox, max_pos
+):
+    cache = _cos_sin_cache(max_pos, rot)
+    bufs, views = _qk(positions.shape[0], num_q_heads, num_kv_heads, head_dim, dtype, layout)
+    originals = [b.clone() for b in bufs]
+    bufs_ref = [b.clone() for b in bufs]
+    lk.rotary_embedding(positions, *views(bufs), cache, is_neox=is_neox)
+    ref.rotary_embedding(positions, *views(bufs_ref), cache, is_neox)
+    # Whole buffers: rotated channels match; channels >= rot, v and padding are untouched.
+    for buf, buf_ref, original in zip(bufs, bufs_ref, originals):
+        assert_close(buf, buf_ref)
+        assert not torch.equal(buf, original)  # something was rotated
+
+
+def test_rotary_embedding_torch_ops_direct():
+    # The op itself (no Python validation) on a GQA fused-QKV layout, GPT-J, int32 positions.
+    positions = torch.tensor([5, 0, 4095, 17], device="cuda", dtype=torch.int32)
+    cache = _cos_sin_cache(4096, 64)
+    bufs, views = _qk(4, 9, 3, 64, torch.bfloat16, "fused_qkv")
+    bufs_ref = [b.clone() for b in bufs]
+    torch.ops.llmkernels.rotary_embedding(positions, *views(bufs), cache, False)
+    ref.rotary_embedding(positions, *views(bufs_ref), cache, False)
+    assert_close(bufs[0], bufs_ref[0])
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_out_of_range_positions_untouched(pos_dtype, dtype):
+    max_pos = 64
+    big = 2**31 - 1 if pos_dtype == torch.int32 else 2**40
+    positions = torch.tensor(
+        [3, -1, max_pos, 0, big, max_pos - 1, -(2**20)], dtype=pos_dtype, device="cuda"
+    )
+    valid = torch.tensor([True, False, False, True, False, True, False], device="cuda")
+    cache = _cos_sin_cache(max_pos, 128)
+    q = _randn(7, 8, 128, dtype=dtype)
+    k = _randn(7, 2, 128, dtype=dtype)
+    q_before, k_before = q.clone(), k.clone()
+    lk.rotary_embedding(positions, q, k, cache)  # CUDA: positions are not checked on the host
+    torch.cuda.synchronize()
+    assert torch.equal(q[~valid], q_before[~valid])
+    assert torch.equal(k[~valid], k_before[~valid])
+    q_ref, k_ref = q_before[valid].clone(), k_before[valid].clone()
+    ref.rotary_embedding(positions[valid], q_ref, k_ref, cache)
+    assert_close(q[valid], q_ref)
+    assert_close(k[valid], k_ref)
+
+
+# ---- silu_and_mul ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_and_mul(rows, inter, dtype):
+    x = _randn(rows, 2 * inter, dtype=dtype)
+    assert_close(lk.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [769, 2048])
+@pytest.mark.parametrize("rows", [5, 300])
+@pytest.mark.parametrize("pad, offset", [(16, 0), (3, 0), (16, 1)])
+def test_silu_and_mul_strided_rows(rows, inter, dtype, pad, offset):
+    wide, x = _strided(rows, 2 * inter, dtype, pad, offset)
+    wide_before = wide.clone()
+    out = torch.empty(rows, inter, dtype=dtype, device="cuda")
+    torch.ops.llmkernels.silu_and_mul(out, x)
+    assert_close(out, ref.silu_and_mul(x.clone()))
+    assert torch.equal(wide, wide_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_extremes_and_3d(dtype):
+    x = _randn(2, 5, 2 * 1024, dtype=dtype)
+    x[0, 0, :6] = torch.tensor([-100.0, 100.0, -30.0, 30.0, 0.0, -0.0], dtype=dtype)
+    out = lk.silu_and_mul(x)
+    assert out.shape == (2, 5, 1024)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref.silu_and_mul(x))
+
+
+# ---- empty inputs ----------------------------------------------------------------------------------
+def test_zero_rows():
+    dtype = torch.bfloat16
+    w = _weight(64, dtype)
+    assert lk.rms_norm(torch.empty(0, 64, dtype=dtype, device="cuda"), w).shape == (0, 64)
+    lk.fused_add_rms_norm(
+        torch.empty(0, 64, dtype=dtype, device="cuda"),
+        torch.empty(0, 64, dtype=dtype, device="cuda"),
+        w,
+    )
+    assert lk.silu_and_mul(torch.empty(0, 128, dtype=dtype, device="cuda")).shape == (0, 64)
+    lk.rotary_embedding(
+        torch.empty(0, dtype=torch.int64, device="cuda"),
+        torch.empty(0, 4, 64, dtype=dtype, device="cuda"),
+        torch.empty(0, 2, 64, dtype=dtype, device="cuda"),
+        _cos_sin_cache(16, 64),
+    )
+    torch.cuda.synchronize()
+
+
+# ---- argument checks of the ops themselves (direct torch.ops callers skip ops.py) ---------------------
+def test_direct_op_argument_checks():
+    x = _randn(4, 64, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.llmkernels.rms_norm(out, x, _weight(64, torch.float32), 1e-6)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.llmkernels.rms_norm(out, x, _weight(32, torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.ops.llmkernels.fused_add_rms_norm(x, x.cpu(), _weight(64, torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="out"):
+        torch.ops.llmkernels.silu_and_mul(
+            torch.empty(4, 64, dtype=torch.bfloat16, device="cuda"), x
+        )
+    q, k = _randn(2, 4, 64, dtype=torch.bfloat16), _randn(2, 2, 64, dtype=torch.bfloat16)
+    positions = torch.zeros(2, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="Float"):
+        torch.ops.llmkernels.rotary_embedding(positions, q, k, _cos_sin_cache(8, 64).half(), True)
+    with pytest.raises(RuntimeError, match="even"):
+        torch.ops.llmkernels.rotary_embedding(
+            positions, q, k, _cos_sin_cache(8, 64)[:, :63].contiguous(), True
+        )
+
+
+# ---- opcheck -----------------------------------------------------------------------------------------
+def _opcheck_cases():
+    dtype = torch.bfloat16
+    x = _randn(5, 96, dtype=dtype)
+    w = _weight(96, dtype)
+    wide = _randn(5, 2 * 96 + 16, dtype=dtype)
+    # q and k strided (head stride 72) but on separate buffers: opcheck's AOT test would turn
+    # two mutated views of one buffer into a synthetic base, which is not what is under test here.
+    q = _randn(3, 8, 72, dtype=dtype)[..., :64]
+    k = _randn(3, 2, 72, dtype=dtype)[..., :64]
+    positions = torch.tensor([2, 0, 7], device="cuda")
+    return {
+        "rms_norm": (torch.zeros_like(x), x, w, 1e-6),
+        "rms_norm_strided": (torch.zeros(5, 96, dtype=dtype, device="cuda"), wide[:, :96], w, 1e-6),
+        "fused_add_rms_norm": (x.clone(), _randn(5, 96, dtype=dtype), w, 1e-6),
+        "rotary_embedding": (positions, q, k, _cos_sin_cache(8, 64), True),
+        "silu_and_mul": (torch.zeros(5, 96, dtype=dtype, device="cuda"), wide[:, : 2 * 96]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["rms_norm", "rms_norm_strided", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"],
+)
+def test_opcheck(case):
+    op_name = case.removesuffix("_strided")
+    args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.llmkernels, op_name).default, args)
+
+
+# ---- CUDA graph capture --------------------------------------------------------------------------------
+def test_cuda_graph_capture_and_replay():
+    dtype = torch.bfloat16
+    tokens, num_q_heads, num_kv_heads, head_dim, inter = 4, 16, 4, 128, 5632
+    hidden = num_q_heads * head_dim
+    w = _weight(hidden, dtype)
+    cache = _cos_sin_cache(512, head_dim)
+    # Static inputs / outputs, as in a captured decode step.
+    static = {
+        "hidden": _randn(tokens, hidden, dtype=dtype),
+        "residual": _randn(tokens, hidden, dtype=dtype),
+        "qkv": _randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype),
+        "gate_up": _randn(tokens, 2 * inter, dtype=dtype),
+        "positions": torch.arange(tokens, device="cuda", dtype=torch.int32),
+    }
+    normed = torch.empty(tokens, hidden, dtype=dtype, device="cuda")
+    act = torch.empty(tokens, inter, dtype=dtype, device="cuda")
+
+    def step(t):
+        lk.fused_add_rms_norm(t["hidden"], t["residual"], w, eps=EPS)
+        lk.rms_norm(t["residual"], w, eps=EPS, out=normed)
+        qkv = t["qkv"]
+        q = qkv[:, : num_q_heads * head_dim].view(tokens, num_q_heads, head_dim)
+        k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_kv_heads) * head_dim]
+        lk.rotary_embedding(t["positions"], q, k.view(tokens, num_kv_heads, head_dim), cache)
+        lk.silu_and_mul(t["gate_up"], out=act)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)  # warm-up on a side stream, as the torch docs show
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static)
+
+    for round_ in range(2):
+        new = {
+            "hidden": _randn(tokens, hidden, dtype=dtype),
+            "residual": _randn(tokens, hidden, dtype=dtype),
+            "qkv": _randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype),
+            "gate_up": _randn(tokens, 2 * inter, dtype=dtype),
+            "positions": torch.randint(0, 512, (tokens,), device="cuda", dtype=torch.int32),
+        }
+        for name, value in new.items():
+            static[name].copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = {name: t.clone() for name, t in static.items()}
+        replayed_normed, replayed_act = normed.clone(), act.clone()
+
+        eager = {name: value.clone() for name, value in new.items()}
+        step(eager)
+        torch.cuda.synchronize()
+        for name in new:
+            assert torch.equal(replayed[name], eager[name]), f"round {round_}: {name}"
+        assert torch.equal(replayed_normed, normed), f"round {round_}: rms_norm out"
+        assert torch.equal(replayed_act, act), f"round {round_}: silu_and_mul out"
+        assert not torch.equal(replayed["hidden"], new["hidden"])  # the graph did run

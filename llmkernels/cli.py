@@ -188,7 +188,8 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     engine = _load_engine(args)
-    session = engine.chat_session(system=args.system)
+    initial = [{"role": "system", "content": args.system}] if args.system else None
+    session = engine.chat_session(initial)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chat with the model. /reset clears the history, /exit quits.", file=sys.stderr)
@@ -205,7 +206,7 @@ def cmd_chat(args) -> int:
         if text == "/exit":
             break
         if text == "/reset":
-            session.reset()
+            session.reset(initial)
             print("[history cleared]", file=sys.stderr)
             continue
         reply = session.send(text, **gen)

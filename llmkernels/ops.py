@@ -92,7 +92,9 @@ def _tensor(t, name: str, dtypes=None, ndim=None) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}"
+        )
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
@@ -112,12 +114,16 @@ def _same_dtype(*named: tuple[str, torch.Tensor]) -> None:
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match"
+            )
 
 
 def _last_dim_contiguous(t: torch.Tensor, name: str) -> None:
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+        raise ValueError(
+            f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}"
+        )
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -165,7 +171,9 @@ def rms_norm(
     _same_dtype(("x", x), ("weight", weight))
     _same_device(("x", x), ("weight", weight))
     if weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}"
+        )
     _last_dim_contiguous(x, "x")
     eps = _eps(eps)
     if out is None:
@@ -175,7 +183,9 @@ def rms_norm(
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
     if _use_kernel(x):
-        torch.ops.llmkernels.rms_norm(_as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps)
+        torch.ops.llmkernels.rms_norm(
+            _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps
+        )
     else:
         out.copy_(ref.rms_norm(x, weight, eps))
     return out
@@ -194,9 +204,13 @@ def fused_add_rms_norm(
     _same_dtype(("x", x), ("residual", residual), ("weight", weight))
     _same_device(("x", x), ("residual", residual), ("weight", weight))
     if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        raise ValueError(
+            f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
     if weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}"
+        )
     _last_dim_contiguous(x, "x")
     _last_dim_contiguous(residual, "residual")
     eps = _eps(eps)
@@ -248,7 +262,9 @@ def rotary_embedding(
         raise ValueError(f"k must have head dim {head_dim} like q, got {k.shape[2]}")
     rotary_dim = cos_sin_cache.shape[1]
     if rotary_dim % 2 or rotary_dim > head_dim or rotary_dim == 0:
-        raise ValueError(f"cos_sin_cache's rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}")
+        raise ValueError(
+            f"cos_sin_cache's rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}"
+        )
     _last_dim_contiguous(q, "q")
     _last_dim_contiguous(k, "k")
     if not cos_sin_cache.is_contiguous():
@@ -297,7 +313,9 @@ def _check_cache(k_cache, v_cache) -> None:
     _same_dtype(("k_cache", k_cache), ("v_cache", v_cache))
     _same_device(("k_cache", k_cache), ("v_cache", v_cache))
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous [B, Hk, S, D]")
 
@@ -325,7 +343,9 @@ def kv_cache_append(
     expected = (slot_mapping.shape[0], k_cache.shape[1], k_cache.shape[3])
     for name, t in (("k", k), ("v", v)):
         if tuple(t.shape) != expected:
-            raise ValueError(f"{name} must have shape [N, Hk, D] = {list(expected)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape [N, Hk, D] = {list(expected)}, got {tuple(t.shape)}"
+            )
         _last_dim_contiguous(t, name)
     if _use_kernel(k):
         torch.ops.llmkernels.kv_cache_append(k, v, k_cache, v_cache, slot_mapping.long())
@@ -364,7 +384,9 @@ def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.
     Allocate once and pass it to every :func:`decode_attention` call (CUDA-graph friendly)."""
     batch, num_q_heads, head_dim = q.shape
     splits = decode_attention_num_splits(batch, k_cache.shape[1], k_cache.shape[2], q.device)
-    return torch.empty((batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device)
+    return torch.empty(
+        (batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device
+    )
 
 
 def decode_attention_supported(q: torch.Tensor) -> bool:
@@ -406,8 +428,10 @@ def decode_attention(
         raise ValueError(f"k_cache head dim {cache_head_dim} does not match q's {head_dim}")
     if k_cache.shape[0] < batch:
         raise ValueError(f"k_cache has {k_cache.shape[0]} rows, fewer than q's batch {batch}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q's heads ({num_q_heads}) must be a multiple of the cache's kv heads ({num_kv_heads})")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q's heads ({num_q_heads}) must be a multiple of the cache's kv heads ({num_kv_heads})"
+        )
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens must have B = {batch} entries, got {seq_lens.shape[0]}")
     _last_dim_contiguous(q, "q")
@@ -418,7 +442,9 @@ def decode_attention(
     if not seq_lens.is_cuda and batch:
         lo, hi = int(seq_lens.min()), int(seq_lens.max())
         if lo < 0 or hi > seq_capacity:
-            raise ValueError(f"seq_lens must be in [0, {seq_capacity}] (the cache length), got range [{lo}, {hi}]")
+            raise ValueError(
+                f"seq_lens must be in [0, {seq_capacity}] (the cache length), got range [{lo}, {hi}]"
+            )
     if out is None:
         out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     else:
@@ -431,6 +457,8 @@ def decode_attention(
                 f"decode_attention on CUDA supports float16/bfloat16 with head_dim in {DECODE_HEAD_DIMS}, "
                 f"got {q.dtype} with head_dim {head_dim} (check decode_attention_supported first)"
             )
+        if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
+            raise ValueError("k_cache and v_cache must start at 16-byte aligned addresses")
         if workspace is None:
             workspace = decode_attention_workspace(q, k_cache)
         elif (
@@ -438,6 +466,7 @@ def decode_attention(
             or workspace.dim() != 4
             or tuple(workspace.shape[:2]) != (batch, num_q_heads)
             or workspace.shape[3] != head_dim + 2
+            or not 1 <= workspace.shape[2] <= 4096
             or not workspace.is_contiguous()
             or workspace.device != q.device
         ):
@@ -446,7 +475,9 @@ def decode_attention(
                 f"splits, {head_dim + 2}] tensor on {q.device} (see decode_attention_workspace), "
                 f"got {workspace.dtype} {tuple(workspace.shape)}"
             )
-        torch.ops.llmkernels.decode_attention(out, q, k_cache, v_cache, seq_lens, float(scale), workspace)
+        torch.ops.llmkernels.decode_attention(
+            out, q, k_cache, v_cache, seq_lens, float(scale), workspace
+        )
     else:
         out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
     return out
@@ -477,7 +508,9 @@ def _row_param(value, name: str, batch: int, dtype: torch.dtype, device) -> torc
         if value.dim() == 0:
             value = value.reshape(1)
         if value.dim() != 1 or value.shape[0] not in (1, batch):
-            raise ValueError(f"{name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}"
+            )
         if value.device != torch.device(device) and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
         return value.to(device=device, dtype=dtype).expand(batch).contiguous()
@@ -545,14 +578,19 @@ def sample(
         _check_out(out, "out", (batch,), torch.int64, device)
     # Python-number parameters are checked here, without any device sync.
     if not isinstance(temperature, torch.Tensor) and (
-        isinstance(temperature, (int, float)) and (not math.isfinite(temperature) or temperature < 0)
+        isinstance(temperature, (int, float))
+        and (not math.isfinite(temperature) or temperature < 0)
     ):
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
     if not isinstance(top_k, torch.Tensor) and isinstance(top_k, int) and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
     if isinstance(top_k, float):
         raise TypeError(f"top_k must be an int, got {top_k!r}")
-    if not isinstance(top_p, torch.Tensor) and isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    if (
+        not isinstance(top_p, torch.Tensor)
+        and isinstance(top_p, (int, float))
+        and not 0 < top_p <= 1
+    ):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     temperature_t = _row_param(temperature, "temperature", batch, torch.float32, device)
     top_k_t = _row_param(top_k, "top_k", batch, torch.int32, device)
@@ -567,7 +605,9 @@ def sample(
     if rng_state is not None:
         _tensor(rng_state, "rng_state", (torch.int64,), ndim=1)
         if rng_state.shape[0] != 2 or rng_state.device != device:
-            raise ValueError(f"rng_state must be int64 [2] (seed, offset) on {device}, got {tuple(rng_state.shape)} on {rng_state.device}")
+            raise ValueError(
+                f"rng_state must be int64 [2] (seed, offset) on {device}, got {tuple(rng_state.shape)} on {rng_state.device}"
+            )
     if _use_kernel(logits):
         if rng_state is None:
             rng_state = new_rng_state(device, seed, generator)

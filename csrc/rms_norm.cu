@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "common.cuh"
 
 namespace llmkernels {
@@ -307,6 +309,10 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
   check_rows(residual, "residual", rows, hidden);
   TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "residual must have x's dtype");
   check_weight(weight, x, hidden);
+  // In place: overlapping rows would be read-modify-written by several blocks (x is residual is fine).
+  at::assert_no_internal_overlap(x);
+  at::assert_no_internal_overlap(residual);
+  at::assert_no_partial_overlap(x, residual);
   TORCH_CHECK(rows <= INT32_MAX && hidden <= INT32_MAX,
               "fused_add_rms_norm: too many rows or columns");
   if (rows == 0 || hidden == 0) return;

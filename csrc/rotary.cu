@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "common.cuh"
 
 namespace llmkernels {
@@ -158,6 +160,10 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
   TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", head_dim, ", got ", k.size(2));
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
+  // In place: overlapping heads/tokens would be rotated twice by racing threads.
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
   TORCH_CHECK(head_dim <= 1 || (q.stride(2) == 1 && k.stride(2) == 1),
               "q and k must have a contiguous last dimension");
   LK_CHECK_DTYPE(cos_sin_cache, at::kFloat);

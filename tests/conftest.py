@@ -10,7 +10,9 @@ import llmkernels as lk
 # rounding of the output plus accumulated fp32 reordering.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
+    # fp16: RMSNorm rounds twice (normalized value, then times weight), so a 1-ulp difference in
+    # the fp32 statistics (summation order) can move the output by 2 fp16 ulps (~2e-3 relative).
+    torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 

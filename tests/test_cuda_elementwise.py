@@ -213,7 +213,8 @@ def test_rotary_embedding(dtype, num_q_heads, num_kv_heads, head_dim, rot_choice
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_rotary_embedding_layouts(dtype, layout, pos_dtype, is_neox, tokens):
     max_pos = 2048
-    positions = torch.randint(0, max_pos, (tokens,), device="cuda", dtype=pos_dtype)
+    # from 1: position 0 is the identity rotation, which the "something rotated" check rejects
+    positions = torch.randint(1, max_pos, (tokens,), device="cuda", dtype=pos_dtype)
     _check_rotary(positions, 32, 8, 128, 128, dtype, layout, is_neox, max_pos)
 
 

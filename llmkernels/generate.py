@@ -496,7 +496,12 @@ class Engine:
         return logits
 
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
-        if self.device.type != "cuda" or not self.use_cuda_graph:
+        # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
+        if (
+            self.device.type != "cuda"
+            or not self.use_cuda_graph
+            or not ops.cuda_kernels_available()
+        ):
             return lambda: self._step(batch, greedy)
         key = (batch, greedy)
         if key not in self._graphs:
@@ -510,7 +515,7 @@ class Engine:
         m = self.model
         with torch.cuda.device(self.device):
             saved = (m.cache_lens.clone(), self._rng.clone(), self._tokens.clone())
-            stream = torch.cuda.Stream()
+            stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
@@ -522,7 +527,12 @@ class Engine:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # own stream (right device with several GPUs); thread_local: other threads (e.g. a
+            # streamer consumer) may use CUDA meanwhile
+            with torch.cuda.graph(
+                graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
+            ):
+                # valid only right after this graph's replay: graphs share one memory pool
                 self._graph_logits[(batch, greedy)] = self._step(batch, greedy)
         return graph
 

@@ -592,15 +592,21 @@ def sample(
         and not 0 < top_p <= 1
     ):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int64, device=device)
+    all_greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
+    if all_greedy and not check_values:  # the hot greedy path: one argmax kernel, nothing else
+        return torch.argmax(logits, dim=-1, out=out)
+    if (
+        isinstance(top_k, int) and top_k >= vocab
+    ):  # keeping >= V tokens is no filter (and fits int32)
+        top_k = 0
     temperature_t = _row_param(temperature, "temperature", batch, torch.float32, device)
     top_k_t = _row_param(top_k, "top_k", batch, torch.int32, device)
     top_p_t = _row_param(top_p, "top_p", batch, torch.float32, device)
     if check_values:
         _check_sampling_values(logits, temperature_t, top_k_t, top_p_t)
-    if out is None:
-        out = torch.empty(batch, dtype=torch.int64, device=device)
-
-    if not isinstance(temperature, torch.Tensor) and temperature == 0:  # all rows greedy
+    if all_greedy:
         return torch.argmax(logits, dim=-1, out=out)
     if rng_state is not None:
         _tensor(rng_state, "rng_state", (torch.int64,), ndim=1)

@@ -299,7 +299,9 @@ def sampling_probs(
     neg = -sorted_p  # ascending, for a leftmost search of each tie group
     group_start = torch.searchsorted(neg.contiguous(), neg.contiguous(), right=False)
     mass_above = exclusive.gather(1, group_start)
-    keep_sorted = mass_above < top_p[:, None]
+    # top_p >= 1 keeps everything (fp32 prefix sums reach 1.0 before the tail: exact arithmetic
+    # would keep the tail, and HF skips its top-p warper at 1.0)
+    keep_sorted = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     probs = torch.where(keep, probs, 0.0)

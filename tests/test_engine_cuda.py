@@ -211,3 +211,35 @@ def test_smollm2_on_cuda():
     assert max_err(eng.logits(ids), ref) <= 2 * hf_err + 1e-2
     answer = eng.chat("What is the capital of France?", max_new_tokens=12, do_sample=False)
     assert "Paris" in answer
+
+
+def test_graphs_of_several_batch_sizes_share_the_pool():
+    """Capture batch 1, then batch 3 (same memory pool), then use batch 1 again: every graph
+    generation still equals the eager engine's."""
+    hf = hf_model()
+    graph_eng = lk.Engine.from_hf(hf, max_batch_size=3, max_seq_len=96, use_cuda_graph=True)
+    eager_eng = lk.Engine.from_hf(hf, max_batch_size=3, max_seq_len=96, use_cuda_graph=False)
+    for batch, seed in ((1, 11), (3, 12), (1, 13)):
+        ids = prompts(batch, 10, seed=seed)
+        a = graph_eng.generate(ids, max_new_tokens=20, do_sample=False)
+        b = eager_eng.generate(ids, max_new_tokens=20, do_sample=False)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert {(1, True), (3, True)} <= set(graph_eng._graphs)
+
+
+@torch.inference_mode()
+def test_second_chat_turn_over_cached_kv_matches_fresh_prefill():
+    """Continuing over an existing cache (masked prefill of the new turn only, as a chat turn
+    does) is as close to the fp32 HF logits as HF's own bf16 forward of the whole sequence."""
+    hf32 = hf_model(torch.float32)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    eng = lk.Engine.from_hf(hf16, max_batch_size=1, max_seq_len=128)
+    ids = prompts(1, 30, seed=14)
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        ref = hf32(ids).logits
+        hf_err = max_err(hf16(ids).logits, ref)
+    eng._prefill(ids[:, :18], ones[:, :18], [0], [18], all_logits=False)
+    continued = eng._prefill(ids[:, 18:], ones[:, 18:], [18], [12], all_logits=True)  # [1, 12, V]
+    assert eng.last_prefill_len == 12
+    assert max_err(continued[0], ref[0, 18:]) <= 2 * hf_err + 1e-3

@@ -16,31 +16,6 @@ namespace llmkernels {
 namespace {
 
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
-  Pack<T, V> out;
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(&out) = *reinterpret_cast<const uint4*>(ptr);
-  } else {
-    out = *reinterpret_cast<const Pack<T, V>*>(ptr);
-  }
-  return out;
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, V>& val) {
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(ptr) = *reinterpret_cast<const uint4*>(&val);
-  } else {
-    *reinterpret_cast<Pack<T, V>*>(ptr) = val;
-  }
-}
-
-template <typename T, int V>
 __global__ void silu_and_mul_kernel(T* __restrict__ out,      // [N, I], row stride out_stride
                                     const T* __restrict__ x,  // [N, 2I] gate | up, stride x_stride
                                     int64_t out_stride, int64_t x_stride, int inter) {

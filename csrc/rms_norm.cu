@@ -20,32 +20,6 @@
 namespace llmkernels {
 namespace {
 
-// V elements of T moved as one access: a 16-byte vector (V = Vec<T>::N) or one scalar (V = 1).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
-  Pack<T, V> out;
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(&out) = *reinterpret_cast<const uint4*>(ptr);
-  } else {
-    out = *reinterpret_cast<const Pack<T, V>*>(ptr);
-  }
-  return out;
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, V>& val) {
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(ptr) = *reinterpret_cast<const uint4*>(&val);
-  } else {
-    *reinterpret_cast<Pack<T, V>*>(ptr) = val;
-  }
-}
-
 template <typename T, int V>
 __device__ __forceinline__ float sum_squares(const Pack<T, V>& p) {
   float s = 0.f;

@@ -20,31 +20,6 @@
 namespace llmkernels {
 namespace {
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
-  Pack<T, V> out;
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(&out) = *reinterpret_cast<const uint4*>(ptr);
-  } else {
-    out = *reinterpret_cast<const Pack<T, V>*>(ptr);
-  }
-  return out;
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, V>& val) {
-  if constexpr (sizeof(T) * V == 16) {
-    *reinterpret_cast<uint4*>(ptr) = *reinterpret_cast<const uint4*>(&val);
-  } else {
-    *reinterpret_cast<Pack<T, V>*>(ptr) = val;
-  }
-}
-
 // Round an fp32 value to T and back (identity for fp32).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {

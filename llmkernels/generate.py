@@ -479,10 +479,17 @@ class Engine:
     def _step(self, batch: int, greedy: bool) -> torch.Tensor:
         """One decode step for rows ``0..batch-1``: reads ``_tokens[:batch]``, writes the next
         tokens there, advances cache lengths (and the RNG state when sampling). Returns logits."""
+        logits = self.model.decode(self._tokens[:batch])  # [B, V]
+        self._sample_into_tokens(logits, greedy, check_values=False)  # inside graphs: no sync
+        return logits
+
+    def _sample_into_tokens(self, logits: torch.Tensor, greedy: bool, check_values: bool) -> None:
+        """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
+        per-row sampling settings and the on-device RNG state (advanced by the sampler)."""
+        batch = logits.shape[0]
         tokens = self._tokens[:batch]
-        logits = self.model.decode(tokens)  # [B, V]
         if greedy:
-            ops.sample(logits, 0.0, out=tokens, check_values=False)
+            ops.sample(logits, 0.0, out=tokens, check_values=check_values)
         else:
             ops.sample(
                 logits,
@@ -490,10 +497,9 @@ class Engine:
                 self._top_k[:batch],
                 self._top_p[:batch],
                 rng_state=self._rng,
-                check_values=False,
+                check_values=check_values,
                 out=tokens,
             )
-        return logits
 
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
@@ -668,18 +674,8 @@ class Engine:
 
         # prefill and the first token
         logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
+        self._sample_into_tokens(logits, greedy, check_values=True)  # NaN/inf check: one sync
         tokens = self._tokens[:batch]
-        if greedy:
-            ops.sample(logits, 0.0, out=tokens)
-        else:
-            ops.sample(
-                logits,
-                self._temperature[:batch],
-                self._top_k[:batch],
-                self._top_p[:batch],
-                rng_state=self._rng,
-                out=tokens,
-            )
         history = torch.empty(max_new, batch, dtype=torch.int64, device=self.device)  # [n, B]
         history[0].copy_(tokens)
 

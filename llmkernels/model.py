@@ -253,6 +253,16 @@ class Transformer:
         self.norm = weights["norm"]  # [hidden]
         self.lm_head = embed if config.tie_word_embeddings else weights["lm_head"]  # [V, hidden]
         self.layers = [Layer(weights, f"layers.{i}") for i in range(config.num_layers)]
+        # GEMM weights in their device's fastest layout (on CPU a column-major copy; the tied
+        # lm_head then no longer shares the embedding's storage)
+        self.lm_head = ops.gemm_weight_layout(self.lm_head)
+        for layer in self.layers:
+            layer.wqkv, layer.wo = (
+                ops.gemm_weight_layout(layer.wqkv),
+                ops.gemm_weight_layout(layer.wo),
+            )
+            layer.w_gate_up = ops.gemm_weight_layout(layer.w_gate_up)
+            layer.w_down = ops.gemm_weight_layout(layer.w_down)
 
         c, dev = config, self.device
         cache_shape = (c.num_layers, max_batch_size, c.num_kv_heads, max_seq_len, c.head_dim)
@@ -270,6 +280,22 @@ class Transformer:
         self.decode_kernel = self._decode_attention_supported()
 
     # ---- bookkeeping --------------------------------------------------------------------------
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor the model reads (the tied lm_head counted once when shared)."""
+        tensors = [self.embed, self.norm]
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            tensors.append(self.lm_head)
+        for layer in self.layers:
+            tensors += [
+                layer.attn_norm,
+                layer.wqkv,
+                layer.wo,
+                layer.mlp_norm,
+                layer.w_gate_up,
+                layer.w_down,
+            ]
+        return tensors
+
     @property
     def cache_bytes(self) -> int:
         """Bytes held by the K and V caches together."""

@@ -236,13 +236,13 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     if scale is None:
         scale = head_dim**-0.5
-    keys = k_cache[:batch].float()  # [B, Hk, S, D]
-    values = v_cache[:batch].float()
+    # Only the longest valid prefix is read (one host read of seq_lens: this is the CPU path).
+    longest = min(int(seq_lens.max()), seq_capacity) if batch else 0
+    keys = k_cache[:batch, :, :longest].float()  # [B, Hk, L, D]
+    values = v_cache[:batch, :, :longest].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
-    valid = (
-        torch.arange(seq_capacity, device=q.device)[None, :] < seq_lens.long()[:, None]
-    )  # [B, S]
+    valid = torch.arange(longest, device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (L = 0) -> zeros
     out = torch.einsum("bhgs,bhsd->bhgd", probs, values)

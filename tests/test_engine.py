@@ -490,14 +490,26 @@ def test_config_json_rope_scaling(scaling):
 
 
 def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
+    """On CPU the engine shares the embedding and norms with HF and holds its GEMM weights
+    (fused QKV / gate-up, O, down, lm_head) as column-major copies (ops.gemm_weight_layout);
+    extra_weight_bytes counts exactly those copies."""
     c = eng_gqa.config
-    expected = c.num_layers * (c.qkv_size + 2 * c.intermediate_size) * c.hidden_size * 4
+    per_layer = (
+        c.qkv_size * c.hidden_size  # wqkv
+        + c.hidden_size * c.num_heads * c.head_dim  # wo
+        + 2 * c.intermediate_size * c.hidden_size  # w_gate_up
+        + c.hidden_size * c.intermediate_size  # w_down
+    )
+    expected = (c.num_layers * per_layer + c.vocab_size * c.hidden_size) * 4
     assert eng_gqa.extra_weight_bytes == expected
     assert eng_gqa.model.embed.data_ptr() == hf_gqa.model.embed_tokens.weight.data_ptr()
     assert (
-        eng_gqa.model.layers[0].wo.data_ptr()
-        == hf_gqa.model.layers[0].self_attn.o_proj.weight.data_ptr()
+        eng_gqa.model.layers[0].attn_norm.data_ptr()
+        == hf_gqa.model.layers[0].input_layernorm.weight.data_ptr()
     )
+    wo = eng_gqa.model.layers[0].wo
+    assert wo.stride() == (1, wo.shape[0])  # column-major
+    assert torch.equal(wo, hf_gqa.model.layers[0].self_attn.o_proj.weight)
     assert eng_gqa.device.type == "cpu" and eng_gqa.dtype == torch.float32
 
 

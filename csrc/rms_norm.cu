@@ -57,6 +57,34 @@ __device__ __forceinline__ float inv_rms(float sum_sq, int hidden, float eps) {
   return rsqrtf(sum_sq / static_cast<float>(hidden) + eps);
 }
 
+// Second pass of both kernels: dst = normalize(row) * weight. The first CACHE packs of the thread
+// come from registers (`cache`, and `w_cache` when PREFETCH_W); tail packs are re-read from `src`.
+template <typename T, int V, int CACHE, bool PREFETCH_W>
+__device__ __forceinline__ void store_normalized(T* dst,                     // [H] output row
+                                                 const T* src,               // [H] normalized input row
+                                                 const Pack<T, V> (&cache)[CACHE],
+                                                 const Pack<T, V> (&w_cache)[PREFETCH_W ? CACHE : 1],
+                                                 const T* __restrict__ weight,  // [H]
+                                                 float inv, int packs) {
+#pragma unroll
+  for (int c = 0; c < CACHE; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < packs) {
+      Pack<T, V> w;
+      if constexpr (PREFETCH_W) {
+        w = w_cache[c];
+      } else {
+        w = load_pack<T, V>(weight + i * V);
+      }
+      store_pack(dst + i * V, normalize(cache[c], w, inv));
+    }
+  }
+  for (int i = CACHE * blockDim.x + threadIdx.x; i < packs; i += blockDim.x) {
+    const Pack<T, V> w = load_pack<T, V>(weight + i * V);
+    store_pack(dst + i * V, normalize(load_pack<T, V>(src + i * V), w, inv));
+  }
+}
+
 // Thread t owns packs t, t + blockDim, t + 2 blockDim, ...; the first CACHE of them stay in
 // registers between the two passes, later ones (the "tail", only for very wide rows) are re-read.
 // PREFETCH_W (decode): the weight packs are loaded with x, so the block waits on memory once
@@ -92,24 +120,7 @@ __global__ void __launch_bounds__(1024, 1)
 
   __shared__ float reduce_buf[32];
   const float inv = inv_rms(block_reduce_sum(ss, reduce_buf), hidden, eps);
-
-#pragma unroll
-  for (int c = 0; c < CACHE; ++c) {
-    const int i = threadIdx.x + c * blockDim.x;
-    if (i < packs) {
-      Pack<T, V> w;
-      if constexpr (PREFETCH_W) {
-        w = w_cache[c];
-      } else {
-        w = load_pack<T, V>(weight + i * V);
-      }
-      store_pack(out_row + i * V, normalize(cache[c], w, inv));
-    }
-  }
-  for (int i = tail_start + threadIdx.x; i < packs; i += blockDim.x) {
-    const Pack<T, V> w = load_pack<T, V>(weight + i * V);
-    store_pack(out_row + i * V, normalize(load_pack<T, V>(x_row + i * V), w, inv));
-  }
+  store_normalized<T, V, CACHE, PREFETCH_W>(out_row, x_row, cache, w_cache, weight, inv, packs);
 }
 
 // Same structure. x and residual are not __restrict__: a caller may pass one tensor twice, and
@@ -158,24 +169,7 @@ __global__ void __launch_bounds__(1024, 1)
 
   __shared__ float reduce_buf[32];
   const float inv = inv_rms(block_reduce_sum(ss, reduce_buf), hidden, eps);
-
-#pragma unroll
-  for (int c = 0; c < CACHE; ++c) {
-    const int i = threadIdx.x + c * blockDim.x;
-    if (i < packs) {
-      Pack<T, V> w;
-      if constexpr (PREFETCH_W) {
-        w = w_cache[c];
-      } else {
-        w = load_pack<T, V>(weight + i * V);
-      }
-      store_pack(x_row + i * V, normalize(cache[c], w, inv));
-    }
-  }
-  for (int i = tail_start + threadIdx.x; i < packs; i += blockDim.x) {
-    const Pack<T, V> w = load_pack<T, V>(weight + i * V);
-    store_pack(x_row + i * V, normalize(load_pack<T, V>(res_row + i * V), w, inv));
-  }
+  store_normalized<T, V, CACHE, PREFETCH_W>(x_row, res_row, cache, w_cache, weight, inv, packs);
 }
 
 // ---- host side ----------------------------------------------------------------------------------

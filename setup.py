@@ -48,14 +48,14 @@ def find_cuda_home() -> str | None:
     return None
 
 
-def write_build_info(built: bool, archs: str, reason: str) -> None:
+def write_build_info(built: bool, archs: str, reason: str, package_dir: Path | None = None) -> None:
     text = (
         "# Written by setup.py at build time.\n"
         f"CUDA_BUILD = {built!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
         f"BUILD_REASON = {reason!r}\n"
     )
-    (ROOT / "llmkernels" / "_build_info.py").write_text(text)
+    (package_dir or ROOT / "llmkernels").joinpath("_build_info.py").write_text(text)
 
 
 def cuda_extension_plan():
@@ -131,7 +131,13 @@ def cuda_extension_plan():
     class BuildAndRecord(BuildExtension):
         def run(self):
             super().run()
-            write_build_info(True, archs, "built")  # only once the compile succeeded
+            # Only once the compile succeeded. build_py has already copied the package into
+            # build_lib (wheel builds), so record it there too, not only in the source tree.
+            write_build_info(True, archs, "built")
+            if not self.inplace:
+                target = Path(self.build_lib) / "llmkernels"
+                if target.is_dir():
+                    write_build_info(True, archs, "built", target)
 
     write_build_info(False, archs, "the CUDA build did not finish")
     return [ext], {

@@ -44,12 +44,20 @@ DECODE_HEAD_DIMS = (64, 128)  # head sizes the decode-attention kernel is compil
 
 # ---- the extension ----------------------------------------------------------------------------------
 def _load_extension() -> tuple[bool, str]:
+    import importlib.util
+
     try:
         from . import _build_info
     except ImportError:  # running from a source tree that was never built
-        return False, "not built (no build info: install the package to build it)"
-    if not _build_info.CUDA_BUILD:
-        return False, f"not built: {_build_info.BUILD_REASON}"
+        _build_info = None
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # no compiled library present
+        reason = (
+            _build_info.BUILD_REASON
+            if _build_info is not None
+            else "install the package to build it"
+        )
+        return False, f"not built: {reason}"
+    archs = _build_info.CUDA_ARCHS if _build_info is not None else "unknown"
     try:
         from . import _C  # noqa: F401  (registers the schemas and CUDA kernels)
     except ImportError as exc:
@@ -62,7 +70,7 @@ def _load_extension() -> tuple[bool, str]:
             stacklevel=3,
         )
         return False, f"import failed: {exc}"
-    return True, f"built for sm {_build_info.CUDA_ARCHS}"
+    return True, f"built for sm {archs}"
 
 
 _EXTENSION_LOADED, _EXTENSION_STATUS = _load_extension()

@@ -130,6 +130,7 @@ def cmd_info(args) -> int:
 
     import llmkernels as lk
     from llmkernels import ops
+    from llmkernels._schemas import SCHEMAS
 
     try:
         import transformers
@@ -148,18 +149,8 @@ def cmd_info(args) -> int:
         "",
         "op                  CPU tensors   CUDA tensors",
     ]
-    for name in (
-        "rms_norm",
-        "fused_add_rms_norm",
-        "rotary_embedding",
-        "silu_and_mul",
-        "kv_cache_append",
-        "decode_attention",
-        "sample",
-    ):
-        has_kernel = ops._EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"llmkernels::{name}", "CUDA"
-        )
+    for name in SCHEMAS:
+        has_kernel = ops.has_cuda_kernel(name)
         cuda_path = "CUDA kernel" if has_kernel else "reference (PyTorch)"
         lines.append(f"{name:<19} {'reference':<13} {cuda_path}")
     print("\n".join(lines))

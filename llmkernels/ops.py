@@ -24,6 +24,7 @@ from ._schemas import SCHEMAS
 __all__ = [
     "cuda_kernels_available",
     "extension_status",
+    "has_cuda_kernel",
     "gemm_weight_layout",
     "rms_norm",
     "fused_add_rms_norm",
@@ -84,6 +85,13 @@ if _python_lib is not None:
 def extension_status() -> str:
     """One line saying whether the compiled kernels are loaded, and if not, why."""
     return _EXTENSION_STATUS
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """True when the loaded extension registers a CUDA implementation of ``llmkernels::<name>``."""
+    return _EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"llmkernels::{name}", "CUDA"
+    )
 
 
 def cuda_kernels_available() -> bool:

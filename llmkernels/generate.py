@@ -316,15 +316,11 @@ class Engine:
     ) -> Engine:
         """Wrap an in-memory HF ``LlamaForCausalLM`` on its device and dtype.
 
-        On CUDA, embedding, norms, O / down projections and lm_head are the HF tensors themselves
-        (shared, not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra
-        memory is ``layers * ((Hq + 2 Hk) D + 2 I) * hidden`` elements (``extra_weight_bytes``),
-        plus the KV cache (``model.cache_bytes``). On CPU every GEMM weight (and the tied lm_head)
-        is also re-laid out column-major for a faster GEMV (:func:`llmkernels.ops.
-        gemm_weight_layout`), so the copies are about the whole model; ``extra_weight_bytes``
-        counts what is not shared either way. SmolLM2-135M (134.5 M params, 30 layers): on CUDA
-        69.7 M extra elements, +52% of the weights (139 MB in bf16; a Llama-3-8B shape would need
-        +57%, 9.1 GB); on CPU 134.5 M extra elements (538 MB in fp32), for a ~1.3x faster decode.
+        Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
+        not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory
+        is ``layers * ((Hq + 2 Hk) D + 2 I) * hidden`` elements (``extra_weight_bytes``), plus
+        the KV cache (``model.cache_bytes``). SmolLM2-135M (134.5 M params, 30 layers): 69.7 M
+        extra elements, +52% of the weights (139 MB in bf16); a Llama-3-8B shape needs +57%.
         Later in-place changes to the HF q/k/v or gate/up weights are not seen by the engine.
         """
         config = ModelConfig.from_hf(hf_model.config)

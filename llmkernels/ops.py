@@ -25,7 +25,6 @@ __all__ = [
     "cuda_kernels_available",
     "extension_status",
     "has_cuda_kernel",
-    "gemm_weight_layout",
     "rms_norm",
     "fused_add_rms_norm",
     "rope_cos_sin_cache",
@@ -170,21 +169,6 @@ def _check_out(out, name: str, shape, dtype, device) -> torch.Tensor:
             f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
     return out
-
-
-# ---- GEMM weight layout -----------------------------------------------------------------------------
-def gemm_weight_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The same logical ``[out, in]`` weight for ``F.linear``, stored in the memory layout whose
-    batch-1 GEMV is fastest on its device (values unchanged; may return a copy).
-
-    CPU: column-major (``[in, out]`` contiguous, used through its transpose): MKL streams it about
-    1.7x faster at decode batch sizes (measured on 2 AVX-512 cores: 15.9 vs 9.1 GB/s over
-    2-D weights larger than the caches). Elsewhere: unchanged, the row-major layout cuBLAS's GEMV
-    and GEMM are tuned for.
-    """
-    if weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(-1) == 1:
-        return weight.t().contiguous().t()
-    return weight
 
 
 # ---- normalization ---------------------------------------------------------------------------------

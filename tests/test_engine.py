@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import llmkernels as lk
 from llmkernels.generate import ChatSession
-from llmkernels.model import ModelConfig
+from llmkernels.model import CPU_GEMV_MAX_ROWS, ModelConfig, linear
 
 VOCAB = 320
 
@@ -88,6 +88,22 @@ def prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 def hf_generate(model, ids, **kw) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(ids, **kw)
+
+
+@pytest.mark.parametrize("rows", [1, 2, CPU_GEMV_MAX_ROWS, CPU_GEMV_MAX_ROWS + 1, 33])
+@pytest.mark.parametrize("out_features", [96, 97, 1])  # 97, 1: no equal row blocks
+def test_linear_matches_f_linear(rows, out_features):
+    """model.linear (the blocked CPU GEMV for few rows, F.linear otherwise) computes x @ W^T to
+    float rounding and returns a contiguous [N, out] (strides as a fresh tensor's, which the next
+    GEMV relies on), also for a strided x and a non-contiguous weight."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, 80, generator=gen)
+    x = torch.randn(rows, 160, generator=gen)[:, ::2]  # strided rows [N, 80]
+    for w in (weight, weight.t().contiguous().t()):
+        y = linear(x, w)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert y.shape == (rows, out_features)
+        assert y.stride() == (out_features, 1)
 
 
 # ---- forward ----------------------------------------------------------------------------------
@@ -490,26 +506,20 @@ def test_config_json_rope_scaling(scaling):
 
 
 def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
-    """On CPU the engine shares the embedding and norms with HF and holds its GEMM weights
-    (fused QKV / gate-up, O, down, lm_head) as column-major copies (ops.gemm_weight_layout);
-    extra_weight_bytes counts exactly those copies."""
+    """The engine shares the embedding (and the tied lm_head), norms, O and down projections with
+    HF; only the fused QKV and gate/up weights are copies, and extra_weight_bytes counts exactly
+    those."""
     c = eng_gqa.config
-    per_layer = (
-        c.qkv_size * c.hidden_size  # wqkv
-        + c.hidden_size * c.num_heads * c.head_dim  # wo
-        + 2 * c.intermediate_size * c.hidden_size  # w_gate_up
-        + c.hidden_size * c.intermediate_size  # w_down
-    )
-    expected = (c.num_layers * per_layer + c.vocab_size * c.hidden_size) * 4
-    assert eng_gqa.extra_weight_bytes == expected
+    per_layer = c.qkv_size * c.hidden_size + 2 * c.intermediate_size * c.hidden_size
+    assert eng_gqa.extra_weight_bytes == c.num_layers * per_layer * 4
+    hf_layer = hf_gqa.model.layers[0]
     assert eng_gqa.model.embed.data_ptr() == hf_gqa.model.embed_tokens.weight.data_ptr()
+    assert eng_gqa.model.lm_head.data_ptr() == hf_gqa.lm_head.weight.data_ptr()
     assert (
-        eng_gqa.model.layers[0].attn_norm.data_ptr()
-        == hf_gqa.model.layers[0].input_layernorm.weight.data_ptr()
+        eng_gqa.model.layers[0].attn_norm.data_ptr() == hf_layer.input_layernorm.weight.data_ptr()
     )
-    wo = eng_gqa.model.layers[0].wo
-    assert wo.stride() == (1, wo.shape[0])  # column-major
-    assert torch.equal(wo, hf_gqa.model.layers[0].self_attn.o_proj.weight)
+    assert eng_gqa.model.layers[0].wo.data_ptr() == hf_layer.self_attn.o_proj.weight.data_ptr()
+    assert eng_gqa.model.layers[0].w_down.data_ptr() == hf_layer.mlp.down_proj.weight.data_ptr()
     assert eng_gqa.device.type == "cpu" and eng_gqa.dtype == torch.float32
 
 

@@ -286,7 +286,7 @@ def rotary_embedding(
     if not cos_sin_cache.is_contiguous():
         raise ValueError("cos_sin_cache must be contiguous")
     if not positions.is_cuda and num_tokens:  # checkable without a device sync
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = map(int, torch.aminmax(positions))
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(
                 f"positions must be in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), "
@@ -456,7 +456,7 @@ def decode_attention(
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     if not seq_lens.is_cuda and batch:
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        lo, hi = map(int, torch.aminmax(seq_lens))
         if lo < 0 or hi > seq_capacity:
             raise ValueError(
                 f"seq_lens must be in [0, {seq_capacity}] (the cache length), got range [{lo}, {hi}]"

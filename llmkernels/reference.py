@@ -177,9 +177,9 @@ def rotary_embedding(
     ``[max_pos, rotary_dim]`` fp32 from :func:`rope_cos_sin_cache`.
     """
     rot = cos_sin_cache.shape[-1]
-    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2] each
+    cos, sin = cos_sin_cache[positions.long(), None].chunk(2, dim=-1)  # [T, 1, rot/2] each
     for x in (q, k):
-        c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
         x[..., :rot] = _rotate(x[..., :rot], c, s, is_neox)
 
 
@@ -209,10 +209,11 @@ def kv_cache_append(
     """
     num_rows, _, seq_capacity, _ = k_cache.shape
     slots = slot_mapping.long()
-    valid = (slots >= 0) & (slots < num_rows * seq_capacity)
-    b, s = slots[valid] // seq_capacity, slots[valid] % seq_capacity
-    k_cache[b, :, s] = k[valid].to(k_cache.dtype)
-    v_cache[b, :, s] = v[valid].to(v_cache.dtype)
+    kept = ((slots >= 0) & (slots < num_rows * seq_capacity)).nonzero().squeeze(1)  # [N'] tokens
+    kept_slots = slots[kept]
+    b, s = kept_slots // seq_capacity, kept_slots % seq_capacity
+    k_cache[b, :, s] = k[kept].to(k_cache.dtype)
+    v_cache[b, :, s] = v[kept].to(v_cache.dtype)
 
 
 def decode_attention(
@@ -241,11 +242,11 @@ def decode_attention(
     keys = k_cache[:batch, :, :longest].float()  # [B, Hk, L, D]
     values = v_cache[:batch, :, :longest].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
-    valid = torch.arange(longest, device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = (qg @ keys.transpose(-1, -2)) * scale  # [B, Hk, G, L]
+    beyond = torch.arange(longest, device=q.device)[None, :] >= seq_lens.long()[:, None]  # [B, L]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (L = 0) -> zeros
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
+    out = probs @ values  # [B, Hk, G, D]
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
 

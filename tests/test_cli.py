@@ -178,6 +178,8 @@ def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
         (["generate", "hi", "--device", "cuda"], "no CUDA GPU is visible"),
         (["generate", "hi", "--model", "/nonexistent/model/folder", "--device", "cpu"], "error:"),
         (["generate", "hi", "--device", "tpu9"], "error:"),
+        (["bench", "--config", "tiny", "--model", "default", "--device", "cpu"], "not both"),
+        (["bench", "--model", "/nonexistent/model/folder", "--device", "cpu"], "model folder"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

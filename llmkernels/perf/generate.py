@@ -406,7 +406,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(CONFIGS),
         help="model shapes (default: tinyllama-1.1b llama-2-7b on CUDA, tiny on CPU)",
     )
-    p.add_argument("--model", default=None, help="real weights: a local HF folder (safetensors)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="real weights instead of --config: 'default' (the embedded SmolLM2-135M-Instruct), "
+        "a local HF folder (safetensors) or an id in the local HF cache",
+    )
     p.add_argument(
         "--batch", nargs="+", type=int, default=None, help="default 1 8 32 (CUDA), 1 (CPU)"
     )
@@ -428,7 +433,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_from_cli(args, device: torch.device) -> int:
     cuda = device.type == "cuda"
-    configs = args.config or (["tinyllama-1.1b", "llama-2-7b"] if cuda else ["tiny"])
+    if args.model is not None and args.config:
+        raise ValueError("give --config (random weights of a real shape) or --model, not both")
+    model_dir = None
+    if args.model is not None:
+        from ..loading import resolve_model_dir
+
+        model_dir = resolve_model_dir(args.model)  # fails here, before any work, when missing
+        configs = [args.model]  # the rows are labelled with the model given
+    else:
+        configs = args.config or (["tinyllama-1.1b", "llama-2-7b"] if cuda else ["tiny"])
     batches = args.batch or ([1, 8, 32] if cuda else [1])
     prompts = args.prompt or ([128, 2048] if cuda else [16])
     new_tokens = args.new_tokens or (256 if cuda else 8)
@@ -444,9 +458,7 @@ def main_from_cli(args, device: torch.device) -> int:
         f"{new_tokens} new tokens, {str(dtype).replace('torch.', '')}; results -> {out_dir}",
         file=sys.stderr,
     )
-    rows = run(
-        configs, batches, prompts, new_tokens, contenders, device, dtype, out_dir, args.model
-    )
+    rows = run(configs, batches, prompts, new_tokens, contenders, device, dtype, out_dir, model_dir)
     if args.kernels:
         if not cuda:
             print("[bench] --kernels needs a CUDA device; skipped", file=sys.stderr)

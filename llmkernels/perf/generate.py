@@ -352,20 +352,25 @@ def run(
         model, weight_bytes = build_model(config_name, dtype, device, model_path)
         reference_tokens: dict = {}
         ordered = sorted(contenders, key=lambda c: c != "hf-sdpa")  # the reference first
-        for name in ordered:
-            for row in bench_contender(
-                name,
-                model,
-                weight_bytes,
-                batches,
-                prompts,
-                new_tokens,
-                device,
-                copy_gbps,
-                reference_tokens,
-                progress,
-            ):
-                rows.append({"config": config_name, "weight_GB": weight_bytes / 1e9, **row})
+        # Contenders back to back per (batch, prompt), each built for that shape and freed
+        # after: slow drifts of the machine's speed (shared hosts) then bias no contender.
+        for batch in batches:
+            for prompt in prompts:
+                for name in ordered:
+                    for row in bench_contender(
+                        name,
+                        model,
+                        weight_bytes,
+                        [batch],
+                        [prompt],
+                        new_tokens,
+                        device,
+                        copy_gbps,
+                        reference_tokens,
+                        progress,
+                    ):
+                        cell = dict(config=config_name, batch=batch, prompt=prompt)
+                        rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
         del model
         gc.collect()
         if device.type == "cuda":

@@ -374,22 +374,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_attention_num_splits(batch: int, num_kv_heads: int, seq_capacity: int, device) -> int:
+def decode_attention_num_splits(
+    batch: int, num_q_heads: int, num_kv_heads: int, seq_capacity: int, device
+) -> int:
     """How many split-K partitions the decode-attention kernel uses (1 = single pass).
 
-    The kernel runs one block per (batch row, kv head, split) and up to 3 blocks per SM. Split only
-    when ``batch * num_kv_heads`` blocks cannot fill the GPU: as many splits as still fit in one
-    wave of 2 blocks per SM (``floor(2 * SMs / (B * Hk))``, so no second partial wave), each
-    partition at least 256 tokens of the capacity, at most 128 partitions. The kernel divides the
-    *actual* length ``seq_lens[b]`` (read on the device) into these partitions, so short
-    sequences in a long cache stay balanced. Depends on shapes only (never on device values), so
-    it is fixed for a captured graph.
+    The kernel runs one block per (batch row, kv head, chunk of up to 16 of its query heads,
+    split) and up to 3 blocks per SM. Split only when the ``B * Hk * ceil(G / 16)`` blocks
+    (``G = Hq / Hk``) cannot fill the GPU: as many splits as still fit in one wave of 2 blocks per
+    SM (no second partial wave), each partition at least 256 tokens of the capacity, at most 128
+    partitions. The kernel divides the *actual* length ``seq_lens[b]`` (read on the device) into
+    these partitions, so short sequences in a long cache stay balanced. Depends on shapes only
+    (never on device values), so it is fixed for a captured graph.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    blocks = max(batch * num_kv_heads, 1)
+    head_chunks = -(-(num_q_heads // max(num_kv_heads, 1)) // 16)  # ceil(G / 16)
+    blocks = max(batch * num_kv_heads * head_chunks, 1)
     fit = (2 * _sm_count(index)) // blocks
     return max(1, min(fit, math.ceil(seq_capacity / 256), 128))
 
@@ -399,7 +402,9 @@ def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.
 
     Allocate once and pass it to every :func:`decode_attention` call (CUDA-graph friendly)."""
     batch, num_q_heads, head_dim = q.shape
-    splits = decode_attention_num_splits(batch, k_cache.shape[1], k_cache.shape[2], q.device)
+    splits = decode_attention_num_splits(
+        batch, num_q_heads, k_cache.shape[1], k_cache.shape[2], q.device
+    )
     return torch.empty(
         (batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device
     )

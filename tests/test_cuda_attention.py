@@ -197,23 +197,25 @@ def test_decode_attention_out_argument_and_default_workspace():
 
 def test_num_splits_depends_on_shapes_only():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for batch, kv_heads, capacity in [
-        (1, 4, 32768),
-        (1, 3, 8192),
-        (8, 8, 4096),
-        (64, 8, 4096),
-        (1, 1, 100),
+    for batch, q_heads, kv_heads, capacity in [
+        (1, 32, 4, 32768),
+        (1, 9, 3, 8192),
+        (8, 32, 8, 4096),
+        (64, 32, 8, 4096),
+        (1, 1, 1, 100),
+        (1, 64, 2, 32768),  # G = 32: two chunks of 16 query heads per kv head
     ]:
-        splits = ops.decode_attention_num_splits(batch, kv_heads, capacity, "cuda")
+        splits = ops.decode_attention_num_splits(batch, q_heads, kv_heads, capacity, "cuda")
         assert 1 <= splits <= 128
         assert splits <= max(1, math.ceil(capacity / 256))
-        assert splits == 1 or batch * kv_heads * splits <= 2 * sms  # one wave
+        head_chunks = math.ceil(q_heads // kv_heads / 16)
+        assert splits == 1 or batch * kv_heads * head_chunks * splits <= 2 * sms  # one wave
     q = torch.randn(1, 32, 64, device="cuda").to(torch.bfloat16)
     k_cache = torch.empty(1, 4, 32768, 64, device="cuda", dtype=torch.bfloat16)
     assert ops.decode_attention_workspace(q, k_cache).shape == (
         1,
         32,
-        ops.decode_attention_num_splits(1, 4, 32768, "cuda"),
+        ops.decode_attention_num_splits(1, 32, 4, 32768, "cuda"),
         66,
     )
 

@@ -136,6 +136,26 @@ def test_compile_sees_fake_implementations():
 
 
 # ---- bad inputs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "batch,q_heads,kv_heads,capacity,expected",
+    [
+        (1, 32, 4, 32768, 66),  # 4 blocks: floor(264 / 4) splits fit one wave
+        (1, 64, 2, 32768, 66),  # G = 32: 2 head chunks per kv head, also 4 blocks
+        (1, 9, 3, 8192, 32),  # capped at capacity / 256
+        (64, 32, 8, 4096, 1),  # 512 blocks already fill 132 SMs
+        (1, 32, 8, 100, 1),  # one 256-token partition
+    ],
+)
+def test_decode_attention_split_policy(monkeypatch, batch, q_heads, kv_heads, capacity, expected):
+    """The split-K count for a 132-SM GPU: one wave of 2 blocks per SM, counting a block per
+    (row, kv head, chunk of 16 query heads), partitions of >= 256 tokens (host arithmetic only)."""
+    from llmkernels import ops
+
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    assert ops.decode_attention_num_splits(batch, q_heads, kv_heads, capacity, "cuda:0") == expected
+    assert ops.decode_attention_num_splits(batch, q_heads, kv_heads, capacity, "cpu") == 1
+
+
 def test_rms_norm_errors():
     x = torch.randn(2, 8)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):

@@ -181,6 +181,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(1, out_features) if rows == 1 else y.t().contiguous()
 
 
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA with grouped KV heads: q ``[B, Hq, T, D]``, k, v ``[B, Hk, L, D]``, mask ``[B, 1, T, L]``
+    bool (True = attend) or None → ``[B, Hq, T, D]``.
+
+    CUDA's fused SDPA kernels take grouped heads (``enable_gqa``) only without a mask (flash); a
+    masked grouped call falls back to the math backend, which materializes fp32 scores ``[B, Hq,
+    T, L]``. So with a mask on CUDA the KV heads are repeated first, as transformers does, and the
+    memory-efficient kernel runs. CPU's flash kernel takes both (and is faster without the copy).
+    """
+    if mask is not None and q.is_cuda and q.shape[1] != k.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+    )
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``[Hq D, H] + [Hk D, H] + [Hk D, H] -> [(Hq + 2 Hk) D, H]`` (a new tensor)."""
     return torch.cat([q, k, v], dim=0)
@@ -404,9 +427,7 @@ class Transformer:
             qh = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, D]
             keys = self.k_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
             values = self.v_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
-            out = F.scaled_dot_product_attention(
-                qh, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
-            )  # [B, Hq, T, D]
+            out = attention(qh, keys, values, mask, causal)  # [B, Hq, T, D]
             return out.transpose(1, 2).reshape(batch * seq, c.num_heads * c.head_dim)
 
         x = self._run_layers(tokens.reshape(-1), attend)  # [N, hidden]
@@ -455,12 +476,8 @@ class Transformer:
                     q, self.k_cache[i], self.v_cache[i], lens, workspace=workspace
                 )
             else:
-                out = F.scaled_dot_product_attention(
-                    q.unsqueeze(2),
-                    self.k_cache[i, :batch],
-                    self.v_cache[i, :batch],
-                    attn_mask=mask,
-                    enable_gqa=True,
+                out = attention(
+                    q.unsqueeze(2), self.k_cache[i, :batch], self.v_cache[i, :batch], mask
                 ).squeeze(2)  # [B, Hq, D]
             return out.reshape(batch, c.num_heads * c.head_dim)
 

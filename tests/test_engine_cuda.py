@@ -243,3 +243,22 @@ def test_second_chat_turn_over_cached_kv_matches_fresh_prefill():
     continued = eng._prefill(ids[:, 18:], ones[:, 18:], [18], [12], all_logits=True)  # [1, 12, V]
     assert eng.last_prefill_len == 12
     assert max_err(continued[0], ref[0, 18:]) <= 2 * hf_err + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_grouped_attention_repeats_heads_on_cuda(dtype):
+    """model.attention with a mask on CUDA (KV heads repeated, memory-efficient SDPA) equals the
+    CPU path (grouped flash SDPA) on the same inputs, for ragged masks and one-token decode."""
+    from llmkernels.model import attention
+
+    gen = torch.Generator().manual_seed(0)
+    batch, q_heads, kv_heads, seq, keys, dim = 3, 8, 2, 5, 40, 64
+    q = torch.randn(batch, q_heads, seq, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    lens = torch.tensor([40, 17, 6])
+    mask = (torch.arange(keys)[None, :] < lens[:, None])[:, None, None, :].expand(-1, 1, seq, -1)
+    expected = attention(q, k, v, mask)  # CPU, fp32
+    got = attention(*(t.to("cuda", dtype) for t in (q, k, v)), mask.cuda())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=tol, atol=tol)

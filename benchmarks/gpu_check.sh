@@ -1,42 +1,77 @@
 #!/usr/bin/env bash
-# One-call GPU verification (see ../shared/GPU.md): build against the device's torch, full test
-# suite, compute-sanitizer memcheck + racecheck on the kernel tests, kernel micro-benchmarks and
-# the end-to-end benchmark; logs and results into $OUT (at most 8 files come back).
-#   device:  bash benchmarks/gpu_check.sh [quick]
+# GPU verification on a lent device (see ../shared/GPU.md), in stages that each fit one device
+# call (600 s): every step runs under `timeout`, so a call always returns its logs.
+#   bash benchmarks/gpu_check.sh [STAGE ...]      default: test memcheck bench
+# Stages (each builds first, a no-op when the build is newer than csrc/ and setup.py):
+#   test       whole test suite                                       (330 s)
+#   memcheck   compute-sanitizer memcheck, each kernel test file      (3 x 150 s)
+#   racecheck  compute-sanitizer racecheck, each kernel test file     (3 x 150 s)
+#   kernels    kernel micro-benchmarks                                (300 s)
+#   bench      end-to-end vs transformers, batch 1: TinyLlama-1.1B and Llama-2-7B shapes (420 s)
+#   bench8     the same at batch 8                                    (420 s)
+# Results land in $OUT: summary.txt plus one archive per call (at most 8 files come back).
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-quick=${1:-}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(test memcheck bench)
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
-: > "$OUT/summary.txt"
+kernel_tests=(tests/test_cuda_elementwise.py tests/test_cuda_attention.py tests/test_cuda_sampling.py)
+bench_args=(--device cuda --new-tokens 128 --prompt 128 --config tinyllama-1.1b llama-2-7b)
+
+build() {
+  local so
+  so=$(ls llmkernels/_C*.so 2>/dev/null | head -1)
+  if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f | head -1)" ]; then
+    return 0
+  fi
+  local t0=$SECONDS
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    LLMKERNELS_FORCE_CUDA_BUILD=1 timeout 400 \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/logs/build.log" 2>&1
+  summary "build: rc=$? in $((SECONDS - t0))s"
+  python3 -m llmkernels.cli info | tee -a "$OUT/summary.txt"
+}
+
+sanitize() {  # $1 = memcheck | racecheck
+  for f in "${kernel_tests[@]}"; do
+    local log="$OUT/logs/$1-$(basename "$f" .py).log"
+    timeout 150 compute-sanitizer --tool "$1" --error-exitcode 99 \
+      python3 -m pytest -q -x -m "cuda and not slow" "$f" > "$log" 2>&1
+    summary "$1 $f: rc=$? (124 = timed out: the tests run before it were checked) :: $(grep -E 'ERROR SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
+  done
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/summary.txt"
-summary "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-
-t0=$SECONDS
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 LLMKERNELS_FORCE_CUDA_BUILD=1 \
-  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-summary "build: rc=$? in $((SECONDS - t0))s"
-python3 -m llmkernels.cli info | tee -a "$OUT/summary.txt"
-
-python3 -m pytest -q -ra tests/ > "$OUT/tests.log" 2>&1
-summary "tests: rc=$? :: $(tail -1 "$OUT/tests.log")"
-
-kernel_tests="tests/test_cuda_elementwise.py tests/test_cuda_attention.py tests/test_cuda_sampling.py"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 99 python3 -m pytest -q -x -m "cuda and not slow" $kernel_tests \
-    > "$OUT/sanitizer-$tool.log" 2>&1
-  summary "compute-sanitizer $tool: rc=$? :: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+summary "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown); stages: ${stages[*]}"
+build
+for stage in "${stages[@]}"; do
+  t0=$SECONDS
+  case $stage in
+    test)
+      timeout 330 python3 -m pytest -q -ra tests/ > "$OUT/logs/tests.log" 2>&1
+      summary "tests: rc=$? :: $(tail -1 "$OUT/logs/tests.log")" ;;
+    memcheck | racecheck) sanitize "$stage" ;;
+    kernels)
+      timeout 300 python3 -c "
+from pathlib import Path
+from llmkernels.perf import attention, elementwise, sampling
+for m in (elementwise, attention, sampling):
+    m.run(Path('$OUT/results'))" > "$OUT/logs/kernels.log" 2>&1
+      summary "kernels: rc=$?" ;;
+    bench | bench8)
+      batch=1; [ "$stage" = bench8 ] && batch=8
+      timeout 420 python3 -m llmkernels.cli bench "${bench_args[@]}" --batch $batch \
+        --out "$OUT/results/b$batch" > "$OUT/logs/$stage.log" 2>&1
+      summary "$stage: rc=$? (rows of finished shapes are saved even when cut short)"
+      cat "$OUT/results/b$batch/generate.md" 2>/dev/null ;;
+    *) summary "unknown stage $stage" ;;
+  esac
+  summary "stage $stage took $((SECONDS - t0))s"
 done
-
-if [ "$quick" != quick ]; then
-  python3 -m llmkernels.cli bench --device cuda --kernels --out "$OUT/results" \
-    --config tinyllama-1.1b llama-2-7b --batch 1 8 --prompt 128 2048 > "$OUT/bench.log" 2>&1
-  summary "bench: rc=$?"
-  tail -40 "$OUT/bench.log"
-fi
-# At most 8 files come back from the device: pack everything but the summary into one archive.
-(cd "$OUT" && tar czf gpu_check.tar.gz --exclude=gpu_check.tar.gz --exclude=summary.txt . \
-  && find . -mindepth 1 ! -name gpu_check.tar.gz ! -name summary.txt -delete)
+# Pack all but the summary into one archive named by its stages.
+name="gpu_check-$(IFS=-; echo "${stages[*]}").tar.gz"
+(cd "$OUT" && tar czf "$name" logs $(ls -d results 2>/dev/null) && rm -rf logs results)
 cat "$OUT/summary.txt"

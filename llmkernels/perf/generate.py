@@ -94,6 +94,21 @@ CONFIGS: dict[str, dict] = {
 
 ALL_CONTENDERS = ("hf-eager", "hf-sdpa", "hf-static-compile", "hf-patched", "lk-eager", "lk-graph")
 CUDA_ONLY = {"hf-static-compile", "lk-graph"}
+RESULT_COLUMNS = [
+    "config",
+    "contender",
+    "batch",
+    "prompt",
+    "prefill_ms",
+    "decode_tok_s",
+    "per_seq_tok_s",
+    "GB_s",
+    "pct_copy_bw",
+    "peak_mem_GB",
+    "greedy_agreement",
+    "warmup_s",
+    "error",
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -339,6 +354,16 @@ def run(
 ) -> list[dict]:
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[dict] = []
+
+    def save(rows: list[dict]) -> None:  # after every shape too: a run cut short keeps its rows
+        write_results(
+            "generate",
+            rows,
+            out_dir,
+            extra={"copy_bandwidth_GB_s": copy_gbps, "dtype": str(dtype).replace("torch.", "")},
+            columns=RESULT_COLUMNS,
+        )
+
     total = len(configs) * len(contenders) * len(batches) * len(prompts)
     progress = None
     if show_progress:
@@ -371,34 +396,14 @@ def run(
                     ):
                         cell = dict(config=config_name, batch=batch, prompt=prompt)
                         rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
+                save(rows)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if progress is not None:
         progress.close()
-    columns = [
-        "config",
-        "contender",
-        "batch",
-        "prompt",
-        "prefill_ms",
-        "decode_tok_s",
-        "per_seq_tok_s",
-        "GB_s",
-        "pct_copy_bw",
-        "peak_mem_GB",
-        "greedy_agreement",
-        "warmup_s",
-        "error",
-    ]
-    write_results(
-        "generate",
-        rows,
-        out_dir,
-        extra={"copy_bandwidth_GB_s": copy_gbps, "dtype": str(dtype).replace("torch.", "")},
-        columns=columns,
-    )
+    save(rows)
     plot(rows, Path(out_dir) / "generate.png")
     return rows
 

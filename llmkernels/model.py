@@ -160,18 +160,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode) MKL runs the GEMV on one thread at a
     third of the memory bandwidth, so the weight's rows are split into equal blocks computed by
     one ``bmm``, which ATen spreads over all threads (2 AVX-512 cores, SmolLM2-135M's matrices:
-    9-15 GB/s → 24-28 GB/s of a 29 GB/s read bandwidth). Same products, summed in the same
-    order within a row up to MKL's blocking: results match ``F.linear`` to float rounding.
+    9-15 GB/s → 24-28 GB/s of a 29 GB/s read bandwidth). Results match ``F.linear`` to float
+    rounding (the summation order may differ).
     """
     rows = x.shape[0]
+    if x.device.type != "cpu" or rows > CPU_GEMV_MAX_ROWS or not weight.is_contiguous():
+        return F.linear(x, weight)
     out_features, in_features = weight.shape
-    blocks = math.gcd(out_features, 4 * torch.get_num_threads())
-    if (
-        x.device.type != "cpu"
-        or rows > CPU_GEMV_MAX_ROWS
-        or blocks == 1
-        or not weight.is_contiguous()
-    ):
+    blocks = math.gcd(out_features, 4 * torch.get_num_threads())  # a few per thread
+    if blocks == 1:
         return F.linear(x, weight)
     y = torch.bmm(
         weight.view(blocks, out_features // blocks, in_features),

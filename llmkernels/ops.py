@@ -391,7 +391,7 @@ def decode_attention_num_splits(
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    head_chunks = -(-(num_q_heads // max(num_kv_heads, 1)) // 16)  # ceil(G / 16)
+    head_chunks = math.ceil(num_q_heads // max(num_kv_heads, 1) / 16)
     blocks = max(batch * num_kv_heads * head_chunks, 1)
     fit = (2 * _sm_count(index)) // blocks
     return max(1, min(fit, math.ceil(seq_capacity / 256), 128))

@@ -355,7 +355,7 @@ def run(
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[dict] = []
 
-    def save(rows: list[dict]) -> None:  # after every shape too: a run cut short keeps its rows
+    def save() -> None:  # after every shape too: a run cut short keeps its rows
         write_results(
             "generate",
             rows,
@@ -396,14 +396,14 @@ def run(
                     ):
                         cell = dict(config=config_name, batch=batch, prompt=prompt)
                         rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
-                save(rows)
+                save()
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if progress is not None:
         progress.close()
-    save(rows)
+    save()
     plot(rows, Path(out_dir) / "generate.png")
     return rows
 

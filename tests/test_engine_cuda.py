@@ -245,14 +245,15 @@ def test_second_chat_turn_over_cached_kv_matches_fresh_prefill():
     assert max_err(continued[0], ref[0, 18:]) <= 2 * hf_err + 1e-3
 
 
+@pytest.mark.parametrize("seq", [5, 1])  # a prefill chunk, a one-token decode step
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_grouped_attention_repeats_heads_on_cuda(dtype):
+def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
     """model.attention with a mask on CUDA (KV heads repeated, memory-efficient SDPA) equals the
     CPU path (grouped flash SDPA) on the same inputs, for ragged masks and one-token decode."""
     from llmkernels.model import attention
 
     gen = torch.Generator().manual_seed(0)
-    batch, q_heads, kv_heads, seq, keys, dim = 3, 8, 2, 5, 40, 64
+    batch, q_heads, kv_heads, keys, dim = 3, 8, 2, 40, 64
     q = torch.randn(batch, q_heads, seq, dim, generator=gen)
     k = torch.randn(batch, kv_heads, keys, dim, generator=gen)
     v = torch.randn(batch, kv_heads, keys, dim, generator=gen)

@@ -135,7 +135,6 @@ def test_compile_sees_fake_implementations():
     torch.testing.assert_close(r, r_ref)
 
 
-# ---- bad inputs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "batch,q_heads,kv_heads,capacity,expected",
     [
@@ -156,6 +155,7 @@ def test_decode_attention_split_policy(monkeypatch, batch, q_heads, kv_heads, ca
     assert ops.decode_attention_num_splits(batch, q_heads, kv_heads, capacity, "cpu") == 1
 
 
+# ---- bad inputs -------------------------------------------------------------------------------------
 def test_rms_norm_errors():
     x = torch.randn(2, 8)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):

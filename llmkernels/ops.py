@@ -25,6 +25,7 @@ __all__ = [
     "cuda_kernels_available",
     "extension_status",
     "has_cuda_kernel",
+    "uses_kernel",
     "rms_norm",
     "fused_add_rms_norm",
     "rope_cos_sin_cache",
@@ -98,7 +99,9 @@ def cuda_kernels_available() -> bool:
     return _EXTENSION_LOADED and torch.cuda.is_available()
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
+def uses_kernel(t: torch.Tensor) -> bool:
+    """True when the ops run their CUDA kernel on tensors like ``t`` (the extension is loaded and
+    ``t`` is on a CUDA device); False when they run the pure-PyTorch reference."""
     return _EXTENSION_LOADED and t.is_cuda
 
 
@@ -198,7 +201,7 @@ def rms_norm(
         _check_out(out, "out", x.shape, x.dtype, x.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    if _use_kernel(x):
+    if uses_kernel(x):
         torch.ops.llmkernels.rms_norm(
             _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps
         )
@@ -230,7 +233,7 @@ def fused_add_rms_norm(
     _last_dim_contiguous(x, "x")
     _last_dim_contiguous(residual, "residual")
     eps = _eps(eps)
-    if _use_kernel(x):
+    if uses_kernel(x):
         torch.ops.llmkernels.fused_add_rms_norm(
             _as_rows(x, "x"), _as_rows(residual, "residual"), weight.contiguous(), eps
         )
@@ -292,7 +295,7 @@ def rotary_embedding(
                 f"positions must be in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), "
                 f"got range [{lo}, {hi}]"
             )
-    if _use_kernel(q):
+    if uses_kernel(q):
         torch.ops.llmkernels.rotary_embedding(positions, q, k, cos_sin_cache, bool(is_neox))
     else:
         ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
@@ -315,7 +318,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         _check_out(out, "out", out_shape, x.dtype, x.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    if _use_kernel(x):
+    if uses_kernel(x):
         torch.ops.llmkernels.silu_and_mul(_as_rows(out, "out"), _as_rows(x, "x"))
     else:
         out.copy_(ref.silu_and_mul(x))
@@ -363,7 +366,7 @@ def kv_cache_append(
                 f"{name} must have shape [N, Hk, D] = {list(expected)}, got {tuple(t.shape)}"
             )
         _last_dim_contiguous(t, name)
-    if _use_kernel(k):
+    if uses_kernel(k):
         torch.ops.llmkernels.kv_cache_append(k, v, k_cache, v_cache, slot_mapping.long())
     else:
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
@@ -415,7 +418,7 @@ def decode_attention_supported(q: torch.Tensor) -> bool:
     kernel takes float16/bfloat16 with head_dim in ``DECODE_HEAD_DIMS``; the reference (CPU, or
     CUDA without the extension) takes any float dtype and head size. Callers use it to choose
     between decode_attention and a generic attention."""
-    if _use_kernel(q):
+    if uses_kernel(q):
         return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in DECODE_HEAD_DIMS
     return q.dtype in FLOAT_DTYPES
 
@@ -472,7 +475,7 @@ def decode_attention(
         _check_out(out, "out", (batch, num_q_heads, head_dim), q.dtype, q.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    if _use_kernel(q):
+    if uses_kernel(q):
         if not decode_attention_supported(q):
             raise ValueError(
                 f"decode_attention on CUDA supports float16/bfloat16 with head_dim in {DECODE_HEAD_DIMS}, "
@@ -635,7 +638,7 @@ def sample(
             raise ValueError(
                 f"rng_state must be int64 [2] (seed, offset) on {device}, got {tuple(rng_state.shape)} on {rng_state.device}"
             )
-    if _use_kernel(logits):
+    if uses_kernel(logits):
         if rng_state is None:
             rng_state = new_rng_state(device, seed, generator)
         torch.ops.llmkernels.sample(out, logits, temperature_t, top_k_t, top_p_t, rng_state)

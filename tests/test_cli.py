@@ -1,5 +1,6 @@
 """The `llmkernels` command on CPU: every subcommand, on the embedded model, and its error exits."""
 
+import importlib.util
 import io
 import json
 import sys
@@ -169,7 +170,9 @@ def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
     assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows)
     ours = next(r for r in rows if r["contender"] == "lk-eager")
     assert ours["greedy_agreement"] == 1.0  # fp32 CPU: token-identical to HF
-    assert (tmp_path / "generate.md").exists() and (tmp_path / "generate.png").exists()
+    assert (tmp_path / "generate.md").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs the bench extra
+        assert (tmp_path / "generate.png").exists()
 
 
 @pytest.mark.parametrize(

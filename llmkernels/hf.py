@@ -1,14 +1,14 @@
 """Run a Hugging Face model's own ``forward`` / ``generate`` on llmkernels ops.
 
     import llmkernels as lk
-    model = AutoModelForCausalLM.from_pretrained(...)   # a Llama model, on a CUDA device
+    model = AutoModelForCausalLM.from_pretrained(...)   # Llama, Mistral, Qwen2, Qwen3; on CUDA
     lk.patch(model)        # same object, same API: model(ids), model.generate(...), pipeline(...)
     lk.unpatch(model)      # back to transformers' code, bit for bit
 
 How it plugs into transformers (its extension points; no copy of transformers' code):
 
-- ``*RMSNorm`` modules get an instance-level ``forward(hidden_states)`` running
-  :func:`llmkernels.ops.rms_norm` (the same formula as HF's Llama RMSNorm).
+- ``*RMSNorm`` modules (Qwen3's per-head q/k norms included) get an instance-level
+  ``forward(hidden_states)`` running :func:`llmkernels.ops.rms_norm` (HF's Llama RMSNorm formula).
 - ``*MLP`` modules get ``forward(x) = down_proj(silu_and_mul(cat(gate_proj(x), up_proj(x))))``
   through the module's own Linear layers (quantized or adapted layers keep working).
 - ``*Attention`` modules get a ``forward`` that calls their own ``forward`` unchanged, whatever its
@@ -20,7 +20,8 @@ How it plugs into transformers (its extension points; no copy of transformers' c
     (so every rope type transformers implements is reproduced);
   * the ``"sdpa"`` entry of transformers' ``AttentionInterface`` is wrapped: a one-token decode
     step without a mask (every cached position valid) runs :func:`llmkernels.ops.decode_attention`;
-    anything else (prefill, padding or static-cache masks, dropout, ...) is transformers' SDPA.
+    anything else (prefill, padding or static-cache masks, sliding windows, dropout, ...) is
+    transformers' SDPA.
     A model on another attention implementation (eager, flash, ...) keeps it entirely, attention
     maps included; only its norms, MLPs and rotary run on our ops.
 
@@ -87,6 +88,7 @@ class _Family:
 
     package: str  # transformers.models.<package>.modeling_<package>
     prefix: str  # class name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, ...
+    tiny_config: tuple = ()  # (name, value) pairs the self-check's tiny config adds
 
     @property
     def modeling(self) -> types.ModuleType:
@@ -110,8 +112,15 @@ class _Family:
         return found
 
 
-# config.model_type -> family. Each must have Llama's RMSNorm semantics and a SwiGLU MLP.
-_FAMILIES = {"llama": _Family("llama", "Llama")}
+# config.model_type -> family. Each has Llama's RMSNorm (Qwen3 also on q and k per head), a
+# SwiGLU MLP, and an attention forward that calls its modeling file's apply_rotary_pos_emb.
+# Sliding-window layers (Mistral, Qwen2/3 with use_sliding_window) keep SDPA for attention.
+_FAMILIES = {
+    "llama": _Family("llama", "Llama"),
+    "mistral": _Family("mistral", "Mistral", (("sliding_window", None),)),
+    "qwen2": _Family("qwen2", "Qwen2"),
+    "qwen3": _Family("qwen3", "Qwen3"),
+}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 # The self-check's tiny model (config kwargs shared by every family above).
@@ -122,6 +131,7 @@ _TINY_CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,  # GQA
+    head_dim=16,
     max_position_embeddings=64,
     initializer_range=0.2,  # peaky logits: greedy decoding is decisive
     pad_token_id=0,
@@ -561,13 +571,23 @@ def _self_check(family: _Family) -> None:
     version = _transformers_version()
     if (family.prefix, version) in _SELF_CHECKED:
         return
-    config = family.cls("Config")(**_TINY_CONFIG, attn_implementation="sdpa")
-    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+    # All of it on the CPU, whatever device context the caller is in (``with
+    # torch.device("meta")`` around a model's construction and its patch, say).
+    with torch.device("cpu"):
+        _run_self_check(family, version)
+    _SELF_CHECKED.add((family.prefix, version))
+
+
+def _run_self_check(family: _Family, version: str) -> None:
+    fields = {**_TINY_CONFIG, **dict(family.tiny_config), "attn_implementation": "sdpa"}
+    config = family.cls("Config")(**fields)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         theirs = family.cls("ForCausalLM")(config).to(torch.float32).eval()
     ours = copy.deepcopy(theirs)
     ids = torch.tensor([[5, 17, 33, 8, 61, 12], [40, 3, 77, 29, 9, 50]])
-    kwargs = dict(
+    generation = dict(
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=4,
         min_new_tokens=4,
         do_sample=False,
@@ -579,8 +599,8 @@ def _self_check(family: _Family) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            actual = ours.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            expected = theirs.generate(ids, **generation)
+            actual = ours.generate(ids, **generation)
     finally:
         _remove(ours)
     expected_logits, actual_logits = torch.stack(expected.logits), torch.stack(actual.logits)
@@ -600,7 +620,6 @@ def _self_check(family: _Family) -> None:
             "self-check of a patched tiny model: transformers no longer calls the hooked code the "
             "way the patch expects, so those parts run transformers' own code"
         )
-    _SELF_CHECKED.add((family.prefix, version))
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -21,6 +21,7 @@ advances ``cache_lens`` on the device, so one CUDA graph can replay it for every
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,33 +150,70 @@ class ModelConfig:
         )
 
 
-# At most this many rows take the blocked CPU GEMV in linear() (measured: from 8 rows on, MKL's own
-# threaded GEMM is as fast or faster).
+# At most this many rows may take the blocked CPU GEMV in linear() (measured: from 8 rows on, MKL's
+# own threaded GEMM is as fast or faster).
 CPU_GEMV_MAX_ROWS = 4
+# (out, in, rows, dtype, threads) -> whether the blocked GEMV beat F.linear when linear() timed both
+_BLOCKED_GEMV_FASTER: dict[tuple, bool] = {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T``: x ``[N, in]``, weight ``[out, in]`` → ``[N, out]`` (``F.linear``).
 
-    On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode) MKL runs the GEMV on one thread at a
-    third of the memory bandwidth, so the weight's rows are split into equal blocks computed by
-    one ``bmm``, which ATen spreads over all threads (2 AVX-512 cores, SmolLM2-135M's matrices:
-    9-15 GB/s → 24-28 GB/s of a 29 GB/s read bandwidth). Results match ``F.linear`` to float
-    rounding (the summation order may differ).
+    On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode), some BLAS builds run the GEMV on one
+    thread at a third of the memory bandwidth (measured on one 2-core AVX-512 host: 9-15 GB/s),
+    while splitting the weight's rows into equal blocks computed by one ``bmm`` spreads it over
+    all threads (24-28 GB/s there); on other hosts F.linear itself is threaded and twice as fast
+    as the blocks (28-53 GB/s vs 10-25). So the first call of each shape times both and keeps the
+    faster (see ``_blocked_gemv_faster``). Results match ``F.linear`` to float rounding.
     """
     rows = x.shape[0]
-    if x.device.type != "cpu" or rows > CPU_GEMV_MAX_ROWS or not weight.is_contiguous():
+    if (
+        x.device.type != "cpu"
+        or rows > CPU_GEMV_MAX_ROWS
+        or not weight.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
         return F.linear(x, weight)
+    blocks = math.gcd(weight.shape[0], 4 * torch.get_num_threads())  # a few per thread
+    if blocks == 1 or not _blocked_gemv_faster(x, weight, blocks):
+        return F.linear(x, weight)
+    return _blocked_gemv(x, weight, blocks)
+
+
+def _blocked_gemv(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``x @ weight^T`` as one ``bmm`` over ``blocks`` equal row blocks of the weight."""
+    rows = x.shape[0]
     out_features, in_features = weight.shape
-    blocks = math.gcd(out_features, 4 * torch.get_num_threads())  # a few per thread
-    if blocks == 1:
-        return F.linear(x, weight)
     y = torch.bmm(
         weight.view(blocks, out_features // blocks, in_features),
         x.t().expand(blocks, in_features, rows),
     ).view(out_features, rows)  # [out, N]
     # a [1, out] result gets its natural strides (a transposed view would confuse the next GEMV)
     return y.view(1, out_features) if rows == 1 else y.t().contiguous()
+
+
+def _blocked_gemv_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> bool:
+    """Whether the blocked GEMV beats F.linear for this shape here: timed once per (shape, rows,
+    dtype, threads), best of 3 after a warm-up each, and chosen only when >= 10% faster (these
+    shared hosts are noisy; F.linear is the default)."""
+    key = (*weight.shape, x.shape[0], weight.dtype, torch.get_num_threads())
+    faster = _BLOCKED_GEMV_FASTER.get(key)
+    if faster is None:
+
+        def best_of_3(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        blocked = best_of_3(lambda: _blocked_gemv(x, weight, blocks))
+        faster = blocked < 0.9 * best_of_3(lambda: F.linear(x, weight))
+        _BLOCKED_GEMV_FASTER[key] = faster
+    return faster
 
 
 def attention(

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import llmkernels as lk
+from llmkernels import model as model_module
 from llmkernels.generate import ChatSession
 from llmkernels.model import CPU_GEMV_MAX_ROWS, ModelConfig, linear
 
@@ -90,12 +91,15 @@ def hf_generate(model, ids, **kw) -> torch.Tensor:
         return model.generate(ids, **kw)
 
 
+@pytest.mark.parametrize("blocked_faster", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, CPU_GEMV_MAX_ROWS, CPU_GEMV_MAX_ROWS + 1, 33])
 @pytest.mark.parametrize("out_features", [96, 97, 1])  # 97, 1: no equal row blocks
-def test_linear_matches_f_linear(rows, out_features):
-    """model.linear (the blocked CPU GEMV for few rows, F.linear otherwise) computes x @ W^T to
-    float rounding and returns a contiguous [N, out] (strides as a fresh tensor's, which the next
-    GEMV relies on), also for a strided x and a non-contiguous weight."""
+def test_linear_matches_f_linear(rows, out_features, blocked_faster, monkeypatch):
+    """model.linear (the blocked CPU GEMV for few rows where it measured faster, F.linear
+    otherwise) computes x @ W^T to float rounding and returns a contiguous [N, out] (strides as a
+    fresh tensor's, which the next GEMV relies on), also for a strided x and a non-contiguous
+    weight. Both choices of the measurement are forced here."""
+    monkeypatch.setattr(model_module, "_blocked_gemv_faster", lambda *a: blocked_faster)
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)
     weight = torch.randn(out_features, 80, generator=gen)
     x = torch.randn(rows, 160, generator=gen)[:, ::2]  # strided rows [N, 80]
@@ -104,6 +108,17 @@ def test_linear_matches_f_linear(rows, out_features):
         torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
         assert y.shape == (rows, out_features)
         assert y.stride() == (out_features, 1)
+
+
+def test_linear_times_the_blocked_gemv_once_per_shape(monkeypatch):
+    monkeypatch.setattr(model_module, "_BLOCKED_GEMV_FASTER", {})
+    weight, x = torch.randn(96, 80), torch.randn(1, 80)
+    expected = torch.nn.functional.linear(x, weight)
+    torch.testing.assert_close(linear(x, weight), expected, rtol=1e-5, atol=1e-5)
+    (key, choice), *others = model_module._BLOCKED_GEMV_FASTER.items()
+    assert not others and key[:3] == (96, 80, 1) and isinstance(choice, bool)
+    monkeypatch.setattr(model_module, "time", None)  # a second timing would raise
+    torch.testing.assert_close(linear(x, weight), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- forward ----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
@@ -20,6 +22,10 @@ from transformers import (
     LlamaModel,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
@@ -111,6 +117,7 @@ def _no_patch_leaks():
 
     gc.collect()
     if not any(hf._STATE_ATTR in m.__dict__ for m in hf._PATCHED):
+        assert not hf._INSTALLED  # every family's apply_rotary_pos_emb and "sdpa" put back
         assert modeling_llama.apply_rotary_pos_emb is HF_ROTARY
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is HF_SDPA
 
@@ -278,6 +285,55 @@ def test_hooks_act_only_inside_patched_models(op_counts):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is HF_SDPA
 
 
+# ---- other families: Mistral, Qwen2, Qwen3 -------------------------------------------------------------
+def family_model(name: str):
+    common = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(4321)
+    if name == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    if name == "mistral-window":  # a window shorter than the prompt: masks, so SDPA
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=6)).eval()
+    if name == "qwen2":  # q/k/v biases
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if name == "qwen3":  # per-head q/k RMSNorm, head_dim != hidden / heads
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32)).eval()
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["mistral", "mistral-window", "qwen2", "qwen3"])
+def test_other_families_identical(name, op_counts):
+    model = family_model(name)
+    reference = copy.deepcopy(model)
+    lk.patch(model, reference_on_cpu=True)
+    ids = prompt(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+    op_counts.clear()
+    new = 10
+    ours = greedy(model, ids, new)
+    assert torch.equal(ours, greedy(reference, ids, new))
+    assert len(set(ours[0, 9:].tolist())) > 2
+    layers = model.config.num_hidden_layers
+    norms = 2 * layers + 1 + (2 * layers if name == "qwen3" else 0)  # + q_norm, k_norm
+    assert op_counts["rms_norm"] == norms * new
+    assert op_counts["silu_and_mul"] == op_counts["rotary_embedding"] == layers * new
+    windowed = name == "mistral-window"
+    assert op_counts["decode_attention"] == (0 if windowed else layers * (new - 1))
+    lk.unpatch(model)
+
+
 # ---- the drop-in gaps found by running transformers' own Llama tests on patched models ------------
 def test_eager_model_keeps_its_attention_and_attention_maps(op_counts):
     model, reference = patched_pair(attn_implementation="eager")
@@ -315,6 +371,17 @@ def test_patch_model_built_on_meta_device():
     model.eval()
     ids = prompt(2, 7)
     assert torch.equal(greedy(model, ids, 6), greedy(reference, ids, 6))
+    lk.unpatch(model)
+
+
+def test_patch_inside_a_meta_device_context(monkeypatch):
+    # transformers' own tests build (and here patch) models inside `with torch.device("meta")`:
+    # the self-check must still run on the CPU.
+    monkeypatch.setattr(hf, "_SELF_CHECKED", set())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config())
+        lk.patch(model)
+    assert lk.is_patched(model) and ("Llama", transformers.__version__) in hf._SELF_CHECKED
     lk.unpatch(model)
 
 
@@ -424,26 +491,17 @@ def test_changed_rotary_hook_point_keeps_transformers_rotary(monkeypatch, op_cou
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: MistralForCausalLM(
-            MistralConfig(
-                hidden_size=32,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                vocab_size=50,
-            )
-        ),
+        lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)),
         lambda: torch.nn.Linear(4, 4),
         lambda: "LlamaForCausalLM",
     ],
-    ids=["mistral", "linear", "str"],
+    ids=["gpt2", "linear", "str"],
 )
 def test_patch_rejects_unsupported_models(make):
     obj = make()
     with pytest.raises(TypeError, match="supports transformers models built on LlamaModel"):
         lk.patch(obj)
-    with pytest.raises(TypeError, match="supports transformers models built on LlamaModel"):
+    with pytest.raises(TypeError, match="model types: llama, mistral, qwen2, qwen3"):
         lk.unpatch(obj)
 
 

@@ -4,7 +4,12 @@ Knobs (environment variables, printed at build time):
   LLMKERNELS_SKIP_CUDA_BUILD=1   never compile; install pure Python (reference ops only)
   LLMKERNELS_FORCE_CUDA_BUILD=1  compile or fail loudly (no silent pure-Python fallback)
   TORCH_CUDA_ARCH_LIST           e.g. "9.0" or "8.0;9.0"; default when unset and no GPU visible:
-                                 "8.0;8.6;8.9;9.0" (never torch's detection, which crashes with no GPU)
+                                 "8.0;9.0+PTX": sm_80 code (A100; also runs on sm_86/sm_89), sm_90
+                                 code (H100/H200) and compute_90 PTX, which the driver compiles for
+                                 newer GPUs (sm_100, sm_120). Never torch's detection, which crashes
+                                 with no GPU.
+  LLMKERNELS_RESOURCE_USAGE=1    ptxas prints registers, spills, stack and shared memory of every
+                                 kernel (what benchmarks/resource_gate.py reads from the build log)
   MAX_JOBS                       parallel compile jobs (ninja)
   CUDA_HOME                      toolkit root; else derived from `nvcc` on PATH
 
@@ -20,11 +25,12 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 KNOBS = (
     "LLMKERNELS_SKIP_CUDA_BUILD",
     "LLMKERNELS_FORCE_CUDA_BUILD",
     "TORCH_CUDA_ARCH_LIST",
+    "LLMKERNELS_RESOURCE_USAGE",
     "MAX_JOBS",
     "CUDA_HOME",
 )
@@ -119,7 +125,8 @@ def cuda_extension_plan():
                 "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                 "-U__CUDA_NO_HALF2_OPERATORS__",
-            ],
+            ]
+            + (["--resource-usage"] if flag("LLMKERNELS_RESOURCE_USAGE") else []),
         },
     )
     log(

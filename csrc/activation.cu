@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "common.cuh"
 
 namespace llmkernels {
@@ -54,6 +56,8 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
               "out must have shape [", rows, ", ", inter, "], got ", out.sizes());
   LK_CHECK_CONTIGUOUS(out);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
+  // out [N, I] cannot be x [N, 2I] in place: any overlap races across threads.
+  at::assert_no_overlap(out, x);
   TORCH_CHECK(rows <= INT32_MAX && inter <= INT32_MAX, "silu_and_mul: too many rows or columns");
   if (rows == 0 || inter == 0) return;
 

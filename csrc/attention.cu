@@ -25,7 +25,8 @@
 //   once per block, with 16-byte loads when q's pointer and strides allow, else 16-bit ones, and
 //   issued first so their latency overlaps the seq_lens read) and O is un-permuted when written.
 //   The C fragment of S has exactly the layout of the A fragment of P, so probabilities never
-//   leave registers. 168 / 142 registers (D = 128 / 64), no spills: 3 blocks per SM.
+//   leave registers. 3 blocks per SM (launch bounds): at most 168 registers; D = 128 uses all of
+//   them without spilling (benchmarks/results/ptxas.md; CI's resource gate fails on any spill).
 //
 //   Softmax. Online, in fp32 and in the log2 domain (scores pre-multiplied by scale * log2(e)):
 //   per warp and head a running max m and a running sum l; each step rescales the accumulators
@@ -45,10 +46,14 @@
 //
 // kv_cache_append: one block per new token n; slot = slot_mapping[n] (flat b * S + s), skipped
 // when outside [0, B * S). Copies Hk rows of D elements of k and v into the caches, with 16-byte
-// vectors when D and every pointer/stride allow it, else element by element.
+// vectors when D and every pointer/stride allow it, else element by element. A slot given to
+// several tokens receives the last of them (highest n), as in the reference: each block first
+// looks for its slot among the later tokens (N int64 reads from L2, spread over the block).
 
 #include <algorithm>
 #include <limits>
+
+#include <ATen/MemoryOverlap.h>
 
 #include "common.cuh"
 
@@ -148,7 +153,9 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
   constexpr int VVEC = D / 64;                     // V vectors per lane per token
   constexpr int NTILES = D / 8;                    // n-tiles of P.V (output dims)
 
-  __shared__ float s_o[kWarps][kRows][D];
+  // Row pitch D + 1: the fragment stores below hit 2 banks per warp with a pitch of D (a multiple
+  // of 32 floats: 16-way conflicts); with D + 1, 16 banks (2-way, the least this layout allows).
+  __shared__ float s_o[kWarps][kRows][D + 1];
   __shared__ float s_m[kWarps][kRows];
   __shared__ float s_l[kWarps][kRows];
 
@@ -535,6 +542,13 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   TORCH_CHECK((reinterpret_cast<std::uintptr_t>(workspace.data_ptr()) & 7) == 0,
               "decode_attention: workspace must be 8-byte aligned");
   TORCH_CHECK(seq_capacity <= (1 << 30), "decode_attention: cache length above 2^30");
+  // Blocks write out and workspace while others still read q and the caches.
+  at::assert_no_overlap(out, q);
+  at::assert_no_overlap(out, k_cache);
+  at::assert_no_overlap(out, v_cache);
+  at::assert_no_overlap(workspace, q);
+  at::assert_no_overlap(workspace, k_cache);
+  at::assert_no_overlap(workspace, v_cache);
   TORCH_CHECK(batch <= 65535 && num_kv_heads * ceil_div(num_q_heads / num_kv_heads, kRows) <= 65535,
               "decode_attention: batch or head count too large for the grid");
   if (batch == 0 || num_q_heads == 0) return;
@@ -562,10 +576,19 @@ __global__ void kv_cache_append_kernel(
     T* __restrict__ v_cache,                  // [B, Hk, S, D] contiguous
     const int64_t* __restrict__ slot_mapping,  // [N] (stride slot_stride), flat b * S + s
     int64_t k_stride_n, int64_t k_stride_h, int64_t v_stride_n, int64_t v_stride_h,
-    int64_t slot_stride, int num_heads, int head_dim, int64_t seq_capacity, int64_t num_slots) {
+    int64_t slot_stride, int64_t num_tokens, int num_heads, int head_dim, int64_t seq_capacity,
+    int64_t num_slots) {
   const int64_t n = blockIdx.x;
   const int64_t slot = slot_mapping[n * slot_stride];
-  if (slot < 0 || slot >= num_slots) return;  // padding token
+  if (slot < 0 || slot >= num_slots) return;  // padding token (uniform over the block)
+  __shared__ int overwritten;  // a later token writes the same slot: it wins
+  if (threadIdx.x == 0) overwritten = 0;
+  __syncthreads();
+  for (int64_t m = n + 1 + threadIdx.x; m < num_tokens; m += blockDim.x) {
+    if (slot_mapping[m * slot_stride] == slot) overwritten = 1;
+  }
+  __syncthreads();
+  if (overwritten) return;
   const int64_t b = slot / seq_capacity, s = slot % seq_capacity;
   constexpr int N = VEC ? Vec<T>::N : 1;
   const int per_head = head_dim / N;
@@ -614,6 +637,11 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   TORCH_CHECK(num_heads * head_dim <= std::numeric_limits<int>::max() &&
                   num_tokens <= std::numeric_limits<int>::max(),
               "kv_cache_append: too many tokens or rows too wide");
+  at::assert_no_overlap(k_cache, v_cache);
+  for (const at::Tensor* src : {&k, &v}) {
+    at::assert_no_overlap(*src, k_cache);
+    at::assert_no_overlap(*src, v_cache);
+  }
   if (num_tokens == 0 || num_heads * head_dim == 0 || seq_capacity == 0) return;
 
   const c10::cuda::CUDAGuard guard(k_cache.device());
@@ -635,13 +663,13 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
     if (vec) {
       kv_cache_append_kernel<scalar_t, true><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
           k_ptr, v_ptr, kc_ptr, vc_ptr, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-          slot_mapping.stride(0), static_cast<int>(num_heads), static_cast<int>(head_dim), seq_capacity,
-          num_slots);
+          slot_mapping.stride(0), num_tokens, static_cast<int>(num_heads), static_cast<int>(head_dim),
+          seq_capacity, num_slots);
     } else {
       kv_cache_append_kernel<scalar_t, false><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
           k_ptr, v_ptr, kc_ptr, vc_ptr, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-          slot_mapping.stride(0), static_cast<int>(num_heads), static_cast<int>(head_dim), seq_capacity,
-          num_slots);
+          slot_mapping.stride(0), num_tokens, static_cast<int>(num_heads), static_cast<int>(head_dim),
+          seq_capacity, num_slots);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

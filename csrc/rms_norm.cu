@@ -90,10 +90,12 @@ __device__ __forceinline__ void store_normalized(T* dst,                     // 
 // PREFETCH_W (decode): the weight packs are loaded with x, so the block waits on memory once
 // instead of twice; for prefill the weight is L2-resident and its registers are better spent on
 // more resident rows. (1024, 1) launch bounds: blocks of up to 1024 threads must fit.
+// out and x are not __restrict__: out may be x itself (in place); each thread only stores packs
+// it has already read.
 template <typename T, int V, int CACHE, bool PREFETCH_W>
 __global__ void __launch_bounds__(1024, 1)
-    rms_norm_kernel(T* __restrict__ out,           // [N, H], row stride out_stride
-                    const T* __restrict__ x,       // [N, H], row stride x_stride
+    rms_norm_kernel(T* out,                        // [N, H], row stride out_stride
+                    const T* x,                    // [N, H], row stride x_stride
                     const T* __restrict__ weight,  // [H]
                     int64_t out_stride, int64_t x_stride, int hidden, float eps) {
   const int64_t row = blockIdx.x;
@@ -242,6 +244,9 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
   LK_CHECK_CONTIGUOUS(out);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
   check_weight(weight, x, hidden);
+  // out may be x itself (in place, same layout); any other overlap would race across blocks.
+  at::assert_no_partial_overlap(out, x);
+  at::assert_no_overlap(out, weight);
   TORCH_CHECK(rows <= INT32_MAX && hidden <= INT32_MAX, "rms_norm: too many rows or columns");
   if (rows == 0 || hidden == 0) return;
 
@@ -281,6 +286,8 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
   at::assert_no_internal_overlap(x);
   at::assert_no_internal_overlap(residual);
   at::assert_no_partial_overlap(x, residual);
+  at::assert_no_overlap(x, weight);
+  at::assert_no_overlap(residual, weight);
   TORCH_CHECK(rows <= INT32_MAX && hidden <= INT32_MAX,
               "fused_add_rms_norm: too many rows or columns");
   if (rows == 0 || hidden == 0) return;

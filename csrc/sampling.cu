@@ -46,17 +46,22 @@
 //
 // Launch: grid (C, B), 512 threads per CTA, cluster (C, 1, 1). C = 8 while B * C/2 CTAs would
 // under-fill the GPU (batch 1 is latency-bound: 8 SMs share the row), halved as the batch grows
-// while a slice stays <= 96 KB (two CTAs per SM); more CTAs if a slice would not fit at all.
+// while the occupancy API still gives two CTAs per SM at the halved cluster's slice size; more
+// CTAs if a slice would not fit at all; fewer when the device cannot co-schedule a cluster of C
+// (cudaOccupancyMaxActiveClusters = 0: MPS or green-context partitions, shared-memory carve-outs).
 // Slices start at multiples of 8 tokens: a row whose start is 16-byte aligned is read with 16-byte
 // vectors, any other row (odd row strides, offset views) with scalar loads.
 // Robustness: every written id is in [0, V) for any input (NaN, +-inf, all -inf, top_p <= 0 or NaN,
 // any k): unsupported cases fall back to the argmax.
 
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 
@@ -72,7 +77,6 @@ constexpr int kMaxRounds = 6;        // fp32 keys need at most 4 rounds per thre
 constexpr int kLoadUnroll = 4;       // 16-byte loads in flight per thread in the load pass
 constexpr float kMassScale = 2147483648.0f;  // 2^31: fixed-point weight of the row max (w = 1)
 constexpr int kMaxDevices = 64;
-constexpr int64_t kTwoPerSmSliceBytes = 96 * 1024;  // slice size that still fits two CTAs per SM
 
 static_assert(kBins == 1 << kRadixBits, "kBins must be 2^kRadixBits");
 static_assert(kBins % (2 * kMaxCluster) == 0, "each CTA owns an even number of bins");
@@ -274,6 +278,11 @@ struct RowSampler {
     if constexpr (kCached) {
       return *reinterpret_cast<const Group*>(s + 4 * grp);
     } else {
+      // Uncached slices (a vocabulary too large for shared memory, e.g. one CTA per row before
+      // Hopper) are re-read from L2 every pass: one vector load per group where the row allows.
+      if (4 * grp + 3 < n && (reinterpret_cast<uintptr_t>(g) & (sizeof(Group) - 1)) == 0) {
+        return *reinterpret_cast<const Group*>(g + 4 * grp);
+      }
       Group out;
 #pragma unroll
       for (int j = 0; j < 4; ++j) out.v[j] = 4 * grp + j < n ? g[4 * grp + j] : from_float<T>(0.f);
@@ -602,6 +611,14 @@ __global__ void advance_rng_kernel(int64_t* __restrict__ rng_state) {  // [2]
 }
 
 // ---- host side ------------------------------------------------------------------------------------
+// One-time set-up calls (attribute queries, cudaFuncSetAttribute, occupancy queries) may first run
+// while the caller captures a CUDA graph. Under the global capture mode (torch.cuda.graph's
+// default) a potentially unsafe CUDA call from any thread invalidates the capture, so these run
+// with this thread's capture mode relaxed.
+struct RelaxedCaptureMode {
+  c10::cuda::CUDAStreamCaptureModeGuard guard{cudaStreamCaptureModeRelaxed};
+};
+
 struct DeviceInfo {
   int sms = 0;
   int smem_optin = 0;  // max shared memory per block (opt-in), bytes
@@ -612,6 +629,7 @@ const DeviceInfo& device_info(int device) {
   static DeviceInfo infos[kMaxDevices];
   static std::once_flag flags[kMaxDevices];
   std::call_once(flags[device], [device] {
+    const RelaxedCaptureMode relaxed;
     DeviceInfo& d = infos[device];
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -632,6 +650,7 @@ const KernelInfo& kernel_info(int device) {
   static std::once_flag flags[kMaxDevices];
   std::call_once(flags[device], [device] {
     const DeviceInfo& d = device_info(device);
+    const RelaxedCaptureMode relaxed;
     cudaFuncAttributes attr;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, sample_kernel<T, kCached>));
     infos[device].static_smem = static_cast<int>(attr.sharedSizeBytes);
@@ -642,6 +661,44 @@ const KernelInfo& kernel_info(int device) {
     }
   });
   return infos[device];
+}
+
+// Occupancy answers per (kernel variant, device, cluster size, dynamic shared memory), memoized:
+// CTAs per SM (cluster 0) or co-resident clusters of that size on the device (cluster > 1).
+template <typename T, bool kCached>
+int occupancy(int device, int cluster, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, size_t>, int> answers;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, cluster, smem);
+  const auto found = answers.find(key);
+  if (found != answers.end()) return found->second;
+  kernel_info<T, kCached>(device);  // the dynamic shared memory opt-in must precede the queries
+  const RelaxedCaptureMode relaxed;
+  int answer = 0;
+  if (cluster == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&answer, sample_kernel<T, kCached>,
+                                                                 kThreads, smem));
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
+    config.blockDim = dim3(kThreads, 1, 1);
+    config.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    // An error (e.g. clusters unsupported in this context) counts as "cannot co-schedule".
+    if (cudaOccupancyMaxActiveClusters(&answer, sample_kernel<T, kCached>, &config) != cudaSuccess) {
+      (void)cudaGetLastError();
+      answer = 0;
+    }
+  }
+  answers.emplace(key, answer);
+  return answer;
 }
 
 template <typename T, bool kCached>
@@ -683,20 +740,30 @@ void launch_sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
 
   // Cluster size: 8 CTAs per row while that leaves the GPU under-filled (batch 1 is latency-bound),
   // fewer for large batches (fewer cluster barriers once rows fill every SM), but not below the
-  // size whose slices still allow two CTAs per SM.
+  // size whose slices still allow two CTAs per SM (occupancy API: static + slice + the per-CTA
+  // reserve, twice, within the SM's shared memory: ~80 KB slices on H100/H200, ~48 KB on A100).
   auto chunk_for = [&](int c) { return static_cast<int>((ceil_div(vocab, c) + 7) / 8 * 8); };
-  auto slice_bytes = [&](int c) { return static_cast<int64_t>(chunk_for(c)) * static_cast<int64_t>(sizeof(T)); };
-  auto fits = [&](int c) { return slice_bytes(c) <= d.smem_optin - cached.static_smem; };
+  auto slice_bytes = [&](int c) { return static_cast<size_t>(chunk_for(c)) * sizeof(T); };
+  auto fits = [&](int c) {
+    return static_cast<int64_t>(slice_bytes(c)) <= d.smem_optin - cached.static_smem;
+  };
   const bool clusters = d.major >= 9 && cached.ptx_arch >= 90;
   int cluster = 1;
   if (clusters) {
     cluster = kMaxCluster;
     while (cluster > 1 && batch * (cluster / 2) >= 2 * static_cast<int64_t>(d.sms) &&
-           slice_bytes(cluster / 2) <= kTwoPerSmSliceBytes) {
+           fits(cluster / 2) && occupancy<T, true>(device, 0, slice_bytes(cluster / 2)) >= 2) {
       cluster /= 2;
     }
   }
   while (clusters && !fits(cluster) && cluster < kMaxCluster) cluster *= 2;
+  // A cluster the device cannot co-schedule would fail to launch: halve it (a larger slice per
+  // CTA, re-read from L2 when it no longer fits shared memory).
+  while (cluster > 1 &&
+         (fits(cluster) ? occupancy<T, true>(device, cluster, slice_bytes(cluster))
+                        : occupancy<T, false>(device, cluster, 0)) == 0) {
+    cluster /= 2;
+  }
   const int chunk = chunk_for(cluster);
 
   auto* out_ptr = out.data_ptr<int64_t>();

@@ -158,6 +158,55 @@ def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
         ) from None
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one gap-free block of memory, each once (in any dim order)."""
+    expected = 1
+    for size, stride in sorted(
+        ((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda p: p[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two tensors' memory overlaps, as ATen's ``get_overlap_status`` (which the CUDA ops
+    assert): "full" (the same elements in the same layout), "partial" (other shared bytes), or
+    "none" (disjoint, or not decidable cheaply: a tensor with gaps, like q and k as interleaved
+    views of one fused QKV output)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return "none"
+    if torch.compiler.is_compiling() or a.device.type == "meta":
+        return "none"  # no addresses to compare (the CUDA op checks again at run time)
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return "none"
+    if not (_dense(a) and _dense(b)):
+        return "none"
+
+    def byte_range(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    if a1 <= b0 or b1 <= a0:
+        return "none"
+    if (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype):
+        return "full"
+    return "partial"
+
+
+def _no_overlap(*named: tuple[str, torch.Tensor], full_ok: bool = False) -> None:
+    """Raise if the first tensor (written by the op) shares memory with any of the others (read,
+    or also written): racing reads and writes on the GPU. ``full_ok``: exactly in place is fine."""
+    out_name, out = named[0]
+    for name, t in named[1:]:
+        kind = _overlap(out, t)
+        if kind == "partial" or (kind == "full" and not full_ok):
+            allowed = f" (exactly in place, {out_name} = {name}, is allowed)" if full_ok else ""
+            raise ValueError(f"{out_name} must not overlap {name} in memory{allowed}")
+
+
 def _eps(eps) -> float:
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
@@ -183,7 +232,8 @@ def rms_norm(
     value rounded to x's dtype before the weight multiply.
 
     x: ``[..., H]`` fp32/fp16/bf16, last dim contiguous (rows may be strided); weight: ``[H]``,
-    same dtype; out: ``[..., H]`` contiguous, allocated when None.
+    same dtype; out: ``[..., H]`` contiguous, allocated when None; ``out=x`` (in place) is
+    allowed, any other overlap with x or weight raises.
     """
     _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
     _tensor(weight, "weight", ndim=1)
@@ -201,6 +251,8 @@ def rms_norm(
         _check_out(out, "out", x.shape, x.dtype, x.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+        _no_overlap(("out", out), ("x", x), full_ok=True)
+        _no_overlap(("out", out), ("weight", weight))
     if uses_kernel(x):
         torch.ops.llmkernels.rms_norm(
             _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps
@@ -215,7 +267,8 @@ def fused_add_rms_norm(
 ) -> None:
     """Residual add + RMSNorm, in place: ``residual += x; x = rms_norm(residual, weight, eps)``.
 
-    x, residual: ``[..., H]`` same shape/dtype, last dim contiguous; weight: ``[H]``.
+    x, residual: ``[..., H]`` same shape/dtype, last dim contiguous, not partially overlapping
+    (the same tensor twice is allowed: ``residual = 2 * residual``); weight: ``[H]``.
     """
     _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
     _tensor(residual, "residual", FLOAT_DTYPES)
@@ -232,6 +285,9 @@ def fused_add_rms_norm(
         )
     _last_dim_contiguous(x, "x")
     _last_dim_contiguous(residual, "residual")
+    _no_overlap(("x", x), ("residual", residual), full_ok=True)
+    _no_overlap(("x", x), ("weight", weight))
+    _no_overlap(("residual", residual), ("weight", weight))
     eps = _eps(eps)
     if uses_kernel(x):
         torch.ops.llmkernels.fused_add_rms_norm(
@@ -286,6 +342,8 @@ def rotary_embedding(
         )
     _last_dim_contiguous(q, "q")
     _last_dim_contiguous(k, "k")
+    _no_overlap(("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache))
+    _no_overlap(("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache))
     if not cos_sin_cache.is_contiguous():
         raise ValueError("cos_sin_cache must be contiguous")
     if not positions.is_cuda and num_tokens:  # checkable without a device sync
@@ -305,7 +363,8 @@ def rotary_embedding(
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU gate: ``out = silu(x[..., :I]) * x[..., I:]`` with ``silu(g) = g / (1 + exp(-g))``.
 
-    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous.
+    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous, not
+    overlapping x.
     """
     _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
     if x.shape[-1] % 2:
@@ -318,6 +377,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         _check_out(out, "out", out_shape, x.dtype, x.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+        _no_overlap(("out", out), ("x", x))
     if uses_kernel(x):
         torch.ops.llmkernels.silu_and_mul(_as_rows(out, "out"), _as_rows(x, "x"))
     else:
@@ -347,11 +407,13 @@ def kv_cache_append(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write new keys/values into the static cache in place:
-    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]`` with ``b, s = divmod(slot_mapping[n], S)``;
-    slots outside ``[0, B * S)`` are skipped (padding).
+    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]`` with ``b, s = divmod(slot_mapping[n], S)``
+    for n in order (a slot given to several tokens keeps the last); slots outside ``[0, B * S)``
+    are skipped (padding).
 
     k, v: ``[N, Hk, D]`` (last dim contiguous, tokens may be strided); k_cache, v_cache:
-    ``[B, Hk, S, D]`` contiguous; slot_mapping: ``[N]`` int32/int64.
+    ``[B, Hk, S, D]`` contiguous, overlapping neither each other nor k/v; slot_mapping: ``[N]``
+    int32/int64.
     """
     _check_cache(k_cache, v_cache)
     _tensor(k, "k", FLOAT_DTYPES, ndim=3)
@@ -366,6 +428,8 @@ def kv_cache_append(
                 f"{name} must have shape [N, Hk, D] = {list(expected)}, got {tuple(t.shape)}"
             )
         _last_dim_contiguous(t, name)
+    _no_overlap(("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
+    _no_overlap(("v_cache", v_cache), ("k", k), ("v", v))
     if uses_kernel(k):
         torch.ops.llmkernels.kv_cache_append(k, v, k_cache, v_cache, slot_mapping.long())
     else:
@@ -475,6 +539,7 @@ def decode_attention(
         _check_out(out, "out", (batch, num_q_heads, head_dim), q.dtype, q.device)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+        _no_overlap(("out", out), ("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
     if uses_kernel(q):
         if not decode_attention_supported(q):
             raise ValueError(
@@ -498,6 +563,14 @@ def decode_attention(
                 f"workspace must be a contiguous float32 [B, Hq, splits, D + 2] = [{batch}, {num_q_heads}, "
                 f"splits, {head_dim + 2}] tensor on {q.device} (see decode_attention_workspace), "
                 f"got {workspace.dtype} {tuple(workspace.shape)}"
+            )
+        else:
+            _no_overlap(
+                ("workspace", workspace),
+                ("out", out),
+                ("q", q),
+                ("k_cache", k_cache),
+                ("v_cache", v_cache),
             )
         torch.ops.llmkernels.decode_attention(
             out, q, k_cache, v_cache, seq_lens, float(scale), workspace

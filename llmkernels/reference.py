@@ -201,9 +201,9 @@ def kv_cache_append(
 ) -> None:
     """Write new keys/values into the static cache, in place.
 
-    For token n with ``slot = slot_mapping[n]``, ``b, s = divmod(slot, S)``:
-    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]``; slots outside ``[0, B * S)`` are
-    skipped (padding tokens).
+    For token n = 0, 1, ... in order, with ``slot = slot_mapping[n]``, ``b, s = divmod(slot, S)``:
+    ``k_cache[b, :, s] = k[n]``, ``v_cache[b, :, s] = v[n]`` (a slot given to several tokens keeps
+    the last); slots outside ``[0, B * S)`` are skipped (padding tokens).
 
     k, v: ``[N, Hk, D]``; k_cache, v_cache: ``[B, Hk, S, D]``; slot_mapping: ``[N]`` int.
     """
@@ -211,6 +211,12 @@ def kv_cache_append(
     slots = slot_mapping.long()
     kept = ((slots >= 0) & (slots < num_rows * seq_capacity)).nonzero().squeeze(1)  # [N'] tokens
     kept_slots = slots[kept]
+    if kept_slots.numel() > 1:  # index_put with repeated indices is unordered: keep the last
+        unique, inverse = torch.unique(kept_slots, return_inverse=True)
+        if unique.numel() < kept_slots.numel():
+            order = torch.arange(kept_slots.numel(), device=slots.device)
+            last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, order, reduce="amax")
+            kept, kept_slots = kept[last], kept_slots[last]
     b, s = kept_slots // seq_capacity, kept_slots % seq_capacity
     k_cache[b, :, s] = k[kept].to(k_cache.dtype)
     v_cache[b, :, s] = v[kept].to(v_cache.dtype)

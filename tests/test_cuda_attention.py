@@ -334,3 +334,36 @@ def test_kv_cache_append_int32_slots_then_attention():
         q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device="cuda")
     )
     check_attention(out, q, k_cache, v_cache, lens, head_dim**-0.5)
+
+
+# ---- review findings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("splits", [257, 4096])
+def test_decode_attention_more_than_256_splits(splits):
+    # the merge kernel's split weights live in dynamic shared memory sized by the split count
+    run_case(2, 8, 2, 128, [20000, 311], 20480, torch.bfloat16, splits=splits)
+
+
+def test_kv_cache_append_repeated_slot_keeps_the_last_token_on_cuda():
+    k_cache, v_cache = make_cache(2, 2, 16, 64, torch.bfloat16)
+    k = torch.randn(6, 2, 64, device="cuda").to(torch.bfloat16)
+    v = torch.randn(6, 2, 64, device="cuda").to(torch.bfloat16)
+    slots = torch.tensor([3, 20, 3, -1, 3, -1], device="cuda")
+    expected_k, expected_v = k_cache.cpu(), v_cache.cpu()
+    ref.kv_cache_append(k.cpu(), v.cpu(), expected_k, expected_v, slots.cpu())
+    lk.kv_cache_append(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.cpu(), expected_k) and torch.equal(v_cache.cpu(), expected_v)
+    assert torch.equal(k_cache[0, :, 3], k[4])
+
+
+def test_attention_overlap_rejected():
+    k_cache, v_cache = make_cache(2, 2, 16, 64, torch.bfloat16)
+    q = torch.randn(2, 4, 64, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([3, 5], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="out must not overlap q"):
+        lk.decode_attention(q, k_cache, v_cache, lens, out=q)
+    ws = torch.empty(2, 4, 1, 66, device="cuda")
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.llmkernels.decode_attention(q, q, k_cache, v_cache, lens, 0.125, ws)
+    k = torch.randn(3, 2, 64, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.llmkernels.kv_cache_append(k, k, k_cache, k_cache, torch.arange(3, device="cuda"))

@@ -432,3 +432,99 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(replayed_normed, normed), f"round {round_}: rms_norm out"
         assert torch.equal(replayed_act, act), f"round {round_}: silu_and_mul out"
         assert not torch.equal(replayed["hidden"], new["hidden"])  # the graph did run
+
+
+# ---- exactness against the reference run by PyTorch on the GPU --------------------------------------
+def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Units in the last place between two same-dtype float tensors (bit patterns made monotonic)."""
+    int_dtype, magnitude = (
+        (torch.int32, 0x7FFFFFFF) if a.dtype == torch.float32 else (torch.int16, 0x7FFF)
+    )
+
+    def ordered(t):
+        bits = t.contiguous().view(int_dtype).long()
+        return torch.where(bits < 0, -(bits & magnitude), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [7, 2048, 5125])
+def test_silu_and_mul_bit_identical_to_reference(inter, dtype):
+    # same op order as torch's silu then multiply, each rounded, no FMA contraction
+    x = _randn(37, 2 * inter, dtype=dtype)
+    assert torch.equal(lk.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot_choice", ["full", "odd_half"])
+def test_rotary_bit_identical_to_reference(dtype, is_neox, rot_choice):
+    tokens, head_dim = 61, 128
+    cache = torch.randn(512, _rot(head_dim, rot_choice), device="cuda")
+    positions = torch.randint(0, 512, (tokens,), device="cuda")
+    q, k = _randn(tokens, 8, head_dim, dtype=dtype), _randn(tokens, 2, head_dim, dtype=dtype)
+    q_ref, k_ref = q.clone(), k.clone()
+    lk.rotary_embedding(positions, q, k, cache, is_neox=is_neox)
+    ref.rotary_embedding(positions, q_ref, k_ref, cache, is_neox)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [769, 4096])
+def test_rms_norm_within_an_ulp_and_mostly_bit_identical(hidden, dtype):
+    # The only difference from the reference is the fp32 sum's order: inv_rms may differ by one
+    # fp32 ulp, so the normalized value by at most one ulp of the dtype. The weight is in
+    # (0.5, 1] so its multiply cannot widen that.
+    x = _randn(1000, hidden, dtype=dtype)
+    w = (0.5 + 0.5 * torch.rand(hidden, device="cuda")).clamp(max=1.0).to(dtype)
+    ulps = _ulp_distance(lk.rms_norm(x, w, eps=EPS), ref.rms_norm(x, w, EPS))
+    assert ulps.max().item() <= 1
+    assert (ulps == 0).float().mean().item() >= 0.99
+
+
+def test_rms_norm_in_place_and_overlap_rejected():
+    x = _randn(300, 2048, dtype=torch.bfloat16)
+    w = _weight(2048, torch.bfloat16)
+    expected = lk.rms_norm(x, w, eps=EPS)
+    assert lk.rms_norm(x, w, eps=EPS, out=x) is x  # exactly in place
+    assert torch.equal(x, expected)
+    buf = _randn(301 * 2048, dtype=torch.bfloat16)
+    shifted_in, shifted_out = buf[: 300 * 2048].view(300, 2048), buf[2048:].view(300, 2048)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        lk.rms_norm(shifted_in, w, out=shifted_out)
+    with pytest.raises(RuntimeError, match="single memory location"):  # the raw op checks too
+        torch.ops.llmkernels.rms_norm(shifted_out, shifted_in, w, EPS)
+    gate_up = _randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.llmkernels.silu_and_mul(gate_up[:, :32], gate_up)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.llmkernels.fused_add_rms_norm(buf[2048:].view(300, 2048), shifted_in, w, EPS)
+
+
+def test_rotary_non_contiguous_positions():
+    tokens = 40
+    cache = torch.randn(256, 64, device="cuda")
+    positions = torch.randint(0, 256, (2 * tokens,), device="cuda")[::2]  # stride 2
+    assert not positions.is_contiguous()
+    q, k = _randn(tokens, 4, 64, dtype=torch.float16), _randn(tokens, 2, 64, dtype=torch.float16)
+    q2, k2 = q.clone(), k.clone()
+    lk.rotary_embedding(positions, q, k, cache)
+    lk.rotary_embedding(positions.contiguous(), q2, k2, cache)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (device index 1)")
+def test_ops_on_a_non_zero_device_index():
+    device = torch.device("cuda", 1)
+    x = torch.randn(5, 769, device=device, dtype=torch.bfloat16)
+    w = torch.randn(769, device=device, dtype=torch.bfloat16)
+    with torch.cuda.device(0):  # the current device is another one: the op must guard
+        assert_close(lk.rms_norm(x, w), ref.rms_norm(x, w, 1e-6))
+        gate_up = torch.randn(5, 512, device=device, dtype=torch.bfloat16)
+        assert torch.equal(lk.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
+        logits = torch.randn(3, 32000, device=device)
+        ids = lk.sample(logits, temperature=0.0)
+        assert ids.device == device and torch.equal(ids, logits.argmax(-1))
+        ids = lk.sample(logits, temperature=1.0, top_p=0.9, seed=0)
+        assert ids.device == device and int(ids.min()) >= 0 and int(ids.max()) < 32000

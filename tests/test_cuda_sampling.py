@@ -383,3 +383,37 @@ def test_opcheck(dtype):
         lk.new_rng_state(DEVICE, seed=1),
     )
     torch.library.opcheck(torch.ops.llmkernels.sample.default, args)
+
+
+# ---- the first call of the process inside a graph capture ------------------------------------------
+FIRST_CALL_IN_CAPTURE = """
+import torch, llmkernels as lk
+torch.manual_seed(0)
+logits = torch.randn(4, 128256, device="cuda", dtype=torch.bfloat16)
+state = lk.new_rng_state("cuda", seed=3)
+out = torch.empty(4, dtype=torch.int64, device="cuda")
+params = [torch.full((4,), v, device="cuda") for v in (0.8, 0.9)]
+top_k = torch.full((4,), 40, dtype=torch.int32, device="cuda")
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the kernels' one-time set-up runs inside this capture
+    lk.sample(logits, params[0], top_k, params[1], rng_state=state, check_values=False, out=out)
+graph.replay()
+torch.cuda.synchronize()
+replayed = out.clone()
+again = lk.sample(logits, params[0], top_k, params[1], rng_state=lk.new_rng_state("cuda", seed=3),
+                  check_values=False)
+assert torch.equal(replayed, again), (replayed, again)
+assert int(state[1]) == 1
+print("ok")
+"""
+
+
+def test_first_sample_call_inside_graph_capture():
+    import subprocess
+    import sys
+
+    # a fresh process: every once-per-device set-up of the sampling kernel is still to run
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL_IN_CAPTURE], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

@@ -243,6 +243,73 @@ def test_decode_attention_errors():
         lk.decode_attention(q.half(), k_cache, v_cache, lens)
 
 
+# ---- memory overlap: racing reads and writes on the GPU, rejected on CPU and CUDA alike -----------
+def test_rms_norm_in_place_allowed_partial_overlap_rejected():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    expected = ref.rms_norm(x, w, 1e-6)
+    y = x.clone()
+    assert lk.rms_norm(y, w, out=y) is y  # exactly in place
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    buf = torch.randn(5 * 8)
+    with pytest.raises(ValueError, match="out must not overlap x in memory.*in place.*allowed"):
+        lk.rms_norm(buf[:32].view(4, 8), w, out=buf[8:].view(4, 8))  # shifted by one row
+    with pytest.raises(ValueError, match="out must not overlap weight"):
+        lk.rms_norm(x[:1], buf[:8], out=buf[:8].view(1, 8))
+
+
+def test_fused_add_rms_norm_overlap():
+    buf = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="x must not overlap residual"):
+        lk.fused_add_rms_norm(buf[1:], buf[:-1], torch.ones(8))
+    with pytest.raises(ValueError, match="x must not overlap weight"):
+        lk.fused_add_rms_norm(buf[:1], torch.randn(1, 8), buf[0])
+    # the same tensor twice is allowed: residual += residual; x = rms_norm(residual)
+    r = torch.randn(3, 8)
+    expected = ref.rms_norm(2 * r, torch.ones(8), 1e-6)
+    lk.fused_add_rms_norm(r, r, torch.ones(8))
+    torch.testing.assert_close(r, expected)
+
+
+def test_silu_and_mul_rejects_any_overlap():
+    x = torch.randn(1, 16)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        lk.silu_and_mul(x, out=x[:, :8])  # the gate half, exactly
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        lk.silu_and_mul(x, out=x[:, 3:11])
+
+
+def test_rotary_and_cache_overlap_rejected():
+    cache = lk.rope_cos_sin_cache({"hidden_size": 128, "num_attention_heads": 2}, max_position=8)
+    buf = torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match="q must not overlap k"):
+        lk.rotary_embedding(torch.arange(3), buf[:3], buf[1:], cache)  # shifted by one token
+    k_cache, v_cache = make_cache()
+    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="k_cache must not overlap v_cache"):
+        lk.kv_cache_append(k, v, k_cache, k_cache, torch.arange(3))
+    with pytest.raises(ValueError, match="k_cache must not overlap k"):
+        lk.kv_cache_append(
+            k_cache.view(-1)[: k.numel()].view_as(k), v, k_cache, v_cache, torch.arange(3)
+        )
+    q = torch.randn(2, 4, 64)
+    with pytest.raises(ValueError, match="out must not overlap q"):
+        lk.decode_attention(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), out=q)
+
+
+def test_kv_cache_append_repeated_slot_keeps_the_last_token():
+    k_cache, v_cache = make_cache()  # B = 2, S = 16: 32 slots
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    k, v = torch.randn(6, 2, 64), torch.randn(6, 2, 64)
+    lk.kv_cache_append(k, v, k_cache, v_cache, torch.tensor([3, 20, 3, -1, 3, -1]))
+    assert torch.equal(k_cache[0, :, 3], k[4]) and torch.equal(v_cache[0, :, 3], v[4])
+    assert torch.equal(k_cache[1, :, 4], k[1]) and torch.equal(v_cache[1, :, 4], v[1])
+    untouched = torch.ones(2, 16, dtype=torch.bool)
+    untouched[0, 3] = untouched[1, 4] = False
+    assert torch.equal(k_cache.transpose(1, 2)[untouched], before_k.transpose(1, 2)[untouched])
+    assert torch.equal(v_cache.transpose(1, 2)[untouched], before_v.transpose(1, 2)[untouched])
+
+
 def test_sample_errors():
     logits = torch.randn(2, 10)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):

@@ -684,3 +684,16 @@ def test_smollm2_chat_template_and_pipeline_identical(smollm2_hf, op_counts):
     finally:
         lk.unpatch(model)
     assert op_counts["decode_attention"] > 0 and op_counts["rotary_embedding"] > 0
+
+
+def test_decode_hook_falls_back_on_a_misaligned_cache():
+    # ops.decode_attention's kernel needs 16-byte aligned caches: the hook must hand such a call
+    # back to SDPA (None), not raise.
+    patch = hf._Patch(family="Llama", reference_on_cpu=True)
+    query = torch.randn(2, 4, 1, 16)
+    key, value = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    out = hf._decode_attention(patch, query, key, value, None, {"scaling": 0.25})
+    assert out is not None and out.shape == (2, 1, 4, 16)
+    shifted = torch.randn(2 * 2 * 9 * 16 + 1)[1:].view(2, 2, 9, 16)  # 4 bytes past alignment
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    assert hf._decode_attention(patch, query, shifted, value, None, {"scaling": 0.25}) is None

@@ -18,6 +18,7 @@ from functools import cache
 
 import torch
 
+from . import cpu
 from . import reference as ref
 from ._schemas import SCHEMAS
 
@@ -99,6 +100,12 @@ def cuda_kernels_available() -> bool:
     return _EXTENSION_LOADED and torch.cuda.is_available()
 
 
+def _lean_cpu(t: torch.Tensor) -> bool:
+    """CPU tensors outside torch.compile take llmkernels.cpu (the reference's values with fewer
+    ops); under compile the reference itself is traced."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def uses_kernel(t: torch.Tensor) -> bool:
     """True when the ops run their CUDA kernel on tensors like ``t`` (the extension is loaded and
     ``t`` is on a CUDA device); False when they run the pure-PyTorch reference."""
@@ -160,6 +167,8 @@ def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def _dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill one gap-free block of memory, each once (in any dim order)."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for size, stride in sorted(
         ((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda p: p[1]
@@ -175,18 +184,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
     assert): "full" (the same elements in the same layout), "partial" (other shared bytes), or
     "none" (disjoint, or not decidable cheaply: a tensor with gaps, like q and k as interleaved
     views of one fused QKV output)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return "none"
-    if torch.compiler.is_compiling() or a.device.type == "meta":
+    if torch.compiler.is_compiling() or a.is_meta or b.is_meta or not a.numel() or not b.numel():
         return "none"  # no addresses to compare (the CUDA op checks again at run time)
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or a.device != b.device:
         return "none"
     if not (_dense(a) and _dense(b)):
         return "none"
 
-    def byte_range(t: torch.Tensor) -> tuple[int, int]:
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    def byte_range(t: torch.Tensor) -> tuple[int, int]:  # dense, strides >= 0: numel from data_ptr
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
     if a1 <= b0 or b1 <= a0:
@@ -257,6 +263,8 @@ def rms_norm(
         torch.ops.llmkernels.rms_norm(
             _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps
         )
+    elif _lean_cpu(x):
+        cpu.rms_norm(x, weight, eps, out)
     else:
         out.copy_(ref.rms_norm(x, weight, eps))
     return out
@@ -293,6 +301,8 @@ def fused_add_rms_norm(
         torch.ops.llmkernels.fused_add_rms_norm(
             _as_rows(x, "x"), _as_rows(residual, "residual"), weight.contiguous(), eps
         )
+    elif _lean_cpu(x):
+        cpu.fused_add_rms_norm(x, residual, weight, eps)
     else:
         ref.fused_add_rms_norm(x, residual, weight, eps)
 
@@ -342,8 +352,7 @@ def rotary_embedding(
         )
     _last_dim_contiguous(q, "q")
     _last_dim_contiguous(k, "k")
-    _no_overlap(("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache))
-    _no_overlap(("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache))
+    _no_overlap(("q", q), ("k", k))
     if not cos_sin_cache.is_contiguous():
         raise ValueError("cos_sin_cache must be contiguous")
     if not positions.is_cuda and num_tokens:  # checkable without a device sync
@@ -355,6 +364,8 @@ def rotary_embedding(
             )
     if uses_kernel(q):
         torch.ops.llmkernels.rotary_embedding(positions, q, k, cos_sin_cache, bool(is_neox))
+    elif _lean_cpu(q):
+        cpu.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
     else:
         ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
 
@@ -380,6 +391,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         _no_overlap(("out", out), ("x", x))
     if uses_kernel(x):
         torch.ops.llmkernels.silu_and_mul(_as_rows(out, "out"), _as_rows(x, "x"))
+    elif _lean_cpu(x):
+        cpu.silu_and_mul(x, out)
     else:
         out.copy_(ref.silu_and_mul(x))
     return out
@@ -432,6 +445,8 @@ def kv_cache_append(
     _no_overlap(("v_cache", v_cache), ("k", k), ("v", v))
     if uses_kernel(k):
         torch.ops.llmkernels.kv_cache_append(k, v, k_cache, v_cache, slot_mapping.long())
+    elif _lean_cpu(k):
+        cpu.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
     else:
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
 
@@ -575,6 +590,8 @@ def decode_attention(
         torch.ops.llmkernels.decode_attention(
             out, q, k_cache, v_cache, seq_lens, float(scale), workspace
         )
+    elif _lean_cpu(q):
+        out.copy_(cpu.decode_attention(q, k_cache, v_cache, seq_lens, scale))
     else:
         out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
     return out

@@ -1,0 +1,167 @@
+"""Lean CPU formulations of the reference ops: what :mod:`llmkernels.ops` runs on CPU tensors.
+
+:mod:`llmkernels.reference` is the spec and the test oracle, written to be read as the formula.
+On the CPU each PyTorch op costs a few microseconds however small its tensor, and a decode step
+of a small model runs about a hundred of them per layer, so these compute the same values with
+fewer ops: results written straight into their destination (``out=``, in place), shared
+intermediates, and the common case (every slot valid, one length per batch) without the
+general machinery. ``tests/test_cpu_ops.py`` checks each against the reference: bit for bit
+where the arithmetic is the same, within float rounding where a PyTorch kernel sums in another
+order (SDPA). Inputs are validated by ``ops.py`` before they get here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = weight * round(x * rsqrt(mean(x^2) + eps))`` (the reference's op order); ``out``
+    may be ``x`` itself."""
+    h = x if x.dtype == torch.float32 else x.float()
+    inv = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1] fp32
+    if x.dtype == torch.float32:
+        return torch.mul(x, inv, out=out).mul_(weight)
+    return torch.mul((h * inv).to(x.dtype), weight, out=out)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    """``residual += x; x = rms_norm(residual)``, in place."""
+    residual.add_(x)
+    rms_norm(residual, weight, eps, out=x)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    """NeoX rotation over whole heads, in place: with halves ``x = [x1 | x2]`` viewed as
+    ``[..., 2, D/2]``, ``x' = x * cos + swap(x) * [-sin | sin]`` (the reference's
+    ``x1 c - x2 s``, ``x2 c + x1 s`` exactly: negating a product is exact). Other layouts and
+    partial rotary take the reference."""
+    rot = cos_sin_cache.shape[-1]
+    if not is_neox or rot != q.shape[-1]:
+        ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+        return
+    cos, signed_sin = _rope_factors(positions, cos_sin_cache, q.dtype)
+    for x in _heads_together(q, k):
+        halves = x.unflatten(-1, (2, rot // 2))  # [T, H, 2, D/2], a view
+        halves.copy_(halves * cos + halves.flip(-2) * signed_sin)
+
+
+# The factors of the last call, reused while the positions (compared by value) and the table (the
+# same tensor, unmodified) are the same: every layer of a decode step rotates at one set of
+# positions. (positions copy, table, table version or None, dtype, (cos, signed_sin)).
+_rope_factors_last: tuple = ()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def _rope_factors(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos ``[T, 1, 1, D/2]`` and ``[-sin | sin]`` ``[T, 1, 2, D/2]`` at these positions, in dtype."""
+    global _rope_factors_last
+    last = _rope_factors_last
+    if (
+        last
+        and last[1] is cos_sin_cache
+        and last[2] == _version(cos_sin_cache)
+        and last[3] == dtype
+        and last[0].shape == positions.shape
+        and torch.equal(last[0], positions)
+    ):
+        return last[4]
+    half = cos_sin_cache.shape[-1] // 2
+    cos, sin = cos_sin_cache.index_select(0, positions.long()).view(-1, 1, 2, half).unbind(2)
+    factors = (cos.unsqueeze(2).to(dtype), torch.stack((-sin, sin), dim=-2).to(dtype))
+    _rope_factors_last = (positions.clone(), cos_sin_cache, _version(cos_sin_cache), dtype, factors)
+    return factors
+
+
+def _heads_together(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q and k as one ``[T, Hq + Hk, D]`` view when k's heads directly follow q's in memory (slices
+    of a fused QKV projection, as the engine makes them), else (q, k)."""
+    tokens, q_heads, head_dim = q.shape
+    if (
+        q.stride() == k.stride()
+        and q.stride(2) == 1
+        and q.stride(1) == head_dim
+        and k.data_ptr() == q.data_ptr() + q_heads * head_dim * q.element_size()
+    ):
+        return (q.as_strided((tokens, q_heads + k.shape[1], head_dim), q.stride()),)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = silu(x[..., :I]) * x[..., I:]`` written into ``out``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.mul(F.silu(gate), up, out=out)
+
+
+def kv_cache_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """One indexed write per cache when every slot is valid and distinct (decode, and prefill
+    without padding); the reference otherwise (padding slots, repeats: last token wins)."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    seq_capacity = k_cache.shape[2]
+    if n == 1:  # one token (batch-1 decode): a plain copy
+        slot = int(slot_mapping[0])
+        if 0 <= slot < k_cache.shape[0] * seq_capacity:
+            k_cache[slot // seq_capacity, :, slot % seq_capacity] = k[0]
+            v_cache[slot // seq_capacity, :, slot % seq_capacity] = v[0]
+        return
+    slots = slot_mapping.long()
+    lo, hi = (int(v) for v in torch.aminmax(slots))
+    distinct = n <= 64 and int((slots[:, None] == slots[None, :]).sum()) == n
+    if lo < 0 or hi >= k_cache.shape[0] * seq_capacity or not distinct:
+        ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
+        return
+    b, s = slots // seq_capacity, slots % seq_capacity
+    k_cache[b, :, s] = k
+    v_cache[b, :, s] = v
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The reference's softmax attention through PyTorch's SDPA (its CPU flash kernel, grouped
+    heads, fp32 accumulation): over each row's valid prefix when all rows have one length, else
+    over the longest prefix with a length mask; rows of length 0 give zeros."""
+    batch, num_q_heads, head_dim = q.shape
+    lens = seq_lens.tolist()
+    longest = min(max(lens), k_cache.shape[2]) if batch else 0
+    if longest == 0:
+        return torch.zeros_like(q)
+    keys, values = k_cache[:batch, :, :longest], v_cache[:batch, :, :longest]  # [B, Hk, L, D]
+    mask = None
+    if min(lens) != longest:
+        mask = torch.arange(longest)[None, :] < seq_lens.long()[:, None]  # [B, L]
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    ).squeeze(2)  # [B, Hq, D]
+    if min(lens) <= 0:
+        out = out.masked_fill((seq_lens <= 0)[:, None, None], 0.0)
+    return out

@@ -1,0 +1,157 @@
+"""llmkernels.cpu (what ops.py runs on CPU tensors) against the reference: bit for bit where the
+arithmetic is the same, within float rounding where PyTorch's SDPA sums in its own order.
+
+Every case runs through the public ops (the dispatch that picks llmkernels.cpu) and compares
+with the reference on clones of the same inputs.
+"""
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close
+
+import llmkernels as lk
+from llmkernels import cpu
+from llmkernels import reference as ref
+
+
+def _randn(*shape, dtype=torch.float32, scale=2.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7), (2, 5, 64), (300, 2048)])
+def test_rms_norm_bit_identical(shape, dtype):
+    x, w = _randn(*shape, dtype=dtype), _randn(shape[-1], dtype=dtype)
+    expected = ref.rms_norm(x, w, 1e-5)
+    assert torch.equal(lk.rms_norm(x, w, 1e-5), expected)
+    y = x.clone()
+    lk.rms_norm(y, w, 1e-5, out=y)  # in place
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_bit_identical(dtype):
+    x, r, w = _randn(4, 96, dtype=dtype), _randn(4, 96, dtype=dtype), _randn(96, dtype=dtype)
+    x2, r2 = x.clone(), r.clone()
+    lk.fused_add_rms_norm(x, r, w, 1e-6)
+    ref.fused_add_rms_norm(x2, r2, w, 1e-6)
+    assert torch.equal(x, x2) and torch.equal(r, r2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["separate", "fused_qkv", "strided_tokens"])
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_rotary_bit_identical(tokens, layout, dtype):
+    heads, kv_heads, head_dim = 9, 3, 64
+    cache = lk.rope_cos_sin_cache({"hidden_size": 576, "num_attention_heads": 9}, max_position=64)
+    positions = torch.randint(0, 64, (tokens,))
+    if layout == "fused_qkv":  # k's heads right after q's: rotated as one view
+        qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+        q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+        k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(
+            tokens, kv_heads, head_dim
+        )
+    elif layout == "strided_tokens":
+        q = _randn(tokens, heads + 1, head_dim, dtype=dtype)[:, 1:]
+        k = _randn(tokens, kv_heads, head_dim + 4, dtype=dtype)[..., :head_dim]
+    else:
+        q, k = (
+            _randn(tokens, heads, head_dim, dtype=dtype),
+            _randn(tokens, kv_heads, head_dim, dtype=dtype),
+        )
+    q2, k2 = q.clone(), k.clone()
+    lk.rotary_embedding(positions, q, k, cache)
+    ref.rotary_embedding(positions, q2, k2, cache)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+def test_rotary_reuses_factors_only_for_the_same_positions_and_table():
+    cache = lk.rope_cos_sin_cache({"hidden_size": 128, "num_attention_heads": 2}, max_position=32)
+    positions = torch.tensor([3, 9])
+    for pos in (positions, positions.clone(), torch.tensor([4, 9])):  # same, equal, different
+        q, k = _randn(2, 2, 64), _randn(2, 1, 64)
+        q2, k2 = q.clone(), k.clone()
+        lk.rotary_embedding(pos, q, k, cache)
+        ref.rotary_embedding(pos, q2, k2, cache)
+        assert torch.equal(q, q2) and torch.equal(k, k2)
+    positions[0] = 7  # changed in place: recomputed
+    q, k = _randn(2, 2, 64), _randn(2, 1, 64)
+    q2, k2 = q.clone(), k.clone()
+    lk.rotary_embedding(positions, q, k, cache)
+    ref.rotary_embedding(positions, q2, k2, cache)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    with torch.inference_mode():  # inference tensors (no version counter) too
+        table = cache.clone()
+        q, k = _randn(2, 2, 64), _randn(2, 1, 64)
+        q2, k2 = q.clone(), k.clone()
+        lk.rotary_embedding(positions, q, k, table)
+        ref.rotary_embedding(positions, q2, k2, table)
+        assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+def test_rotary_other_layouts_take_the_reference():
+    cache = torch.randn(16, 40)  # partial rotary
+    positions = torch.tensor([1, 5])
+    for is_neox in (True, False):
+        q, k = _randn(2, 2, 64), _randn(2, 1, 64)
+        q2, k2 = q.clone(), k.clone()
+        lk.rotary_embedding(positions, q, k, cache, is_neox=is_neox)
+        ref.rotary_embedding(positions, q2, k2, cache, is_neox)
+        assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_bit_identical(dtype):
+    x = _randn(3, 2 * 1536, dtype=dtype)
+    assert torch.equal(lk.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[5], [-1], [40], [3, 20, 7], [3, 20, 3], [3, -1, 20, 99], list(range(0, 32, 2)) + [1] * 70],
+    ids=["one", "one-pad", "one-out", "distinct", "repeat", "pad", "prefill"],
+)
+def test_kv_cache_append_identical(slots):
+    kc, vc = _randn(2, 3, 16, 64), _randn(2, 3, 16, 64)  # 32 slots
+    n = len(slots)
+    k, v = _randn(n, 3, 64), _randn(n, 3, 64)
+    kc2, vc2 = kc.clone(), vc.clone()
+    slot_mapping = torch.tensor(slots)
+    lk.kv_cache_append(k, v, kc, vc, slot_mapping)
+    ref.kv_cache_append(k, v, kc2, vc2, slot_mapping)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[129], [7, 7, 7], [0, 5, 31], [32, 1]])
+def test_decode_attention_close(lens, dtype):
+    batch = len(lens)
+    q = _randn(batch, 9, 64, dtype=dtype, scale=1.0)
+    kc, vc = _randn(batch + 1, 3, 160, 64, dtype=dtype), _randn(batch + 1, 3, 160, 64, dtype=dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ours = lk.decode_attention(q, kc, vc, seq_lens)
+    expected = ref.decode_attention(q, kc, vc, seq_lens)
+    assert_close(ours, expected)
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(ours[b], torch.zeros_like(ours[b]))
+
+
+def test_public_ops_dispatch_to_the_lean_cpu_path(monkeypatch):
+    called = []
+    for name in ("rms_norm", "rotary_embedding", "kv_cache_append", "decode_attention"):
+        real = getattr(cpu, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            called.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cpu, name, spy)
+    x = _randn(1, 64)
+    lk.rms_norm(x, torch.ones(64))
+    cache = lk.rope_cos_sin_cache({"hidden_size": 128, "num_attention_heads": 2}, max_position=8)
+    lk.rotary_embedding(torch.tensor([1]), _randn(1, 2, 64), _randn(1, 1, 64), cache)
+    kc, vc = _randn(1, 1, 8, 64), _randn(1, 1, 8, 64)
+    lk.kv_cache_append(_randn(1, 1, 64), _randn(1, 1, 64), kc, vc, torch.tensor([2]))
+    lk.decode_attention(_randn(1, 2, 64), kc, vc, torch.tensor([3], dtype=torch.int32))
+    assert called == ["rms_norm", "rotary_embedding", "kv_cache_append", "decode_attention"]

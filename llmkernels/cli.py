@@ -129,6 +129,7 @@ def cmd_info(args) -> int:
     import torch
 
     import llmkernels as lk
+    from llmkernels import cpu as lk_cpu
     from llmkernels import ops
     from llmkernels._schemas import SCHEMAS
 
@@ -152,7 +153,8 @@ def cmd_info(args) -> int:
     for name in SCHEMAS:
         has_kernel = ops.has_cuda_kernel(name)
         cuda_path = "CUDA kernel" if has_kernel else "reference (PyTorch)"
-        lines.append(f"{name:<19} {'reference':<13} {cuda_path}")
+        cpu_path = "cpu.py" if hasattr(lk_cpu, name) else "reference"  # same values either way
+        lines.append(f"{name:<19} {cpu_path:<13} {cuda_path}")
     print("\n".join(lines))
     return 0
 

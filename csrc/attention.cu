@@ -8,8 +8,9 @@
 //   [j * chunk, (j + 1) * chunk) with chunk = ceil(len_b / num_splits) rounded up to the block
 //   tile. The chunk is computed in the kernel from the device-side seq_lens[b] (grid size depends
 //   on shapes only, so graph capture works), which keeps the splits balanced when len_b is far
-//   below the capacity S. Blocks whose range starts at or beyond len_b write an empty partial
-//   (max = -inf, sum = 0) and exit.
+//   below the capacity S. With a sliding window W the range is [max(0, len_b - W), len_b) instead
+//   of [0, len_b): a long context costs W tokens, not len_b. Blocks whose range starts at or
+//   beyond len_b write an empty partial (max = -inf, sum = 0) and exit.
 //
 //   Tiles. Inside a block the 4 warps take 16-token sub-tiles round-robin (a warp step is 16
 //   tokens for D = 128, 32 for D = 64, i.e. 8 KB of K + V per warp step, all loads issued before
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
     const int* __restrict__ seq_lens,     // [B] (stride seq_lens_stride)
     int64_t q_stride_b, int64_t q_stride_h, int64_t seq_lens_stride, int num_q_heads,
     int num_kv_heads, int seq_capacity, int group, int head_chunks, int num_splits,
-    float scale_log2) {
+    float scale_log2, int window) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   constexpr int NT = D == 64 ? 2 : 1;              // 16-token sub-tiles per warp step
   constexpr int BLOCK_TOKENS = kWarps * 16 * NT;   // tokens per block step (split granularity)
@@ -202,9 +203,10 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
   }
 
   const int len = min(max(seq_lens[b * seq_lens_stride], 0), seq_capacity);
-  int chunk = (len + num_splits - 1) / num_splits;
+  const int first = window > 0 ? max(0, len - window) : 0;  // sliding window: tokens [first, len)
+  int chunk = (len - first + num_splits - 1) / num_splits;
   chunk = (chunk + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
-  const int64_t start64 = static_cast<int64_t>(split) * chunk;
+  const int64_t start64 = first + static_cast<int64_t>(split) * chunk;
   const int64_t row0 = static_cast<int64_t>(b) * num_q_heads + head0;  // (b, head0) row of out/ws
 
   if (start64 >= len) {  // empty range (also len == 0)
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) decode_attention_merge_kerne
 template <typename T, int D>
 void launch_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& seq_lens, float scale_log2,
-                             at::Tensor& workspace, cudaStream_t stream) {
+                             at::Tensor& workspace, int window, cudaStream_t stream) {
   const int batch = static_cast<int>(q.size(0));
   const int num_q_heads = static_cast<int>(q.size(1));
   const int num_kv_heads = static_cast<int>(k_cache.size(1));
@@ -482,7 +484,7 @@ void launch_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Ten
       reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
       reinterpret_cast<const T*>(v_cache.data_ptr()), seq_lens.data_ptr<int>(), q.stride(0),
       q.stride(1), seq_lens.stride(0), num_q_heads, num_kv_heads, seq_capacity, group, head_chunks,
-      num_splits, scale_log2);
+      num_splits, scale_log2, window);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_splits > 1) {
     const dim3 merge_grid(num_q_heads, batch);
@@ -496,7 +498,7 @@ void launch_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Ten
 
 void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                       const at::Tensor& v_cache, const at::Tensor& seq_lens, double scale,
-                      at::Tensor& workspace) {
+                      at::Tensor& workspace, int64_t window) {
   LK_CHECK_CUDA(out);
   LK_CHECK_CUDA(q);
   LK_CHECK_CUDA(k_cache);
@@ -542,6 +544,8 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   TORCH_CHECK((reinterpret_cast<std::uintptr_t>(workspace.data_ptr()) & 7) == 0,
               "decode_attention: workspace must be 8-byte aligned");
   TORCH_CHECK(seq_capacity <= (1 << 30), "decode_attention: cache length above 2^30");
+  TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0 (0 = no window), got ", window);
+  const int window_tokens = static_cast<int>(std::min<int64_t>(window, seq_capacity));
   // Blocks write out and workspace while others still read q and the caches.
   at::assert_no_overlap(out, q);
   at::assert_no_overlap(out, k_cache);
@@ -559,10 +563,10 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   LK_DISPATCH_HALF(q.scalar_type(), "decode_attention", [&] {
     if (head_dim == 64) {
       launch_decode_attention<scalar_t, 64>(out, q, k_cache, v_cache, seq_lens, scale_log2, workspace,
-                                            stream);
+                                            window_tokens, stream);
     } else {
       launch_decode_attention<scalar_t, 128>(out, q, k_cache, v_cache, seq_lens, scale_log2,
-                                             workspace, stream);
+                                             workspace, window_tokens, stream);
     }
   });
 }

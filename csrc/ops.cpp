@@ -24,8 +24,9 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def("kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");
   // out[B, Hq, D] = softmax(q[B, Hq, D] . k_cache[B, Hk, :len, D]^T * scale) @ v_cache[B, Hk, :len, D]
   // with len = seq_lens[B] (int32, on device); GQA: query head h reads kv head h / (Hq / Hk).
+  // window > 0: only the last `window` tokens, [max(0, len - window), len) (sliding window).
   // workspace[B, Hq, max_splits, D + 2] (fp32) holds split-K partials (max_splits 1 = no split).
-  m.def("decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace) -> ()");
+  m.def("decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace, int window=0) -> ()");
   // out[B] (int64) ~ softmax(logits[B, V] / temperature[B]) filtered by top_k[B] (int32, 0 = off)
   // then top_p[B] (fp32), renormalized; temperature 0 = argmax. rng_state[2] (int64, device) =
   // (seed, offset): Philox counter; the op advances offset on device.

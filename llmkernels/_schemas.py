@@ -10,6 +10,6 @@ SCHEMAS = {
     "rotary_embedding": "rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()",
     "silu_and_mul": "silu_and_mul(Tensor! out, Tensor x) -> ()",
     "kv_cache_append": "kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()",
-    "decode_attention": "decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace) -> ()",
+    "decode_attention": "decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace, int window=0) -> ()",
     "sample": "sample(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor! rng_state) -> ()",
 }

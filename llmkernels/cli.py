@@ -241,7 +241,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmkernels",
-        description="Fused-kernel Llama inference: generate, chat, inspect, benchmark.",
+        description="Fused-kernel LLM inference (Llama, Mistral, Qwen2, Qwen3): generate, chat, inspect, benchmark.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

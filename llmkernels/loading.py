@@ -1,4 +1,4 @@
-"""Finding and loading Llama weights into the engine's fused layout. Offline only; never unpickles.
+"""Finding and loading model weights (model.FAMILIES) into the engine's fused layout. Offline only; never unpickles.
 
 Sources (:func:`resolve_model_dir`):
 
@@ -77,7 +77,7 @@ def fuse_hf_weights(
     config: ModelConfig,
     convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> dict[str, torch.Tensor]:
-    """Map an HF Llama state dict onto the fused layout.
+    """Map an HF state dict of a supported family (``model.FAMILIES``) onto the fused layout.
 
     names: the HF parameter names available; get(name): the tensor; convert: applied to every
     tensor before fusing (device / dtype move). Unfused tensors are returned as ``convert`` gives
@@ -88,7 +88,7 @@ def fuse_hf_weights(
     prefix = "model." if "model.embed_tokens.weight" in names else ""
     if f"{prefix}embed_tokens.weight" not in names:
         raise ValueError(
-            "no embed_tokens.weight in the checkpoint: not an HF Llama (LlamaForCausalLM) state dict"
+            "no embed_tokens.weight in the checkpoint: not an HF decoder (...ForCausalLM) state dict"
         )
     used: set[str] = set()
 
@@ -118,6 +118,13 @@ def fuse_hf_weights(
             take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
         )
         out[f"layers.{i}.w_down"] = take(p + "mlp.down_proj.weight")
+        if config.qkv_bias:
+            out[f"layers.{i}.bqkv"] = torch.cat(
+                [take(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
+            )
+        if config.qk_norm:
+            out[f"layers.{i}.q_norm"] = take(p + "self_attn.q_norm.weight")
+            out[f"layers.{i}.k_norm"] = take(p + "self_attn.k_norm.weight")
     if not config.tie_word_embeddings:
         out["lm_head"] = take("lm_head.weight")
     elif "lm_head.weight" in names:
@@ -125,7 +132,8 @@ def fuse_hf_weights(
     unexpected = sorted(n for n in names - used if not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(
-            f"checkpoint has parameters a {config.num_layers}-layer Llama does not use: "
+            f"checkpoint has parameters a {config.num_layers}-layer {config.model_type} model "
+            "does not use: "
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
     shapes = expected_shapes(config)

@@ -1,12 +1,15 @@
-"""A Llama forward pass on llmkernels ops: fused QKV and gate/up weights, a static KV cache.
+"""One decoder forward pass on llmkernels ops for the Llama family and its relatives (Mistral,
+Qwen2, Qwen3: a few ModelConfig fields), with fused QKV and gate/up weights and a static KV cache.
 
 Per layer (vLLM-style residual stream, the residual add fused into the next norm)::
 
     x, residual = fused_add_rms_norm(x, residual)        # residual += x; x = rms_norm(residual)
-    qkv = x @ Wqkv^T                                     # one GEMM, Wqkv [(Hq + 2 Hk) * D, hidden]
+    qkv = x @ Wqkv^T (+ bqkv)                            # one GEMM, Wqkv [(Hq + 2 Hk) * D, hidden]
+    q, k = rms_norm(q), rms_norm(k)                      # per head (Qwen3's q_norm / k_norm)
     rotary_embedding(q, k)                               # in place on strided views of qkv
     kv_cache_append(k, v)                                # into k_cache/v_cache at slot_mapping
-    a = attention(q, cache)                              # SDPA (prefill) or decode_attention
+    a = attention(q, cache)                              # SDPA (prefill) or decode_attention,
+                                                         # over the last W tokens in windowed layers
     x = a @ Wo^T
     x, residual = fused_add_rms_norm(x, residual)
     x = silu_and_mul(x @ Wgate_up^T) @ Wdown^T           # Wgate_up [2 I, hidden]
@@ -34,8 +37,15 @@ from .reference import rope_parameters
 
 __all__ = ["ModelConfig", "Transformer", "linear", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral only without a sliding window
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# model_type -> the architecture fields its family sets (everything else is read alike).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},  # sliding_window: every layer
+    "qwen2": {"qkv_bias": True},  # q/k/v projections with bias (o_proj without)
+    "qwen3": {"qk_norm": True},  # RMSNorm of each q and k head before the rotary
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -48,7 +58,7 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture numbers the engine needs, read from an HF ``LlamaConfig`` or a
+    """The architecture numbers the engine needs, read from an HF config object or a
     ``config.json`` dict by :meth:`from_hf` (which rejects what the engine cannot run)."""
 
     vocab_size: int
@@ -63,6 +73,13 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: dict = field(default_factory=dict)  # reference.rope_parameters(config)
     model_type: str = "llama"
+    qkv_bias: bool = False  # a bias on the fused QKV projection (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim of every q and k head, before the rotary (Qwen3)
+    layer_windows: tuple[int, ...] = ()  # per layer: 0 full attention, W > 0 the last W tokens
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (tokens attended, itself included), None when full."""
+        return (self.layer_windows[layer] if self.layer_windows else 0) or None
 
     @property
     def qkv_size(self) -> int:
@@ -79,18 +96,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: Any) -> ModelConfig:
-        """Build from an HF config object (``LlamaConfig``) or a ``config.json`` dict.
+        """Build from an HF config object (``LlamaConfig``, ``Qwen3Config``, ...) or a
+        ``config.json`` dict.
 
-        Raises ``ValueError`` naming the field for anything the engine does not implement:
-        ``model_type`` other than llama (or mistral without a sliding window), ``hidden_act`` other
-        than silu, ``attention_bias`` / ``mlp_bias``, a sliding window, a partial rotary factor,
+        Families (``FAMILIES``): llama, mistral (sliding window on every layer), qwen2 (q/k/v
+        bias; sliding windows from ``use_sliding_window`` / ``max_window_layers`` /
+        ``layer_types``), qwen3 (q/k norm; windows alike). Raises ``ValueError`` naming the field
+        for anything the engine does not implement: another ``model_type`` (MoE, ...),
+        ``hidden_act`` other than silu, ``attention_bias`` / ``mlp_bias`` (biases other than
+        Qwen2's q/k/v), layer types other than full / sliding attention, a partial rotary factor,
         a RoPE type other than default / linear / llama3, or a quantized checkpoint.
         """
         model_type = _get(config, "model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise ValueError(
-                f"config.model_type={model_type!r} is not supported: the engine runs Llama-architecture "
-                f"models (model_type in {SUPPORTED_MODEL_TYPES})"
+                f"config.model_type={model_type!r} is not supported: the engine runs the "
+                f"families {', '.join(FAMILIES)}"
             )
         act = _get(config, "hidden_act", "silu")
         if act != "silu":
@@ -100,15 +121,8 @@ class ModelConfig:
         for name in ("attention_bias", "mlp_bias"):
             if _get(config, name, False):
                 raise ValueError(
-                    f"config.{name}=True is not supported (bias-free projections only)"
+                    f"config.{name}=True is not supported (projection biases: only Qwen2's q/k/v)"
                 )
-        if _get(config, "sliding_window", None) is not None or _get(
-            config, "use_sliding_window", False
-        ):
-            raise ValueError(
-                f"config.sliding_window={_get(config, 'sliding_window', None)!r} is not supported "
-                "(full causal attention only)"
-            )
         quant = _get(config, "quantization_config", None)
         if quant:
             method = quant.get("quant_method") if isinstance(quant, Mapping) else quant
@@ -134,11 +148,14 @@ class ModelConfig:
             raise ValueError(
                 f"config.num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             )
+        num_layers = int(_get(config, "num_hidden_layers"))
         return cls(
+            **FAMILIES[model_type],
+            layer_windows=_layer_windows(config, model_type, num_layers),
             vocab_size=int(_get(config, "vocab_size")),
             hidden_size=int(_get(config, "hidden_size")),
             intermediate_size=int(_get(config, "intermediate_size")),
-            num_layers=int(_get(config, "num_hidden_layers")),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=int(rope["head_dim"]),
@@ -150,6 +167,41 @@ class ModelConfig:
         )
 
 
+def _layer_windows(config: Any, model_type: str, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows as transformers applies them (0 = full attention; () when no
+    layer has one). Mistral: ``sliding_window`` on every layer. Qwen2/3: only with
+    ``use_sliding_window``, on the layers from ``max_window_layers`` on; ``layer_types`` (which
+    transformers derives the same way) wins when the config lists it."""
+    window = _get(config, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not _get(config, "use_sliding_window", False):
+        window = None
+    layer_types = _get(config, "layer_types", None)
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(
+                f"config.layer_types has {unknown}: only full_attention and sliding_attention "
+                "layers are supported"
+            )
+        if len(layer_types) != num_layers:
+            raise ValueError(
+                f"config.layer_types lists {len(layer_types)} layers, num_hidden_layers is {num_layers}"
+            )
+    if window is None:
+        return ()
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"config.sliding_window must be a positive int, got {window}")
+    if layer_types is not None:
+        windows = [window if t == "sliding_attention" else 0 for t in layer_types]
+    elif model_type == "mistral":
+        windows = [window] * num_layers
+    else:
+        first = int(_get(config, "max_window_layers", num_layers))
+        windows = [window if i >= first else 0 for i in range(num_layers)]
+    return tuple(windows) if any(windows) else ()
+
+
 # At most this many rows may take the blocked CPU GEMV in linear() (measured: from 8 rows on, MKL's
 # own threaded GEMM is as fast or faster).
 CPU_GEMV_MAX_ROWS = 4
@@ -157,8 +209,9 @@ CPU_GEMV_MAX_ROWS = 4
 _BLOCKED_GEMV_FASTER: dict[tuple, bool] = {}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T``: x ``[N, in]``, weight ``[out, in]`` → ``[N, out]`` (``F.linear``).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias``: x ``[N, in]``, weight ``[out, in]``, bias ``[out]`` or None →
+    ``[N, out]`` (``F.linear``).
 
     On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode), some BLAS builds run the GEMV on one
     thread at a third of the memory bandwidth (measured on one 2-core AVX-512 host: 9-15 GB/s),
@@ -174,11 +227,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         or not weight.is_contiguous()
         or torch.compiler.is_compiling()
     ):
-        return F.linear(x, weight)
+        return F.linear(x, weight, bias)
     blocks = math.gcd(weight.shape[0], 4 * torch.get_num_threads())  # a few per thread
     if blocks == 1 or not _blocked_gemv_faster(x, weight, blocks):
-        return F.linear(x, weight)
-    return _blocked_gemv(x, weight, blocks)
+        return F.linear(x, weight, bias)
+    y = _blocked_gemv(x, weight, blocks)
+    return y if bias is None else y.add_(bias)
 
 
 def _blocked_gemv(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -251,15 +305,7 @@ def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def weight_names(config: ModelConfig) -> list[str]:
     """Names of the fused-layout weights :class:`Transformer` takes (lm_head only when untied)."""
-    names = ["embed", "norm"]
-    for i in range(config.num_layers):
-        names += [
-            f"layers.{i}.{n}"
-            for n in ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
-        ]
-    if not config.tie_word_embeddings:
-        names.append("lm_head")
-    return names
+    return list(expected_shapes(config))
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -276,6 +322,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 f"layers.{i}.w_down": (c.hidden_size, c.intermediate_size),
             }
         )
+        if c.qkv_bias:
+            shapes[f"layers.{i}.bqkv"] = (c.qkv_size,)
+        if c.qk_norm:
+            shapes[f"layers.{i}.q_norm"] = shapes[f"layers.{i}.k_norm"] = (c.head_dim,)
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (c.vocab_size, c.hidden_size)
     return shapes
@@ -291,10 +341,13 @@ class Layer:
         self.mlp_norm = weights[f"{prefix}.mlp_norm"]  # [hidden]
         self.w_gate_up = weights[f"{prefix}.w_gate_up"]  # [2 * I, hidden]
         self.w_down = weights[f"{prefix}.w_down"]  # [hidden, I]
+        self.bqkv = weights.get(f"{prefix}.bqkv")  # [(Hq + 2 Hk) * D] or None (Qwen2)
+        self.q_norm = weights.get(f"{prefix}.q_norm")  # [D] or None (Qwen3)
+        self.k_norm = weights.get(f"{prefix}.k_norm")  # [D] or None
 
 
 class Transformer:
-    """Llama decoder on llmkernels ops with a static KV cache.
+    """The decoder on llmkernels ops with a static KV cache.
 
     Parameters
     ----------
@@ -374,6 +427,7 @@ class Transformer:
                 layer.w_gate_up,
                 layer.w_down,
             ]
+            tensors += [t for t in (layer.bqkv, layer.q_norm, layer.k_norm) if t is not None]
         return tensors
 
     @property
@@ -398,12 +452,16 @@ class Transformer:
         self, x: torch.Tensor, layer: Layer
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
-        n = x.shape[0]
-        qkv = linear(x, layer.wqkv)  # [N, (Hq + 2 Hk) * D]
-        q_end, k_end = c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim
-        q = qkv[:, :q_end].view(n, c.num_heads, c.head_dim)  # [N, Hq, D] strided view
-        k = qkv[:, q_end:k_end].view(n, c.num_kv_heads, c.head_dim)  # [N, Hk, D]
-        v = qkv[:, k_end:].view(n, c.num_kv_heads, c.head_dim)  # [N, Hk, D]
+        n, d = x.shape[0], c.head_dim
+        qkv = linear(x, layer.wqkv, layer.bqkv)  # [N, (Hq + 2 Hk) * D]
+        q_end, k_end = c.num_heads * d, (c.num_heads + c.num_kv_heads) * d
+        q = qkv[:, :q_end].view(n, c.num_heads, d)  # [N, Hq, D] strided view
+        k = qkv[:, q_end:k_end].view(n, c.num_kv_heads, d)  # [N, Hk, D]
+        v = qkv[:, k_end:].view(n, c.num_kv_heads, d)  # [N, Hk, D]
+        if c.qk_norm:  # per head, over D: new contiguous q [N, Hq, D] and k [N, Hk, D]
+            eps = c.rms_norm_eps
+            q = ops.rms_norm(q.reshape(-1, d), layer.q_norm, eps).view(n, c.num_heads, d)
+            k = ops.rms_norm(k.reshape(-1, d), layer.k_norm, eps).view(n, c.num_kv_heads, d)
         return q, k, v
 
     def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -449,11 +507,21 @@ class Transformer:
         batch, seq = tokens.shape
         flat_pos = positions.reshape(-1)  # [N]
         flat_slots = slots.reshape(-1)  # [N]
-        if causal:
-            mask = None
-        else:
-            key_slot = torch.arange(key_len, device=self.device)
-            mask = (key_slot[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+        key_slot = torch.arange(key_len, device=self.device)[None, None, :]  # [1, 1, L]
+        masks: dict[int | None, torch.Tensor | None] = {}
+
+        def mask_for(window: int | None) -> torch.Tensor | None:
+            """[B, 1, T, L] bool (True = attend): key slot j is visible from position p iff
+            j <= p (and j > p - window in a sliding-window layer); None for plain causal."""
+            if window not in masks:
+                if causal and window is None:
+                    masks[window] = None
+                else:
+                    visible = key_slot <= positions[:, :, None]
+                    if window is not None:
+                        visible &= key_slot > positions[:, :, None] - window
+                    masks[window] = visible[:, None]
+            return masks[window]
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(x, self.layers[i])
@@ -462,7 +530,8 @@ class Transformer:
             qh = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, D]
             keys = self.k_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
             values = self.v_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
-            out = attention(qh, keys, values, mask, causal)  # [B, Hq, T, D]
+            mask = mask_for(c.window(i))
+            out = attention(qh, keys, values, mask, causal and mask is None)  # [B, Hq, T, D]
             return out.transpose(1, 2).reshape(batch * seq, c.num_heads * c.head_dim)
 
         x = self._run_layers(tokens.reshape(-1), attend)  # [N, hidden]
@@ -493,26 +562,34 @@ class Transformer:
         slots = torch.where(pos < cap, self.row_base[:batch] + pos, -1)  # [B]
         pos = pos.clamp(max=cap - 1)
         lens.add_(1).clamp_(max=cap)  # now counts the new token: the seq_lens attention needs
-        if self.decode_kernel:
-            workspace = self.workspace(batch)
-            mask = None
-        else:  # SDPA over the whole row, masked by length
-            workspace = None
-            mask = (torch.arange(cap, device=self.device)[None, :] < lens[:, None])[
-                :, None, None
-            ]  # [B, 1, 1, S]
+        workspace = self.workspace(batch) if self.decode_kernel else None
+        slot = torch.arange(cap, device=self.device)[None, :]  # [1, S]
+        masks: dict[int | None, torch.Tensor] = {}
+
+        def mask_for(window: int | None) -> torch.Tensor:
+            """[B, 1, 1, S] bool: SDPA over the whole row, masked by length (and window)."""
+            if window not in masks:
+                visible = slot < lens[:, None]
+                if window is not None:
+                    visible &= slot >= lens[:, None] - window
+                masks[window] = visible[:, None, None]
+            return masks[window]
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(x, self.layers[i])  # q [B, Hq, D]; k, v [B, Hk, D]
             ops.rotary_embedding(pos, q, k, self.cos_sin)
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], slots)
+            window = c.window(i)
             if workspace is not None:
                 out = ops.decode_attention(
-                    q, self.k_cache[i], self.v_cache[i], lens, workspace=workspace
+                    q, self.k_cache[i], self.v_cache[i], lens, workspace=workspace, window=window
                 )
             else:
                 out = attention(
-                    q.unsqueeze(2), self.k_cache[i, :batch], self.v_cache[i, :batch], mask
+                    q.unsqueeze(2),
+                    self.k_cache[i, :batch],
+                    self.v_cache[i, :batch],
+                    mask_for(window),
                 ).squeeze(2)  # [B, Hq, D]
             return out.reshape(batch, c.num_heads * c.head_dim)
 

@@ -510,15 +510,18 @@ def decode_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a static KV cache (one new query token per sequence, GQA):
-    ``out[b, h] = softmax(scale * q[b, h] . K[b, g]^T) V[b, g]`` over the first ``seq_lens[b]``
-    cached tokens, ``g = h // (Hq / Hk)``; softmax in fp32; ``seq_lens[b] = 0`` gives zeros.
+    ``out[b, h] = softmax(scale * q[b, h] . K[b, g]^T) V[b, g]`` over the cached tokens
+    ``[s, L)`` with ``L = seq_lens[b]`` and ``s = max(0, L - window)`` (0 without a window),
+    ``g = h // (Hq / Hk)``; softmax in fp32; ``L = 0`` gives zeros.
 
     q: ``[B, Hq, D]`` (last dim contiguous); k_cache, v_cache: ``[B', Hk, S, D]`` contiguous with
     ``B' >= B``, same dtype as q; seq_lens: ``[B]`` int32 with values in ``[0, S]``;
     scale: default ``D ** -0.5``; out: ``[B, Hq, D]`` contiguous; workspace: from
-    :func:`decode_attention_workspace` (allocated per call when None).
+    :func:`decode_attention_workspace` (allocated per call when None); window: ``None`` or a
+    positive int (a sliding window: only the last ``window`` tokens are read).
     """
     _tensor(q, "q", FLOAT_DTYPES, ndim=3)
     _check_cache(k_cache, v_cache)
@@ -542,6 +545,10 @@ def decode_attention(
         scale = head_dim**-0.5
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
+        raise ValueError(f"window must be None or a positive int, got {window!r}")
     if not seq_lens.is_cuda and batch:
         lo, hi = map(int, torch.aminmax(seq_lens))
         if lo < 0 or hi > seq_capacity:
@@ -588,12 +595,12 @@ def decode_attention(
                 ("v_cache", v_cache),
             )
         torch.ops.llmkernels.decode_attention(
-            out, q, k_cache, v_cache, seq_lens, float(scale), workspace
+            out, q, k_cache, v_cache, seq_lens, float(scale), workspace, window or 0
         )
     elif _lean_cpu(q):
-        out.copy_(cpu.decode_attention(q, k_cache, v_cache, seq_lens, scale))
+        out.copy_(cpu.decode_attention(q, k_cache, v_cache, seq_lens, scale, window))
     else:
-        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
+        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale, window))
     return out
 
 
@@ -767,8 +774,8 @@ def _register_python_impls() -> None:
     def cpu_kv_cache_append(k, v, k_cache, v_cache, slot_mapping):
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
 
-    def cpu_decode_attention(out, q, k_cache, v_cache, seq_lens, scale, workspace):
-        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale))
+    def cpu_decode_attention(out, q, k_cache, v_cache, seq_lens, scale, workspace, window=0):
+        out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale, window or None))
 
     cpu_impls = {
         "rms_norm": cpu_rms_norm,

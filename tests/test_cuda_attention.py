@@ -367,3 +367,29 @@ def test_attention_overlap_rejected():
     k = torch.randn(3, 2, 64, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.llmkernels.kv_cache_append(k, k, k_cache, k_cache, torch.arange(3, device="cuda"))
+
+
+# ---- sliding window (Mistral, windowed Qwen layers) ---------------------------------------------------
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window", [1, 7, 64, 4096])
+@pytest.mark.parametrize("splits", [1, 5, None])
+def test_decode_attention_sliding_window(splits, window, head_dim, dtype):
+    lens = [0, 1, 6, 7, 300, 5000]  # shorter and longer than the window
+    batch, q_heads, kv_heads = len(lens), 8, 2
+    q = torch.randn(batch, q_heads, head_dim, device="cuda").to(dtype)
+    k_cache, v_cache = make_cache(batch, kv_heads, 5120, head_dim, dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    # poison everything outside each row's window: the kernel must not read it
+    k_bad, v_bad = poisoned(k_cache, lens), poisoned(v_cache, lens)
+    for b, n in enumerate(lens):
+        k_bad[b, :, : max(0, n - window)] = float("nan")
+        v_bad[b, :, : max(0, n - window)] = float("nan")
+    ws = None if splits is None else workspace(batch, q_heads, head_dim, splits)
+    out = lk.decode_attention(q, k_bad, v_bad, seq_lens, workspace=ws, window=window)
+    expected = ref.decode_attention(
+        q.float(), k_cache.float(), v_cache.float(), seq_lens, window=window
+    )
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

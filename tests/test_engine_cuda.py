@@ -263,3 +263,75 @@ def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
     got = attention(*(t.to("cuda", dtype) for t in (q, k, v)), mask.cuda())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), expected, rtol=tol, atol=tol)
+
+
+# ---- other families: Qwen2 (q/k/v bias), Qwen3 (q/k norm), windowed layers ------------------------
+def family_model(family: str, dtype=torch.bfloat16, **overrides):
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    config_cls, model_cls = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[family]
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+    model.generation_config.eos_token_id = None
+    return model.to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("qwen2", {}),
+        ("qwen3", dict(head_dim=128)),
+        ("mistral", dict(sliding_window=16)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    ],
+    ids=["qwen2-bias", "qwen3-qk-norm", "mistral-window", "qwen2-window"],
+)
+@torch.inference_mode()
+def test_families_bf16_close_to_hf_and_graphs_equal_eager(family, overrides):
+    hf32 = family_model(family, torch.float32, **overrides)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    eng = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128)
+    assert eng.model.decode_kernel
+    ids = prompts(2, 40)  # longer than the windows
+    with torch.no_grad():
+        ref = hf32(ids).logits
+        hf_err = max_err(hf16(ids).logits, ref)
+    assert max_err(eng.logits(ids), ref) <= 2 * hf_err + 1e-3
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    eng._prefill(ids[:, :24], ones[:, :24], [0, 0], [24, 24], all_logits=False)
+    for t in range(24, 40):  # decode steps on the (windowed) decode-attention kernel
+        eng._tokens[:2].copy_(ids[:, t])
+        assert max_err(eng._step(2, greedy=True), ref[:, t]) <= 2 * hf_err + 1e-3, f"position {t}"
+    kw = dict(max_new_tokens=24, do_sample=False)
+    graphed = eng.generate(ids[:, :20], **kw)
+    eager = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    assert torch.equal(graphed, eager.generate(ids[:, :20], **kw))

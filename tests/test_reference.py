@@ -218,6 +218,34 @@ def test_decode_attention_matches_eager_repeat_kv(heads, kv_heads, head_dim):
     assert torch.equal(actual[4], torch.zeros_like(actual[4]))  # seq_len 0 -> zeros
 
 
+@pytest.mark.parametrize("window", [1, 4, 16, 64])
+def test_decode_attention_sliding_window_matches_transformers_mask(window):
+    # transformers' own sliding-window causal mask function, for the new token at position L - 1
+    # over the cache 0 .. L - 1, as an additive mask to its eager attention
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    visible_fn = sliding_window_causal_mask_function(window)
+
+    class _Module(torch.nn.Module):
+        num_key_value_groups = 3
+        training = False
+
+    q = torch.randn(4, 9, 64)
+    k_cache, v_cache = torch.randn(4, 3, 40, 64), torch.randn(4, 3, 40, 64)
+    seq_lens = torch.tensor([1, 10, 40, 17], dtype=torch.int32)
+    actual = ref.decode_attention(q, k_cache, v_cache, seq_lens, window=window)
+    for b, length in enumerate(seq_lens.tolist()):
+        visible = visible_fn(0, 0, torch.tensor(length - 1), torch.arange(length))
+        mask = torch.zeros(length).masked_fill(~visible, float("-inf"))[None, None, None]
+        key, value = k_cache[b : b + 1, :, :length], v_cache[b : b + 1, :, :length]
+        out, _ = hf.eager_attention_forward(
+            _Module(), q[b][None, :, None], key, value, mask, scaling=64**-0.5
+        )
+        torch.testing.assert_close(actual[b], out[0, 0], atol=1e-5, rtol=1e-5)
+    full = ref.decode_attention(q, k_cache, v_cache, seq_lens)
+    assert torch.allclose(actual, full) == (window >= 40)  # the window matters when shorter
+
+
 def test_decode_attention_ignores_cache_beyond_seq_len():
     q = torch.randn(2, 4, 64)
     k_cache = torch.randn(2, 2, 16, 64)

@@ -90,6 +90,45 @@ CONFIGS: dict[str, dict] = {
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        sliding_window=4096,
+    ),
 }
 
 ALL_CONTENDERS = ("hf-eager", "hf-sdpa", "hf-static-compile", "hf-patched", "lk-eager", "lk-graph")
@@ -119,22 +158,28 @@ def _sync(device: torch.device) -> None:
 def build_model(
     config_name: str, dtype: torch.dtype, device: torch.device, model_path: str | None = None
 ):
-    """(model, weight_bytes): an HF LlamaForCausalLM with random weights of a real config (seed 0),
-    EOS disabled so every run generates exactly max_new_tokens; or real weights from model_path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """(model, weight_bytes): an HF ...ForCausalLM with random weights of a real config (seed 0;
+    the config's ``model_type``, llama by default), EOS disabled so every run generates exactly
+    max_new_tokens; or real weights from model_path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_path is not None:
-        model = LlamaForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True).to(
-            device
-        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, use_safetensors=True
+        ).to(device)
         model.generation_config.eos_token_id = None
     else:
-        config = LlamaConfig(
-            **CONFIGS[config_name], bos_token_id=None, eos_token_id=None, pad_token_id=None
+        fields = dict(CONFIGS[config_name])
+        config = AutoConfig.for_model(
+            fields.pop("model_type", "llama"),
+            **fields,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
         )
         torch.manual_seed(0)
         with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
         with torch.no_grad():  # default init has tiny stds: make logits non-degenerate
             for p in model.parameters():
                 if p.dim() == 2:

@@ -53,6 +53,20 @@ def test_rms_norm_matches_llama_rms_norm(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_matches_qwen3_q_norm(dtype):
+    # Qwen3 normalizes each q / k head over head_dim (q_norm, k_norm) on [B, T, H, D] views; the
+    # engine runs rms_norm on those heads as rows
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    norm = Qwen3RMSNorm(128, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(128) + 0.5)
+    heads = (torch.randn(2, 7, 16, 128) * 3).to(dtype)  # [B, T, H, D]
+    actual = ref.rms_norm(heads.reshape(-1, 128), norm.weight, 1e-6).view_as(heads)
+    torch.testing.assert_close(actual, norm(heads), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rms_norm_is_add_then_norm(dtype):
     hidden = 769
     weight = torch.randn(hidden, dtype=dtype)

@@ -663,6 +663,24 @@ const KernelInfo& kernel_info(int device) {
   return infos[device];
 }
 
+// Grid (cluster, rows) of kThreads-thread CTAs, cluster (cluster, 1, 1) when cluster > 1; `attr`
+// holds the cluster attribute the returned config points to.
+cudaLaunchConfig_t launch_config(int cluster, int64_t rows, size_t smem, cudaStream_t stream,
+                                 cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(cluster), static_cast<unsigned>(rows), 1);
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
 // Occupancy answers per (kernel variant, device, cluster size, dynamic shared memory), memoized:
 // CTAs per SM (cluster 0) or co-resident clusters of that size on the device (cluster > 1).
 template <typename T, bool kCached>
@@ -680,17 +698,8 @@ int occupancy(int device, int cluster, size_t smem) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&answer, sample_kernel<T, kCached>,
                                                                  kThreads, smem));
   } else {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
-    config.blockDim = dim3(kThreads, 1, 1);
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = launch_config(cluster, 1, smem, nullptr, attr);
     // An error (e.g. clusters unsupported in this context) counts as "cannot co-schedule".
     if (cudaOccupancyMaxActiveClusters(&answer, sample_kernel<T, kCached>, &config) != cudaSuccess) {
       (void)cudaGetLastError();
@@ -708,18 +717,8 @@ void launch_rows(int64_t* out, const T* logits, const float* temperature, const 
   constexpr int64_t kMaxGridY = 65535;
   for (int64_t r0 = 0; r0 < batch; r0 += kMaxGridY) {
     const int64_t rows = std::min(kMaxGridY, batch - r0);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cluster), static_cast<unsigned>(rows), 1);
-    config.blockDim = dim3(kThreads, 1, 1);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = cluster > 1 ? 1 : 0;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = launch_config(cluster, rows, smem, stream, attr);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, sample_kernel<T, kCached>, out + r0 * out_stride,
                                       logits + r0 * row_stride, temperature + r0, top_k + r0, top_p + r0, rng_state,
                                       out_stride, row_stride, vocab, chunk, cluster, static_cast<int>(r0)));

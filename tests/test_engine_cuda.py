@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import requires_cuda
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import llmkernels as lk
 
@@ -17,7 +17,12 @@ pytestmark = [pytest.mark.cuda, requires_cuda]
 VOCAB = 512
 
 
-def hf_model(dtype=torch.bfloat16, head_dim=64, seed=0, **overrides) -> LlamaForCausalLM:
+def hf_model(
+    dtype=torch.bfloat16, head_dim=64, seed=0, family="llama", **overrides
+) -> LlamaForCausalLM:
+    """A random HF ...ForCausalLM of the family (weights and biases spread out), on the GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     kwargs = dict(
         vocab_size=VOCAB,
         hidden_size=256,
@@ -31,11 +36,13 @@ def hf_model(dtype=torch.bfloat16, head_dim=64, seed=0, **overrides) -> LlamaFor
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kwargs)).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
     model.generation_config.eos_token_id = None
     return model.to(device="cuda", dtype=dtype)
 
@@ -266,45 +273,6 @@ def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
 
 
 # ---- other families: Qwen2 (q/k/v bias), Qwen3 (q/k norm), windowed layers ------------------------
-def family_model(family: str, dtype=torch.bfloat16, **overrides):
-    from transformers import (
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    config_cls, model_cls = {
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }[family]
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kwargs)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.3)
-    model.generation_config.eos_token_id = None
-    return model.to(device="cuda", dtype=dtype)
-
-
 @pytest.mark.parametrize(
     "family, overrides",
     [
@@ -317,7 +285,7 @@ def family_model(family: str, dtype=torch.bfloat16, **overrides):
 )
 @torch.inference_mode()
 def test_families_bf16_close_to_hf_and_graphs_equal_eager(family, overrides):
-    hf32 = family_model(family, torch.float32, **overrides)
+    hf32 = hf_model(torch.float32, family=family, **overrides)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
     eng = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128)
     assert eng.model.decode_kernel

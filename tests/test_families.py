@@ -20,6 +20,7 @@ from transformers import (
 
 import llmkernels as lk
 from llmkernels.model import ModelConfig
+from llmkernels.perf.generate import CONFIGS
 
 VOCAB = 320
 CLASSES = {
@@ -55,54 +56,18 @@ VARIANTS = {
         dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=0),
     ),
 }
-# Real models' shapes, shrunk in depth (vocabulary, widths, heads and head_dim as published)
+
+
+# Real models' shapes (the benchmark's configs), shrunk in depth
+def real_shape(name: str, layers: int = 2) -> tuple[str, dict]:
+    fields = dict(CONFIGS[name], num_hidden_layers=layers)
+    return fields.pop("model_type"), fields
+
+
 REAL = {
-    "qwen2.5-0.5b": (
-        "qwen2",
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=2,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        ),
-    ),
-    "qwen3-0.6b": (
-        "qwen3",
-        dict(
-            vocab_size=151936,
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_hidden_layers=2,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        ),
-    ),
-    "mistral-7b": (
-        "mistral",
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=1,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-5,
-            sliding_window=4096,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "qwen2.5-0.5b": real_shape("qwen2.5-0.5b"),
+    "qwen3-0.6b": real_shape("qwen3-0.6b"),
+    "mistral-7b": real_shape("mistral-7b", layers=1),  # 2.8 GB of fp32 weights per layer pair
 }
 
 

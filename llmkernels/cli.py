@@ -83,11 +83,17 @@ def _load_engine(args):
     device = _resolve_device(args.device)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
-        args.model, device=device, dtype=_resolve_dtype(args.dtype), max_seq_len=args.max_seq_len
+        args.model,
+        device=device,
+        dtype=_resolve_dtype(args.dtype),
+        max_seq_len=args.max_seq_len,
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
+    weights = f", weights {args.quantize}" if args.quantize else ""
     print(
-        f"[llmkernels] {args.model} on {engine.device} ({str(engine.dtype).replace('torch.', '')}), "
-        f"loaded in {time.perf_counter() - t0:.1f}s",
+        f"[llmkernels] {args.model} on {engine.device} ({str(engine.dtype).replace('torch.', '')}"
+        f"{weights}), loaded in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
     return engine
@@ -260,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
         )
         p.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length")
+        p.add_argument(
+            "--quantize",
+            default=None,
+            choices=["int8", "int4"],
+            help="weight-only quantization (default: none, the exact weights)",
+        )
+        p.add_argument(
+            "--group-size", type=_positive_int, default=32, help="int4: inputs per scale"
+        )
         if sampling:
             p.add_argument("--max-new-tokens", type=_positive_int, default=128)
             p.add_argument(

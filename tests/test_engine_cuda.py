@@ -303,3 +303,29 @@ def test_families_bf16_close_to_hf_and_graphs_equal_eager(family, overrides):
     graphed = eng.generate(ids[:, :20], **kw)
     eager = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
     assert torch.equal(graphed, eager.generate(ids[:, :20], **kw))
+
+
+# ---- weight-only quantization (ATen's packed int8 / int4 kernels on CUDA) --------------------------
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.inference_mode()
+def test_quantized_engine_on_cuda(mode):
+    from llmkernels import quant
+
+    hf16 = hf_model(torch.bfloat16)
+    quantized = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128, quantize=mode)
+    dequantized = copy.deepcopy(hf16)
+    with torch.no_grad():
+        for module in dequantized.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                q = quant.quantize_weight(module.weight, mode)
+                module.weight.copy_(q.dequantize(torch.bfloat16))
+    exact = lk.Engine.from_hf(dequantized, max_batch_size=2, max_seq_len=128)
+    ids = prompts(2, 40)
+    expected, actual = exact.logits(ids).float(), quantized.logits(ids).float()
+    assert (actual - expected).norm() / expected.norm() < 0.03
+    kw = dict(max_new_tokens=24, do_sample=False)
+    graphed = quantized.generate(ids[:, :16], **kw)
+    eager = lk.Engine.from_hf(
+        hf16, max_batch_size=2, max_seq_len=128, quantize=mode, use_cuda_graph=False
+    )
+    assert torch.equal(graphed, eager.generate(ids[:, :16], **kw))

@@ -8,6 +8,8 @@ Contenders (all on the same randomly initialized model, fixed seed, or real weig
   hf-patched          HF generate after lk.patch(model)
   lk-eager            our Engine, decode step run eagerly
   lk-graph            our Engine, decode step replayed as a CUDA graph (CUDA only)
+  lk-int8, lk-int4    our Engine with weight-only int8 / int4 weights (only when asked for;
+                      on CUDA with graphs); GB/s counts the quantized bytes actually read
 
 Reported per (config, batch, prompt length): prefill ms, decode tok/s (all rows) and per sequence,
 GB/s = (weight bytes + KV bytes read) per step x steps/s, % of the copy bandwidth measured in the
@@ -131,7 +133,15 @@ CONFIGS: dict[str, dict] = {
     ),
 }
 
-ALL_CONTENDERS = ("hf-eager", "hf-sdpa", "hf-static-compile", "hf-patched", "lk-eager", "lk-graph")
+DEFAULT_CONTENDERS = (
+    "hf-eager",
+    "hf-sdpa",
+    "hf-static-compile",
+    "hf-patched",
+    "lk-eager",
+    "lk-graph",
+)
+ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-int8", "lk-int4")
 CUDA_ONLY = {"hf-static-compile", "lk-graph"}
 RESULT_COLUMNS = [
     "config",
@@ -239,8 +249,13 @@ def make_runner(name: str, model, max_batch: int, max_seq: int):
 
         return run, done
 
+    quantize = {"lk-int8": "int8", "lk-int4": "int4"}.get(name)
     engine = lk.Engine.from_hf(
-        model, max_batch_size=max_batch, max_seq_len=max_seq, use_cuda_graph=(name == "lk-graph")
+        model,
+        max_batch_size=max_batch,
+        max_seq_len=max_seq,
+        use_cuda_graph=name in ("lk-graph", "lk-int8", "lk-int4"),
+        quantize=quantize,
     )
 
     def run(input_ids, new_tokens):
@@ -250,6 +265,11 @@ def make_runner(name: str, model, max_batch: int, max_seq: int):
         nonlocal engine
         engine = None
 
+    if quantize:  # the bytes a decode step reads: the engine's weights but the embedding table
+        m = engine.model  # (its rows are looked up; the quantized LM head is read whole)
+        run.weight_bytes = sum(
+            t.numel() * t.element_size() for t in m.weight_tensors() if t is not m.embed
+        )
     return run, done
 
 
@@ -274,6 +294,7 @@ def bench_contender(
     except Exception as exc:  # a contender that cannot run here is reported, not fatal
         return [{"contender": name, "error": f"{type(exc).__name__}: {exc}"}]
     setup_s = time.perf_counter() - t0
+    weight_bytes = getattr(run, "weight_bytes", weight_bytes)
     gen = torch.Generator().manual_seed(1)
     try:
         for batch in batches:
@@ -506,7 +527,7 @@ def main_from_cli(args, device: torch.device) -> int:
     dtype = (
         getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     )
-    contenders = [c for c in (args.contenders or ALL_CONTENDERS) if cuda or c not in CUDA_ONLY]
+    contenders = [c for c in (args.contenders or DEFAULT_CONTENDERS) if cuda or c not in CUDA_ONLY]
     out_dir = Path(args.out) if args.out else results_dir(device=device)
     print(
         f"[bench] {environment(device)['device']}: configs {configs}, batches {batches}, prompts {prompts}, "

@@ -1,0 +1,227 @@
+"""Weight-only quantization for decode: int8 per output channel, int4 in groups along the input.
+
+Batch-1 decode reads every weight once per token, so bytes per weight bound its speed. A
+:class:`QuantizedWeight` stands in for a ``[out, in]`` weight in ``model.linear``; its matmul is
+``x @ dequantize()^T``, computed by PyTorch's packed weight-only kernels, with bf16 activations:
+
+- int8: ``W[o, i] = q[o, i] * scale[o]`` (q in [-127, 127]); ``aten._weight_int8pack_mm``
+  (CPU and CUDA).
+- int4: groups of ``group_size`` inputs, ``W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g]``
+  (q in [0, 15], g = i // group_size, asymmetric: min/max of the group);
+  ``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` (tinygemm) on CUDA.
+
+Those ``aten._weight_*`` ops are PyTorch internals (torchao and gpt-fast use them): their
+schemas are checked here on first use (:func:`check_packed_ops`), and tests/test_quant.py checks
+their results against :meth:`QuantizedWeight.dequantize`, so a change fails loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "QuantizedWeight",
+    "quantize_weight",
+    "quantize_model_weights",
+    "check_packed_ops",
+    "MODES",
+    "INT4_GROUP_SIZES",
+]
+
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels accept
+_CUDA_INNER_K_TILES = 8  # tinygemm's packing: in_features must be a multiple of 8 * 16
+
+_EXPECTED_SCHEMAS = {
+    "_weight_int8pack_mm": "aten::_weight_int8pack_mm(Tensor self, Tensor mat2, Tensor scales) -> Tensor",
+    "_weight_int4pack_mm_for_cpu": (
+        "aten::_weight_int4pack_mm_for_cpu(Tensor self, Tensor mat2, int qGroupSize, "
+        "Tensor qScaleAndZeros) -> Tensor"
+    ),
+    "_convert_weight_to_int4pack_for_cpu": (
+        "aten::_convert_weight_to_int4pack_for_cpu(Tensor self, int innerKTiles) -> Tensor"
+    ),
+    "_weight_int4pack_mm": (
+        "aten::_weight_int4pack_mm(Tensor self, Tensor mat2, int qGroupSize, "
+        "Tensor qScaleAndZeros) -> Tensor"
+    ),
+    "_convert_weight_to_int4pack": (
+        "aten::_convert_weight_to_int4pack(Tensor self, int innerKTiles) -> Tensor"
+    ),
+}
+_CHECKED = False
+
+
+def check_packed_ops() -> None:
+    """Raise ``RuntimeError`` naming the op if an ``aten._weight_*`` op this module relies on is
+    missing or has another schema in the installed torch."""
+    global _CHECKED
+    if _CHECKED:
+        return
+    for name, expected in _EXPECTED_SCHEMAS.items():
+        op = getattr(torch.ops.aten, name, None)
+        found = str(op.default._schema) if op is not None else "missing"
+        if found != expected:
+            raise RuntimeError(
+                f"llmkernels quantization relies on torch's aten.{name} ({expected}); torch "
+                f"{torch.__version__} has {found}"
+            )
+    _CHECKED = True
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight-only quantized ``[out, in]`` matrix standing in for a weight in ``x @ W^T``."""
+
+    mode: str  # "int8" or "int4"
+    shape: tuple[int, int]  # (out_features, in_features)
+    group_size: int  # int4: inputs per scale; int8: in_features (one scale per output)
+    qweight: torch.Tensor  # int8 [out, in]; int4: uint8 [out, in / 2], two codes per byte
+    scales: torch.Tensor  # int8: [out]; int4: [out, in / group_size] (fp32)
+    zeros: torch.Tensor | None = None  # int4: [out, in / group_size] (fp32)
+    packed: torch.Tensor | None = None  # the packed kernel's layout (see packed_now)
+    scale_and_zero: torch.Tensor | None = None  # int4: bf16 [in / G, out, 2], kernel layout
+    kernel_scales: torch.Tensor | None = None  # int8: bf16 [out]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read per matmul (codes plus scales and zeros)."""
+        tensors = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes, int32 ``[out, in]`` (int8: [-127, 127], int4: [0, 15])."""
+        if self.mode == "int8":
+            return self.qweight.to(torch.int32)
+        high, low = (self.qweight >> 4).to(torch.int32), (self.qweight & 15).to(torch.int32)
+        return torch.stack((high, low), dim=-1).view(self.shape)  # even input first
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The reference: the ``[out, in]`` matrix the codes stand for, in fp32 (then dtype)."""
+        q = self.codes().float()
+        if self.mode == "int8":
+            return (q * self.scales[:, None]).to(dtype)
+        out_features, in_features = self.shape
+        groups = q.view(out_features, in_features // self.group_size, self.group_size)
+        w = (groups - 8) * self.scales[..., None] + self.zeros[..., None]
+        return w.view(self.shape).to(dtype)
+
+    def _pack(self) -> None:
+        check_packed_ops()
+        if self.mode == "int8":
+            self.packed = self.qweight
+            self.kernel_scales = self.scales.to(torch.bfloat16)
+            return
+        # [in / G, out, 2]: the layout both int4 kernels take their scales and zeros in
+        self.scale_and_zero = (
+            torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
+        ).to(torch.bfloat16)
+        if self.device.type == "cuda":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(
+                self.qweight, _CUDA_INNER_K_TILES
+            )
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes(), 1)
+
+    def packed_now(self) -> QuantizedWeight:
+        """Build the kernel layout now (not at the first matmul, which may be inside a CUDA-graph
+        capture); returns self."""
+        if self.packed is None:
+            self._pack()
+        return self
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` for x ``[N, in]`` (any float dtype; computed with bf16 activations),
+        returned in x's dtype, ``[N, out]``."""
+        if self.packed is None:
+            self._pack()
+        xb = x.to(torch.bfloat16)
+        if self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)
+        elif self.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(
+                xb, self.packed, self.group_size, self.scale_and_zero
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                xb, self.packed, self.group_size, self.scale_and_zero
+            )
+        return y.to(x.dtype)
+
+
+def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 32) -> QuantizedWeight:
+    """Quantize a float ``[out, in]`` weight (rounded to nearest, computed in fp32).
+
+    int8: symmetric per output channel, ``scale = max|w| / 127``. int4: asymmetric per group of
+    ``group_size`` inputs (32, 64, 128 or 256; ``in`` a multiple of it, and of 128 on CUDA;
+    ``out`` a multiple of 16, as the packed kernels need),
+    ``scale = (max - min) / 15``, ``zero = min + 8 * scale``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight must be a 2-D float [out, in] tensor, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    w = weight.detach().float()
+    if mode == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(
+            "int8", (out_features, in_features), in_features, q, scales
+        ).packed_now()
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(
+            f"int4 needs in_features ({in_features}) to be a multiple of group_size ({group_size})"
+        )
+    if out_features % 16:
+        raise ValueError(f"int4 needs out_features ({out_features}) to be a multiple of 16")
+    if weight.is_cuda and in_features % (16 * _CUDA_INNER_K_TILES):
+        raise ValueError(f"int4 on CUDA needs in_features ({in_features}) to be a multiple of 128")
+    groups = w.view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, in / G]
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15)
+    codes = codes.to(torch.uint8).view(out_features, in_features)
+    qweight = (codes[:, 0::2] << 4) | codes[:, 1::2]  # [out, in / 2], even input in the high half
+    return QuantizedWeight(
+        "int4",
+        (out_features, in_features),
+        group_size,
+        qweight.contiguous(),
+        scales,
+        low + 8 * scales,
+    ).packed_now()
+
+
+def quantize_model_weights(
+    weights: dict,
+    num_layers: int,
+    tie_word_embeddings: bool,
+    mode: str,
+    group_size: int = 32,
+    lm_head: bool = False,
+) -> dict:
+    """The engine's fused weights with every layer's projections quantized (``wqkv``, ``wo``,
+    ``w_gate_up``, ``w_down``). Norms, biases and the embedding are kept as they are. The LM
+    head stays in the model's dtype unless ``lm_head``: the packed kernels return bf16, and
+    bf16 logits (a resolution of 0.125 at 24) tie candidates that fp32 logits tell apart, which
+    flips greedy picks; when quantized, a tied model gets a quantized copy of its embedding."""
+    check_packed_ops()
+    out = dict(weights)
+    layer_weights = ("wqkv", "wo", "w_gate_up", "w_down")
+    for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in layer_weights]:
+        out[name] = quantize_weight(weights[name], mode, group_size)
+    if lm_head:
+        head = weights["embed"] if tie_word_embeddings else weights["lm_head"]
+        out["lm_head"] = quantize_weight(head, mode, group_size)
+    return out

@@ -1,0 +1,155 @@
+"""Weight-only quantization (llmkernels.quant): codes and scales, PyTorch's packed kernels against
+the dequantized reference, the quantized engine against the fp32 one, bad arguments."""
+
+import pytest
+import torch
+
+from llmkernels import quant
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (49, 256), (1, 512)])
+def test_int8_codes_and_round_trip(shape):
+    w = torch.randn(*shape) * torch.linspace(0.1, 3, shape[0])[:, None]
+    q = quant.quantize_weight(w, "int8")
+    assert q.qweight.dtype == torch.int8 and q.scales.shape == (shape[0],)
+    assert int(q.qweight.abs().max()) == 127  # each row's largest |w| maps to 127
+    error = (q.dequantize() - w).abs()
+    assert (error <= q.scales[:, None] / 2 + 1e-7).all()  # rounded to nearest
+
+
+@pytest.mark.parametrize("group_size", quant.INT4_GROUP_SIZES)
+def test_int4_codes_and_round_trip(group_size):
+    w = torch.randn(48, 512) * 2 + torch.randn(48, 1)  # row offsets: asymmetric groups
+    q = quant.quantize_weight(w, "int4", group_size)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (48, 256)
+    codes = q.codes()
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+    groups = codes.view(48, 512 // group_size, group_size)
+    assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()  # min/max hit 0/15
+    error = (q.dequantize() - w).view(48, -1, group_size).abs()
+    assert (error <= q.scales[..., None] / 2 * 1.0001 + 1e-6).all()
+
+
+def kernel_view(q: quant.QuantizedWeight) -> torch.Tensor:
+    """The matrix the packed kernels multiply by: dequantized with bf16 scales and zeros (fp32)."""
+    zeros = None if q.zeros is None else q.zeros.bfloat16().float()
+    rounded = quant.QuantizedWeight(
+        q.mode, q.shape, q.group_size, q.qweight, q.scales.bfloat16().float(), zeros
+    )
+    return rounded.dequantize()
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_packed_kernel_equals_dequantized_matmul(mode, group_size, rows):
+    w = torch.randn(192, 256)
+    q = quant.quantize_weight(w, mode, group_size or 32)
+    x = torch.randn(rows, 256)
+    # The kernels take bf16 activations and bf16 scales / zeros and round the result to bf16.
+    expected = x.bfloat16().float() @ kernel_view(q).t()
+    actual = q.matmul(x)
+    assert actual.dtype == torch.float32 and actual.shape == (rows, 192)
+    error = (actual - expected).abs().max() / expected.abs().max()
+    assert error <= 2**-7  # the result's bf16 rounding (2^-9 relative) and summation order
+    assert q.matmul(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_packed_ops_are_checked():
+    quant.check_packed_ops()  # the installed torch has them, with the expected schemas
+    saved = dict(quant._EXPECTED_SCHEMAS)
+    try:
+        quant._EXPECTED_SCHEMAS["_weight_int8pack_mm"] = (
+            "aten::_weight_int8pack_mm(Tensor x) -> Tensor"
+        )
+        quant._CHECKED = False
+        with pytest.raises(RuntimeError, match="aten._weight_int8pack_mm"):
+            quant.check_packed_ops()
+    finally:
+        quant._EXPECTED_SCHEMAS.clear()
+        quant._EXPECTED_SCHEMAS.update(saved)
+        quant._CHECKED = False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(4, 64), "int3"), "quantize must be one of"),
+        ((torch.randn(4, 64), "int4", 48), "group_size must be one of"),
+        ((torch.randn(16, 96), "int4", 64), "multiple of group_size"),
+        ((torch.randn(40, 64), "int4", 32), "out_features \\(40\\) to be a multiple of 16"),
+        ((torch.randn(64), "int8"), "2-D float"),
+    ],
+)
+def test_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        quant.quantize_weight(*args)
+
+
+# ---- the quantized engine ----------------------------------------------------------------------------
+def _tiny_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_quantized_engine_equals_exact_engine_on_dequantized_weights(mode):
+    """The quantized engine computes the model whose projections are the dequantized weights, up
+    to bf16 activations: compared with the exact engine run on those dequantized weights."""
+    import copy
+
+    import llmkernels as lk
+
+    hf = _tiny_hf()
+    quantized = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode)
+    layer = quantized.model.layers[0]
+    assert isinstance(layer.wqkv, quant.QuantizedWeight) and layer.wqkv.mode == mode
+    assert quantized.model.lm_head is quantized.model.embed  # kept exact (fp32 logits)
+    dequantized = copy.deepcopy(hf)  # rows are quantized alone: per module = fused
+    with torch.no_grad():
+        for module in dequantized.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(kernel_view(quant.quantize_weight(module.weight, mode)))
+    exact = lk.Engine.from_hf(dequantized, max_seq_len=96)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    expected, actual = exact.logits(ids), quantized.logits(ids)
+    # bf16 activations and outputs: 2^-9 relative per element at each of the 4 GEMMs a layer
+    assert (actual - expected).norm() / expected.norm() < 0.02
+    assert (expected.argmax(-1) == actual.argmax(-1)).float().mean() >= 0.95
+    assert (
+        exact.logits(ids) - lk.Engine.from_hf(hf, max_seq_len=96).logits(ids)
+    ).abs().max() > 0.01
+    out = quantized.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 20) and int(out.max()) < 300
+    # the cached decode steps agree with the engine's own full forward
+    assert quantized.logits(out[:, :19])[:, -1].argmax(-1).item() == out[0, 19].item()
+
+
+def test_lm_head_quantized_on_request():
+    hf = _tiny_hf()
+    from llmkernels.loading import fuse_hf_weights
+    from llmkernels.model import ModelConfig
+
+    config = ModelConfig.from_hf(hf.config)
+    state = hf.state_dict()
+    weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
+    q = quant.quantize_model_weights(weights, 2, True, "int8", lm_head=True)
+    assert isinstance(q["lm_head"], quant.QuantizedWeight) and q["lm_head"].shape == (300, 256)
+    assert q["embed"] is weights["embed"] and "lm_head" not in weights

@@ -265,10 +265,11 @@ def make_runner(name: str, model, max_batch: int, max_seq: int):
         nonlocal engine
         engine = None
 
-    if quantize:  # the bytes a decode step reads: the engine's weights but the embedding table
-        m = engine.model  # (its rows are looked up; the quantized LM head is read whole)
+    if quantize:  # the bytes a decode step reads: the engine's weights, but an embedding table
+        m = engine.model  # that is not also the LM head (only its rows are looked up)
+        lookup_only = m.embed if m.lm_head is not m.embed else None
         run.weight_bytes = sum(
-            t.numel() * t.element_size() for t in m.weight_tensors() if t is not m.embed
+            t.numel() * t.element_size() for t in m.weight_tensors() if t is not lookup_only
         )
     return run, done
 

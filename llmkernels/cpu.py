@@ -129,7 +129,7 @@ def kv_cache_append(
             v_cache[slot // seq_capacity, :, slot % seq_capacity] = v[0]
         return
     slots = slot_mapping.long()
-    lo, hi = (int(v) for v in torch.aminmax(slots))
+    lo, hi = (int(bound) for bound in torch.aminmax(slots))
     distinct = n <= 64 and int((slots[:, None] == slots[None, :]).sum()) == n
     if lo < 0 or hi >= k_cache.shape[0] * seq_capacity or not distinct:
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)

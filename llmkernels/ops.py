@@ -3,7 +3,9 @@
 Each public op validates its arguments (raising ``TypeError``/``ValueError`` that name the
 argument and the expectation), allocates its output when ``out`` is None, then runs the CUDA
 kernel (``torch.ops.llmkernels.*``) when the extension is built and the tensors are on a CUDA
-device, else the pure-PyTorch reference. Nothing else in the package asks which path to take.
+device; else PyTorch: :mod:`llmkernels.cpu` for CPU tensors (the reference's values with fewer
+ops, tested equal to it), the pure-PyTorch reference otherwise (CUDA tensors without the
+extension, and under ``torch.compile``). Nothing else in the package asks which path to take.
 
 This module also registers, for every ``llmkernels::*`` schema, a CPU implementation (the
 reference) and a fake (meta) implementation, so the ops work on CPU tensors, under
@@ -108,7 +110,8 @@ def _lean_cpu(t: torch.Tensor) -> bool:
 
 def uses_kernel(t: torch.Tensor) -> bool:
     """True when the ops run their CUDA kernel on tensors like ``t`` (the extension is loaded and
-    ``t`` is on a CUDA device); False when they run the pure-PyTorch reference."""
+    ``t`` is on a CUDA device); False when they run PyTorch code (llmkernels.cpu or the
+    reference)."""
     return _EXTENSION_LOADED and t.is_cuda
 
 

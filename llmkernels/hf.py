@@ -203,6 +203,9 @@ class _Patch:
     used: set[str] = field(default_factory=set)  # which ops ran (the self-check reads it)
     # (cos, sin, batch, table fp32 [rows, D], positions [batch * T]) of the last rotary call
     rope_rows: tuple | None = None
+    # (batch, length, device, int32 [batch] of length) of the last decode step: every layer of a
+    # step attends over the same cache length, so one tensor serves them all (it is only read)
+    decode_lens: tuple | None = None
 
     def __deepcopy__(self, memo):
         # A deepcopy of a patched model is patched too (its modules' forwards are copied): track
@@ -334,7 +337,12 @@ def _decode_attention(patch: _Patch, query, key, value, attention_mask, kwargs):
         return None
     scaling = kwargs.get("scaling")
     batch, seq = key.shape[0], key.shape[2]
-    seq_lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
+    cached = patch.decode_lens
+    if cached is not None and cached[:3] == (batch, seq, key.device):
+        seq_lens = cached[3]
+    else:
+        seq_lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
+        patch.decode_lens = (batch, seq, key.device, seq_lens)
     out = _ops.decode_attention(query[:, :, 0], key, value, seq_lens, scale=scaling)
     patch.used.add("decode_attention")
     return out.unsqueeze(1)  # [B, 1, Hq, D], the layout attention functions return
@@ -525,9 +533,10 @@ def _hook_plan(family: _Family, config) -> dict[str, str | None]:
     }
 
 
-def _apply(model: nn.Module, reference_on_cpu: bool) -> tuple[_Patch, dict[str, str | None]]:
-    family, base = _family_of(model)
-    plan = _hook_plan(family, base.config)
+def _apply(
+    family: _Family, base: nn.Module, plan: dict[str, str | None], reference_on_cpu: bool
+) -> _Patch:
+    """Patch ``base`` (a family's base model) for the parts ``plan`` leaves to us."""
     patch = _Patch(family=family.prefix, reference_on_cpu=reference_on_cpu, base=base)
     norm_cls, mlp_cls, attention_cls = (family.cls(s) for s in ("RMSNorm", "MLP", "Attention"))
     for module in base.modules():
@@ -546,7 +555,7 @@ def _apply(model: nn.Module, reference_on_cpu: bool) -> tuple[_Patch, dict[str, 
         _install_rotary_hook(family.modeling)
     base.__dict__[_STATE_ATTR] = patch
     _track(base)
-    return patch, plan
+    return patch
 
 
 def _remove(base: nn.Module) -> None:
@@ -595,7 +604,8 @@ def _run_self_check(family: _Family, version: str) -> None:
         return_dict_in_generate=True,
         pad_token_id=0,
     )
-    patch, plan = _apply(ours, reference_on_cpu=True)
+    plan = _hook_plan(family, config)
+    patch = _apply(family, ours.base_model, plan, reference_on_cpu=True)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -661,7 +671,7 @@ def patch(model: nn.Module, *, reference_on_cpu: bool = False) -> nn.Module:
                 f"(transformers {_transformers_version()}: {why})"
             )
     _self_check(family)
-    _apply(model, reference_on_cpu)
+    _apply(family, base, plan, reference_on_cpu)
     return model
 
 

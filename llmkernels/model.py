@@ -522,7 +522,6 @@ class Transformer:
         batch, seq = tokens.shape
         flat_pos = positions.reshape(-1)  # [N]
         flat_slots = slots.reshape(-1)  # [N]
-        key_slot = torch.arange(key_len, device=self.device)[None, None, :]  # [1, 1, L]
         masks: dict[int | None, torch.Tensor | None] = {}
 
         def mask_for(window: int | None) -> torch.Tensor | None:
@@ -532,6 +531,7 @@ class Transformer:
                 if causal and window is None:
                     masks[window] = None
                 else:
+                    key_slot = torch.arange(key_len, device=self.device)[None, None, :]  # [1,1,L]
                     visible = key_slot <= positions[:, :, None]
                     if window is not None:
                         visible &= key_slot > positions[:, :, None] - window
@@ -578,12 +578,13 @@ class Transformer:
         pos = pos.clamp(max=cap - 1)
         lens.add_(1).clamp_(max=cap)  # now counts the new token: the seq_lens attention needs
         workspace = self.workspace(batch) if self.decode_kernel else None
-        slot = torch.arange(cap, device=self.device)[None, :]  # [1, S]
         masks: dict[int | None, torch.Tensor] = {}
 
         def mask_for(window: int | None) -> torch.Tensor:
-            """[B, 1, 1, S] bool: SDPA over the whole row, masked by length (and window)."""
+            """[B, 1, 1, S] bool: SDPA over the whole row, masked by length (and window); only
+            built when the decode kernel does not serve this dtype / head size."""
             if window not in masks:
+                slot = torch.arange(cap, device=self.device)[None, :]  # [1, S]
                 visible = slot < lens[:, None]
                 if window is not None:
                     visible &= slot >= lens[:, None] - window

@@ -139,8 +139,7 @@ class QuantizedWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` for x ``[N, in]`` (any float dtype; computed with bf16 activations),
         returned in x's dtype, ``[N, out]``."""
-        if self.packed is None:
-            self._pack()
+        self.packed_now()
         xb = x.to(torch.bfloat16)
         if self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)

@@ -50,23 +50,25 @@ HF_ROTARY = modeling_llama.apply_rotary_pos_emb
 HF_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
+# GQA (4 query heads over 2 kv heads), head_dim 16, awkward intermediate/vocab sizes; every
+# family's tiny config starts from these.
+TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    initializer_range=0.2,  # larger than default: peaky logits, meaningful greedy decoding
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_config(rope=LLAMA3_ROPE, **overrides) -> LlamaConfig:
-    # GQA (4 query heads over 2 kv heads), head_dim 16, awkward intermediate/vocab sizes.
-    kw = dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,  # larger than default: peaky logits, meaningful greedy decoding
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters=rope,
-    )
+    kw = dict(TINY, rms_norm_eps=1e-5, rope_parameters=rope)
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -287,19 +289,7 @@ def test_hooks_act_only_inside_patched_models(op_counts):
 
 # ---- other families: Mistral, Qwen2, Qwen3 -------------------------------------------------------------
 def family_model(name: str):
-    common = dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = TINY
     torch.manual_seed(4321)
     if name == "mistral":
         return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()

@@ -1,6 +1,7 @@
-// SwiGLU gate of the Llama MLP with HF's rounding in the activation dtype:
-//   out[n, i] = round(round(silu(gate)) * up),  gate = x[n, i], up = x[n, I + i],
-//   silu(g) = g / (1 + exp(-g)) in fp32 (as torch's CUDA silu).
+// Gated MLP activations with HF's rounding in the activation dtype:
+//   out[n, i] = round(round(act(gate)) * up),  gate = x[n, i], up = x[n, I + i],
+// act = silu (SwiGLU, Llama): g / (1 + exp(-g)), or gelu_tanh (GeGLU, Gemma):
+// 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), both in fp32 with torch's CUDA op order.
 //
 // Grid: blockIdx.x = row, blockIdx.y = chunk of the row, so no thread divides an index by I
 // (the kernel is memory-bound and an integer division per element would cost as much as the
@@ -17,10 +18,24 @@
 namespace llmkernels {
 namespace {
 
-template <typename T, int V>
-__global__ void silu_and_mul_kernel(T* __restrict__ out,      // [N, I], row stride out_stride
-                                    const T* __restrict__ x,  // [N, 2I] gate | up, stride x_stride
-                                    int64_t out_stride, int64_t x_stride, int inter) {
+enum class Act { kSilu, kGeluTanh };
+
+template <Act ACT>
+__device__ __forceinline__ float activation(float g) {
+  if constexpr (ACT == Act::kSilu) {
+    return g / (1.f + expf(-g));
+  } else {
+    constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+    constexpr float kKappa = 0.044715f;
+    const float inner = kBeta * (g + kKappa * (g * g * g));
+    return 0.5f * g * (1.f + tanhf(inner));
+  }
+}
+
+template <typename T, int V, Act ACT>
+__global__ void gated_activation_kernel(T* __restrict__ out,      // [N, I], row stride out_stride
+                                        const T* __restrict__ x,  // [N, 2I] gate | up, x_stride
+                                        int64_t out_stride, int64_t x_stride, int inter) {
   const int64_t row = blockIdx.x;
   const T* gate = x + row * x_stride;
   const T* up = gate + inter;
@@ -33,8 +48,8 @@ __global__ void silu_and_mul_kernel(T* __restrict__ out,      // [N, I], row str
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float gf = to_float(g.v[e]);
-      const float silu = to_float(from_float<T>(gf / (1.f + expf(-gf))));
-      o.v[e] = from_float<T>(silu * to_float(u.v[e]));
+      const float act = to_float(from_float<T>(activation<ACT>(gf)));
+      o.v[e] = from_float<T>(act * to_float(u.v[e]));
     }
     store_pack(out_row + i * V, o);
   }
@@ -45,7 +60,8 @@ bool stride_ok(const at::Tensor& t, int dim, int v) {
   return t.size(dim) <= 1 || t.stride(dim) % v == 0;
 }
 
-void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+template <Act ACT>
+void gated_activation(at::Tensor& out, const at::Tensor& x, const char* name) {
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(out);
   LK_CHECK_SAME_DEVICE(x, out);
@@ -58,12 +74,12 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
   // out [N, I] cannot be x [N, 2I] in place: any overlap races across threads.
   at::assert_no_overlap(out, x);
-  TORCH_CHECK(rows <= INT32_MAX && inter <= INT32_MAX, "silu_and_mul: too many rows or columns");
+  TORCH_CHECK(rows <= INT32_MAX && inter <= INT32_MAX, name, ": too many rows or columns");
   if (rows == 0 || inter == 0) return;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LK_DISPATCH_FLOATING(x.scalar_type(), "silu_and_mul", [&] {
+  LK_DISPATCH_FLOATING(x.scalar_type(), name, [&] {
     using T = scalar_t;
     constexpr int kV = Vec<T>::N;
     const bool vec = inter % kV == 0 && is_16b_aligned(x.data_ptr()) &&
@@ -77,7 +93,7 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
       threads = static_cast<int>(std::min<int64_t>(threads, (packs + 31) / 32 * 32));
       const int64_t chunks = std::min<int64_t>((packs + threads - 1) / threads, 65535);
       const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
-      silu_and_mul_kernel<T, V><<<grid, threads, 0, stream>>>(
+      gated_activation_kernel<T, V, ACT><<<grid, threads, 0, stream>>>(
           static_cast<T*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()), out.stride(0),
           x.stride(0), static_cast<int>(inter));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -90,7 +106,18 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   });
 }
 
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  gated_activation<Act::kSilu>(out, x, "silu_and_mul");
+}
+
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& x) {
+  gated_activation<Act::kGeluTanh>(out, x, "gelu_tanh_and_mul");
+}
+
 }  // namespace
 }  // namespace llmkernels
 
-TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) { m.impl("silu_and_mul", &llmkernels::silu_and_mul); }
+TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) {
+  m.impl("silu_and_mul", &llmkernels::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &llmkernels::gelu_tanh_and_mul);
+}

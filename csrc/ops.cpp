@@ -11,14 +11,17 @@
 
 TORCH_LIBRARY(llmkernels, m) {
   // out[N, H] = x[N, H] * rsqrt(mean(x^2) + eps) * weight[H]; x rows may be strided.
-  m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()");
+  // unit_offset: * (1 + weight[H]) in fp32 instead (Gemma).
+  m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps, bool unit_offset=False) -> ()");
   // residual[N, H] += x[N, H]; x = rms_norm(residual) * weight[H]   (both in place)
-  m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps, bool unit_offset=False) -> ()");
   // In place: q[T, Hq, D], k[T, Hk, D] rotated by cos_sin_cache[max_pos, rot_dim] (fp32, cos | sin)
   // at positions[T] (int32/int64); is_neox: rotate_half halves (HF Llama) vs interleaved pairs.
   m.def("rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()");
   // out[N, I] = silu(x[N, :I]) * x[N, I:]   with x[N, 2I]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  // out[N, I] = gelu_tanh(x[N, :I]) * x[N, I:]   with x[N, 2I] (GeGLU, Gemma)
+  m.def("gelu_tanh_and_mul(Tensor! out, Tensor x) -> ()");
   // Writes k[N, Hk, D], v[N, Hk, D] into k_cache/v_cache[B, Hk, S, D] at slot_mapping[N] (int64,
   // flat slot b * S + s); slots < 0 or >= B * S are skipped (padding).
   m.def("kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");

@@ -1,6 +1,8 @@
 // RMSNorm and fused residual-add + RMSNorm with HF LlamaRMSNorm numerics:
 //   inv = rsqrt(mean(x^2) + eps)          (x in fp32, sum of squares in fp32)
 //   out = round(weight * round(x * inv))  (round = to the activation dtype, as HF rounds)
+// or, with unit_offset (Gemma3RMSNorm: the checkpoint stores scale - 1):
+//   out = round((x * inv) * (1 + weight))  (all in fp32, one rounding)
 // fused: residual = round(x + residual); x = rms_norm(residual).
 //
 // One block per row. Each thread keeps its share of the row in registers, so the row is read
@@ -31,15 +33,21 @@ __device__ __forceinline__ float sum_squares(const Pack<T, V>& p) {
   return s;
 }
 
-// round(w * round(x * inv)): the normalized value is rounded before the weight multiply (HF).
+// round(w * round(x * inv)): the normalized value is rounded before the weight multiply (HF
+// Llama); unit_offset: round((x * inv) * (1 + w)) in fp32 (HF Gemma). The flag is uniform across
+// the grid, so the branch never diverges.
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& x, const Pack<T, V>& w,
-                                                float inv) {
+                                                float inv, bool unit_offset) {
   Pack<T, V> out;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
-    const float n = to_float(from_float<T>(to_float(x.v[e]) * inv));
-    out.v[e] = from_float<T>(to_float(w.v[e]) * n);
+    if (unit_offset) {
+      out.v[e] = from_float<T>(to_float(x.v[e]) * inv * (1.f + to_float(w.v[e])));
+    } else {
+      const float n = to_float(from_float<T>(to_float(x.v[e]) * inv));
+      out.v[e] = from_float<T>(to_float(w.v[e]) * n);
+    }
   }
   return out;
 }
@@ -65,7 +73,7 @@ __device__ __forceinline__ void store_normalized(T* dst,                     // 
                                                  const Pack<T, V> (&cache)[CACHE],
                                                  const Pack<T, V> (&w_cache)[PREFETCH_W ? CACHE : 1],
                                                  const T* __restrict__ weight,  // [H]
-                                                 float inv, int packs) {
+                                                 float inv, int packs, bool unit_offset) {
 #pragma unroll
   for (int c = 0; c < CACHE; ++c) {
     const int i = threadIdx.x + c * blockDim.x;
@@ -76,12 +84,12 @@ __device__ __forceinline__ void store_normalized(T* dst,                     // 
       } else {
         w = load_pack<T, V>(weight + i * V);
       }
-      store_pack(dst + i * V, normalize(cache[c], w, inv));
+      store_pack(dst + i * V, normalize(cache[c], w, inv, unit_offset));
     }
   }
   for (int i = CACHE * blockDim.x + threadIdx.x; i < packs; i += blockDim.x) {
     const Pack<T, V> w = load_pack<T, V>(weight + i * V);
-    store_pack(dst + i * V, normalize(load_pack<T, V>(src + i * V), w, inv));
+    store_pack(dst + i * V, normalize(load_pack<T, V>(src + i * V), w, inv, unit_offset));
   }
 }
 
@@ -97,7 +105,8 @@ __global__ void __launch_bounds__(1024, 1)
     rms_norm_kernel(T* out,                        // [N, H], row stride out_stride
                     const T* x,                    // [N, H], row stride x_stride
                     const T* __restrict__ weight,  // [H]
-                    int64_t out_stride, int64_t x_stride, int hidden, float eps) {
+                    int64_t out_stride, int64_t x_stride, int hidden, float eps,
+                    bool unit_offset) {
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_stride;
   T* out_row = out + row * out_stride;
@@ -122,7 +131,8 @@ __global__ void __launch_bounds__(1024, 1)
 
   __shared__ float reduce_buf[32];
   const float inv = inv_rms(block_reduce_sum(ss, reduce_buf), hidden, eps);
-  store_normalized<T, V, CACHE, PREFETCH_W>(out_row, x_row, cache, w_cache, weight, inv, packs);
+  store_normalized<T, V, CACHE, PREFETCH_W>(out_row, x_row, cache, w_cache, weight, inv, packs,
+                                            unit_offset);
 }
 
 // Same structure. x and residual are not __restrict__: a caller may pass one tensor twice, and
@@ -133,7 +143,8 @@ __global__ void __launch_bounds__(1024, 1)
     fused_add_rms_norm_kernel(T* x,                          // [N, H], row stride x_stride
                               T* residual,                   // [N, H], row stride res_stride
                               const T* __restrict__ weight,  // [H]
-                              int64_t x_stride, int64_t res_stride, int hidden, float eps) {
+                              int64_t x_stride, int64_t res_stride, int hidden, float eps,
+                              bool unit_offset) {
   const int64_t row = blockIdx.x;
   T* x_row = x + row * x_stride;
   T* res_row = residual + row * res_stride;
@@ -171,7 +182,8 @@ __global__ void __launch_bounds__(1024, 1)
 
   __shared__ float reduce_buf[32];
   const float inv = inv_rms(block_reduce_sum(ss, reduce_buf), hidden, eps);
-  store_normalized<T, V, CACHE, PREFETCH_W>(x_row, res_row, cache, w_cache, weight, inv, packs);
+  store_normalized<T, V, CACHE, PREFETCH_W>(x_row, res_row, cache, w_cache, weight, inv, packs,
+                                            unit_offset);
 }
 
 // ---- host side ----------------------------------------------------------------------------------
@@ -233,7 +245,8 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x, int64_t hidden)
   TORCH_CHECK(hidden <= 1 || weight.stride(0) == 1, "weight must be contiguous");
 }
 
-void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
+              bool unit_offset) {
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(out);
   LK_CHECK_SAME_DEVICE(x, out);
@@ -266,13 +279,14 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
                                                  stream>>>(
           static_cast<T*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()),
           static_cast<const T*>(weight.data_ptr()), out.stride(0), x.stride(0),
-          static_cast<int>(hidden), static_cast<float>(eps));
+          static_cast<int>(hidden), static_cast<float>(eps), unit_offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
-void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                        bool unit_offset) {
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(residual);
   LK_CHECK_SAME_DEVICE(x, residual);
@@ -308,7 +322,7 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
           <<<static_cast<unsigned>(rows), threads, 0, stream>>>(
               static_cast<T*>(x.data_ptr()), static_cast<T*>(residual.data_ptr()),
               static_cast<const T*>(weight.data_ptr()), x.stride(0), residual.stride(0),
-              static_cast<int>(hidden), static_cast<float>(eps));
+              static_cast<int>(hidden), static_cast<float>(eps), unit_offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -5,10 +5,11 @@ tests/test_ops_registry.py checks that both agree.
 """
 
 SCHEMAS = {
-    "rms_norm": "rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()",
-    "fused_add_rms_norm": "fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()",
+    "rms_norm": "rms_norm(Tensor! out, Tensor x, Tensor weight, float eps, bool unit_offset=False) -> ()",
+    "fused_add_rms_norm": "fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps, bool unit_offset=False) -> ()",
     "rotary_embedding": "rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()",
     "silu_and_mul": "silu_and_mul(Tensor! out, Tensor x) -> ()",
+    "gelu_tanh_and_mul": "gelu_tanh_and_mul(Tensor! out, Tensor x) -> ()",
     "kv_cache_append": "kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()",
     "decode_attention": "decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace, int window=0) -> ()",
     "sample": "sample(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor! rng_state) -> ()",

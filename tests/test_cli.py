@@ -60,6 +60,7 @@ def test_info_lists_every_op(capsys):
         "fused_add_rms_norm",
         "rotary_embedding",
         "silu_and_mul",
+        "gelu_tanh_and_mul",
         "kv_cache_append",
         "decode_attention",
         "sample",

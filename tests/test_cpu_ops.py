@@ -106,6 +106,22 @@ def test_silu_and_mul_bit_identical(dtype):
     assert torch.equal(lk.silu_and_mul(x), ref.silu_and_mul(x))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_tanh_and_mul_bit_identical(dtype):
+    x = _randn(3, 2 * 2048, dtype=dtype)
+    assert torch.equal(lk.gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_offset_norms_bit_identical(dtype):
+    x, r, w = _randn(5, 640, dtype=dtype), _randn(5, 640, dtype=dtype), _randn(640, dtype=dtype)
+    assert torch.equal(lk.rms_norm(x, w, 1e-6, unit_offset=True), ref.rms_norm(x, w, 1e-6, True))
+    x2, r2 = x.clone(), r.clone()
+    lk.fused_add_rms_norm(x, r, w, 1e-6, unit_offset=True)
+    ref.fused_add_rms_norm(x2, r2, w, 1e-6, unit_offset=True)
+    assert torch.equal(x, x2) and torch.equal(r, r2)
+
+
 @pytest.mark.parametrize(
     "slots",
     [[5], [-1], [40], [3, 20, 7], [3, 20, 3], [3, -1, 20, 99], list(range(0, 32, 2)) + [1] * 70],

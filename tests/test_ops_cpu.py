@@ -23,12 +23,15 @@ def op_samples():
     k_cache, v_cache = make_cache()
     return [
         ("rms_norm", (torch.empty(3, 33), x, weight, 1e-6)),
+        ("rms_norm", (torch.empty(3, 33), x, weight, 1e-6, True)),
         ("fused_add_rms_norm", (x.clone(), torch.randn(3, 33), weight, 1e-5)),
+        ("fused_add_rms_norm", (x.clone(), torch.randn(3, 33), weight, 1e-5, True)),
         (
             "rotary_embedding",
             (torch.tensor([4, 0, 31]), torch.randn(3, 4, 64), torch.randn(3, 2, 64), cache, True),
         ),
         ("silu_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
+        ("gelu_tanh_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
         (
             "kv_cache_append",
             (
@@ -65,7 +68,7 @@ def op_samples():
     ]
 
 
-@pytest.mark.parametrize("name,args", op_samples(), ids=[n for n, _ in op_samples()])
+@pytest.mark.parametrize("name,args", op_samples(), ids=[f"{n}-{len(a)}" for n, a in op_samples()])
 def test_opcheck_every_op_on_cpu(name, args):
     torch.library.opcheck(getattr(torch.ops.llmkernels, name).default, args)
 
@@ -73,7 +76,7 @@ def test_opcheck_every_op_on_cpu(name, args):
 def test_every_schema_has_a_sample():
     from llmkernels._schemas import SCHEMAS
 
-    assert sorted(SCHEMAS) == sorted(n for n, _ in op_samples())
+    assert sorted(SCHEMAS) == sorted({n for n, _ in op_samples()})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,5 +1,5 @@
 """Benchmark the memory-bound per-layer kernels (rms_norm, fused_add_rms_norm, rotary_embedding,
-silu_and_mul) against the PyTorch reference, eager and compiled. Needs a CUDA GPU.
+silu_and_mul, gelu_tanh_and_mul) against the PyTorch reference, eager and compiled. Needs a GPU.
 
     python benchmarks/bench_elementwise.py [--quick] [--out-dir DIR]
 """

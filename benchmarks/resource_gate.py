@@ -44,8 +44,9 @@ KERNELS = {
     "rms_norm_kernel": Kernel(threads=1024),
     "fused_add_rms_norm_kernel": Kernel(threads=1024),
     "rotary_kernel": Kernel(threads=None),
-    "silu_and_mul_kernel": Kernel(threads=None),
+    "gated_activation_kernel": Kernel(threads=None),  # silu_and_mul, gelu_tanh_and_mul
     "decode_attention_kernel": Kernel(threads=128, min_blocks=3),
+    "decode_attention_simt_kernel": Kernel(threads=128, min_blocks=3),
     # the split weights: [num_splits] floats, num_splits <= kMaxSplits = 4096
     "decode_attention_merge_kernel": Kernel(threads=256, dynamic_smem=4096 * 4),
     "kv_cache_append_kernel": Kernel(threads=None),

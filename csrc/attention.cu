@@ -45,6 +45,23 @@
 //   Templates: D in {64, 128} (head_dim), scalar type fp16 / bf16 (the mma operand types).
 //   Bounds: seq_lens[b] is clamped to [0, S]; every load is guarded by token < range end <= S.
 //
+//   D = 256 (Gemma 3): a separate SIMT kernel, decode_attention_simt_kernel. The mma kernel does
+//   not scale to D = 256: its Q fragments, K/V registers and O accumulators alone would need ~320
+//   registers (spills). Same contract, grid scheme, range/split/window arithmetic, masking, warp
+//   combine, partial format and merge kernel as above; what differs:
+//   - Lane l owns dims [8 l, 8 l + 8): one 16-byte vector per K or V row (a warp load is one whole
+//     512-byte row). A warp step takes TOK tokens (K and V loads issued first); q * scale * log2(e)
+//     is staged in shared memory as fp32 (in registers as well when ROWS <= 4).
+//   - Dot products in fp32 CUDA-core FMAs; the ROWS x TOK = N partial sums per lane are reduced by a
+//     "transposed" butterfly (each stage swaps half of the values: N - 1 shuffles, not 5 N), which
+//     leaves lane l with the score of index l >> (5 - log2 N) = (token, head); the per-head max/sum
+//     over the step's tokens take log2(TOK) more shuffles. p and the rescales go to the other
+//     lanes through shared memory; O += p * V in fp32 registers (ROWS x 8 per lane). All fp32.
+//   - ROWS (query heads per block) = G rounded up to a power of two, at most 8 (groups above 8 use
+//     ceil(G / 8) blocks per kv head, which each read K/V); TOK = 8, or 4 for ROWS = 8, keeps the
+//     kernel within the 168-register launch bound without spilling. Gemma 3 (G = 2..4): one block
+//     per kv head and split.
+//
 // kv_cache_append: one block per new token n; slot = slot_mapping[n] (flat b * S + s), skipped
 // when outside [0, B * S). Copies Hk rows of D elements of k and v into the caches, with 16-byte
 // vectors when D and every pointer/stride allow it, else element by element. A slot given to
@@ -396,6 +413,346 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
   }
 }
 
+// ---- head_dim 256: SIMT kernel ------------------------------------------------------------------
+// (See the header.) Lane owns dims [8 * lane, 8 * lane + 8) of every row: one 16-byte vector of K
+// and of V per token, a whole 512-byte row per warp load. A warp step takes TOK tokens.
+constexpr int kWideDim = 256;     // head_dim of the SIMT kernel
+constexpr int kWideMaxRows = 8;   // query heads per block at most (larger groups: more blocks)
+
+// Query heads per block for a group of G = Hq / Hk: the next power of two, at most 8.
+inline int simt_rows(int64_t group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kWideMaxRows;
+}
+
+// 8 consecutive 16-bit elements (one 16-byte vector) -> fp32.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]);
+template <>
+__device__ __forceinline__ void unpack8<__half>(const uint4& v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+template <>
+__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ float dot8(const float (&a)[8], const float (&b)[8]) {
+  float s = a[0] * b[0];
+#pragma unroll
+  for (int j = 1; j < 8; ++j) s = fmaf(a[j], b[j], s);
+  return s;
+}
+
+// N floats from 16-byte aligned shared memory, as float4 / float2 / float loads.
+template <int N>
+__device__ __forceinline__ void load_shared(const float* src, float (&dst)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src + i);
+      dst[i] = x.x;
+      dst[i + 1] = x.y;
+      dst[i + 2] = x.z;
+      dst[i + 3] = x.w;
+    }
+  } else if constexpr (N == 2) {
+    const float2 x = *reinterpret_cast<const float2*>(src);
+    dst[0] = x.x;
+    dst[1] = x.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+// Sums v[i] over the warp for all N = 2^LOG_N indices at once: each halving stage swaps half the
+// values with the lane `offset` away (31 shuffles for N = 32 instead of 5 * 32). Returns the sum
+// for index lane >> (5 - LOG_N); lanes that share an index get bitwise equal sums. (Stages are
+// template-recursive so every index is a compile-time constant: v stays in registers.)
+template <int HALF, int OFFSET, int N>
+__device__ __forceinline__ void transposed_sum_stage(float (&v)[N], int lane) {
+  if constexpr (HALF >= 1) {
+    const bool upper = (lane & OFFSET) != 0;  // upper keeps v[HALF, 2 HALF), sends v[0, HALF)
+#pragma unroll
+    for (int i = 0; i < HALF; ++i) {
+      const float send = upper ? v[i] : v[i + HALF];
+      const float keep = upper ? v[i + HALF] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffff, send, OFFSET);
+    }
+    transposed_sum_stage<HALF / 2, OFFSET / 2>(v, lane);
+  } else {
+#pragma unroll
+    for (int offset = OFFSET; offset > 0; offset >>= 1) v[0] += __shfl_xor_sync(0xffffffff, v[0], offset);
+  }
+}
+
+template <int LOG_N>
+__device__ __forceinline__ float warp_sum_transposed(float (&v)[1 << LOG_N], int lane) {
+  transposed_sum_stage<(1 << LOG_N) / 2, 16>(v, lane);
+  return v[0];
+}
+
+// ROWS: query heads per block (1, 2, 4 or 8; rows beyond the group's are zero padding).
+template <typename T, int ROWS>
+__global__ void __launch_bounds__(kThreads, 3) decode_attention_simt_kernel(
+    T* __restrict__ out,                  // [B, Hq, 256] contiguous (num_splits == 1)
+    float* __restrict__ workspace,        // [B, Hq, num_splits, 256 + 2] (num_splits > 1)
+    const T* __restrict__ q,              // [B, Hq, 256], strides (q_stride_b, q_stride_h, 1)
+    const T* __restrict__ k_cache,        // [B', Hk, S, 256] contiguous, 16-byte aligned
+    const T* __restrict__ v_cache,        // [B', Hk, S, 256] contiguous, 16-byte aligned
+    const int* __restrict__ seq_lens,     // [B] (stride seq_lens_stride)
+    int64_t q_stride_b, int64_t q_stride_h,  // q's batch / head strides, elements
+    int64_t seq_lens_stride,              // seq_lens' stride, elements
+    int num_q_heads, int num_kv_heads,    // Hq, Hk
+    int seq_capacity,                     // S
+    int group, int head_chunks,           // G = Hq / Hk; ceil(G / ROWS) (grid.y = Hk * head_chunks)
+    int num_splits,                       // workspace.size(2) (grid.x)
+    float scale_log2,                     // scale * log2(e)
+    int window,                           // sliding window in tokens (<= S), 0 = none
+    bool q_vec) {                         // q's pointer and strides allow 16-byte loads
+  constexpr int D = kWideDim;
+  static_assert(ROWS == 1 || ROWS == 2 || ROWS == 4 || ROWS == 8, "ROWS 1, 2, 4 or 8");
+  constexpr int TOK = ROWS == 8 ? 4 : 8;             // tokens per warp step
+  constexpr int LOG_N = ROWS == 1 ? 3 : ROWS == 2 ? 4 : 5;
+  constexpr int N = 1 << LOG_N;                      // scores per warp step: index t * ROWS + h
+  static_assert(N == TOK * ROWS, "one score per (token, head)");
+  constexpr int SHIFT = 5 - LOG_N;                   // lane >> SHIFT: this lane's score index
+  constexpr int BLOCK_TOKENS = kWarps * TOK;         // tokens per block step (split granularity)
+  constexpr bool Q_REGS = ROWS <= 4;                 // q in registers (else read from s_q)
+  constexpr int Q_PIECES = ROWS * D / 8;             // 8-element pieces of the block's q rows
+  constexpr int Q_ITERS = (Q_PIECES + kThreads - 1) / kThreads;
+
+  __shared__ __align__(16) float s_q[ROWS][D];        // q * scale * log2(e), zero padded rows
+  __shared__ __align__(16) float s_o[kWarps][ROWS][D];
+  __shared__ __align__(16) float s_p[kWarps][N];      // this step's probabilities [t][h]
+  __shared__ __align__(16) float s_c[kWarps][ROWS];   // this step's accumulator rescales
+  __shared__ float s_m[kWarps][ROWS];
+  __shared__ float s_l[kWarps][ROWS];
+
+  const int split = blockIdx.x;
+  const int kv_head = blockIdx.y / head_chunks;
+  const int head0 = kv_head * group + (blockIdx.y % head_chunks) * ROWS;  // first query head
+  const int rows = min(ROWS, group - (blockIdx.y % head_chunks) * ROWS);  // query heads here
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+
+  // q pieces, loaded first so their latency overlaps seq_lens'; staged in s_q below.
+  float qp[Q_ITERS][8];
+#pragma unroll
+  for (int it = 0; it < Q_ITERS; ++it) {
+    const int piece = tid + it * kThreads;
+    const int r = piece / (D / 8), c = piece % (D / 8) * 8;
+    if (piece < Q_PIECES && r < rows) {
+      const T* src = q + b * q_stride_b + (head0 + r) * q_stride_h + c;
+      if (q_vec) {
+        unpack8<T>(load16(src), qp[it]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qp[it][e] = to_float(src[e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qp[it][e] = 0.f;
+    }
+  }
+
+  const int len = min(max(seq_lens[b * seq_lens_stride], 0), seq_capacity);
+  const int first = window > 0 ? max(0, len - window) : 0;  // sliding window: tokens [first, len)
+  int chunk = (len - first + num_splits - 1) / num_splits;
+  chunk = (chunk + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+  const int64_t start64 = first + static_cast<int64_t>(split) * chunk;
+  const int64_t row0 = static_cast<int64_t>(b) * num_q_heads + head0;  // (b, head0) row of out/ws
+
+  if (start64 >= len) {  // empty range (also len == 0)
+    if (num_splits == 1) {
+      for (int i = tid; i < rows * D; i += kThreads) out[row0 * D + i] = from_float<T>(0.f);
+    } else {
+      for (int r = tid; r < rows; r += kThreads) {
+        float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
+        part[D] = -INFINITY;
+        part[D + 1] = 0.f;
+      }
+    }
+    return;
+  }
+  const int start = static_cast<int>(start64);
+  const int end = static_cast<int>(min(start64 + chunk, static_cast<int64_t>(len)));
+
+#pragma unroll
+  for (int it = 0; it < Q_ITERS; ++it) {
+    const int piece = tid + it * kThreads;
+    if (piece < Q_PIECES) {
+      float* dst = &s_q[piece / (D / 8)][piece % (D / 8) * 8];
+      *reinterpret_cast<float4*>(dst) = make_float4(qp[it][0] * scale_log2, qp[it][1] * scale_log2,
+                                                    qp[it][2] * scale_log2, qp[it][3] * scale_log2);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(qp[it][4] * scale_log2, qp[it][5] * scale_log2,
+                                                        qp[it][6] * scale_log2, qp[it][7] * scale_log2);
+    }
+  }
+  __syncthreads();
+
+  float qr[Q_REGS ? ROWS : 1][8];  // Q_REGS: this lane's 8 dims of every row
+  if constexpr (Q_REGS) {
+#pragma unroll
+    for (int h = 0; h < ROWS; ++h) load_shared(&s_q[h][lane * 8], qr[h]);
+  }
+
+  const int64_t head_offset = (static_cast<int64_t>(b) * num_kv_heads + kv_head) * seq_capacity * D;
+  const T* k_head = k_cache + head_offset + lane * 8;
+  const T* v_head = v_cache + head_offset + lane * 8;
+
+  // This lane's score index i = t * ROWS + h after the transposed sum: token my_tok, head my_head.
+  // m_run / l_run are my_head's (every lane of a head holds the same values).
+  const int my_index = lane >> SHIFT;
+  const int my_tok = my_index / ROWS, my_head = my_index % ROWS;
+  const bool index_owner = (lane & ((1 << SHIFT) - 1)) == 0;  // one lane per score index
+  float m_run = -INFINITY;  // running max (log2 domain)
+  float l_run = 0.f;        // running sum
+  float acc[ROWS][8];       // O rows, this lane's dims, unnormalized
+#pragma unroll
+  for (int h = 0; h < ROWS; ++h) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
+  }
+
+#pragma unroll 1
+  for (int base = start + warp * TOK; base < end; base += BLOCK_TOKENS) {
+    // ---- loads: rows base .. base + TOK - 1, this lane's 16 bytes; tokens >= end read as zeros
+    uint4 kv[TOK], vv[TOK];
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) {
+      const int64_t off = static_cast<int64_t>(base + t) * D;
+      kv[t] = base + t < end ? load16(k_head + off) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) {
+      const int64_t off = static_cast<int64_t>(base + t) * D;
+      vv[t] = base + t < end ? load16(v_head + off) : make_uint4(0, 0, 0, 0);
+    }
+
+    // ---- partial scores over this lane's 8 dims, then summed over the warp
+    float sc[N];
+    if constexpr (Q_REGS) {
+#pragma unroll
+      for (int t = 0; t < TOK; ++t) {
+        float kf[8];
+        unpack8<T>(kv[t], kf);
+#pragma unroll
+        for (int h = 0; h < ROWS; ++h) sc[t * ROWS + h] = dot8(qr[h], kf);
+      }
+    } else {
+      float kf[TOK][8];
+#pragma unroll
+      for (int t = 0; t < TOK; ++t) unpack8<T>(kv[t], kf[t]);
+#pragma unroll
+      for (int h = 0; h < ROWS; ++h) {
+        float qh[8];
+        load_shared(&s_q[h][lane * 8], qh);
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) sc[t * ROWS + h] = dot8(qh, kf[t]);
+      }
+    }
+    float x = warp_sum_transposed<LOG_N>(sc, lane);
+
+    // ---- online softmax (log2 domain) of (my_tok, my_head); masked tokens get -inf by select
+    x = base + my_tok < end ? x : -INFINITY;
+    float tile_max = x;
+#pragma unroll
+    for (int offset = ROWS << SHIFT; offset < 32; offset <<= 1)  // lanes of the same head
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, offset));
+    const float m_new = fmaxf(m_run, tile_max);  // finite: token base < end is in every head
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float corr = exp2f(m_run - m_use);  // 0 when m_run is -inf
+    m_run = m_new;
+    const float p = exp2f(x - m_use);  // 0 for a masked token
+    float tile_sum = p;
+#pragma unroll
+    for (int offset = ROWS << SHIFT; offset < 32; offset <<= 1)
+      tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, offset);
+    l_run = l_run * corr + tile_sum;
+
+    // ---- share p and the rescales with the warp (the last step's reads are done first)
+    __syncwarp();
+    if (index_owner) s_p[warp][my_index] = p;
+    if (index_owner && my_tok == 0) s_c[warp][my_head] = corr;
+    __syncwarp();
+
+    // ---- O = O * corr + P.V
+    float c[ROWS];
+    load_shared(s_c[warp], c);
+#pragma unroll
+    for (int h = 0; h < ROWS; ++h) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[h][j] *= c[h];
+    }
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) {
+      float vf[8], pt[ROWS];
+      unpack8<T>(vv[t], vf);
+      load_shared(&s_p[warp][t * ROWS], pt);
+#pragma unroll
+      for (int h = 0; h < ROWS; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[h][j] = fmaf(pt[h], vf[j], acc[h][j]);
+      }
+    }
+  }
+
+  // ---- combine the 4 warps in shared memory (as the mma kernel)
+  if (index_owner && my_tok == 0) {
+    s_m[warp][my_head] = m_run;
+    s_l[warp][my_head] = l_run;
+  }
+#pragma unroll
+  for (int h = 0; h < ROWS; ++h) {
+    *reinterpret_cast<float4*>(&s_o[warp][h][lane * 8]) =
+        make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+    *reinterpret_cast<float4*>(&s_o[warp][h][lane * 8 + 4]) =
+        make_float4(acc[h][4], acc[h][5], acc[h][6], acc[h][7]);
+  }
+  __syncthreads();
+
+  for (int i = tid; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, s_m[w][r]);
+    float sum = 0.f, o = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float scale_w = exp2f(s_m[w][r] - m_max);  // 0 for a warp that saw no token
+        sum += scale_w * s_l[w][r];
+        o += scale_w * s_o[w][r][d];
+      }
+    }
+    const float value = sum > 0.f ? o / sum : 0.f;
+    if (num_splits == 1) {
+      out[row0 * D + i] = from_float<T>(value);
+    } else {
+      float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
+      part[d] = value;
+      if (d == 0) {
+        part[D] = m_max;
+        part[D + 1] = sum;
+      }
+    }
+  }
+}
+
 // Merges the split-K partials of one (b, h): out = sum_j w_j o_j / sum_j w_j,
 // w_j = l_j * 2^(m_j - max m). Only splits before the last non-empty one are read (non-empty
 // splits form a prefix: split j is non-empty iff j * chunk < len).
@@ -466,6 +823,16 @@ __global__ void __launch_bounds__(kMergeWarps * 32) decode_attention_merge_kerne
 }
 
 template <typename T, int D>
+void launch_decode_attention_merge(at::Tensor& out, at::Tensor& workspace, int batch, int num_q_heads,
+                                   int num_splits, cudaStream_t stream) {
+  const dim3 merge_grid(num_q_heads, batch);
+  decode_attention_merge_kernel<T, D>
+      <<<merge_grid, kMergeWarps * 32, num_splits * sizeof(float), stream>>>(
+          reinterpret_cast<T*>(out.data_ptr()), workspace.data_ptr<float>(), num_q_heads, num_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
 void launch_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& seq_lens, float scale_log2,
                              at::Tensor& workspace, int window, cudaStream_t stream) {
@@ -474,25 +841,36 @@ void launch_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Ten
   const int num_kv_heads = static_cast<int>(k_cache.size(1));
   const int seq_capacity = static_cast<int>(k_cache.size(2));
   const int group = num_q_heads / num_kv_heads;
-  const int head_chunks = ceil_div(group, kRows);
   const int num_splits = static_cast<int>(workspace.size(2));
-  const dim3 grid(num_splits, num_kv_heads * head_chunks, batch);
   const bool q_vec = is_16b_aligned(q.data_ptr()) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0;
-  auto kernel = q_vec ? decode_attention_kernel<T, D, true> : decode_attention_kernel<T, D, false>;
-  kernel<<<grid, kThreads, 0, stream>>>(
-      reinterpret_cast<T*>(out.data_ptr()), workspace.data_ptr<float>(),
-      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
-      reinterpret_cast<const T*>(v_cache.data_ptr()), seq_lens.data_ptr<int>(), q.stride(0),
-      q.stride(1), seq_lens.stride(0), num_q_heads, num_kv_heads, seq_capacity, group, head_chunks,
-      num_splits, scale_log2, window);
+  if constexpr (D == kWideDim) {
+    const int rows = simt_rows(group);
+    const int head_chunks = ceil_div(group, rows);
+    const dim3 grid(num_splits, num_kv_heads * head_chunks, batch);
+    auto kernel = rows == 1   ? decode_attention_simt_kernel<T, 1>
+                  : rows == 2 ? decode_attention_simt_kernel<T, 2>
+                  : rows == 4 ? decode_attention_simt_kernel<T, 4>
+                              : decode_attention_simt_kernel<T, kWideMaxRows>;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        reinterpret_cast<T*>(out.data_ptr()), workspace.data_ptr<float>(),
+        reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
+        reinterpret_cast<const T*>(v_cache.data_ptr()), seq_lens.data_ptr<int>(), q.stride(0),
+        q.stride(1), seq_lens.stride(0), num_q_heads, num_kv_heads, seq_capacity, group, head_chunks,
+        num_splits, scale_log2, window, q_vec);
+  } else {
+    const int head_chunks = ceil_div(group, kRows);
+    const dim3 grid(num_splits, num_kv_heads * head_chunks, batch);
+    auto kernel = q_vec ? decode_attention_kernel<T, D, true> : decode_attention_kernel<T, D, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        reinterpret_cast<T*>(out.data_ptr()), workspace.data_ptr<float>(),
+        reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
+        reinterpret_cast<const T*>(v_cache.data_ptr()), seq_lens.data_ptr<int>(), q.stride(0),
+        q.stride(1), seq_lens.stride(0), num_q_heads, num_kv_heads, seq_capacity, group, head_chunks,
+        num_splits, scale_log2, window);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_splits > 1) {
-    const dim3 merge_grid(num_q_heads, batch);
-    decode_attention_merge_kernel<T, D>
-        <<<merge_grid, kMergeWarps * 32, num_splits * sizeof(float), stream>>>(
-            reinterpret_cast<T*>(out.data_ptr()), workspace.data_ptr<float>(), num_q_heads,
-            num_splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_decode_attention_merge<T, D>(out, workspace, batch, num_q_heads, num_splits, stream);
   }
 }
 
@@ -525,8 +903,8 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   LK_CHECK_DTYPE(workspace, at::ScalarType::Float);
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), seq_capacity = k_cache.size(2);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "decode_attention: head_dim must be 64 or 128, got ",
-              head_dim);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == kWideDim,
+              "decode_attention: head_dim must be 64, 128 or 256, got ", head_dim);
   TORCH_CHECK(k_cache.size(3) == head_dim, "decode_attention: cache head_dim ", k_cache.size(3),
               " != q's ", head_dim);
   TORCH_CHECK(k_cache.size(0) >= batch, "decode_attention: the caches have fewer rows than q's batch");
@@ -553,7 +931,9 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   at::assert_no_overlap(workspace, q);
   at::assert_no_overlap(workspace, k_cache);
   at::assert_no_overlap(workspace, v_cache);
-  TORCH_CHECK(batch <= 65535 && num_kv_heads * ceil_div(num_q_heads / num_kv_heads, kRows) <= 65535,
+  const int64_t rows_per_block = head_dim == kWideDim ? simt_rows(num_q_heads / num_kv_heads) : kRows;
+  TORCH_CHECK(batch <= 65535 &&
+                  num_kv_heads * ceil_div(num_q_heads / num_kv_heads, rows_per_block) <= 65535,
               "decode_attention: batch or head count too large for the grid");
   if (batch == 0 || num_q_heads == 0) return;
 
@@ -564,9 +944,12 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
     if (head_dim == 64) {
       launch_decode_attention<scalar_t, 64>(out, q, k_cache, v_cache, seq_lens, scale_log2, workspace,
                                             window_tokens, stream);
-    } else {
+    } else if (head_dim == 128) {
       launch_decode_attention<scalar_t, 128>(out, q, k_cache, v_cache, seq_lens, scale_log2,
                                              workspace, window_tokens, stream);
+    } else {
+      launch_decode_attention<scalar_t, kWideDim>(out, q, k_cache, v_cache, seq_lens, scale_log2,
+                                                  workspace, window_tokens, stream);
     }
   });
 }

@@ -49,6 +49,8 @@
 // while the occupancy API still gives two CTAs per SM at the halved cluster's slice size; more
 // CTAs if a slice would not fit at all; fewer when the device cannot co-schedule a cluster of C
 // (cudaOccupancyMaxActiveClusters = 0: MPS or green-context partitions, shared-memory carve-outs).
+// Gemma 3's 262144 tokens on H100/H200: C stays 8 at every batch (64 KB bf16 / 128 KB fp32
+// slices); before Hopper one CTA holds the whole row and re-reads it from L2 on each pass.
 // Slices start at multiples of 8 tokens: a row whose start is 16-byte aligned is read with 16-byte
 // vectors, any other row (odd row strides, offset views) with scalar loads.
 // Robustness: every written id is in [0, V) for any input (NaN, +-inf, all -inf, top_p <= 0 or NaN,

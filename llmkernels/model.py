@@ -646,6 +646,24 @@ class Transformer:
             x = x.index_select(0, logits_index)  # [M, hidden]
         return self._logits(x)  # [M, V]
 
+    # ---- several tokens after the cache (speculative verification) ----------------------------
+    def verify(self, tokens: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Forward ``T`` tokens per cache row ``0..B-1`` at positions ``cache_lens[b] + 0..T-1``
+        and return their logits ``[B, T, V]``: a small prefill after the cached tokens, whose
+        positions and slots come from ``cache_lens`` on the device (no host sync: capturable).
+
+        tokens ``[B, T]`` int64; key_len: cache slots attended, ``>= max(cache_lens[:B]) + T``
+        (``max_seq_len`` when the bound is not known on the host, e.g. in a CUDA graph). The K/V
+        of all T tokens are written into the cache (positions past ``max_seq_len`` write nothing);
+        ``cache_lens`` is left as is: the caller sets it to what it accepts, which drops the rest.
+        """
+        batch, seq = tokens.shape
+        cap = self.max_seq_len
+        positions = self.cache_lens[:batch, None].long() + torch.arange(seq, device=self.device)
+        slots = torch.where(positions < cap, self.row_base[:batch, None] + positions, -1)
+        positions = positions.clamp(max=cap - 1)
+        return self.prefill(tokens, positions, slots, key_len).view(batch, seq, -1)
+
     # ---- one-token forward (decode) --------------------------------------------------------------
     def workspace(self, batch: int) -> torch.Tensor:
         """The decode-attention split-K workspace for this batch size (allocated once)."""

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DECODE_HEAD_DIMS = (64, 128)  # head sizes the decode-attention kernel is compiled for
+DECODE_HEAD_DIMS = (64, 128, 256)  # head sizes the decode-attention kernels are compiled for
 
 
 # ---- the extension ----------------------------------------------------------------------------------
@@ -490,12 +490,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def decode_attention_num_splits(
-    batch: int, num_q_heads: int, num_kv_heads: int, seq_capacity: int, device
+    batch: int, num_q_heads: int, num_kv_heads: int, seq_capacity: int, device, head_dim: int = 128
 ) -> int:
     """How many split-K partitions the decode-attention kernel uses (1 = single pass).
 
-    The kernel runs one block per (batch row, kv head, chunk of up to 16 of its query heads,
-    split) and up to 3 blocks per SM. Split only when the ``B * Hk * ceil(G / 16)`` blocks
+    The kernel runs one block per (batch row, kv head, chunk of up to 16 of its query heads (8
+    for head_dim 256), split) and up to 3 blocks per SM. Split only when the
+    ``B * Hk * ceil(G / 16)`` blocks
     (``G = Hq / Hk``) cannot fill the GPU: as many splits as still fit in one wave of 2 blocks per
     SM (no second partial wave), each partition at least 256 tokens of the capacity, at most 128
     partitions. The kernel divides the *actual* length ``seq_lens[b]`` (read on the device) into
@@ -506,7 +507,8 @@ def decode_attention_num_splits(
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    head_chunks = math.ceil(num_q_heads // max(num_kv_heads, 1) / 16)
+    heads_per_block = 8 if head_dim > 128 else 16
+    head_chunks = math.ceil(num_q_heads // max(num_kv_heads, 1) / heads_per_block)
     blocks = max(batch * num_kv_heads * head_chunks, 1)
     fit = (2 * _sm_count(index)) // blocks
     return max(1, min(fit, math.ceil(seq_capacity / 256), 128))
@@ -518,7 +520,7 @@ def decode_attention_workspace(q: torch.Tensor, k_cache: torch.Tensor) -> torch.
     Allocate once and pass it to every :func:`decode_attention` call (CUDA-graph friendly)."""
     batch, num_q_heads, head_dim = q.shape
     splits = decode_attention_num_splits(
-        batch, num_q_heads, k_cache.shape[1], k_cache.shape[2], q.device
+        batch, num_q_heads, k_cache.shape[1], k_cache.shape[2], q.device, head_dim
     )
     return torch.empty(
         (batch, num_q_heads, splits, head_dim + 2), dtype=torch.float32, device=q.device

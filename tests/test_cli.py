@@ -115,6 +115,22 @@ def test_generate_raw_completion(capsys):
 
 
 @needs_model
+def test_generate_with_speculation_prints_the_same_text(capsys):
+    prompt = "Repeat exactly: the red fox ran past the old mill. The red fox ran past the old mill."
+    common = ["generate", prompt, "--max-new-tokens", "24", "--device", "cpu", "--temperature", "0"]
+    code, plain, err = run_cli(capsys, *common)
+    assert code == 0, err
+    code, lookup, err = run_cli(capsys, *common, "--prompt-lookup", "8")
+    assert code == 0, err
+    assert lookup == plain and "guesses accepted" in err
+    code, drafted, err = run_cli(capsys, *common, "--draft", "default")  # itself as the draft
+    assert code == 0, err
+    assert drafted == plain and "draft default loaded" in err
+    code, _, err = run_cli(capsys, *common, "--prompt-lookup", "4", "--draft", "default")
+    assert code == cli.EXIT_USER_ERROR and "not both" in err
+
+
+@needs_model
 def test_next_token_table_matches_engine_logits(capsys, engine):
     prompt = "The capital of France is"
     code, out, err = run_cli(capsys, "next-token", prompt, "--raw", "--top", "5", "--device", "cpu")

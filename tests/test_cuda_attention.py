@@ -21,6 +21,10 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 HEADS = [(8, 8), (9, 3), (16, 4), (32, 4)]  # (Hq, Hk): GQA ratios 1, 3 (SmolLM2 9:3), 4, 8
+HEAD_DIMS = [64, 128, 256]  # 256 (Gemma 3): the SIMT kernel; 64 and 128: the mma kernel
+# head_dim 256 layouts: Gemma-3-270M / 1B (4:1), Gemma-3-4B..27B (G = 2), G = 1, 8 and 16 (two
+# blocks of 8 query heads per kv head)
+GEMMA_HEADS = [(4, 1), (8, 4), (2, 2), (8, 1), (32, 2)]
 ERROR_FLOOR = 1e-4
 
 
@@ -33,13 +37,16 @@ def make_cache(rows, kv_heads, capacity, head_dim, dtype):
     )
 
 
-def poisoned(cache, lens):
-    """A copy with NaN in every slot the kernel must not read: past each row's length and in rows
-    beyond the batch. The kernel's output must not change (the reference gets the clean cache)."""
+def poisoned(cache, lens, window=None):
+    """A copy with NaN in every slot the kernel must not read: past each row's length, before its
+    sliding window, and in rows beyond the batch. The kernel's output must not change (the
+    reference gets the clean cache)."""
     bad = cache.clone()
     for b in range(bad.shape[0]):
         length = lens[b] if b < len(lens) else 0
         bad[b, :, length:] = float("nan")
+        if window is not None:
+            bad[b, :, : max(0, length - window)] = float("nan")
     return bad
 
 
@@ -48,52 +55,73 @@ def workspace(batch, q_heads, head_dim, splits):
     return torch.full((batch, q_heads, splits, head_dim + 2), float("nan"), device="cuda")
 
 
-def sdpa_error(q, k_cache, v_cache, lens, scale, expected):
-    """Max abs error of PyTorch's fp16/bf16 SDPA (repeat_kv over the valid prefix) vs ``expected``."""
+def sdpa_error(q, k_cache, v_cache, lens, scale, expected, window=None):
+    """Max abs error of PyTorch's fp16/bf16 SDPA (repeat_kv over the valid range) vs ``expected``."""
     group = q.shape[1] // k_cache.shape[1]
     error = 0.0
     for b, length in enumerate(lens):
         if length == 0:
             continue
-        k = k_cache[b, :, :length].repeat_interleave(group, dim=0)[None]  # [1, Hq, L, D]
-        v = v_cache[b, :, :length].repeat_interleave(group, dim=0)[None]
+        first = 0 if window is None else max(0, length - window)
+        k = k_cache[b, :, first:length].repeat_interleave(group, dim=0)[None]  # [1, Hq, L, D]
+        v = v_cache[b, :, first:length].repeat_interleave(group, dim=0)[None]
         o = F.scaled_dot_product_attention(q[b][None, :, None, :], k, v, scale=scale)[0, :, 0]
         error = max(error, (o.float() - expected[b]).abs().max().item())
     return error
 
 
-def check_attention(out, q, k_cache, v_cache, lens, scale):
+def check_attention(out, q, k_cache, v_cache, lens, scale, window=None):
     """``out`` (ours, from possibly poisoned caches) vs the fp32 reference on the clean caches."""
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    expected = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), seq_lens, scale)
+    expected = ref.decode_attention(
+        q.float(), k_cache.float(), v_cache.float(), seq_lens, scale, window=window
+    )
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), "non-finite output"
     for b, length in enumerate(lens):
         if length == 0:
             assert torch.equal(out[b], torch.zeros_like(out[b])), f"row {b} (length 0) is not zeros"
     ours = (out.float() - expected).abs().max().item()
-    theirs = sdpa_error(q, k_cache, v_cache, lens, scale, expected)
+    theirs = sdpa_error(q, k_cache, v_cache, lens, scale, expected, window)
     assert ours <= 2 * theirs + ERROR_FLOOR, (
         f"max abs error {ours:.3g} vs the fp32 reference exceeds 2x SDPA's {theirs:.3g} + {ERROR_FLOOR}"
     )
 
 
 def run_case(
-    batch, q_heads, kv_heads, head_dim, lens, capacity, dtype, splits=None, extra_rows=0, scale=None
+    batch,
+    q_heads,
+    kv_heads,
+    head_dim,
+    lens,
+    capacity,
+    dtype,
+    splits=None,
+    extra_rows=0,
+    scale=None,
+    window=None,
 ):
     q = torch.randn(batch, q_heads, head_dim, device="cuda").to(dtype)
     k_cache, v_cache = make_cache(batch + extra_rows, kv_heads, capacity, head_dim, dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     ws = None if splits is None else workspace(batch, q_heads, head_dim, splits)
     out = lk.decode_attention(
-        q, poisoned(k_cache, lens), poisoned(v_cache, lens), seq_lens, scale=scale, workspace=ws
+        q,
+        poisoned(k_cache, lens, window),
+        poisoned(v_cache, lens, window),
+        seq_lens,
+        scale=scale,
+        workspace=ws,
+        window=window,
     )
-    check_attention(out, q, k_cache, v_cache, lens, head_dim**-0.5 if scale is None else scale)
+    check_attention(
+        out, q, k_cache, v_cache, lens, head_dim**-0.5 if scale is None else scale, window
+    )
 
 
 # ---- decode attention: accuracy ------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}x{h[1]}")
 @pytest.mark.parametrize("length", [1, 17, 511, 4096, 32768])
 def test_decode_attention_lengths(length, heads, head_dim, dtype):
@@ -103,7 +131,7 @@ def test_decode_attention_lengths(length, heads, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
 def test_decode_attention_split_and_single_pass(splits, head_dim, dtype):
     """Explicit workspaces (1 = single pass); mixed lengths incl. 0; caches with more rows than B."""
@@ -112,7 +140,9 @@ def test_decode_attention_split_and_single_pass(splits, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("heads,head_dim", [((32, 4), 64), ((32, 8), 128), ((9, 3), 64)])
+@pytest.mark.parametrize(
+    "heads,head_dim", [((32, 4), 64), ((32, 8), 128), ((9, 3), 64), ((8, 2), 256)]
+)
 @pytest.mark.parametrize("splits", [None, 1, 3])
 def test_decode_attention_batch64_mixed(splits, heads, head_dim, dtype):
     """Batch 64 with random lengths (some 0, one full) in a 4096-token cache."""
@@ -126,18 +156,20 @@ def test_decode_attention_batch64_mixed(splits, heads, head_dim, dtype):
 
 @pytest.mark.parametrize("heads", [(32, 1), (64, 2), (20, 1)], ids=lambda h: f"{h[0]}x{h[1]}")
 def test_decode_attention_groups_above_16(heads):
-    """Groups of more than 16 query heads per kv head are split over blocks."""
+    """Groups of more than 16 query heads per kv head (8 for head_dim 256) are split over blocks."""
     run_case(2, heads[0], heads[1], 128, [700, 33], 800, torch.bfloat16)
     run_case(2, heads[0], heads[1], 64, [700, 33], 800, torch.float16, splits=1)
+    run_case(2, heads[0], heads[1], 256, [700, 33], 800, torch.bfloat16, splits=3)
 
 
 def test_decode_attention_custom_scale():
     run_case(3, 16, 4, 128, [1, 250, 999], 1000, torch.bfloat16, scale=0.3)
     run_case(3, 16, 4, 64, [1, 250, 999], 1000, torch.float16, splits=1, scale=0.05)
+    run_case(3, 4, 1, 256, [1, 250, 999], 1000, torch.float16, splits=4, scale=1.0)  # Gemma 3
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_strided_q(splits, head_dim, dtype):
     """q as a slice of a fused QKV GEMM output, and q with an odd element offset / transposed."""
@@ -166,21 +198,53 @@ def test_decode_attention_strided_q(splits, head_dim, dtype):
         check_attention(out, q, k_cache, v_cache, lens, head_dim**-0.5)
 
 
-def test_decode_attention_clamps_device_seq_lens():
+# ---- decode attention: head_dim 256 (Gemma 3, the SIMT kernel) -----------------------------------
+def test_decode_attention_head_dim_256_supported():
+    """The CUDA path takes head_dim 256 (ops.DECODE_HEAD_DIMS must list it)."""
+    for dtype in HALF_DTYPES:
+        assert lk.decode_attention_supported(torch.empty(1, 4, 256, device="cuda", dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("heads", GEMMA_HEADS, ids=lambda h: f"{h[0]}x{h[1]}")
+@pytest.mark.parametrize("window", [None, 5, 300])
+@pytest.mark.parametrize("splits", [None, 1, 3, 16])
+def test_decode_attention_head_dim_256(splits, window, heads, dtype):
+    """Ragged lengths incl. 0 and the full capacity, with and without a sliding window (NaN
+    outside each row's range), split-K and single pass, batch 7 (a spare cache row) and batch 1."""
+    q_heads, kv_heads = heads
+    capacity = 1024
+    lens = [0, 1, 31, 33, 257, 700, capacity]
+    run_case(len(lens), q_heads, kv_heads, 256, lens, capacity, dtype, splits, 1, window=window)
+    run_case(1, q_heads, kv_heads, 256, [capacity], capacity, dtype, splits, window=window)
+    run_case(1, q_heads, kv_heads, 256, [0], capacity, dtype, splits, window=window)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_decode_attention_head_dim_256_every_group(q_heads, dtype):
+    """One kv head, every block row count (1, 2, 4, 8 query heads) with and without zero padding,
+    groups cut over several blocks (9, 16); lengths not a multiple of the warp step."""
+    run_case(3, q_heads, 1, 256, [5, 129, 1000], 1003, dtype)
+    run_case(3, q_heads, 1, 256, [5, 129, 1000], 1003, dtype, splits=1)
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_decode_attention_clamps_device_seq_lens(head_dim):
     """seq_lens on the device cannot be checked by ops.py: values above S read S tokens, negative
     values read none (zeros), never out of bounds."""
-    k_cache, v_cache = make_cache(3, 2, 100, 64, torch.bfloat16)
-    q = torch.randn(3, 8, 64, device="cuda").to(torch.bfloat16)
+    k_cache, v_cache = make_cache(3, 2, 100, head_dim, torch.bfloat16)
+    q = torch.randn(3, 8, head_dim, device="cuda").to(torch.bfloat16)
     for splits in (1, 3):
         seq_lens = torch.tensor([1000, -5, 100], dtype=torch.int32, device="cuda")
         out = lk.decode_attention(
-            q, k_cache, v_cache, seq_lens, workspace=workspace(3, 8, 64, splits)
+            q, k_cache, v_cache, seq_lens, workspace=workspace(3, 8, head_dim, splits)
         )
-        check_attention(out, q, k_cache, v_cache, [100, 0, 100], 64**-0.5)
+        check_attention(out, q, k_cache, v_cache, [100, 0, 100], head_dim**-0.5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_decode_attention_large(head_dim):
     lens = [32768, 1, 30000, 0, 16385, 32767, 5, 20000]
     run_case(len(lens), 32, 8, head_dim, lens, 32768, torch.bfloat16)
@@ -221,10 +285,13 @@ def test_num_splits_depends_on_shapes_only():
 
 
 # ---- decode attention: CUDA graphs and opcheck --------------------------------------------------------
+@pytest.mark.parametrize(
+    "heads,head_dim", [((32, 8), 128), ((4, 1), 256)], ids=["32x8-d128", "4x1-d256"]
+)
 @pytest.mark.parametrize("splits", [1, 8])
-def test_decode_attention_cuda_graph_replay(splits):
+def test_decode_attention_cuda_graph_replay(splits, heads, head_dim):
     """Capture once; change q, the caches and seq_lens in place; replay equals eager."""
-    batch, q_heads, kv_heads, head_dim, capacity = 4, 32, 8, 128, 2048
+    (q_heads, kv_heads), batch, capacity = heads, 4, 2048
     dtype = torch.bfloat16
     q = torch.randn(batch, q_heads, head_dim, device="cuda").to(dtype)
     k_cache, v_cache = make_cache(batch, kv_heads, capacity, head_dim, dtype)
@@ -258,13 +325,14 @@ def test_decode_attention_cuda_graph_replay(splits):
         check_attention(out, q, k_cache, v_cache, new_lens, head_dim**-0.5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("splits", [1, 5])
-def test_opcheck_decode_attention(splits):
-    q = torch.randn(3, 8, 64, device="cuda").to(torch.float16)
-    k_cache, v_cache = make_cache(4, 2, 256, 64, torch.float16)
+def test_opcheck_decode_attention(splits, head_dim):
+    q = torch.randn(3, 8, head_dim, device="cuda").to(torch.float16)
+    k_cache, v_cache = make_cache(4, 2, 256, head_dim, torch.float16)
     seq_lens = torch.tensor([256, 0, 31], dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    ws = torch.zeros(3, 8, splits, 66, device="cuda")
+    ws = torch.zeros(3, 8, splits, head_dim + 2, device="cuda")
     torch.library.opcheck(
         torch.ops.llmkernels.decode_attention.default,
         (out, q, k_cache, v_cache, seq_lens, 0.125, ws),
@@ -371,7 +439,7 @@ def test_attention_overlap_rejected():
 
 # ---- sliding window (Mistral, windowed Qwen layers) ---------------------------------------------------
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("window", [1, 7, 64, 4096])
 @pytest.mark.parametrize("splits", [1, 5, None])
 def test_decode_attention_sliding_window(splits, window, head_dim, dtype):

@@ -1,5 +1,6 @@
-"""CUDA kernels of the per-layer memory-bound ops (rms_norm, fused_add_rms_norm,
-rotary_embedding, silu_and_mul) against the pure-PyTorch reference, on the GPU.
+"""CUDA kernels of the per-layer memory-bound ops (rms_norm, fused_add_rms_norm, both also with
+Gemma's unit_offset, rotary_embedding, silu_and_mul, gelu_tanh_and_mul) against the pure-PyTorch
+reference, on the GPU.
 
 Covers awkward sizes (odd hidden sizes take the scalar path, aligned ones the 16-byte path,
 very wide rows the uncached tail), strided and misaligned rows, GQA head counts, partial rotary,
@@ -267,7 +268,33 @@ def test_rotary_out_of_range_positions_untouched(pos_dtype, dtype):
     assert_close(k[valid], k_ref)
 
 
-# ---- silu_and_mul ---------------------------------------------------------------------------------
+# ---- Gemma's (1 + w) norms ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [7, 256, 640, 769, 5125])
+@pytest.mark.parametrize("rows", [1, 3, 8192])
+def test_unit_offset_norms(rows, hidden, dtype):
+    x, residual = _randn(rows, hidden, dtype=dtype), _randn(rows, hidden, dtype=dtype)
+    w = (0.5 * torch.randn(hidden, device="cuda")).to(dtype)  # Gemma stores scale - 1, near 0
+    assert_close(lk.rms_norm(x, w, EPS, unit_offset=True), ref.rms_norm(x, w, EPS, True))
+    x_ref, residual_ref = x.clone(), residual.clone()
+    lk.fused_add_rms_norm(x, residual, w, EPS, unit_offset=True)
+    ref.fused_add_rms_norm(x_ref, residual_ref, w, EPS, unit_offset=True)
+    assert torch.equal(residual, residual_ref)  # the add is exact in both
+    assert_close(x, x_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_offset_norm_strided_heads(dtype):
+    # Gemma 3's q/k norm: per head of a fused QKV row, D = 256
+    qkv = _randn(9, (4 + 2) * 256, dtype=dtype)
+    q = qkv[:, : 4 * 256].reshape(-1, 256)  # a copy; the strided rows come next
+    w = (0.5 * torch.randn(256, device="cuda")).to(dtype)
+    assert_close(lk.rms_norm(q, w, EPS, unit_offset=True), ref.rms_norm(q, w, EPS, True))
+    rows = qkv[:, 4 * 256 : 5 * 256]  # row stride 6 * 256
+    assert_close(lk.rms_norm(rows, w, EPS, unit_offset=True), ref.rms_norm(rows, w, EPS, True))
+
+
+# ---- silu_and_mul / gelu_tanh_and_mul ------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", HIDDEN)
 @pytest.mark.parametrize("rows", ROWS)
@@ -297,6 +324,19 @@ def test_silu_and_mul_extremes_and_3d(dtype):
     assert out.shape == (2, 5, 1024)
     assert torch.isfinite(out).all()
     assert_close(out, ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [7, 2048, 5125])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_gelu_tanh_and_mul(rows, inter, dtype):
+    x = _randn(rows, 2 * inter, dtype=dtype)
+    x[0, :6] = torch.tensor([-100.0, 100.0, -30.0, 30.0, 0.0, -0.0], dtype=dtype)
+    out = lk.gelu_tanh_and_mul(x)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref.gelu_tanh_and_mul(x))
+    wide, strided = _strided(rows, 2 * inter, dtype, 3, 1)  # scalar path
+    assert_close(lk.gelu_tanh_and_mul(strided), ref.gelu_tanh_and_mul(strided.clone()))
 
 
 # ---- empty inputs ----------------------------------------------------------------------------------
@@ -360,15 +400,27 @@ def _opcheck_cases():
         "fused_add_rms_norm": (x.clone(), _randn(5, 96, dtype=dtype), w, 1e-6),
         "rotary_embedding": (positions, q, k, _cos_sin_cache(8, 64), True),
         "silu_and_mul": (torch.zeros(5, 96, dtype=dtype, device="cuda"), wide[:, : 2 * 96]),
+        "gelu_tanh_and_mul": (torch.zeros(5, 96, dtype=dtype, device="cuda"), wide[:, : 2 * 96]),
+        "rms_norm_offset": (torch.zeros_like(x), x, w, 1e-6, True),
+        "fused_add_rms_norm_offset": (x.clone(), _randn(5, 96, dtype=dtype), w, 1e-6, True),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["rms_norm", "rms_norm_strided", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"],
+    [
+        "rms_norm",
+        "rms_norm_strided",
+        "fused_add_rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+        "gelu_tanh_and_mul",
+        "rms_norm_offset",
+        "fused_add_rms_norm_offset",
+    ],
 )
 def test_opcheck(case):
-    op_name = case.removesuffix("_strided")
+    op_name = case.removesuffix("_strided").removesuffix("_offset")
     args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.llmkernels, op_name).default, args)
 
@@ -390,6 +442,8 @@ def test_cuda_graph_capture_and_replay():
     }
     normed = torch.empty(tokens, hidden, dtype=dtype, device="cuda")
     act = torch.empty(tokens, inter, dtype=dtype, device="cuda")
+    gelu = torch.empty(tokens, inter, dtype=dtype, device="cuda")
+    gemma_normed = torch.empty(tokens, hidden, dtype=dtype, device="cuda")
 
     def step(t):
         lk.fused_add_rms_norm(t["hidden"], t["residual"], w, eps=EPS)
@@ -399,6 +453,8 @@ def test_cuda_graph_capture_and_replay():
         k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_kv_heads) * head_dim]
         lk.rotary_embedding(t["positions"], q, k.view(tokens, num_kv_heads, head_dim), cache)
         lk.silu_and_mul(t["gate_up"], out=act)
+        lk.gelu_tanh_and_mul(t["gate_up"], out=gelu)
+        lk.rms_norm(t["residual"], w, eps=EPS, out=gemma_normed, unit_offset=True)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -423,6 +479,7 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         replayed = {name: t.clone() for name, t in static.items()}
         replayed_normed, replayed_act = normed.clone(), act.clone()
+        replayed_gelu, replayed_gemma = gelu.clone(), gemma_normed.clone()
 
         eager = {name: value.clone() for name, value in new.items()}
         step(eager)
@@ -431,6 +488,8 @@ def test_cuda_graph_capture_and_replay():
             assert torch.equal(replayed[name], eager[name]), f"round {round_}: {name}"
         assert torch.equal(replayed_normed, normed), f"round {round_}: rms_norm out"
         assert torch.equal(replayed_act, act), f"round {round_}: silu_and_mul out"
+        assert torch.equal(replayed_gelu, gelu), f"round {round_}: gelu_tanh_and_mul out"
+        assert torch.equal(replayed_gemma, gemma_normed), f"round {round_}: unit_offset out"
         assert not torch.equal(replayed["hidden"], new["hidden"])  # the graph did run
 
 
@@ -454,6 +513,29 @@ def test_silu_and_mul_bit_identical_to_reference(inter, dtype):
     # same op order as torch's silu then multiply, each rounded, no FMA contraction
     x = _randn(37, 2 * inter, dtype=dtype)
     assert torch.equal(lk.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [7, 2048, 5125])
+def test_gelu_tanh_and_mul_within_an_ulp_of_reference(inter, dtype):
+    # torch's CUDA gelu(approximate="tanh") op order in fp32 and tanhf: expected bit-identical;
+    # allowed one ulp of the dtype where tanhf's rounding could differ
+    x = _randn(37, 2 * inter, dtype=dtype)
+    ulps = _ulp_distance(lk.gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x))
+    assert ulps.max().item() <= 1
+    assert (ulps == 0).float().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [640, 769])
+def test_unit_offset_rms_norm_within_ulps(hidden, dtype):
+    # inv_rms may differ from the reference by one fp32 ulp (sum order); the result is rounded
+    # once from fp32: within one ulp of a 16-bit dtype, a few of fp32
+    x = _randn(1000, hidden, dtype=dtype)
+    w = (0.5 * torch.randn(hidden, device="cuda")).to(dtype)
+    ulps = _ulp_distance(lk.rms_norm(x, w, EPS, unit_offset=True), ref.rms_norm(x, w, EPS, True))
+    assert ulps.max().item() <= (4 if dtype == torch.float32 else 1)
+    assert (ulps == 0).float().mean().item() >= 0.9
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

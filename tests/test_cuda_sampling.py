@@ -87,6 +87,9 @@ CASES = [  # (logits kind, vocab, temperature, top_k, top_p)
     ("zipf", 151936, 0.7, 50, 0.9),
     ("zipf", 151936, 1.0, 0, 1.0),
     ("near_uniform", 151936, 1.0, 0, 1.0),
+    ("zipf", 262144, 0.7, 64, 0.95),  # Gemma 3: 64 KB (bf16) / 128 KB (fp32) slices per CTA
+    ("zipf", 262144, 1.0, 0, 1.0),
+    ("near_uniform", 262144, 1.0, 0, 0.9),
 ]
 
 
@@ -171,7 +174,7 @@ def lowest_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("vocab", [32000, 49152, 128256, 151936])
+@pytest.mark.parametrize("vocab", [32000, 49152, 128256, 151936, 262144])
 @pytest.mark.parametrize("batch", [1, 8, 300])
 def test_greedy_exact_with_ties(vocab, dtype, batch):
     gen = torch.Generator(device=DEVICE).manual_seed(vocab + batch)

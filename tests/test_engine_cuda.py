@@ -280,8 +280,19 @@ def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
         ("qwen3", dict(head_dim=128)),
         ("mistral", dict(sliding_window=16)),
         ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+        (  # Gemma-3-270M's attention: 4 query heads on 1 KV head of 256 (the SIMT decode kernel)
+            "gemma3_text",
+            dict(
+                head_dim=256,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                query_pre_attn_scalar=128,
+            ),
+        ),
     ],
-    ids=["qwen2-bias", "qwen3-qk-norm", "mistral-window", "qwen2-window"],
+    ids=["qwen2-bias", "qwen3-qk-norm", "mistral-window", "qwen2-window", "gemma3"],
 )
 @torch.inference_mode()
 def test_families_bf16_close_to_hf_and_graphs_equal_eager(family, overrides):
@@ -329,3 +340,35 @@ def test_quantized_engine_on_cuda(mode):
         hf16, max_batch_size=2, max_seq_len=128, quantize=mode, use_cuda_graph=False
     )
     assert torch.equal(graphed, eager.generate(ids[:, :16], **kw))
+
+
+# ---- speculative decoding: the verify step as CUDA graphs ------------------------------------------
+def repeated_prompts(batch: int) -> torch.Tensor:
+    base = prompts(batch, 12)
+    return torch.cat([base, base, base[:, :5]], dim=1)
+
+
+@torch.inference_mode()
+def test_speculative_graphs_equal_eager_and_fp32_equals_plain_greedy():
+    hf16 = hf_model(torch.bfloat16)
+    graphed = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf16, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = repeated_prompts(2)
+    kw = dict(max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=6)
+    out = graphed.generate(ids, **kw)
+    assert graphed._verify_graphs  # the verify forwards ran as captured graphs
+    assert torch.equal(out, eager.generate(ids, **kw))
+    draft16 = hf_model(torch.bfloat16, seed=3, num_hidden_layers=1)
+    kw = dict(max_new_tokens=32, do_sample=False)
+    drafted = graphed.generate(ids, assistant_model=draft16, **kw)
+    eager_draft = lk.Engine.from_hf(draft16, max_batch_size=2, use_cuda_graph=False)
+    assert torch.equal(drafted, eager.generate(ids, assistant_model=eager_draft, **kw))
+    sampled = dict(max_new_tokens=24, do_sample=True, top_p=0.9, prompt_lookup_num_tokens=4)
+    assert torch.equal(
+        graphed.generate(ids, seed=1, **sampled), graphed.generate(ids, seed=1, **sampled)
+    )
+    # fp32 (SDPA decode): speculation gives exactly plain greedy's tokens
+    hf32 = hf_model(torch.float32)
+    eng32 = lk.Engine.from_hf(hf32, max_batch_size=2, max_seq_len=128)
+    plain = eng32.generate(ids, max_new_tokens=32)
+    assert torch.equal(eng32.generate(ids, max_new_tokens=32, prompt_lookup_num_tokens=6), plain)

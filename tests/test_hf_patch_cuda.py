@@ -206,3 +206,46 @@ def test_unpatch_restores_bitwise_on_cuda():
     lk.unpatch(ours)
     with torch.inference_mode():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+# ---- Gemma 3: (1 + w) norms, GeGLU, head_dim 256 decode attention ----------------------------------
+def test_gemma3_bf16_decode_steps_on_our_ops_stay_close(op_counts, monkeypatch):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gelu = Counter()
+    real_gelu = lk_ops.gelu_tanh_and_mul
+    monkeypatch.setattr(
+        lk_ops, "gelu_tanh_and_mul", lambda *a, **k: gelu.update(["n"]) or real_gelu(*a, **k)
+    )
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=1024,
+        sliding_window=512,  # not reached: no mask, the decode kernel runs on every layer
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(7)
+    oracle = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in oracle.parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.5, 0.5)  # norms away from their zero init
+    oracle = oracle.to(DEVICE)
+    theirs = copy.deepcopy(oracle).to(torch.bfloat16)
+    ours = lk.patch(copy.deepcopy(theirs))
+    ids, forced = prompt(2, 21), prompt(2, 16, seed=6)
+    expected = step_logits(oracle, ids, forced)
+    hf = step_logits(theirs, ids, forced)
+    op_counts.clear()
+    got = step_logits(ours, ids, forced)
+    assert op_counts["decode_attention"] == 3 * forced.shape[1] and gelu["n"] > 0
+    assert_error_within_hf(got, hf, expected, "Gemma 3 decode-step logits")

@@ -1,0 +1,166 @@
+"""Benchmark of speculative decoding on a real model: tokens/s of the plain engine, the engine
+with prompt lookup, and transformers' ``generate`` without and with ``prompt_lookup_num_tokens``,
+on the same weights, over input-grounded prompts (summarise, extract, rewrite, edit code: the
+answer copies the input) and open-ended ones (the answer does not).
+
+Each contender generates ``new_tokens`` greedy tokens per prompt (a warm-up call first; the best
+of ``repeats`` timed calls, prefill included); ``identical`` says whether its tokens equal the
+plain engine's (speculation must not change greedy output), ``accepted`` is the share of guesses
+the target kept. ``speedup`` is tokens/s over the plain engine's on the same prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from .timing import write_results
+
+__all__ = ["GROUNDED", "OPEN_ENDED", "run"]
+
+_ARTICLE = (
+    "The Great Barrier Reef, off the coast of Queensland, Australia, is the world's largest coral "
+    "reef system. It is composed of over 2,900 individual reefs and 900 islands stretching over "
+    "2,300 kilometres. The reef is home to thousands of species of fish, molluscs and corals, and "
+    "it was selected as a World Heritage Site in 1981. Rising sea temperatures have caused mass "
+    "coral bleaching events in 2016, 2017 and 2020, and scientists warn that the reef could lose "
+    "most of its coral cover within decades if warming continues."
+)
+_RECORDS = (
+    "Order 1042: Alice Martin, alice.martin@example.com, 3 notebooks, shipped Monday.\n"
+    "Order 1043: Bob Chen, bob.chen@example.com, 1 desk lamp, shipped Tuesday.\n"
+    "Order 1044: Carla Gomez, carla.gomez@example.com, 2 chairs, shipped Wednesday.\n"
+    "Order 1045: David Okafor, david.okafor@example.com, 5 pens, shipped Thursday."
+)
+_CODE = (
+    "def moving_average(values, window):\n"
+    "    result = []\n"
+    "    for i in range(len(values) - window + 1):\n"
+    "        chunk = values[i:i + window]\n"
+    "        result.append(sum(chunk) / window)\n"
+    "    return result\n"
+)
+GROUNDED = {
+    "summarise": f"{_ARTICLE}\n\nSummarise the text above in three sentences, reusing its wording.",
+    "extract": f"{_RECORDS}\n\nList every order as: number, name, email. One line per order.",
+    "rewrite": f"Rewrite this text, replacing 'reef' with 'coral reef' everywhere:\n\n{_ARTICLE}",
+    "edit code": f"{_CODE}\nAdd type hints and a docstring to this function. Return the whole "
+    "function.",
+}
+OPEN_ENDED = {
+    "poem": "Write a short poem about the sea.",
+    "ideas": "Give me five ideas for a rainy Sunday afternoon.",
+    "explain": "Explain why the sky is blue to a ten-year-old.",
+    "story": "Tell me a short story about a dragon who is afraid of the dark.",
+}
+COLUMNS = [
+    "kind",
+    "prompt",
+    "contender",
+    "prompt_tokens",
+    "new_tokens",
+    "tok_s",
+    "speedup",
+    "accepted",
+    "identical",
+]
+
+
+def _best_time(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+@torch.inference_mode()
+def run(
+    model: str = "default",
+    device: str = "cpu",
+    new_tokens: int = 128,
+    lookup: int = 10,
+    repeats: int = 2,
+    out_dir: str | Path | None = None,
+    quick: bool = False,
+) -> list[dict]:
+    """Run the comparison; writes ``speculative.{json,md}`` into ``out_dir`` when given."""
+    from transformers import AutoModelForCausalLM
+
+    from ..generate import Engine
+    from ..loading import resolve_model_dir
+
+    folder = resolve_model_dir(model)
+    engine = Engine.from_pretrained(model, device=device, max_seq_len=1024)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=engine.dtype, attn_implementation="sdpa"
+    ).to(device)
+    hf.eval()
+    tok = engine.tokenizer
+    prompts = [("grounded", k, v) for k, v in GROUNDED.items()]
+    prompts += [("open-ended", k, v) for k, v in OPEN_ENDED.items()]
+    if quick:
+        prompts = [prompts[0], prompts[len(GROUNDED)]]
+    greedy = dict(max_new_tokens=new_tokens, do_sample=False)
+    rows = []
+    for kind, name, text in prompts:
+        ids = torch.tensor([engine.chat_ids(text)], device=engine.device)
+        n_prompt = ids.shape[1]
+        accepted = {}
+
+        def ours(ids=ids, accepted=accepted, **kw):
+            out = engine.generate(ids, **greedy, **kw)
+            if kw:
+                kept, proposed = engine.last_acceptance
+                accepted["lk"] = kept / proposed if proposed else 0.0
+            return out
+
+        def theirs(ids=ids, **kw):
+            mask = torch.ones_like(ids)
+            return hf.generate(
+                ids, attention_mask=mask, pad_token_id=tok.eos_token_id, **greedy, **kw
+            )
+
+        contenders = {
+            "lk": ours,
+            f"lk + lookup {lookup}": functools.partial(ours, prompt_lookup_num_tokens=lookup),
+            "hf": theirs,
+            f"hf + lookup {lookup}": functools.partial(theirs, prompt_lookup_num_tokens=lookup),
+        }
+        plain_tokens, plain_rate = None, None
+        for label, fn in contenders.items():
+            seconds, out = _best_time(fn, repeats)
+            generated = out[0, n_prompt:]
+            rate = generated.numel() / seconds
+            if plain_tokens is None:
+                plain_tokens, plain_rate = generated, rate
+            rows.append(
+                {
+                    "kind": kind,
+                    "prompt": name,
+                    "contender": label,
+                    "prompt_tokens": n_prompt,
+                    "new_tokens": int(generated.numel()),
+                    "tok_s": round(rate, 1),
+                    "speedup": round(rate / plain_rate, 2),
+                    "accepted": (round(accepted["lk"], 2) if label.startswith("lk +") else None),
+                    "identical": bool(torch.equal(generated.cpu(), plain_tokens.cpu())),
+                }
+            )
+    if out_dir is not None:
+        summary = {}
+        for kind in ("grounded", "open-ended"):
+            for label in {r["contender"] for r in rows}:
+                picked = [
+                    r["speedup"] for r in rows if r["kind"] == kind and r["contender"] == label
+                ]
+                if picked:
+                    summary[f"{kind} {label} speedup (mean)"] = round(sum(picked) / len(picked), 2)
+        extra = {"model": model, "new_tokens": new_tokens, "dtype": str(engine.dtype), **summary}
+        write_results("speculative", rows, out_dir, extra=extra, columns=COLUMNS)
+    return rows

@@ -56,6 +56,11 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
                 lk.fused_add_rms_norm(x, r, w)
                 ref.fused_add_rms_norm(x2, r2, w, 1e-6)
                 _close(x, x2, tol)
+                # Gemma's (1 + w) variant
+                _close(lk.rms_norm(x, w, unit_offset=True), ref.rms_norm(x, w, 1e-6, True), tol)
+                lk.fused_add_rms_norm(x, r, w, unit_offset=True)
+                ref.fused_add_rms_norm(x2, r2, w, 1e-6, unit_offset=True)
+                _close(x, x2, tol)
 
         for inter in (64, 7):
 
@@ -63,6 +68,7 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
             def _(inter=inter, dtype=dtype, tol=tol):
                 x = torch.randn(5, 2 * inter, device=dev).to(dtype)
                 _close(lk.silu_and_mul(x), ref.silu_and_mul(x), tol)
+                _close(lk.gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x), tol)
 
         for rot, neox, pos_dtype in ((64, True, torch.int64), (58, False, torch.int32)):
 
@@ -93,30 +99,44 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
                 ref.kv_cache_append(k, v, kc2, vc2, slots)
                 assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
+    attention_shapes = [
+        (head_dim, hq, hk, splits, None)
+        for head_dim in (64, 128)
+        for hq, hk, splits in ((9, 3, 1), (9, 3, 3), (32, 1, 2))
+    ]
+    # head_dim 256 (the SIMT kernel): 1, 2, 4 and 8 query heads per block, windowed or not
+    attention_shapes += [
+        (256, 2, 2, 1, None),
+        (256, 8, 4, 3, 50),
+        (256, 4, 1, 2, None),
+        (256, 9, 1, 1, 7),
+    ]
     for dtype in HALF:
-        for head_dim in (64, 128):
-            for hq, hk, splits in ((9, 3, 1), (9, 3, 3), (32, 1, 2)):
+        for head_dim, hq, hk, splits, window in attention_shapes:
 
-                @add(f"decode_attention {dtype} D={head_dim} {hq}/{hk} splits={splits}")
-                def _(head_dim=head_dim, hq=hq, hk=hk, splits=splits, dtype=dtype):
-                    kc = torch.randn(3, hk, 300, head_dim, device=dev).to(dtype)
-                    vc = torch.randn_like(kc)
-                    lens = torch.tensor([0, 1, 300], dtype=torch.int32, device=dev)
-                    q_wide = torch.randn(2, 3, hq, head_dim + 8, device=dev).to(dtype)
-                    for q in (
-                        q_wide[0, :, :, :head_dim].contiguous(),
-                        q_wide[1, :, :, 1:][..., :head_dim],
-                    ):
-                        ws = torch.empty(3, hq, splits, head_dim + 2, device=dev)
-                        got = lk.decode_attention(q, kc, vc, lens, workspace=ws)
-                        want = ref.decode_attention(q.float(), kc.float(), vc.float(), lens)
-                        _close(got, want, 2e-2)
+            @add(f"decode_attention {dtype} D={head_dim} {hq}/{hk} splits={splits} w={window}")
+            def _(head_dim=head_dim, hq=hq, hk=hk, splits=splits, window=window, dtype=dtype):
+                kc = torch.randn(3, hk, 300, head_dim, device=dev).to(dtype)
+                vc = torch.randn_like(kc)
+                lens = torch.tensor([0, 1, 300], dtype=torch.int32, device=dev)
+                q_wide = torch.randn(2, 3, hq, head_dim + 8, device=dev).to(dtype)
+                for q in (
+                    q_wide[0, :, :, :head_dim].contiguous(),
+                    q_wide[1, :, :, 1:][..., :head_dim],
+                ):
+                    ws = torch.empty(3, hq, splits, head_dim + 2, device=dev)
+                    got = lk.decode_attention(q, kc, vc, lens, workspace=ws, window=window)
+                    want = ref.decode_attention(
+                        q.float(), kc.float(), vc.float(), lens, window=window
+                    )
+                    _close(got, want, 2e-2)
 
     for dtype, batch, vocab in (
         (torch.bfloat16, 1, 128256),  # a cluster of 8 on sm_90
         (torch.float16, 64, 32000),  # smaller clusters
         (torch.float32, 2, 300000),  # slices too large for shared memory: re-read
         (torch.float32, 3, 1001),  # odd size
+        (torch.bfloat16, 2, 262144),  # Gemma 3's vocabulary
     ):
 
         @add(f"sample {dtype} {batch}x{vocab}")

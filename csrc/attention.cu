@@ -151,6 +151,76 @@ __device__ __forceinline__ int qk_dim(int w, int t) { return (w >> 2) * 32 + t *
 // (= column n of the B fragment) reads V[token][(jn / 8) * 64 + g * 8 .. + 8]: one 16-byte vector.
 __device__ __forceinline__ int pv_dim(int jn, int n) { return (jn >> 3) * 64 + n * 8 + (jn & 7); }
 
+// ---- shared by the decode kernels -----------------------------------------------------------------
+// Split `split`'s token range: [start, end) within [first, len), len = seq_len clamped to [0, S],
+// first = len - window (sliding window) or 0; chunks rounded up to the block's token step.
+struct SplitRange {
+  int start, end;  // start >= end: nothing to do
+};
+
+__device__ __forceinline__ SplitRange split_range(int seq_len, int seq_capacity, int window, int split,
+                                                  int num_splits, int block_tokens) {
+  const int len = min(max(seq_len, 0), seq_capacity);
+  const int first = window > 0 ? max(0, len - window) : 0;
+  int chunk = (len - first + num_splits - 1) / num_splits;
+  chunk = (chunk + block_tokens - 1) / block_tokens * block_tokens;
+  const int64_t start = first + static_cast<int64_t>(split) * chunk;
+  if (start >= len) return {len, len};
+  return {static_cast<int>(start), static_cast<int>(min(start + chunk, static_cast<int64_t>(len)))};
+}
+
+// An empty range: zeros (single pass) or an empty partial (max = -inf, sum = 0) for the merge.
+template <typename T, int D>
+__device__ __forceinline__ void write_empty(T* out,           // [B, Hq, D]
+                                            float* workspace,  // [B, Hq, splits, D + 2]
+                                            int64_t row0, int rows, int split, int num_splits) {
+  if (num_splits == 1) {
+    for (int i = threadIdx.x; i < rows * D; i += kThreads) out[row0 * D + i] = from_float<T>(0.f);
+  } else {
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+      float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
+      part[D] = -INFINITY;
+      part[D + 1] = 0.f;
+    }
+  }
+}
+
+// The 4 warps' (m, l, O) of each of `rows` heads combined with their log-sum-exp weights, written
+// to out (single pass) or as this split's normalized partial O / l, m, l. Call after a barrier.
+template <typename T, int D, int R, int P>
+__device__ __forceinline__ void combine_warps(const float (&s_o)[kWarps][R][P],  // O per warp, head
+                                              const float (&s_m)[kWarps][R],     // running max (log2)
+                                              const float (&s_l)[kWarps][R],     // running sum
+                                              T* out, float* workspace, int64_t row0, int rows,
+                                              int split, int num_splits) {
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, s_m[w][r]);
+    float sum = 0.f, o = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float scale_w = exp2f(s_m[w][r] - m_max);  // 0 for a warp that saw no token
+        sum += scale_w * s_l[w][r];
+        o += scale_w * s_o[w][r][d];
+      }
+    }
+    const float value = sum > 0.f ? o / sum : 0.f;
+    if (num_splits == 1) {
+      out[row0 * D + i] = from_float<T>(value);
+    } else {
+      float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
+      part[d] = value;
+      if (d == 0) {
+        part[D] = m_max;
+        part[D + 1] = sum;
+      }
+    }
+  }
+}
+
 // Q_VEC: q rows 16-byte aligned (pointer and strides), so fragments load as 16-byte vectors.
 template <typename T, int D, bool Q_VEC>
 __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
@@ -219,27 +289,14 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
     }
   }
 
-  const int len = min(max(seq_lens[b * seq_lens_stride], 0), seq_capacity);
-  const int first = window > 0 ? max(0, len - window) : 0;  // sliding window: tokens [first, len)
-  int chunk = (len - first + num_splits - 1) / num_splits;
-  chunk = (chunk + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
-  const int64_t start64 = first + static_cast<int64_t>(split) * chunk;
   const int64_t row0 = static_cast<int64_t>(b) * num_q_heads + head0;  // (b, head0) row of out/ws
-
-  if (start64 >= len) {  // empty range (also len == 0)
-    if (num_splits == 1) {
-      for (int i = tid; i < rows * D; i += kThreads) out[row0 * D + i] = from_float<T>(0.f);
-    } else {
-      for (int r = tid; r < rows; r += kThreads) {
-        float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
-        part[D] = -INFINITY;
-        part[D + 1] = 0.f;
-      }
-    }
+  const SplitRange range =
+      split_range(seq_lens[b * seq_lens_stride], seq_capacity, window, split, num_splits, BLOCK_TOKENS);
+  if (range.start >= range.end) {  // empty range (also len == 0)
+    write_empty<T, D>(out, workspace, row0, rows, split, num_splits);
     return;
   }
-  const int start = static_cast<int>(start64);
-  const int end = min(start + chunk, len);
+  const int start = range.start, end = range.end;
 
   const int64_t head_offset = (static_cast<int64_t>(b) * num_kv_heads + kv_head) * seq_capacity * D;
   const T* k_head = k_cache + head_offset;
@@ -385,32 +442,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(
   }
   __syncthreads();
 
-  for (int i = tid; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, s_m[w][r]);
-    float sum = 0.f, o = 0.f;
-    if (m_max != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float scale_w = exp2f(s_m[w][r] - m_max);  // 0 for a warp that saw no token
-        sum += scale_w * s_l[w][r];
-        o += scale_w * s_o[w][r][d];
-      }
-    }
-    const float value = sum > 0.f ? o / sum : 0.f;
-    if (num_splits == 1) {
-      out[row0 * D + i] = from_float<T>(value);
-    } else {
-      float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
-      part[d] = value;
-      if (d == 0) {
-        part[D] = m_max;
-        part[D + 1] = sum;
-      }
-    }
-  }
+  combine_warps<T, D>(s_o, s_m, s_l, out, workspace, row0, rows, split, num_splits);
 }
 
 // ---- head_dim 256: SIMT kernel ------------------------------------------------------------------
@@ -569,27 +601,14 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_simt_kernel(
     }
   }
 
-  const int len = min(max(seq_lens[b * seq_lens_stride], 0), seq_capacity);
-  const int first = window > 0 ? max(0, len - window) : 0;  // sliding window: tokens [first, len)
-  int chunk = (len - first + num_splits - 1) / num_splits;
-  chunk = (chunk + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
-  const int64_t start64 = first + static_cast<int64_t>(split) * chunk;
   const int64_t row0 = static_cast<int64_t>(b) * num_q_heads + head0;  // (b, head0) row of out/ws
-
-  if (start64 >= len) {  // empty range (also len == 0)
-    if (num_splits == 1) {
-      for (int i = tid; i < rows * D; i += kThreads) out[row0 * D + i] = from_float<T>(0.f);
-    } else {
-      for (int r = tid; r < rows; r += kThreads) {
-        float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
-        part[D] = -INFINITY;
-        part[D + 1] = 0.f;
-      }
-    }
+  const SplitRange range =
+      split_range(seq_lens[b * seq_lens_stride], seq_capacity, window, split, num_splits, BLOCK_TOKENS);
+  if (range.start >= range.end) {  // empty range (also len == 0)
+    write_empty<T, D>(out, workspace, row0, rows, split, num_splits);
     return;
   }
-  const int start = static_cast<int>(start64);
-  const int end = static_cast<int>(min(start64 + chunk, static_cast<int64_t>(len)));
+  const int start = range.start, end = range.end;
 
 #pragma unroll
   for (int it = 0; it < Q_ITERS; ++it) {
@@ -725,32 +744,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_attention_simt_kernel(
   }
   __syncthreads();
 
-  for (int i = tid; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, s_m[w][r]);
-    float sum = 0.f, o = 0.f;
-    if (m_max != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float scale_w = exp2f(s_m[w][r] - m_max);  // 0 for a warp that saw no token
-        sum += scale_w * s_l[w][r];
-        o += scale_w * s_o[w][r][d];
-      }
-    }
-    const float value = sum > 0.f ? o / sum : 0.f;
-    if (num_splits == 1) {
-      out[row0 * D + i] = from_float<T>(value);
-    } else {
-      float* part = workspace + ((row0 + r) * num_splits + split) * (D + 2);
-      part[d] = value;
-      if (d == 0) {
-        part[D] = m_max;
-        part[D + 1] = sum;
-      }
-    }
-  }
+  combine_warps<T, D>(s_o, s_m, s_l, out, workspace, row0, rows, split, num_splits);
 }
 
 // Merges the split-K partials of one (b, h): out = sum_j w_j o_j / sum_j w_j,

@@ -77,10 +77,44 @@ def _resolve_dtype(name: str | None):
     return table[name]
 
 
+def _init_tensor_parallel(device) -> int:
+    """Join the torchrun group (NCCL on CUDA, gloo on CPU; a 2-minute timeout so a lost rank
+    ends the others with an error instead of a hang). Returns this rank."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError(
+            "--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m llmkernels.cli "
+            "generate ... --tensor-parallel"
+        )
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=2),
+        )
+    return dist.get_rank()
+
+
+def _is_rank0(args) -> bool:
+    return not getattr(args, "tensor_parallel", False) or int(os.environ.get("RANK", 0)) == 0
+
+
 def _load_engine(args):
     from .generate import Engine
 
     device = _resolve_device(args.device)
+    tensor_parallel = getattr(args, "tensor_parallel", False)
+    if tensor_parallel:
+        _init_tensor_parallel(device)
+        if device.type == "cuda":
+            import torch
+
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
         args.model,
@@ -89,14 +123,21 @@ def _load_engine(args):
         max_seq_len=args.max_seq_len,
         quantize=args.quantize,
         group_size=args.group_size,
+        tensor_parallel=tensor_parallel,
     )
     weights = f", weights {args.quantize}" if args.quantize else ""
-    print(
-        f"[llmkernels] {args.model} on {engine.device} ({str(engine.dtype).replace('torch.', '')}"
-        f"{weights}), loaded in {time.perf_counter() - t0:.1f}s",
-        file=sys.stderr,
-    )
+    shards = ""
+    if tensor_parallel:
+        shards = f", tensor parallel over {os.environ['WORLD_SIZE']} ranks"
+    if _is_rank0(args):
+        print(
+            f"[llmkernels] {args.model} on {engine.device} "
+            f"({str(engine.dtype).replace('torch.', '')}{weights}{shards}), loaded in "
+            f"{time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
     return engine
+
 
 
 def _speculative_kwargs(args, engine) -> dict:
@@ -195,7 +236,12 @@ def cmd_generate(args) -> int:
 
     engine = _load_engine(args)
     input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
-    streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    rank0 = _is_rank0(args)  # under torchrun every rank generates, rank 0 prints
+    streamer = (
+        TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if rank0
+        else None
+    )
     speculative = _speculative_kwargs(args, engine)
     t0 = time.perf_counter()
     out = engine.generate(
@@ -211,15 +257,18 @@ def cmd_generate(args) -> int:
     if speculative and engine.last_acceptance and engine.last_acceptance[1]:
         kept, proposed = engine.last_acceptance
         accepted = f"; {kept}/{proposed} guesses accepted"
-    print(
-        f"[llmkernels] {new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} tokens/s "
-        f"(prompt {input_ids.shape[1]} tokens, prefill included{accepted})",
-        file=sys.stderr,
-    )
+    if rank0:
+        print(
+            f"[llmkernels] {new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} "
+            f"tokens/s (prompt {input_ids.shape[1]} tokens, prefill included{accepted})",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_chat(args) -> int:
+    if getattr(args, "tensor_parallel", False):
+        raise UserError("chat does not take --tensor-parallel yet (generate and next-token do)")
     engine = _load_engine(args)
     initial = [{"role": "system", "content": args.system}] if args.system else None
     session = engine.chat_session(initial)
@@ -259,6 +308,8 @@ def cmd_next_token(args) -> int:
     engine = _load_engine(args)
     input_ids = _prompt_ids(engine, args.prompt, args.raw, None).to(engine.device)
     logits = engine.logits(input_ids)[:, -1].float()  # [1, V], our forward on our ops
+    if not _is_rank0(args):
+        return 0
     probs = reference.sampling_probs(logits, args.temperature, args.top_k or 0, args.top_p or 1.0)[
         0
     ]
@@ -318,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--group-size", type=_positive_int, default=32, help="int4: inputs per scale"
+        )
+        p.add_argument(
+            "--tensor-parallel",
+            action="store_true",
+            help="shard the model over the ranks of `torchrun --nproc-per-node N -m llmkernels.cli`",
         )
         if sampling:
             p.add_argument("--max-new-tokens", type=_positive_int, default=128)

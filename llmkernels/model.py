@@ -425,6 +425,10 @@ class Transformer:
     max_batch_size, max_seq_len:
         Cache capacity: ``k_cache, v_cache [layers, max_batch_size, Hk, max_seq_len, D]`` in the
         weights' dtype (zero-initialized). ``max_seq_len <= max_position_embeddings``.
+    tensor_parallel:
+        This rank's :class:`llmkernels.parallel.TensorParallel` when ``config`` and ``weights``
+        are one rank's shard (:func:`llmkernels.parallel.shard_weights`): the partial outputs of
+        the O and down projections are then summed over the ranks. None: one process.
     """
 
     def __init__(
@@ -433,7 +437,9 @@ class Transformer:
         weights: Mapping[str, torch.Tensor],
         max_batch_size: int,
         max_seq_len: int,
+        tensor_parallel=None,
     ):
+        self.tensor_parallel = tensor_parallel
         shapes = expected_shapes(config)
         missing = [n for n in shapes if n not in weights]
         if missing:
@@ -571,19 +577,28 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             if i > 0:
                 ops.fused_add_rms_norm(x, residual, layer.attn_norm, eps, unit_offset=offset)
-            x = linear(attend(i, x), layer.wo)  # [N, hidden]
+            x = self._row_parallel(linear(attend(i, x), layer.wo))  # [N, hidden]
             if c.post_norms:
                 ops.rms_norm(x, layer.post_attn_norm, eps, out=x, unit_offset=offset)
             ops.fused_add_rms_norm(x, residual, layer.mlp_norm, eps, unit_offset=offset)
-            x = self._mlp(x, layer)
+            x = self._row_parallel(self._mlp(x, layer))
             if c.post_norms:
                 ops.rms_norm(x, layer.post_mlp_norm, eps, out=x, unit_offset=offset)
         ops.fused_add_rms_norm(x, residual, self.norm, eps, unit_offset=offset)
         return x
 
+    def _row_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over tensor-parallel ranks of a row-parallel projection's partial output."""
+        return x if self.tensor_parallel is None else self.tensor_parallel.all_reduce(x)
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, hidden] -> [M, V]``: the LM head, then soft-capping where the config asks."""
-        logits = linear(x, self.lm_head)
+        if self.tensor_parallel is not None and isinstance(self.lm_head, torch.Tensor):
+            # every rank must compute bit-identical logits (they sample the same token without
+            # talking): one fixed kernel, not linear()'s per-process timed choice on CPU
+            logits = F.linear(x, self.lm_head)
+        else:
+            logits = linear(x, self.lm_head)
         cap = self.config.final_logit_softcap
         if cap is not None:  # cap * tanh(logits / cap), in the logits' dtype as HF
             logits = logits.div_(cap).tanh_().mul_(cap)

@@ -1,0 +1,112 @@
+"""Tensor parallelism on ``torch.distributed`` (Megatron-style), for :class:`llmkernels.Engine`.
+
+Inside an initialised process group of W ranks (``torchrun``; NCCL between GPUs, gloo on CPU),
+each rank holds 1/W of every layer's projections and of the KV cache:
+
+* ``wqkv [(Hq + 2 Hk) D, H]`` column-parallel by heads: rank r keeps query heads
+  ``r Hq/W .. (r+1) Hq/W - 1`` and KV heads ``r Hk/W ..`` (each query head's group stays on its
+  rank: GQA needs no communication), and the matching slice of a QKV bias;
+* ``wo [H, Hq D]`` row-parallel: the columns of the rank's query heads; the partial outputs are
+  summed by one all-reduce;
+* ``w_gate_up [2 I, H]`` column-parallel: the rank's slice of the gate rows and of the up rows;
+* ``w_down [H, I]`` row-parallel: the matching columns, then one all-reduce.
+
+Norms, the embedding and the LM head are replicated (every rank computes the same logits, so
+sampling with one seed gives every rank the same tokens with no extra communication; a
+vocab-parallel LM head would save memory at the cost of a gather per step). Two all-reduces per
+layer; the residual add + RMSNorm after each stays one fused op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from .model import ModelConfig
+
+__all__ = ["TensorParallel", "tensor_parallel_group", "shard_config", "shard_weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in a tensor-parallel group."""
+
+    rank: int
+    world_size: int
+    group: object = None  # a torch.distributed ProcessGroup (None: the default group)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place (every rank gets the same result)."""
+        torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+
+def tensor_parallel_group(group=None) -> TensorParallel:
+    """The current process's rank and world size in ``group`` (default: the default group);
+    raises ``RuntimeError`` when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "tensor_parallel=True needs an initialised torch.distributed process group: launch "
+            "with `torchrun --nproc-per-node N ...` and call torch.distributed.init_process_group"
+            "() first (backend nccl on GPUs, gloo on CPU)"
+        )
+    return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
+
+
+def shard_config(config: ModelConfig, world_size: int) -> ModelConfig:
+    """The per-rank architecture: heads and MLP width divided by ``world_size``. Raises
+    ``ValueError`` naming both numbers when one does not divide."""
+    for name, value in (
+        ("num_attention_heads", config.num_heads),
+        ("num_key_value_heads", config.num_kv_heads),
+        ("intermediate_size", config.intermediate_size),
+    ):
+        if value % world_size:
+            raise ValueError(
+                f"tensor parallelism over {world_size} ranks needs config.{name} ({value}) to be "
+                f"a multiple of {world_size}"
+            )
+    return dataclasses.replace(
+        config,
+        num_heads=config.num_heads // world_size,
+        num_kv_heads=config.num_kv_heads // world_size,
+        intermediate_size=config.intermediate_size // world_size,
+    )
+
+
+def _rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank's contiguous block of dim 0 (a copy: the full tensor can be freed)."""
+    n = t.shape[0] // world
+    return t[rank * n : (rank + 1) * n].clone()
+
+
+def _columns(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[1] // world
+    return t[:, rank * n : (rank + 1) * n].contiguous()
+
+
+def shard_weights(
+    weights: Mapping[str, torch.Tensor], config: ModelConfig, rank: int, world_size: int
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of the fused-layout weights of ``config`` (the full model's config)."""
+    shard_config(config, world_size)  # divisibility, with the error naming the numbers
+    hq, hk = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    inter = config.intermediate_size
+    out = {}
+    for name, t in weights.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ("wqkv", "bqkv"):  # [q | k | v] along dim 0, each split by heads
+            q, k, v = t[:hq], t[hq : hq + hk], t[hq + hk :]
+            out[name] = torch.cat([_rows(part, rank, world_size) for part in (q, k, v)])
+        elif kind == "w_gate_up":
+            gate, up = t[:inter], t[inter:]
+            out[name] = torch.cat([_rows(gate, rank, world_size), _rows(up, rank, world_size)])
+        elif kind in ("wo", "w_down"):
+            out[name] = _columns(t, rank, world_size)
+        else:  # norms, embedding, LM head: replicated
+            out[name] = t
+    return out

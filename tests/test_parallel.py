@@ -1,0 +1,278 @@
+"""Tensor parallelism (llmkernels.parallel) on CPU: 2 gloo ranks spawned by the tests.
+
+Each rank builds the same random HF model (same seed), an engine on one process and a
+tensor-parallel engine over both ranks, and checks: prefill and every decode step's logits within
+1e-5 of one process (fp32), greedy tokens identical to one process and to transformers, seeded
+sampling identical across ranks, each rank's weight shapes halved as expected. Also: an
+indivisible head count is refused naming both numbers, and a rank that dies ends the other with
+an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import llmkernels as lk
+from llmkernels.model import ModelConfig
+from llmkernels.parallel import shard_config
+
+WORLD = 2
+TESTS = Path(__file__).parent
+
+
+def _init(rank: int, store: str, seconds: int = 60) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # 2 ranks on this 2-core machine
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=seconds),
+    )
+
+
+def _configs() -> dict:
+    small = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        eos_token_id=None,
+    )
+    return {
+        "llama-gqa-untied": ("llama", dict(small, tie_word_embeddings=False)),
+        "llama-gqa-tied": ("llama", dict(small, tie_word_embeddings=True)),
+        "qwen2-bias": ("qwen2", dict(small, num_key_value_heads=4)),
+        # TinyLlama's attention and MLP shapes (32 query / 4 KV heads), one layer, small vocab
+        "tinyllama-shape": (
+            "llama",
+            dict(
+                small,
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=1,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+                vocab_size=512,
+            ),
+        ),
+    }
+
+
+def _hf(family: str, fields: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15 if fields["hidden_size"] <= 128 else 0.03)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _max_err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _worker_equivalence(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    _init(rank, store)
+    for name, (family, fields) in _configs().items():
+        hf = _hf(family, fields)
+        one = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+        tp = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64, tensor_parallel=True)
+        c = one.config
+        layer = tp.model.layers[0]
+        d = c.head_dim
+        expected_qkv = ((c.num_heads + 2 * c.num_kv_heads) // WORLD * d, c.hidden_size)
+        assert tuple(layer.wqkv.shape) == expected_qkv, name
+        assert tuple(layer.wo.shape) == (c.hidden_size, c.num_heads // WORLD * d), name
+        assert tuple(layer.w_gate_up.shape) == (2 * c.intermediate_size // WORLD, c.hidden_size)
+        assert tuple(layer.w_down.shape) == (c.hidden_size, c.intermediate_size // WORLD), name
+        assert tp.model.k_cache.shape[2] == c.num_kv_heads // WORLD, name
+
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, fields["vocab_size"], (2, 12), generator=g)
+        assert _max_err(tp.logits(ids), one.logits(ids)) <= 1e-5, f"{name}: prefill"
+        # decode steps: the first 8 tokens prefilled, the next 4 fed one at a time
+        ones = torch.ones_like(ids, dtype=torch.bool)
+        with torch.inference_mode():
+            for eng in (one, tp):
+                eng._prefill(ids[:, :8], ones[:, :8], [0, 0], [8, 8], all_logits=False)
+            for t in range(8, 12):
+                steps = []
+                for eng in (one, tp):
+                    eng._tokens[:2].copy_(ids[:, t])
+                    steps.append(eng._step(2, greedy=True).clone())
+                assert _max_err(steps[0], steps[1]) <= 1e-5, f"{name}: decode step {t}"
+
+        greedy = tp.generate(ids, max_new_tokens=16, do_sample=False)
+        assert torch.equal(greedy, one.generate(ids, max_new_tokens=16, do_sample=False)), name
+        with torch.no_grad():
+            theirs = hf.generate(
+                ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+            )
+        assert torch.equal(greedy, theirs), name
+        sampled = tp.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.9, seed=7)
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, sampled.tolist())
+        assert gathered[0] == gathered[1], f"{name}: ranks sampled different tokens"
+    dist.destroy_process_group()
+
+
+def _worker_indivisible(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    _init(rank, store)
+    family, fields = _configs()["llama-gqa-untied"]
+    hf = _hf(family, dict(fields, hidden_size=72, num_attention_heads=9, num_key_value_heads=3))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(9\).*multiple of 2"):
+        lk.Engine.from_hf(hf, tensor_parallel=True)
+    dist.destroy_process_group()
+
+
+def _spawn(fn, tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    mp.spawn(fn, args=(store,), nprocs=WORLD, join=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_and_transformers(tmp_path):
+    _spawn(_worker_equivalence, tmp_path)
+
+
+def test_indivisible_heads_are_refused_in_a_group(tmp_path):
+    _spawn(_worker_indivisible, tmp_path)
+
+
+def test_shard_config_names_both_numbers():
+    smol = ModelConfig.from_hf(
+        dict(
+            model_type="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+        )
+    )
+    with pytest.raises(ValueError, match=r"num_attention_heads \(9\) to be a multiple of 2"):
+        shard_config(smol, 2)
+    assert shard_config(smol, 3).num_heads == 3 and shard_config(smol, 3).num_kv_heads == 1
+
+
+def test_tensor_parallel_outside_a_group_says_how():
+    family, fields = _configs()["llama-gqa-untied"]
+    with pytest.raises(RuntimeError, match="torchrun"):
+        lk.Engine.from_hf(_hf(family, fields), tensor_parallel=True)
+
+
+# ---- a rank that dies -----------------------------------------------------------------------------
+def _worker_dies(rank: int, store: str, report: str) -> None:
+    _init(rank, store, seconds=20)
+    family, fields = _configs()["llama-gqa-untied"]
+    tp = lk.Engine.from_hf(_hf(family, fields), tensor_parallel=True, max_seq_len=64)
+    ids = torch.randint(3, 320, (1, 8), generator=torch.Generator().manual_seed(0))
+    tp.generate(ids, max_new_tokens=2)
+    if rank == 1:
+        os._exit(3)  # killed mid-run: no goodbye to the group
+    try:
+        tp.generate(ids, max_new_tokens=8)
+    except RuntimeError as exc:
+        Path(report).write_text(f"error: {type(exc).__name__}: {exc}")
+        return
+    Path(report).write_text("no error")
+
+
+def test_a_killed_rank_ends_the_other_with_an_error(tmp_path):
+    ctx = mp.get_context("spawn")
+    report = tmp_path / "rank0.txt"
+    store = str(tmp_path / "store")
+    procs = [
+        ctx.Process(target=_worker_dies, args=(r, store, str(report)), daemon=True)
+        for r in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "a rank hung after its peer died"
+    assert procs[1].exitcode == 3
+    assert report.read_text().startswith("error:"), report.read_text()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- the command line under torchrun -------------------------------------------------------------
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    import subprocess
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", str(WORLD), "-m", "llmkernels.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_generate_under_torchrun_prints_once_and_matches_one_process(tmp_path, smol_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**_configs()["llama-gqa-tied"][1], "vocab_size": len(smol_tokenizer)})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    args = ["generate", "Hello there", "--model", str(tmp_path), "--device", "cpu"]
+    args += ["--max-new-tokens", "8", "--temperature", "0"]
+    result = _torchrun(*args, "--tensor-parallel")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("tensor parallel over 2 ranks") == 1  # rank 0 prints
+    one = subprocess.run(
+        [sys.executable, "-m", "llmkernels.cli", *args], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert result.stdout == one.stdout and result.stdout.strip()
+
+
+def test_cli_embedded_smollm2_at_two_ranks_is_refused_clearly():
+    from llmkernels import loading
+
+    try:
+        loading.resolve_model_dir("default")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    result = _torchrun("generate", "hi", "--device", "cpu", "--tensor-parallel")
+    assert result.returncode != 0
+    assert "error: tensor parallelism over 2 ranks needs config.num_attention_heads (9)" in (
+        result.stderr
+    )
+    assert "llmkernels/" not in result.stderr  # our one-line error, no traceback of ours

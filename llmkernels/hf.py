@@ -492,8 +492,6 @@ def _rms_norm_forward(original, patch: _Patch, eps_attr: str, unit_offset: bool)
 
 
 def _mlp_forward(original, patch: _Patch, op_name: str):
-    act_and_mul = getattr(_ops, op_name)
-
     def forward(self, x, *args, **kwargs):
         if (
             args
@@ -508,7 +506,7 @@ def _mlp_forward(original, patch: _Patch, op_name: str):
         if gate_up.dtype not in _ops.FLOAT_DTYPES or gate_up.device != x.device:
             return original(self, x)
         patch.used.add(op_name)
-        return self.down_proj(act_and_mul(gate_up))
+        return self.down_proj(getattr(_ops, op_name)(gate_up))
 
     return forward
 

@@ -139,7 +139,6 @@ def _load_engine(args):
     return engine
 
 
-
 def _speculative_kwargs(args, engine) -> dict:
     """--prompt-lookup K / --draft MODEL as generate() keyword arguments."""
     if args.prompt_lookup is not None and args.draft is not None:

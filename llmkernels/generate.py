@@ -344,7 +344,10 @@ class Engine:
         of the projections and of the KV cache (:mod:`llmkernels.parallel`); every rank returns
         the same tokens.
         """
-        loaded = load_pretrained(path_or_id, device=device, dtype=dtype)
+        tp = tensor_parallel_group() if tensor_parallel else None
+        shard = (tp.rank, tp.world_size) if tp is not None else None
+        # a tensor-parallel rank reads only its blocks of the projections from the files
+        loaded = load_pretrained(path_or_id, device=device, dtype=dtype, shard=shard)
         seq = cls._default_seq_len(loaded.config, max_seq_len)
         model = cls._build_model(
             loaded.config,
@@ -353,20 +356,21 @@ class Engine:
             seq,
             quantize,
             group_size,
-            tensor_parallel,
+            tp,
+            sharded=tp is not None,
         )
         return cls(model, loaded.tokenizer, loaded.generation_config, use_cuda_graph=use_cuda_graph)
 
     @classmethod
     def _build_model(
-        cls, config, weights, max_batch_size, max_seq_len, quantize, group_size, tensor_parallel
+        cls, config, weights, max_batch_size, max_seq_len, quantize, group_size, tp, sharded=False
     ) -> Transformer:
-        """The Transformer of these full-model weights: sharded for this rank when
-        tensor_parallel, then quantized when asked."""
-        tp = None
-        if tensor_parallel:
-            tp = tensor_parallel_group()
-            weights = shard_weights(weights, config, tp.rank, tp.world_size)
+        """The Transformer of ``config`` (the full model's): on a tensor-parallel rank (``tp``)
+        the weights are sharded first unless they already are (``sharded``); then quantized
+        when asked."""
+        if tp is not None:
+            if not sharded:
+                weights = shard_weights(weights, config, tp.rank, tp.world_size)
             config = shard_config(config, tp.world_size)
         weights = cls._quantized(weights, config, quantize, group_size)
         return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
@@ -405,9 +409,8 @@ class Engine:
             )
         weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
         seq = cls._default_seq_len(config, max_seq_len)
-        model = cls._build_model(
-            config, weights, max_batch_size, seq, quantize, group_size, tensor_parallel
-        )
+        tp = tensor_parallel_group() if tensor_parallel else None
+        model = cls._build_model(config, weights, max_batch_size, seq, quantize, group_size, tp)
         generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
         engine = cls(model, tokenizer, generation_config, use_cuda_graph=use_cuda_graph)
         shared = {t.untyped_storage().data_ptr() for t in state.values()}

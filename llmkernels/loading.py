@@ -220,9 +220,18 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def _load_safetensors(
-    folder: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+    folder: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The fused weights of ``config``; with ``shard = (rank, world_size)``, only tensor-parallel
+    rank ``rank``'s blocks are read from the files (safetensors slices) and ``config`` must be
+    the per-rank one (:func:`llmkernels.parallel.shard_config`)."""
     from safetensors import safe_open
+
+    from .parallel import hf_shard_dim
 
     handles = {}
     where: dict[str, Any] = {}
@@ -231,11 +240,19 @@ def _load_safetensors(
         handles[path] = handle
         for name in handle.keys():
             where[name] = handle
+
+    def get(name: str) -> torch.Tensor:
+        dim = hf_shard_dim(name) if shard is not None else None
+        if dim is None:
+            return where[name].get_tensor(name)
+        rank, world = shard
+        part = where[name].get_slice(name)
+        n = part.get_shape()[dim] // world
+        block = slice(rank * n, (rank + 1) * n)
+        return part[block] if dim == 0 else part[:, block]
+
     return fuse_hf_weights(
-        where.keys(),
-        lambda name: where[name].get_tensor(name),
-        config,
-        convert=lambda t: t.to(device=device, dtype=dtype),
+        where.keys(), get, config, convert=lambda t: t.to(device=device, dtype=dtype)
     )
 
 
@@ -287,10 +304,13 @@ def load_pretrained(
     path_or_id: str | os.PathLike = DEFAULT_MODEL,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Resolve ``path_or_id`` (see :func:`resolve_model_dir`), validate its config, and load the
     fused weights onto ``device`` (default :func:`default_device`) in ``dtype`` (default
-    :func:`default_dtype`), with its tokenizer and generation config."""
+    :func:`default_dtype`), with its tokenizer and generation config. ``shard = (rank,
+    world_size)``: only that tensor-parallel rank's blocks of the projections are read
+    (``weights`` is then one rank's shard; ``config`` stays the full model's)."""
     folder = resolve_model_dir(path_or_id)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
@@ -301,7 +321,13 @@ def load_pretrained(
         raise FileNotFoundError(f"{folder} has no config.json: not an HF model folder")
     hf_config = json.loads(config_path.read_text())
     config = ModelConfig.from_hf(hf_config)  # rejects unsupported models before reading weights
-    weights = _load_safetensors(folder, config, device, dtype)
+    if shard is None:
+        weights = _load_safetensors(folder, config, device, dtype)
+    else:
+        from .parallel import shard_config
+
+        local = shard_config(config, shard[1])  # refuses indivisible head counts first
+        weights = _load_safetensors(folder, local, device, dtype, shard)
     return LoadedModel(
         folder=folder,
         hf_config=hf_config,

@@ -26,7 +26,13 @@ import torch
 
 from .model import ModelConfig
 
-__all__ = ["TensorParallel", "tensor_parallel_group", "shard_config", "shard_weights"]
+__all__ = [
+    "TensorParallel",
+    "tensor_parallel_group",
+    "shard_config",
+    "shard_weights",
+    "hf_shard_dim",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +116,23 @@ def shard_weights(
         else:  # norms, embedding, LM head: replicated
             out[name] = t
     return out
+
+
+# HF parameter name endings -> the dimension a rank takes its block of (the rest is replicated)
+_HF_ROWS = tuple(
+    f"{proj}.{kind}"
+    for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    for kind in ("weight", "bias")
+)
+_HF_COLUMNS = ("o_proj.weight", "down_proj.weight")
+
+
+def hf_shard_dim(name: str) -> int | None:
+    """The dimension of HF parameter ``name`` that tensor parallelism splits (0: output rows of a
+    column-parallel projection, 1: input columns of a row-parallel one), None when replicated.
+    Reading block ``rank`` of it from each HF tensor and fusing gives :func:`shard_weights`."""
+    if name.endswith(_HF_ROWS):
+        return 0
+    if name.endswith(_HF_COLUMNS):
+        return 1
+    return None

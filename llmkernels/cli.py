@@ -327,6 +327,26 @@ def cmd_next_token(args) -> int:
 def cmd_bench(args) -> int:
     from llmkernels.perf import generate as bench
 
+    if args.tp:
+        from argparse import Namespace
+
+        from llmkernels.perf import tensor_parallel
+
+        if "RANK" not in os.environ:
+            raise UserError(
+                "bench --tp runs under torchrun: torchrun --nproc-per-node N -m "
+                "llmkernels.cli bench --tp"
+            )
+        return tensor_parallel.run(
+            Namespace(
+                config=(args.config or ["tinyllama-1.1b"])[0],
+                model=args.model,
+                layers=args.layers,
+                prompt=(args.prompt or [64])[0],
+                new_tokens=args.new_tokens or 33,
+                out_dir=args.out,
+            )
+        )
     device = _resolve_device(args.device)
     return bench.main_from_cli(args, device)
 

@@ -286,3 +286,15 @@ def test_cli_embedded_smollm2_at_two_ranks_is_refused_clearly():
         result.stderr
     )
     assert "llmkernels/" not in result.stderr  # our one-line error, no traceback of ours
+
+
+def test_bench_tp_under_torchrun_reports_one_and_two_ranks(tmp_path):
+    import json
+
+    result = _torchrun(
+        "bench", "--tp", "--config", "tiny", "--new-tokens", "5", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "tensor_parallel.json").read_text())["rows"]
+    assert [r["ranks"] for r in rows] == [1, WORLD]
+    assert all(r["ms_per_token"] > 0 for r in rows)

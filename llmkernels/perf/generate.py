@@ -506,6 +506,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kernels", action="store_true", help="also run the kernel micro-benchmarks (CUDA)"
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke)")
+    p.add_argument(
+        "--tp",
+        action="store_true",
+        help="under torchrun: decode latency of one process vs the N tensor-parallel ranks "
+        "(first --config, default tinyllama-1.1b, or --model)",
+    )
+    p.add_argument("--layers", type=int, default=None, help="--tp: shrink the config to N layers")
 
 
 def main_from_cli(args, device: torch.device) -> int:

@@ -265,13 +265,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_line(rank0: bool, tensor_parallel: bool) -> str:
+    """The next stdin line: under torchrun only rank 0 reads (the ranks share stdin) and sends
+    it to the others, so every rank runs the same turn."""
+    line = sys.stdin.readline() if rank0 else ""
+    if tensor_parallel:
+        import torch.distributed as dist
+
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
 def cmd_chat(args) -> int:
-    if getattr(args, "tensor_parallel", False):
-        raise UserError("chat does not take --tensor-parallel yet (generate and next-token do)")
     engine = _load_engine(args)
+    tensor_parallel = getattr(args, "tensor_parallel", False)
+    rank0 = _is_rank0(args)
     initial = [{"role": "system", "content": args.system}] if args.system else None
     session = engine.chat_session(initial)
-    interactive = sys.stdin.isatty()
+    interactive = rank0 and sys.stdin.isatty()
     if interactive:
         print("Chat with the model. /reset clears the history, /exit quits.", file=sys.stderr)
     gen = dict(
@@ -282,7 +295,7 @@ def cmd_chat(args) -> int:
     while True:
         if interactive:
             print("you> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
+        line = _read_line(rank0, tensor_parallel)
         if not line:
             break
         text = line.strip()
@@ -292,10 +305,12 @@ def cmd_chat(args) -> int:
             break
         if text == "/reset":
             session.reset(initial)
-            print("[history cleared]", file=sys.stderr)
+            if rank0:
+                print("[history cleared]", file=sys.stderr)
             continue
         reply = session.send(text, **gen)
-        print(f"assistant> {reply}" if interactive else reply, flush=True)
+        if rank0:
+            print(f"assistant> {reply}" if interactive else reply, flush=True)
     return 0
 
 

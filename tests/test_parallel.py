@@ -240,27 +240,29 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 # ---- the command line under torchrun -------------------------------------------------------------
-def _torchrun(*argv: str) -> subprocess.CompletedProcess:
-    import subprocess
-
+def _torchrun(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", str(WORLD), "-m", "llmkernels.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
 
 
-def test_cli_generate_under_torchrun_prints_once_and_matches_one_process(tmp_path, smol_tokenizer):
+def _tiny_chat_model(folder: Path, tokenizer) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**_configs()["llama-gqa-tied"][1], "vocab_size": len(smol_tokenizer)})
+    config = LlamaConfig(**{**_configs()["llama-gqa-tied"][1], "vocab_size": len(tokenizer)})
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
-    model.save_pretrained(tmp_path)
-    smol_tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_cli_generate_under_torchrun_prints_once_and_matches_one_process(tmp_path, smol_tokenizer):
+    _tiny_chat_model(tmp_path, smol_tokenizer)
     args = ["generate", "Hello there", "--model", str(tmp_path), "--device", "cpu"]
     args += ["--max-new-tokens", "8", "--temperature", "0"]
     result = _torchrun(*args, "--tensor-parallel")
@@ -271,6 +273,20 @@ def test_cli_generate_under_torchrun_prints_once_and_matches_one_process(tmp_pat
     )
     assert one.returncode == 0, one.stderr[-2000:]
     assert result.stdout == one.stdout and result.stdout.strip()
+
+
+def test_cli_chat_under_torchrun_matches_one_process(tmp_path, smol_tokenizer):
+    _tiny_chat_model(tmp_path, smol_tokenizer)
+    args = ["chat", "--model", str(tmp_path), "--device", "cpu", "--max-new-tokens", "6"]
+    args += ["--temperature", "0"]
+    turns = "Hello there\n/reset\nName a colour\nAnd a fruit?\n"
+    result = _torchrun(*args, "--tensor-parallel", stdin=turns)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "llmkernels.cli", *args], capture_output=True, text=True, input=turns
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert result.stdout == one.stdout and len(result.stdout.splitlines()) == 3
 
 
 def test_cli_embedded_smollm2_at_two_ranks_is_refused_clearly():

@@ -1,7 +1,9 @@
 """Tensor parallelism (llmkernels.parallel) on CPU: 2 gloo ranks spawned by the tests.
 
-Each rank builds the same random HF model (same seed), an engine on one process and a
-tensor-parallel engine over both ranks, and checks: prefill and every decode step's logits within
+Each rank builds the same random HF model (same seed; Llama GQA tied and untied, Qwen2 with
+q/k/v bias, Qwen3 with q/k norms, Gemma 3 with post-norms and a sliding layer, TinyLlama's
+32/4-head shapes), an engine on one process and a tensor-parallel engine over both ranks, and
+checks: prefill and every decode step's logits within
 1e-5 of one process (fp32), greedy tokens identical to one process and to transformers, seeded
 sampling identical across ranks, each rank's weight shapes halved as expected. Also: an
 indivisible head count is refused naming both numbers, and a rank that dies ends the other with
@@ -57,6 +59,18 @@ def _configs() -> dict:
         "llama-gqa-untied": ("llama", dict(small, tie_word_embeddings=False)),
         "llama-gqa-tied": ("llama", dict(small, tie_word_embeddings=True)),
         "qwen2-bias": ("qwen2", dict(small, num_key_value_heads=4)),
+        "qwen3-qk-norm": ("qwen3", dict(small, head_dim=16)),
+        # post-norms after the all-reduces, (1 + w) norms, GeGLU, a sliding and a full layer
+        "gemma3": (
+            "gemma3_text",
+            dict(
+                small,
+                head_dim=16,
+                sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"],
+                tie_word_embeddings=False,
+            ),
+        ),
         # TinyLlama's attention and MLP shapes (32 query / 4 KV heads), one layer, small vocab
         "tinyllama-shape": (
             "llama",
@@ -84,6 +98,9 @@ def _hf(family: str, fields: dict):
                 p.normal_(0, 0.15 if fields["hidden_size"] <= 128 else 0.03)
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif "norm" in name:  # away from init (Gemma's (1 + w) norms start at zero)
+                low = -0.5 if family == "gemma3_text" else 0.5
+                p.uniform_(low, low + 1.0)
     model.generation_config.eos_token_id = None
     return model
 

@@ -259,7 +259,9 @@ if __name__ == "__main__":  # pragma: no cover
 # ---- the command line under torchrun -------------------------------------------------------------
 def _torchrun(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", str(WORLD), "-m", "llmkernels.cli", *argv]
+    # --standalone: a free local port, so parallel test workers (xdist) do not collide
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(WORLD), "-m", "llmkernels.cli"]
+    cmd += list(argv)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
 

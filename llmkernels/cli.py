@@ -77,9 +77,9 @@ def _resolve_dtype(name: str | None):
     return table[name]
 
 
-def _init_tensor_parallel(device) -> int:
+def _init_tensor_parallel(device) -> None:
     """Join the torchrun group (NCCL on CUDA, gloo on CPU; a 2-minute timeout so a lost rank
-    ends the others with an error instead of a hang). Returns this rank."""
+    ends the others with an error instead of a hang)."""
     import datetime
 
     import torch
@@ -97,7 +97,6 @@ def _init_tensor_parallel(device) -> int:
             "nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=2),
         )
-    return dist.get_rank()
 
 
 def _is_rank0(args) -> bool:

@@ -980,11 +980,8 @@ class Engine:
         # independent randomness for the guesses, the acceptance tests and the target's draws
         seed_value = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         uniform_gen = torch.Generator().manual_seed(seed_value ^ 0x5DEECE66D)
-        sampling = None
-        if not greedy:
-            sampling = (params.temperature, params.top_k, params.top_p, seed_value + 1)
-            row_params = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
-        proposer.start(histories, sampling)
+        row_params = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
+        proposer.start(histories, params, seed_value + 1)
         proposed_total = accepted_total = 0
         while True:
             active = [not f and len(o) < max_new for f, o in zip(finished, out)]

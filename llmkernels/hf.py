@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from . import ops as _ops
+from .model import hf_activation
 
 __all__ = [
     "patch",
@@ -553,9 +554,7 @@ def _override(patch: _Patch, module: nn.Module, make_forward) -> None:
 # ---- patch / unpatch ---------------------------------------------------------------------------------
 def _mlp_op(config) -> tuple[str, str | None]:
     """(the MLP's op name, None) or (a name, why the MLP keeps transformers' code)."""
-    # Gemma names it hidden_activation (its hidden_act is a legacy field)
-    field = "hidden_activation" if getattr(config, "hidden_activation", None) else "hidden_act"
-    act = getattr(config, field, "silu")
+    field, act = hf_activation(config)
     if act in _MLP_OPS:
         return _MLP_OPS[act], None
     return "silu_and_mul", f"{field} {act!r} is not one of {', '.join(_MLP_OPS)}"

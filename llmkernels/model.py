@@ -73,6 +73,14 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def hf_activation(config: Any) -> tuple[str, str]:
+    """(the config field, its value) naming an HF config's MLP activation: Gemma's
+    ``hidden_activation`` when set (its ``hidden_act`` is a legacy field), else ``hidden_act``
+    (default "silu")."""
+    field = "hidden_activation" if _get(config, "hidden_activation") else "hidden_act"
+    return field, _get(config, field, "silu")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture numbers the engine needs, read from an HF config object or a
@@ -143,9 +151,7 @@ class ModelConfig:
                 f"config.model_type={model_type!r} is not supported: the engine runs the "
                 f"families {', '.join(FAMILIES)}"
             )
-        # Gemma names it hidden_activation (its hidden_act is a legacy field)
-        act_field = "hidden_activation" if _get(config, "hidden_activation") else "hidden_act"
-        act = _get(config, act_field, "silu")
+        act_field, act = hf_activation(config)
         if act not in ACTIVATIONS:
             raise ValueError(
                 f"config.{act_field}={act!r} is not supported (supported: "

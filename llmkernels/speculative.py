@@ -126,6 +126,19 @@ def accept(
 
 
 # ---- proposers ---------------------------------------------------------------------------------------
+def _padded(rows: list[list[int]], width: int, left: bool = False) -> torch.Tensor:
+    """``rows`` of token ids as int64 ``[len(rows), width]``, zero-padded on the right (or left)."""
+    out = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        if row:
+            values = torch.tensor(row, dtype=torch.int64)
+            if left:
+                out[i, width - len(row) :] = values
+            else:
+                out[i, : len(row)] = values
+    return out
+
+
 @dataclass
 class Proposal:
     """Guesses of one round: ``drafts [B, K]`` int64 on the device (padded), ``lengths`` per row
@@ -145,7 +158,7 @@ class PromptLookup:
     def __init__(self, num_tokens: int, max_ngram: int = 2):
         self.num_tokens, self.max_ngram = int(num_tokens), int(max_ngram)
 
-    def start(self, histories: list[list[int]], sampling: tuple | None) -> None:
+    def start(self, histories: list[list[int]], params, seed: int | None) -> None:
         self.lengths = [self.num_tokens] * len(histories)
 
     def propose(self, histories: list[list[int]], budgets: list[int], device) -> Proposal:
@@ -153,10 +166,7 @@ class PromptLookup:
             prompt_lookup(h, min(n, b), self.max_ngram) if b > 0 else []
             for h, n, b in zip(histories, self.lengths, budgets)
         ]
-        width = max((len(g) for g in guesses), default=0)
-        drafts = torch.zeros(len(guesses), width, dtype=torch.int64)
-        for row, g in enumerate(guesses):
-            drafts[row, : len(g)] = torch.tensor(g, dtype=torch.int64)
+        drafts = _padded(guesses, max((len(g) for g in guesses), default=0))
         return Proposal(drafts.to(device), [len(g) for g in guesses])
 
     def update(self, accepted: list[int], proposal: Proposal) -> None:
@@ -181,28 +191,19 @@ class DraftModel:
         self.num_tokens = max(1, min(int(num_tokens), MAX_SPECULATIVE_TOKENS))
         self.adaptive = schedule in ("heuristic", "heuristic_transient")
 
-    def start(self, histories: list[list[int]], sampling: tuple | None) -> None:
-        """Prefill the draft with each row's text but its last (pending) token.
-
-        sampling: None (greedy) or ``(temperature, top_k, top_p, seed)``."""
+    def start(self, histories: list[list[int]], params, seed: int | None) -> None:
+        """Prefill the draft with each row's text but its last (pending) token, and give it the
+        target's sampling settings (``params``, a GenerationParams) with its own ``seed``."""
         d = self.draft
         d.reset()
         batch = len(histories)
-        width = max(len(h) - 1 for h in histories)
-        ids = torch.zeros(batch, width, dtype=torch.int64)
-        mask = torch.zeros(batch, width, dtype=torch.bool)
-        for row, h in enumerate(histories):  # left-padded, as generate's inputs
-            ids[row, width - len(h) + 1 :] = torch.tensor(h[:-1], dtype=torch.int64)
-            mask[row, width - len(h) + 1 :] = True
         real = [len(h) - 1 for h in histories]
+        width = max(real)
+        ids = _padded([h[:-1] for h in histories], width, left=True)  # as generate's inputs
+        mask = torch.arange(width)[None, :] >= torch.tensor([width - n for n in real])[:, None]
         d._prefill(ids.to(d.device), mask.to(d.device), [0] * batch, real, all_logits=False)
-        self.sampling = sampling
-        if sampling is not None:
-            temperature, top_k, top_p, seed = sampling
-            d._temperature[:batch].fill_(temperature)
-            d._top_k[:batch].fill_(top_k)
-            d._top_p[:batch].fill_(top_p)
-            d._rng.copy_(ops.new_rng_state(d.device, seed))
+        self.greedy = params.greedy
+        d._start_sampling(batch, params, seed)
 
     def propose(self, histories: list[list[int]], budgets: list[int], device) -> Proposal:
         d, m = self.draft, self.draft.model
@@ -210,15 +211,13 @@ class DraftModel:
         self.k = k = min(self.num_tokens, max(budgets))
         if k <= 0:
             return Proposal(torch.zeros(batch, 0, dtype=torch.int64, device=device), [0] * batch)
-        greedy = self.sampling is None
+        greedy = self.greedy
         # feed what the draft has not seen: the text after its cached prefix (1 or 2 tokens)
         seen = m.cache_lens[:batch].tolist()
         unseen = [h[n:] or h[-1:] for h, n in zip(histories, seen)]  # [] only for finished rows
         width = max(len(u) for u in unseen)
-        feed = torch.zeros(batch, width, dtype=torch.int64)
-        for row, u in enumerate(unseen):
-            feed[row, : len(u)] = torch.tensor(u, dtype=torch.int64)
-        logits = m.verify(feed.to(d.device), min(m.max_seq_len, max(seen) + width))  # [B, W, V]
+        feed = _padded(unseen, width).to(d.device)
+        logits = m.verify(feed, min(m.max_seq_len, max(seen) + width))  # [B, W, V]
         last = torch.tensor([len(u) - 1 for u in unseen], device=d.device)
         logits = logits[torch.arange(batch, device=d.device), last]  # [B, V]
         self.base = [len(h) for h in histories]  # the draft cache will hold the whole text
@@ -231,9 +230,10 @@ class DraftModel:
                 logits = d._decode_logits(batch, greedy)
             else:
                 d._sample_into_tokens(logits, greedy, check_values=False)
-            if probs is not None:
-                temperature, top_k, top_p, _ = self.sampling
-                probs[:, j] = ref.sampling_probs(logits, temperature, top_k, top_p)
+            if probs is not None:  # the law d._tokens was drawn from (the row settings)
+                probs[:, j] = ref.sampling_probs(
+                    logits, d._temperature[:batch], d._top_k[:batch], d._top_p[:batch]
+                )
             drafts[:, j] = d._tokens[:batch]
         lengths = [min(k, b) for b in budgets]
         return Proposal(drafts.to(device), lengths, None if probs is None else probs.to(device))

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from test_families import VOCAB, hf_greedy, prompts
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma3 import modeling_gemma3
@@ -20,7 +21,6 @@ from llmkernels import loading
 from llmkernels import reference as ref
 from llmkernels.model import ModelConfig
 
-VOCAB = 320
 TINY = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -71,18 +71,6 @@ def make_hf(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
             else:
                 p.uniform_(-0.5, 0.5)
     return model
-
-
-def prompts(batch: int, length: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=g)
-
-
-def hf_greedy(model, ids, new, **kw):
-    with torch.no_grad():
-        return model.generate(
-            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kw
-        )
 
 
 # ---- the reference against transformers' modules ------------------------------------------------------

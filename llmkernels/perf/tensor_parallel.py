@@ -122,5 +122,8 @@ def run(args) -> int:
         timing.write_results("tensor_parallel", rows, out_dir)
         print(timing.markdown_table(rows), end="")
         print(f"wrote {out_dir}/tensor_parallel.json and tensor_parallel.md")
+    # every rank leaves together: one tearing its connections down while rank 0 still writes the
+    # results could abort the other's gloo threads
+    dist.barrier()
     dist.destroy_process_group()
     return 0

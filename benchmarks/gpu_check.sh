@@ -3,7 +3,7 @@
 # start-up included). Every step runs under `timeout`, capped by the call's deadline, so a call
 # always returns its logs; the summary is printed last.
 #
-#   call 1 (deadline 510 s):  bash benchmarks/gpu_check.sh call1
+#   call 1 (deadline 510 s):  GPU_CHECK_COMMIT=<sha> bash benchmarks/gpu_check.sh call1
 #       build (sm_90, 16 jobs), the whole test suite (GPU tests included; pytest-xdist when
 #       present), compute-sanitizer memcheck and racecheck over benchmarks/sanitize_cases.py
 #   call 2 (deadline 220 s, only if call 1 passed):  bash benchmarks/gpu_check.sh call2
@@ -123,7 +123,10 @@ gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --form
   | tee -a "$OUT/summary.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 '| transformers', transformers.__version__)" | tee -a "$OUT/summary.txt"
-summary "commit $(git rev-parse --short=12 HEAD 2> /dev/null || echo unknown); stages: ${stages[*]}"
+# The device's .git is a stale snapshot: the caller names the commit (GPU_CHECK_COMMIT=$(git
+# rev-parse --short=12 HEAD), written into the command here, with nothing uncommitted).
+export LLMKERNELS_COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse --short=12 HEAD 2> /dev/null || echo unknown)}
+summary "commit $LLMKERNELS_COMMIT; stages: ${stages[*]}"
 for stage in "${stages[@]}"; do
   t0=$SECONDS
   case $stage in

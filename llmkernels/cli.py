@@ -78,25 +78,18 @@ def _resolve_dtype(name: str | None):
 
 
 def _init_tensor_parallel(device) -> None:
-    """Join the torchrun group (NCCL on CUDA, gloo on CPU; a 2-minute timeout so a lost rank
-    ends the others with an error instead of a hang)."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
+    """Join the torchrun group (see ``parallel.join_torchrun_group``)."""
+    from llmkernels import parallel
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError(
             "--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m llmkernels.cli "
             "generate ... --tensor-parallel"
         )
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=2),
-        )
+    try:
+        parallel.join_torchrun_group(device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _is_rank0(args) -> bool:
@@ -351,8 +344,11 @@ def cmd_bench(args) -> int:
                 "bench --tp runs under torchrun: torchrun --nproc-per-node N -m "
                 "llmkernels.cli bench --tp"
             )
+        device = _resolve_device(args.device)
+        _init_tensor_parallel(device)
         return tensor_parallel.run(
             Namespace(
+                device=device,
                 config=(args.config or ["tinyllama-1.1b"])[0],
                 model=args.model,
                 layers=args.layers,

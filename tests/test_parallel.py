@@ -329,9 +329,30 @@ def test_bench_tp_under_torchrun_reports_one_and_two_ranks(tmp_path):
     import json
 
     result = _torchrun(
-        "bench", "--tp", "--config", "tiny", "--new-tokens", "5", "--out", str(tmp_path)
+        "bench",
+        "--tp",
+        "--device",
+        "cpu",
+        "--config",
+        "tiny",
+        "--new-tokens",
+        "5",
+        "--out",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "tensor_parallel.json").read_text())["rows"]
     assert [r["ranks"] for r in rows] == [1, WORLD]
     assert all(r["ms_per_token"] > 0 for r in rows)
+
+
+def test_a_rank_without_a_gpu_is_refused_clearly(monkeypatch):
+    # 2 ranks on a 1-GPU machine: rank 1 would die in torch.cuda.set_device(1) (seen on the H200).
+    from llmkernels import parallel
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"rank 1 needs GPU 1 but 1 GPU\(s\) are visible"):
+        parallel.join_torchrun_group(torch.device("cuda"))

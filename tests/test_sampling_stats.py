@@ -209,3 +209,14 @@ def test_bad_inputs_raise_naming_the_argument(kwargs, exc, name):
     args.update(kwargs)
     with pytest.raises(exc, match=name):
         lk.sample(**args)
+
+
+def test_cuda_distribution_cases_are_well_posed():
+    """Every case of the GPU distribution test has a robust top_p (checked here, on the CPU: the
+    GPU run is scarce, and an ill-posed case only showed there)."""
+    import test_cuda_sampling as cuda_cases
+
+    for kind, vocab, temperature, top_k, top_p in cuda_cases.CASES:
+        logits = cuda_cases.row_logits(kind, vocab)
+        for dtype in cuda_cases.DTYPES:
+            cuda_cases.expected(logits, dtype, temperature, top_k, top_p)

@@ -302,8 +302,8 @@ GROUNDED = [
 
 
 @pytest.mark.model
-def test_real_smollm2_speculative_greedy_identical():
-    eng = lk.Engine.from_pretrained("default", device="cpu", max_seq_len=256)
+def test_real_smollm2_speculative_greedy_identical(smollm2_dir):
+    eng = lk.Engine.from_pretrained(smollm2_dir, device="cpu", max_seq_len=256)
     tok = eng.tokenizer
     for prompt in GROUNDED:
         ids = torch.tensor([eng.chat_ids(prompt)])

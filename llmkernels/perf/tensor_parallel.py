@@ -12,13 +12,12 @@ tensor-parallel engine. Random weights of a real shape (``--config``, from
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from .. import parallel
 from ..generate import Engine
 from . import timing
 from .generate import CONFIGS
@@ -69,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument(
+        "--device",
+        default=None,
+        type=torch.device,
+        help="cpu (gloo) or cuda (NCCL); default: cuda if visible",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     """Time one process and the tensor-parallel ranks (see the module docstring)."""
-    cuda = torch.cuda.is_available()
+    device = getattr(args, "device", None) or torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parallel.join_torchrun_group(device, timeout_minutes=5)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=5))
+        device = torch.device("cuda", torch.cuda.current_device())
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -89,6 +90,10 @@ def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 
 
 
 def git_sha() -> str:
+    """The commit measured: ``$LLMKERNELS_COMMIT`` when set (the GPU machine receives the working
+    tree with a stale .git, so gpu_check.sh passes the commit in), else ``git rev-parse``."""
+    if os.environ.get("LLMKERNELS_COMMIT"):
+        return os.environ["LLMKERNELS_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         sha = subprocess.run(

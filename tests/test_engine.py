@@ -521,11 +521,13 @@ def test_config_json_rope_scaling(scaling):
 
 
 def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
-    """The engine shares the embedding (and the tied lm_head), norms, O and down projections with
-    HF; only the fused QKV and gate/up weights are copies, and extra_weight_bytes counts exactly
-    those."""
+    """The engine shares the embedding (and the tied lm_head) and norms with HF. The fused QKV and
+    gate/up weights are copies, and on CPU in fp32 so are the O and down projections (stored
+    input-major); extra_weight_bytes counts exactly those."""
     c = eng_gqa.config
+    assert eng_gqa.device.type == "cpu" and eng_gqa.dtype == torch.float32
     per_layer = c.qkv_size * c.hidden_size + 2 * c.intermediate_size * c.hidden_size
+    per_layer += c.hidden_size * c.num_heads * c.head_dim + c.hidden_size * c.intermediate_size
     assert eng_gqa.extra_weight_bytes == c.num_layers * per_layer * 4
     hf_layer = hf_gqa.model.layers[0]
     assert eng_gqa.model.embed.data_ptr() == hf_gqa.model.embed_tokens.weight.data_ptr()
@@ -533,9 +535,53 @@ def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
     assert (
         eng_gqa.model.layers[0].attn_norm.data_ptr() == hf_layer.input_layernorm.weight.data_ptr()
     )
-    assert eng_gqa.model.layers[0].wo.data_ptr() == hf_layer.self_attn.o_proj.weight.data_ptr()
-    assert eng_gqa.model.layers[0].w_down.data_ptr() == hf_layer.mlp.down_proj.weight.data_ptr()
-    assert eng_gqa.device.type == "cpu" and eng_gqa.dtype == torch.float32
+    layer = eng_gqa.model.layers[0]
+    assert torch.equal(layer.wo, hf_layer.self_attn.o_proj.weight)
+    assert torch.equal(layer.w_down, hf_layer.mlp.down_proj.weight)
+
+
+def test_cpu_fp32_projections_are_input_major_and_give_the_same_logits(hf_gqa, eng_gqa):
+    """On CPU in fp32 the four projections are stored input-major (the transpose of a contiguous
+    [in, out] matrix, see model.input_major_projections); other dtypes and the embedding keep
+    their layout. Logits match the row-major model to float rounding."""
+    from llmkernels.model import INPUT_MAJOR_PROJECTIONS, Transformer, input_major_projections
+
+    for layer in eng_gqa.model.layers:
+        for name in INPUT_MAJOR_PROJECTIONS:
+            w = getattr(layer, name)
+            assert w.t().is_contiguous() and not w.is_contiguous(), name
+    assert eng_gqa.model.embed.is_contiguous()
+    bf16 = {"layers.0.wo": torch.ones(4, 3, dtype=torch.bfloat16), "embed": torch.ones(2, 2)}
+    kept = input_major_projections(
+        {**bf16, **{f"layers.0.{n}": bf16["layers.0.wo"] for n in INPUT_MAJOR_PROJECTIONS}}, 1
+    )
+    assert all(kept[f"layers.0.{n}"].is_contiguous() for n in INPUT_MAJOR_PROJECTIONS)
+
+    m = eng_gqa.model
+    weights = _model_weights(m)
+    row_major = {k: v.contiguous() for k, v in weights.items()}
+    ids = torch.randint(0, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for w in (row_major, weights):
+        model = Transformer(m.config, w, max_batch_size=2, max_seq_len=32)
+        with torch.inference_mode():
+            logits.append(model.verify(ids, 9))  # the first 9 tokens of empty cache rows
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
+    assert not torch.equal(logits[0], torch.zeros_like(logits[0]))
+
+
+def _model_weights(m) -> dict:
+    """The weights dict a Transformer ``m`` was built from (its own tensors, by name)."""
+    out = {"embed": m.embed, "norm": m.norm}
+    if m.lm_head is not m.embed:
+        out["lm_head"] = m.lm_head
+    names = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down", "bqkv", "q_norm")
+    names += ("k_norm", "post_attn_norm", "post_mlp_norm")
+    for i, layer in enumerate(m.layers):
+        for name in names:
+            if getattr(layer, name) is not None:
+                out[f"layers.{i}.{name}"] = getattr(layer, name)
+    return out
 
 
 # ---- chat -------------------------------------------------------------------------------------------------

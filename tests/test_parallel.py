@@ -267,11 +267,11 @@ def _torchrun(*argv: str, stdin: str | None = None) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
 
 
-def _tiny_chat_model(folder: Path, tokenizer) -> None:
+def _tiny_chat_model(folder: Path, tokenizer, seed: int = 0) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**_configs()["llama-gqa-tied"][1], "vocab_size": len(tokenizer)})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -288,6 +288,30 @@ def test_cli_generate_under_torchrun_prints_once_and_matches_one_process(tmp_pat
     result = _torchrun(*args, "--tensor-parallel")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("tensor parallel over 2 ranks") == 1  # rank 0 prints
+    one = subprocess.run(
+        [sys.executable, "-m", "llmkernels.cli", *args], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert result.stdout == one.stdout and result.stdout.strip()
+
+
+@pytest.mark.parametrize("speculative", ["draft-same", "draft-other", "prompt-lookup"])
+def test_cli_speculative_under_torchrun_matches_plain_greedy(tmp_path, smol_tokenizer, speculative):
+    # The target is sharded over the ranks; a draft model is replicated on each (every rank
+    # proposes the same tokens: same weights, same greedy choice); acceptance reads the target's
+    # all-reduced logits, so every rank keeps the same tokens. Greedy: the plain engine's tokens.
+    # draft-same has the target's weights (its guesses hold: multi-token acceptance across
+    # ranks), draft-other other weights (guesses fail: rejection and cache rollback).
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    _tiny_chat_model(target, smol_tokenizer)
+    _tiny_chat_model(draft, smol_tokenizer, seed=0 if speculative == "draft-same" else 1)
+    args = ["generate", "Hello there, hello there", "--model", str(target), "--device", "cpu"]
+    args += ["--max-new-tokens", "12", "--temperature", "0"]
+    extra = ["--prompt-lookup", "4"] if speculative == "prompt-lookup" else ["--draft", str(draft)]
+    result = _torchrun(*args, *extra, "--tensor-parallel")
+    assert result.returncode == 0, result.stderr[-2000:]
+    if speculative != "prompt-lookup":
+        assert f"draft {draft} loaded" in result.stderr  # the draft really ran
     one = subprocess.run(
         [sys.executable, "-m", "llmkernels.cli", *args], capture_output=True, text=True
     )

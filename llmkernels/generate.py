@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained
+from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_projections
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .quant import quantize_model_weights
@@ -339,7 +339,9 @@ class Engine:
         fp32 on CPU. The cache holds ``max_batch_size`` rows of ``max_seq_len`` tokens (default
         ``min(max_position_embeddings, 4096)``). quantize: None (exact), ``"int8"`` (per output
         channel) or ``"int4"`` (groups of ``group_size`` inputs): weight-only quantization of
-        every projection and the LM head (:func:`llmkernels.quant.quantize_model_weights`).
+        every projection (:func:`llmkernels.quant.quantize_model_weights`). An embedded model
+        whose GGUF stores them as Q4_0 / Q4_1 (the default SmolLM2 does) takes int4 with group
+        size 32 straight from those blocks (:func:`llmkernels.loading.gguf_int4_projections`).
         tensor_parallel: inside an initialised ``torch.distributed`` group, hold this rank's shard
         of the projections and of the KV cache (:mod:`llmkernels.parallel`); every rank returns
         the same tokens.
@@ -349,9 +351,16 @@ class Engine:
         # a tensor-parallel rank reads only its blocks of the projections from the files
         loaded = load_pretrained(path_or_id, device=device, dtype=dtype, shard=shard)
         seq = cls._default_seq_len(loaded.config, max_seq_len)
+        weights = loaded.weights
+        if quantize == "int4" and group_size == 32 and tp is None:
+            # a 4-bit GGUF's own codes and scales, not a requantization of their dequantization
+            weights = {
+                **weights,
+                **source_int4_projections(path_or_id, loaded.config, weights["embed"].device),
+            }
         model = cls._build_model(
             loaded.config,
-            loaded.weights,
+            weights,
             max_batch_size,
             seq,
             quantize,

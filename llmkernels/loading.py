@@ -552,3 +552,74 @@ def timed_load(path_or_id: str = DEFAULT_MODEL, **kwargs) -> tuple[LoadedModel, 
     start = time.perf_counter()
     loaded = load_pretrained(path_or_id, **kwargs)
     return loaded, time.perf_counter() - start
+
+
+# ---- int4 weights straight from a GGUF's 4-bit blocks --------------------------------------------
+_GGUF_PROJECTIONS = {  # our fused weight -> the GGUF tensors it stacks, in row order
+    "wqkv": ("attn_q", "attn_k", "attn_v"),
+    "wo": ("attn_output",),
+    "w_gate_up": ("ffn_gate", "ffn_up"),
+    "w_down": ("ffn_down",),
+}
+
+
+def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict | None:
+    """Each layer's projections as int4 :class:`~llmkernels.quant.QuantizedWeight` s (groups of
+    32) made straight from the GGUF's Q4_0 / Q4_1 blocks: its own codes, scales and offsets, no
+    dequantize-and-requantize (:func:`~llmkernels.quant.gguf_int4_groups`). Their dequantized
+    values equal the gguf package's dequantization of the file (tested).
+
+    llama-architecture files only: their converter permuted the q / k rows of each head
+    (interleaved rotary halves), undone here by moving whole rows, which keeps the per-row
+    groups exact. None when the file is another architecture or any projection is stored in
+    another format (K-quants, Q8_0, floats): the caller then quantizes the weights itself.
+    """
+    from gguf import GGUFReader
+
+    from .quant import GGUF_INT4_BLOCKS, gguf_int4_groups, int4_weight
+
+    reader = GGUFReader(str(gguf))
+    arch = reader.fields.get("general.architecture")
+    if arch is None or bytes(arch.parts[arch.data[0]]).decode() != "llama":
+        return None
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    out = {}
+    for i in range(config.num_layers):
+        for name, parts in _GGUF_PROJECTIONS.items():
+            pieces = []
+            for part in parts:
+                t = tensors.get(f"blk.{i}.{part}.weight")
+                if t is None or t.tensor_type.name not in GGUF_INT4_BLOCKS:
+                    return None
+                codes, scales, zeros = gguf_int4_groups(
+                    torch.from_numpy(t.data.copy()), t.tensor_type.name
+                )
+                if part in heads:  # undo the converter's per-head row interleave
+                    rows = _unpermute_rows(codes.shape[0], heads[part])
+                    codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
+                pieces.append((codes, scales, zeros))
+            codes, scales, zeros = (torch.cat(x) for x in zip(*pieces))
+            out[f"layers.{i}.{name}"] = int4_weight(
+                codes.to(device), scales.to(device), zeros.to(device)
+            )
+    return out
+
+
+def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
+    """:func:`gguf_int4_projections` of an embedded model's GGUF (``EMBEDDED_MODELS``) when its
+    projections are Q4_0 / Q4_1 blocks, else ``{}`` (other sources: the caller quantizes)."""
+    if str(path_or_id) not in EMBEDDED_MODELS:
+        return {}
+    try:
+        gguf = embedded_gguf_path(str(path_or_id))
+    except FileNotFoundError:  # a cached conversion without its package: nothing to map from
+        return {}
+    return gguf_int4_projections(gguf, config, device) or {}
+
+
+def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q / k permutation: within each head, GGUF row
+    ``2 j + h`` holds HF row ``h * D/2 + j`` (h = 0, 1 the rotary halves)."""
+    half = rows // heads // 2
+    return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(rows)

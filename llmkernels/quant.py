@@ -26,6 +26,9 @@ __all__ = [
     "quantize_weight",
     "quantize_model_weights",
     "check_packed_ops",
+    "int4_weight",
+    "gguf_int4_groups",
+    "GGUF_INT4_BLOCKS",
     "MODES",
     "INT4_GROUP_SIZES",
 ]
@@ -176,6 +179,17 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 32) -> Qu
         return QuantizedWeight(
             "int8", (out_features, in_features), in_features, q, scales
         ).packed_now()
+    _check_int4_shape(out_features, in_features, group_size, weight.is_cuda)
+    groups = w.view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, in / G]
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15)
+    return int4_weight(
+        codes.to(torch.uint8).view(out_features, in_features), scales, low + 8 * scales
+    )
+
+
+def _check_int4_shape(out_features: int, in_features: int, group_size: int, cuda: bool) -> None:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {group_size}")
     if in_features % group_size:
@@ -184,22 +198,67 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 32) -> Qu
         )
     if out_features % 16:
         raise ValueError(f"int4 needs out_features ({out_features}) to be a multiple of 16")
-    if weight.is_cuda and in_features % (16 * _CUDA_INNER_K_TILES):
+    if cuda and in_features % (16 * _CUDA_INNER_K_TILES):
         raise ValueError(f"int4 on CUDA needs in_features ({in_features}) to be a multiple of 128")
-    groups = w.view(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, in / G]
-    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15)
-    codes = codes.to(torch.uint8).view(out_features, in_features)
+
+
+def int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
+    """An int4 :class:`QuantizedWeight` from its codes ``[out, in]`` (integers in [0, 15]) and fp32
+    ``scales``, ``zeros`` ``[out, in / G]`` (G = in / scales' columns): ``W = (q - 8) * scale +
+    zero``, packed for the kernels on the codes' device."""
+    out_features, in_features = codes.shape
+    group_size = in_features // scales.shape[1]
+    _check_int4_shape(out_features, in_features, group_size, codes.is_cuda)
+    if scales.shape != zeros.shape or scales.shape[0] != out_features:
+        raise ValueError(
+            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be "
+            f"[{out_features}, in / group_size]"
+        )
+    codes = codes.to(torch.uint8)
     qweight = (codes[:, 0::2] << 4) | codes[:, 1::2]  # [out, in / 2], even input in the high half
     return QuantizedWeight(
         "int4",
         (out_features, in_features),
         group_size,
         qweight.contiguous(),
-        scales,
-        low + 8 * scales,
+        scales.float(),
+        zeros.float(),
     ).packed_now()
+
+
+# GGUF block formats that are int4 groups of 32 as they stand: bytes per block of 32 weights.
+GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}
+
+
+def gguf_int4_groups(
+    blocks: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 ``[out, in]``, scales, zeros fp32 ``[out, in / 32]``) of a GGUF tensor stored
+    as ``Q4_0`` / ``Q4_1`` blocks, ``blocks`` uint8 ``[out, bytes per row]``, with no rounding:
+
+    - Q4_1 block: fp16 ``d``, fp16 ``m``, 16 bytes of codes; ``w = d q + m``. Here ``scale = d``,
+      ``zero = m + 8 d`` (exact in fp32: both are fp16 values, checked).
+    - Q4_0 block: fp16 ``d``, 16 bytes; ``w = d (q - 8)``: ``scale = d``, ``zero = 0``.
+
+    Within a block the low nibbles of the 16 bytes are inputs 0-15, the high nibbles 16-31.
+    """
+    if kind not in GGUF_INT4_BLOCKS:
+        raise ValueError(f"not an int4 GGUF block format: {kind} (have {sorted(GGUF_INT4_BLOCKS)})")
+    size = GGUF_INT4_BLOCKS[kind]
+    out_features, row_bytes = blocks.shape
+    if row_bytes % size:
+        raise ValueError(f"{kind} rows must be whole {size}-byte blocks, got {row_bytes} bytes")
+    b = blocks.contiguous().view(out_features, row_bytes // size, size)
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [out, G]
+    qs = b[..., size - 16 :]
+    codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(out_features, -1)  # [out, in]
+    if kind == "Q4_0":
+        return codes, d, torch.zeros_like(d)
+    m = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    zeros = m + 8 * d
+    if not torch.equal(zeros.double() - 8 * d.double(), m.double()):
+        raise ValueError("Q4_1 offsets not exact as m + 8 d in fp32")
+    return codes, d, zeros
 
 
 def quantize_model_weights(
@@ -219,7 +278,12 @@ def quantize_model_weights(
     out = dict(weights)
     layer_weights = ("wqkv", "wo", "w_gate_up", "w_down")
     for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in layer_weights]:
-        out[name] = quantize_weight(weights[name], mode, group_size)
+        w = weights[name]
+        if isinstance(w, QuantizedWeight):  # already quantized (e.g. mapped from a GGUF's blocks)
+            if (w.mode, w.group_size) != (mode, group_size if mode == "int4" else w.group_size):
+                raise ValueError(f"{name} is already {w.mode} (group {w.group_size}), not {mode}")
+            continue
+        out[name] = quantize_weight(w, mode, group_size)
     if lm_head:
         head = weights["embed"] if tie_word_embeddings else weights["lm_head"]
         out["lm_head"] = quantize_weight(head, mode, group_size)

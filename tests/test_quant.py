@@ -153,3 +153,58 @@ def test_lm_head_quantized_on_request():
     q = quant.quantize_model_weights(weights, 2, True, "int8", lm_head=True)
     assert isinstance(q["lm_head"], quant.QuantizedWeight) and q["lm_head"].shape == (300, 256)
     assert q["embed"] is weights["embed"] and "lm_head" not in weights
+
+
+# ---- int4 straight from a GGUF's 4-bit blocks ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_int4_blocks_map_exactly(kind):
+    """Codes, scales and offsets of Q4_0 / Q4_1 blocks (made by the gguf package's own quantizer)
+    dequantize to exactly the gguf package's dequantization of the same blocks."""
+    np = pytest.importorskip("numpy")
+    gguf = pytest.importorskip("gguf")
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    x = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    blocks = gguf.quants.quantize(x, qtype)  # uint8 [48, 3 blocks * bytes]
+    codes, scales, zeros = quant.gguf_int4_groups(torch.from_numpy(blocks), kind)
+    assert codes.shape == (48, 96) and scales.shape == zeros.shape == (48, 3)
+    assert int(codes.max()) <= 15 and int(codes.min()) >= 0
+    w = quant.int4_weight(codes, scales, zeros)
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).astype(np.float32))
+    assert torch.equal(w.dequantize(), expected)
+    assert not torch.equal(expected, torch.from_numpy(x))  # the test is on quantized values
+
+
+def test_gguf_int4_blocks_bad_input():
+    with pytest.raises(ValueError, match="not an int4 GGUF block format: Q8_0"):
+        quant.gguf_int4_groups(torch.zeros(2, 34, dtype=torch.uint8), "Q8_0")
+    with pytest.raises(ValueError, match="whole 20-byte blocks, got 30 bytes"):
+        quant.gguf_int4_groups(torch.zeros(2, 30, dtype=torch.uint8), "Q4_1")
+
+
+@pytest.mark.model
+def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir):
+    """The embedded SmolLM2 GGUF stores every projection as Q4_1: quantize="int4" maps those
+    blocks (q / k rows un-permuted), so each int4 weight dequantizes to exactly the fp32 weight
+    that transformers' GGUF loader made of the same file; greedy output matches the fp32 engine
+    on most tokens (the kernels compute with bf16 activations)."""
+    import json
+
+    import llmkernels as lk
+    from llmkernels import loading
+    from llmkernels.model import ModelConfig
+
+    config = ModelConfig.from_hf(json.loads((smollm2_dir / "config.json").read_text()))
+    mapped = loading.source_int4_projections("default", config, torch.device("cpu"))
+    assert len(mapped) == 4 * config.num_layers
+    exact = lk.Engine.from_pretrained("default", device="cpu", max_seq_len=128)
+    for i in (0, config.num_layers - 1):
+        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+            w = mapped[f"layers.{i}.{name}"]
+            assert (w.mode, w.group_size) == ("int4", 32)
+            assert torch.equal(w.dequantize(), getattr(exact.model.layers[i], name)), name
+    int4 = lk.Engine.from_pretrained("default", device="cpu", quantize="int4", max_seq_len=128)
+    assert isinstance(int4.model.layers[3].w_down, quant.QuantizedWeight)
+    ids = torch.tensor([exact.chat_ids("What is the capital of France?")])
+    a = exact.generate(ids, max_new_tokens=16, do_sample=False)
+    b = int4.generate(ids, max_new_tokens=16, do_sample=False)
+    assert (a == b).float().mean().item() >= 0.75

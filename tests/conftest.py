@@ -1,5 +1,8 @@
 """Shared test configuration: the per-dtype tolerance table, device skips, seeded RNG."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -38,6 +41,26 @@ def assert_close(
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_still_usable(request):
+    """After each `cuda` test, end the process if its CUDA context is broken (a sticky error such
+    as a misaligned address fails every later CUDA call of the process): under pytest-xdist the
+    worker exits and a fresh one takes the next tests, alone, the run stops naming the test. On
+    the first H200 run one such error turned into 66 errors of unrelated tests."""
+    yield
+    if request.node.get_closest_marker("cuda") is None or not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # the error type differs across torch versions
+        message = f"CUDA context unusable after {request.node.nodeid}: {exc}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            os._exit(3)
+        pytest.exit(message, returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -360,61 +360,63 @@ def test_zero_rows():
 
 
 # ---- argument checks of the ops themselves (direct torch.ops callers skip ops.py) ---------------------
-def _direct_op_misuses():
-    """Raw op calls (no ops.py validation in front) that the C++ checks must refuse:
-    name -> (call, message pattern)."""
+def _misuse_tensors() -> dict:
+    """Valid bf16 CUDA inputs the misuses below start from (made at test time: CUDA only)."""
     x = _randn(4, 64, dtype=torch.bfloat16)
-    out = torch.empty_like(x)
-    q, k = _randn(2, 4, 64, dtype=torch.bfloat16), _randn(2, 2, 64, dtype=torch.bfloat16)
-    positions = torch.zeros(2, dtype=torch.int64, device="cuda")
-    ops = torch.ops.llmkernels
-    return {
-        "rms_norm weight dtype": (
-            lambda: ops.rms_norm(out, x, _weight(64, torch.float32), 1e-6),
-            "dtype",
+    return dict(
+        x=x,
+        out=torch.empty_like(x),
+        q=_randn(2, 4, 64, dtype=torch.bfloat16),
+        k=_randn(2, 2, 64, dtype=torch.bfloat16),
+        positions=torch.zeros(2, dtype=torch.int64, device="cuda"),
+    )
+
+
+_ops = torch.ops.llmkernels
+# Raw op calls (no ops.py validation in front) that the C++ checks must refuse:
+# name -> (call on _misuse_tensors(), message pattern).
+DIRECT_OP_MISUSES = {
+    "rms_norm weight dtype": (
+        lambda t: _ops.rms_norm(t["out"], t["x"], _weight(64, torch.float32), 1e-6),
+        "dtype",
+    ),
+    "rms_norm weight shape": (
+        lambda t: _ops.rms_norm(t["out"], t["x"], _weight(32, torch.bfloat16), 1e-6),
+        "shape",
+    ),
+    "fused_add_rms_norm residual on CPU": (
+        lambda t: _ops.fused_add_rms_norm(t["x"], t["x"].cpu(), _weight(64, torch.bfloat16), 1e-6),
+        "CUDA",
+    ),
+    "silu_and_mul out shape": (
+        lambda t: _ops.silu_and_mul(
+            torch.empty(4, 64, dtype=torch.bfloat16, device="cuda"), t["x"]
         ),
-        "rms_norm weight shape": (
-            lambda: ops.rms_norm(out, x, _weight(32, torch.bfloat16), 1e-6),
-            "shape",
+        "out",
+    ),
+    "rotary half cache": (
+        lambda t: _ops.rotary_embedding(
+            t["positions"], t["q"], t["k"], _cos_sin_cache(8, 64).half(), True
         ),
-        "fused_add_rms_norm residual on CPU": (
-            lambda: ops.fused_add_rms_norm(x, x.cpu(), _weight(64, torch.bfloat16), 1e-6),
-            "CUDA",
+        "Float",
+    ),
+    "rotary odd rotary dim": (
+        lambda t: _ops.rotary_embedding(
+            t["positions"], t["q"], t["k"], _cos_sin_cache(8, 64)[:, :63].contiguous(), True
         ),
-        "silu_and_mul out shape": (
-            lambda: ops.silu_and_mul(torch.empty(4, 64, dtype=torch.bfloat16, device="cuda"), x),
-            "out",
-        ),
-        "rotary half cache": (
-            lambda: ops.rotary_embedding(positions, q, k, _cos_sin_cache(8, 64).half(), True),
-            "Float",
-        ),
-        "rotary odd rotary dim": (
-            lambda: ops.rotary_embedding(
-                positions, q, k, _cos_sin_cache(8, 64)[:, :63].contiguous(), True
-            ),
-            "even",
-        ),
-    }
+        "even",
+    ),
+}
 
 
 # One case per misuse: the H200 run saw this test's process die of a segfault (not reproduced on
 # the CPU with the same check code), and a crash names only the test, not the call.
-@pytest.mark.parametrize(
-    "case",
-    [
-        "rms_norm weight dtype",
-        "rms_norm weight shape",
-        "fused_add_rms_norm residual on CPU",
-        "silu_and_mul out shape",
-        "rotary half cache",
-        "rotary odd rotary dim",
-    ],
-)
+@pytest.mark.parametrize("case", list(DIRECT_OP_MISUSES))
 def test_direct_op_argument_checks(case):
-    call, pattern = _direct_op_misuses()[case]
+    call, pattern = DIRECT_OP_MISUSES[case]
+    tensors = _misuse_tensors()
     with pytest.raises(RuntimeError, match=pattern):
-        call()
+        call(tensors)
 
 
 # ---- opcheck -----------------------------------------------------------------------------------------

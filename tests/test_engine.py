@@ -557,31 +557,21 @@ def test_cpu_fp32_projections_are_input_major_and_give_the_same_logits(hf_gqa, e
     )
     assert all(kept[f"layers.0.{n}"].is_contiguous() for n in INPUT_MAJOR_PROJECTIONS)
 
-    m = eng_gqa.model
-    weights = _model_weights(m)
-    row_major = {k: v.contiguous() for k, v in weights.items()}
-    ids = torch.randint(0, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    from llmkernels.loading import fuse_hf_weights
+
+    state = hf_gqa.state_dict()
+    config = eng_gqa.config
+    row_major = fuse_hf_weights(state.keys(), state.__getitem__, config)
+    input_major = input_major_projections(row_major, config.num_layers)
+    assert not input_major["layers.0.wqkv"].is_contiguous()
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     logits = []
-    for w in (row_major, weights):
-        model = Transformer(m.config, w, max_batch_size=2, max_seq_len=32)
+    for w in (row_major, input_major):
+        model = Transformer(config, w, max_batch_size=2, max_seq_len=32)
         with torch.inference_mode():
             logits.append(model.verify(ids, 9))  # the first 9 tokens of empty cache rows
     torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
     assert not torch.equal(logits[0], torch.zeros_like(logits[0]))
-
-
-def _model_weights(m) -> dict:
-    """The weights dict a Transformer ``m`` was built from (its own tensors, by name)."""
-    out = {"embed": m.embed, "norm": m.norm}
-    if m.lm_head is not m.embed:
-        out["lm_head"] = m.lm_head
-    names = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down", "bqkv", "q_norm")
-    names += ("k_norm", "post_attn_norm", "post_mlp_norm")
-    for i, layer in enumerate(m.layers):
-        for name in names:
-            if getattr(layer, name) is not None:
-                out[f"layers.{i}.{name}"] = getattr(layer, name)
-    return out
 
 
 # ---- chat -------------------------------------------------------------------------------------------------

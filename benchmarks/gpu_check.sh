@@ -7,9 +7,10 @@
 #       build (sm_90, 16 jobs), the GPU test files (pytest-xdist when present), compute-sanitizer
 #       memcheck and racecheck over benchmarks/sanitize_cases.py; the CPU suite, which CI and a
 #       local torch-2.11 venv already run, only with the time left
-#   call 2 (deadline 220 s, only if call 1 passed):  bash benchmarks/gpu_check.sh call2
+#   call 2 (deadline 330 s, only if call 1 passed):  bash benchmarks/gpu_check.sh call2
 #       kernel micro-benchmarks (quick shapes), end-to-end vs transformers at batch 1 on the
-#       TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders), % of copy bandwidth
+#       TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders, int8/int4 too, the slow-to-
+#       compile hf-static-compile last), % of copy bandwidth
 #   dry run, here, GPU steps stubbed:  GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh call1 call2
 #
 # Finer stages: build, test (the whole suite), gputest (the GPU test files), memcheck, racecheck,
@@ -30,7 +31,7 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(call1)
 case "${stages[*]}" in
   call1) default_seconds=510 ;;
-  call2) default_seconds=220 ;;
+  call2) default_seconds=330 ;;
   *) default_seconds=560 ;;
 esac
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-$default_seconds}))
@@ -42,7 +43,8 @@ budget() {  # timeout for a step: its own budget, or less when the deadline is n
 gpu() {  # a GPU-only command; in a dry run it is echoed instead
   if [ "$DRY" = 1 ]; then echo "[dry run] would run: $*"; else "$@"; fi
 }
-bench_args=(--device cuda --prompt 128 --new-tokens 64 --config tinyllama-1.1b llama-2-7b)
+bench_args=(--device cuda --prompt 128 --new-tokens 64 --config tinyllama-1.1b llama-2-7b
+  --contenders hf-sdpa hf-eager hf-patched lk-eager lk-graph lk-int8 lk-int4 hf-static-compile)
 [ "$DRY" = 1 ] && bench_args=(--device cpu --prompt 8 --new-tokens 2 --config tiny)
 
 build() {
@@ -122,7 +124,7 @@ EOF
 }
 
 bench() {  # $1 = batch size
-  timeout "$(budget 200)" "$PY" -m llmkernels.cli bench "${bench_args[@]}" --batch "$1" \
+  timeout "$(budget 300)" "$PY" -m llmkernels.cli bench "${bench_args[@]}" --batch "$1" \
     --out "$OUT/results/b$1" > "$OUT/logs/bench-b$1.log" 2>&1
   summary "bench batch $1: rc=$? (rows of finished shapes are saved even when cut short)"
   cat "$OUT/results/b$1/generate.md" 2> /dev/null | tee -a "$OUT/summary.txt"

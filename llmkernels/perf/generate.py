@@ -422,7 +422,7 @@ def run(
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[dict] = []
 
-    def save() -> None:  # after every shape too: a run cut short keeps its rows
+    def save() -> None:  # after every contender too: a run cut short keeps its rows
         write_results(
             "generate",
             rows,
@@ -463,7 +463,7 @@ def run(
                     ):
                         cell = dict(config=config_name, batch=batch, prompt=prompt)
                         rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
-                save()
+                    save()
         del model
         gc.collect()
         if device.type == "cuda":

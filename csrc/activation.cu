@@ -65,11 +65,12 @@ void gated_activation(at::Tensor& out, const at::Tensor& x, const char* name) {
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(out);
   LK_CHECK_SAME_DEVICE(x, out);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D [N, 2I], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D [N, 2I], got ", lk_shape(x));
   const int64_t rows = x.size(0), inter = x.size(1) / 2;
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have a contiguous last dimension");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == inter,
-              "out must have shape [", rows, ", ", inter, "], got ", out.sizes());
+              "out must have shape [", lk_num(rows), ", ", lk_num(inter), "], got ",
+              lk_shape(out));
   LK_CHECK_CONTIGUOUS(out);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out must have x's dtype");
   // out [N, I] cannot be x [N, 2I] in place: any overlap races across threads.

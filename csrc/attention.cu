@@ -882,7 +882,7 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   LK_CHECK_SAME_DEVICE(q, v_cache);
   LK_CHECK_SAME_DEVICE(q, seq_lens);
   LK_CHECK_SAME_DEVICE(q, workspace);
-  TORCH_CHECK(q.dim() == 3, "decode_attention: q must be [B, Hq, D], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 3, "decode_attention: q must be [B, Hq, D], got ", lk_shape(q));
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "decode_attention: k_cache and v_cache must both be [B', Hk, S, D]");
   LK_CHECK_CONTIGUOUS(k_cache);
@@ -898,9 +898,9 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   const int64_t batch = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), seq_capacity = k_cache.size(2);
   TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == kWideDim,
-              "decode_attention: head_dim must be 64, 128 or 256, got ", head_dim);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "decode_attention: cache head_dim ", k_cache.size(3),
-              " != q's ", head_dim);
+              "decode_attention: head_dim must be 64, 128 or 256, got ", lk_num(head_dim));
+  TORCH_CHECK(k_cache.size(3) == head_dim, "decode_attention: cache head_dim ", lk_num(k_cache.size(3)),
+              " != q's ", lk_num(head_dim));
   TORCH_CHECK(k_cache.size(0) >= batch, "decode_attention: the caches have fewer rows than q's batch");
   TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0,
               "decode_attention: Hq must be a multiple of Hk");
@@ -910,13 +910,13 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                   workspace.size(2) >= 1 && workspace.size(2) <= kMaxSplits &&
                   workspace.size(3) == head_dim + 2,
               "decode_attention: workspace must be float32 [B, Hq, splits, D + 2] with 1 <= splits <= ",
-              kMaxSplits, ", got ", workspace.sizes());
+              lk_num(kMaxSplits), ", got ", lk_shape(workspace));
   TORCH_CHECK(is_16b_aligned(k_cache.data_ptr()) && is_16b_aligned(v_cache.data_ptr()),
               "decode_attention: k_cache and v_cache must be 16-byte aligned");
   TORCH_CHECK((reinterpret_cast<std::uintptr_t>(workspace.data_ptr()) & 7) == 0,
               "decode_attention: workspace must be 8-byte aligned");
   TORCH_CHECK(seq_capacity <= (1 << 30), "decode_attention: cache length above 2^30");
-  TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0 (0 = no window), got ", window);
+  TORCH_CHECK(window >= 0, "decode_attention: window must be >= 0 (0 = no window), got ", lk_num(window));
   const int window_tokens = static_cast<int>(std::min<int64_t>(window, seq_capacity));
   // Blocks write out and workspace while others still read q and the caches.
   at::assert_no_overlap(out, q);

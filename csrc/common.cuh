@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 
 namespace llmkernels {
 
@@ -169,6 +170,17 @@ __device__ __forceinline__ float block_reduce_max(float x, float* shared) {
   TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype " #dt ", got ", (t).scalar_type())
 #define LK_CHECK_SAME_DEVICE(a, b) \
   TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device")
+
+// Numbers and shapes in these messages go through std::to_string, never an std::ostream: on the
+// H200 (torch 2.11, its nvcc 13 and g++) every check here that streamed an integer segfaulted
+// instead of raising, while messages of strings and dtypes raised (two runs, 2026-11-29/30; the
+// cause, most likely the stream's numeric locale facet in this library, is not pinned down).
+inline std::string lk_num(int64_t value) { return std::to_string(value); }
+inline std::string lk_shape(const at::Tensor& t) {
+  std::string text = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) text += (d ? ", " : "") + std::to_string(t.size(d));
+  return text + "]";
+}
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

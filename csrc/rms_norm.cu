@@ -231,7 +231,7 @@ bool stride_ok(const at::Tensor& t, int dim, int v) {
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t hidden) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == hidden, name,
-              " must have shape [", rows, ", ", hidden, "], got ", t.sizes());
+              " must have shape [", lk_num(rows), ", ", lk_num(hidden), "], got ", lk_shape(t));
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dimension");
 }
 
@@ -240,8 +240,8 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x, int64_t hidden)
   LK_CHECK_SAME_DEVICE(x, weight);
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ",
               x.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape [", hidden,
-              "], got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape [",
+              lk_num(hidden), "], got ", lk_shape(weight));
   TORCH_CHECK(hidden <= 1 || weight.stride(0) == 1, "weight must be contiguous");
 }
 
@@ -250,7 +250,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(out);
   LK_CHECK_SAME_DEVICE(x, out);
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [N, H], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [N, H], got ", lk_shape(x));
   const int64_t rows = x.size(0), hidden = x.size(1);
   check_rows(x, "x", rows, hidden);
   check_rows(out, "out", rows, hidden);
@@ -290,7 +290,7 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(residual);
   LK_CHECK_SAME_DEVICE(x, residual);
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [N, H], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [N, H], got ", lk_shape(x));
   const int64_t rows = x.size(0), hidden = x.size(1);
   check_rows(x, "x", rows, hidden);
   check_rows(residual, "residual", rows, hidden);

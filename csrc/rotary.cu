@@ -133,14 +133,14 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   LK_CHECK_SAME_DEVICE(q, k);
   LK_CHECK_SAME_DEVICE(q, positions);
   LK_CHECK_SAME_DEVICE(q, cos_sin_cache);
-  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", positions.sizes());
+  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", lk_shape(positions));
   TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
               "positions must be int32 or int64, got ", positions.scalar_type());
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", q.sizes(),
-              " and ", k.sizes());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", lk_shape(q),
+              " and ", lk_shape(k));
   const int64_t tokens = positions.size(0), head_dim = q.size(2);
   TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
-  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", head_dim, ", got ", k.size(2));
+  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", lk_num(head_dim), ", got ", lk_num(k.size(2)));
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
   // In place: overlapping heads/tokens would be rotated twice by racing threads.
   at::assert_no_internal_overlap(q);
@@ -153,7 +153,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   LK_CHECK_CONTIGUOUS(cos_sin_cache);
   const int64_t rot = cos_sin_cache.size(1), max_pos = cos_sin_cache.size(0);
   TORCH_CHECK(rot > 0 && rot % 2 == 0 && rot <= head_dim,
-              "cos_sin_cache's rot dim must be even and in (0, ", head_dim, "], got ", rot);
+              "cos_sin_cache's rot dim must be even and in (0, ", lk_num(head_dim), "], got ",
+              lk_num(rot));
   const int64_t heads = q.size(1) + k.size(1);
   TORCH_CHECK(tokens <= INT32_MAX && heads <= INT32_MAX,
               "rotary_embedding: too many tokens or heads");

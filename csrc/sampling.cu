@@ -733,7 +733,7 @@ void launch_sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& rng_state,
                    cudaStream_t stream) {
   const int device = logits.get_device();
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "sample: unsupported device index ", device);
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "sample: unsupported device index ", lk_num(device));
   const DeviceInfo& d = device_info(device);
   const KernelInfo& cached = kernel_info<T, true>(device);
   const int64_t batch = logits.size(0);
@@ -786,23 +786,23 @@ void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, in
   LK_CHECK_CUDA(t);
   TORCH_CHECK(t.device() == logits.device(), name, " must be on the logits' device");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", batch, "], got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", lk_num(batch), "], got ", lk_shape(t));
   TORCH_CHECK(batch <= 1 || t.stride(0) == 1, name, " must be contiguous");
 }
 
 void sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
             const at::Tensor& top_p, at::Tensor& rng_state) {
   LK_CHECK_CUDA(logits);
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [B, V], got ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [B, V], got ", lk_shape(logits));
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "logits must have a non-empty vocabulary dimension");
-  TORCH_CHECK(vocab <= (int64_t{1} << 30), "sample: vocabulary too large (", vocab, ")");
+  TORCH_CHECK(vocab <= (int64_t{1} << 30), "sample: vocabulary too large (", lk_num(vocab), ")");
   TORCH_CHECK(vocab <= 1 || logits.stride(1) == 1, "logits must have a contiguous last dimension (stride 1)");
   TORCH_CHECK(logits.stride(0) >= 0, "logits must have a non-negative row stride");
   LK_CHECK_CUDA(out);
   TORCH_CHECK(out.device() == logits.device(), "out must be on the logits' device");
   LK_CHECK_DTYPE(out, at::kLong);
-  TORCH_CHECK(out.dim() == 1 && out.size(0) == batch, "out must have shape [", batch, "], got ", out.sizes());
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == batch, "out must have shape [", lk_num(batch), "], got ", lk_shape(out));
   check_param(temperature, "temperature", at::kFloat, batch, logits);
   check_param(top_k, "top_k", at::kInt, batch, logits);
   check_param(top_p, "top_p", at::kFloat, batch, logits);
@@ -810,7 +810,7 @@ void sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& tempera
   TORCH_CHECK(rng_state.device() == logits.device(), "rng_state must be on the logits' device");
   LK_CHECK_DTYPE(rng_state, at::kLong);
   TORCH_CHECK(rng_state.dim() == 1 && rng_state.size(0) == 2 && rng_state.stride(0) == 1,
-              "rng_state must be a contiguous int64 [2] tensor (seed, offset), got ", rng_state.sizes());
+              "rng_state must be a contiguous int64 [2] tensor (seed, offset), got ", lk_shape(rng_state));
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -65,10 +65,11 @@ def sdpa_error(q, k_cache, v_cache, lens, scale, expected, window=None):
         first = 0 if window is None else max(0, length - window)
         k = k_cache[b, :, first:length].repeat_interleave(group, dim=0)[None]  # [1, Hq, L, D]
         v = v_cache[b, :, first:length].repeat_interleave(group, dim=0)[None]
-        # q copied contiguous: SDPA is only the yardstick, and a q at an odd element offset is
-        # ours to handle (on the H200 such a q reached SDPA and a misaligned address followed;
-        # memcheck found none in our kernel on the same layout).
-        qb = q[b].contiguous()[None, :, None, :]
+        # q copied to a fresh buffer: a q at an odd element offset is ours to handle, and SDPA is
+        # only the yardstick. `contiguous()` is not enough: q[b] of an odd-offset view is already
+        # contiguous, and SDPA's fused kernels faulted on its misaligned address on the H200
+        # (torch 2.11; twice), after our kernel on the same q had finished cleanly.
+        qb = q[b].clone(memory_format=torch.contiguous_format)[None, :, None, :]
         o = F.scaled_dot_product_attention(qb, k, v, scale=scale)[0, :, 0]
         error = max(error, (o.float() - expected[b]).abs().max().item())
     return error

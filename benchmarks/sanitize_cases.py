@@ -150,6 +150,26 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
             kept = logits.float().topk(50, dim=-1).indices
             assert (kept == ids[:, None]).any(-1).all()  # inside the top-k set
 
+    for dtype in HALF:
+        # every int8_linear launch variant: M 1 / 2 / 3-4 / 5-8 with 1, 2 or 4 features per
+        # warp (N >= 4096: 2, >= 8192: 4), part-filled last blocks and warps, idle lanes in the
+        # last K step (K 528), a strided x
+        for m, n, k in (
+            (1, 33, 528),
+            (2, 33, 48),
+            (3, 576, 576),
+            (8, 33, 528),
+            (4, 4099, 32),
+            (5, 8197, 32),
+        ):
+
+            @add(f"int8_linear {dtype} {m}x{k} -> {n}")
+            def _(m=m, n=n, k=k, dtype=dtype):
+                x = torch.randn(m, k + 8, device=dev).to(dtype)[:, :k]
+                w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+                scale = torch.rand(n, device=dev) / 64
+                _close(lk.int8_linear(x, w, scale), ref.int8_linear(x, w, scale), 2e-2)
+
     return out
 
 

@@ -34,6 +34,9 @@ TORCH_LIBRARY(llmkernels, m) {
   // then top_p[B] (fp32), renormalized; temperature 0 = argmax. rng_state[2] (int64, device) =
   // (seed, offset): Philox counter; the op advances offset on device.
   m.def("sample(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor! rng_state) -> ()");
+  // out[M, N] = (x[M, K] @ weight[N, K]^T) * scale[N]: weight int8, scale fp32, x fp16/bf16 with
+  // M <= 8 (decode; weight-only int8), the sum in fp32.
+  m.def("int8_linear(Tensor! out, Tensor x, Tensor weight, Tensor scale) -> ()");
 }
 
 // `import llmkernels._C` loads this library, which runs the registrations above.

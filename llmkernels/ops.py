@@ -35,6 +35,8 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "gelu_tanh_and_mul",
+    "int8_linear",
+    "int8_linear_supported",
     "kv_cache_append",
     "decode_attention",
     "decode_attention_workspace",
@@ -431,6 +433,62 @@ def gelu_tanh_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return _gated_activation("gelu_tanh_and_mul", x, out)
 
 
+# ---- weight-only int8 matmul ----------------------------------------------------------------------------
+INT8_LINEAR_MAX_ROWS = 8  # the kernel's decode batch; prefill takes a dense GEMM (llmkernels.quant)
+
+
+def int8_linear_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`int8_linear` runs its CUDA kernel on these (else the reference): CUDA
+    fp16/bf16 x ``[M, K]`` with M <= 8, last dim contiguous, row stride a multiple of 8, K a
+    multiple of 16, x and weight 16-byte aligned."""
+    return (
+        uses_kernel(x)
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dim() == 2
+        and x.shape[0] <= INT8_LINEAR_MAX_ROWS
+        and x.shape[1] % 16 == 0
+        and (x.shape[1] <= 1 or x.stride(1) == 1)
+        and (x.shape[0] <= 1 or x.stride(0) % 8 == 0)
+        and x.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only int8 matmul: ``out[m, n] = (sum_k x[m, k] * weight[n, k]) * scale[n]``, the
+    sum in fp32, rounded to x's dtype (``x @ W^T`` for ``W = weight * scale[:, None]``).
+
+    x: ``[M, K]`` fp32/fp16/bf16; weight: int8 ``[N, K]`` contiguous; scale: fp32 ``[N]``
+    contiguous; out: ``[M, N]`` in x's dtype, last dim contiguous, not overlapping the inputs.
+    The CUDA kernel takes decode-sized inputs (:func:`int8_linear_supported`); others run the
+    reference.
+    """
+    _tensor(x, "x", FLOAT_DTYPES, ndim=2)
+    _tensor(weight, "weight", (torch.int8,), ndim=2)
+    _tensor(scale, "scale", (torch.float32,), ndim=1)
+    _same_device(("x", x), ("weight", weight), ("scale", scale))
+    (m, k), n = x.shape, weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}] (x is [M, {k}]), got {tuple(weight.shape)}")
+    if scale.shape[0] != n:
+        raise ValueError(f"scale must be [{n}] (one per row of weight), got {tuple(scale.shape)}")
+    if not weight.is_contiguous() or not scale.is_contiguous():
+        raise ValueError("weight and scale must be contiguous")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, "out", (m, n), x.dtype, x.device)
+        _last_dim_contiguous(out, "out")
+        _no_overlap(("out", out), ("x", x), ("weight", weight), ("scale", scale))
+    if int8_linear_supported(x, weight):
+        torch.ops.llmkernels.int8_linear(out, x, weight, scale)
+    else:
+        out.copy_(ref.int8_linear(x, weight, scale))
+    return out
+
+
 # ---- attention ----------------------------------------------------------------------------------------
 def _check_cache(k_cache, v_cache) -> None:
     _tensor(k_cache, "k_cache", FLOAT_DTYPES, ndim=4)
@@ -812,6 +870,9 @@ def _register_python_impls() -> None:
     def cpu_kv_cache_append(k, v, k_cache, v_cache, slot_mapping):
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
 
+    def cpu_int8_linear(out, x, weight, scale):
+        out.copy_(ref.int8_linear(x, weight, scale))
+
     def cpu_decode_attention(out, q, k_cache, v_cache, seq_lens, scale, workspace, window=0):
         out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale, window or None))
 
@@ -824,6 +885,7 @@ def _register_python_impls() -> None:
         "kv_cache_append": cpu_kv_cache_append,
         "decode_attention": cpu_decode_attention,
         "sample": _sample_from_state,
+        "int8_linear": cpu_int8_linear,
     }
     for name, fn in cpu_impls.items():
         torch.library.impl(f"llmkernels::{name}", "CPU")(fn)

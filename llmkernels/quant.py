@@ -4,8 +4,9 @@ Batch-1 decode reads every weight once per token, so bytes per weight bound its 
 :class:`QuantizedWeight` stands in for a ``[out, in]`` weight in ``model.linear``; its matmul is
 ``x @ dequantize()^T``, computed by PyTorch's packed weight-only kernels, with bf16 activations:
 
-- int8: ``W[o, i] = q[o, i] * scale[o]`` (q in [-127, 127]); ``aten._weight_int8pack_mm``
-  (CPU and CUDA).
+- int8: ``W[o, i] = q[o, i] * scale[o]`` (q in [-127, 127]); ``aten._weight_int8pack_mm`` on
+  CPU; on CUDA our ``int8_linear`` kernel at decode sizes (ATen's CUDA int8 kernel decoded 12x
+  slower than bf16 on an H200) and a dense bf16 GEMM on the codes for prefill.
 - int4: groups of ``group_size`` inputs, ``W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g]``
   (q in [0, 15], g = i // group_size, asymmetric: min/max of the group);
   ``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` (tinygemm) on CUDA.
@@ -17,10 +18,12 @@ their results against :meth:`QuantizedWeight.dequantize`, so a change fails loud
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from . import ops
 
 __all__ = [
     "QuantizedWeight",
@@ -145,7 +148,14 @@ class QuantizedWeight:
         returned in x's dtype, ``[N, out]``."""
         self.packed_now()
         xb = x.to(torch.bfloat16)
-        if self.mode == "int8":
+        if self.mode == "int8" and self.device.type == "cuda":
+            if ops.int8_linear_supported(xb, self.qweight):  # decode: our GEMV kernel
+                y = ops.int8_linear(xb, self.qweight, self.scales)
+            else:  # prefill: one dense GEMM on the codes as bf16 (exact), scaled after
+                y = (F.linear(xb, self.qweight.to(torch.bfloat16)).float() * self.scales).to(
+                    xb.dtype
+                )
+        elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)
         elif self.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(
@@ -276,13 +286,6 @@ def quantize_model_weights(
     bf16 logits (a resolution of 0.125 at 24) tie candidates that fp32 logits tell apart, which
     flips greedy picks; when quantized, a tied model gets a quantized copy of its embedding."""
     check_packed_ops()
-    if mode == "int8" and weights["layers.0.wqkv"].is_cuda:
-        warnings.warn(
-            "int8 weights on CUDA run aten._weight_int8pack_mm, which decoded 12x slower than "
-            "bf16 on an H200 (Llama-2-7B shape, batch 1: 18 vs 226 tok/s); on CUDA, "
-            "quantize='int4' is the fast one (321 tok/s)",
-            stacklevel=2,
-        )
     out = dict(weights)
     layer_weights = ("wqkv", "wo", "w_gate_up", "w_down")
     for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in layer_weights]:

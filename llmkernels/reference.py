@@ -26,6 +26,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "gelu_tanh_and_mul",
+    "int8_linear",
     "kv_cache_append",
     "decode_attention",
     "sampling_probs",
@@ -218,6 +219,16 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     g^3)))`` (HF ``gelu_pytorch_tanh``; both products rounded to x's dtype)."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+# ---- weight-only int8 matmul ----------------------------------------------------------------------------
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out[m, n] = (sum_k x[m, k] * weight[n, k]) * scale[n]`` in fp32, rounded to x's dtype.
+
+    x: ``[M, K]`` float; weight: int8 ``[N, K]`` (codes in [-127, 127]); scale: fp32 ``[N]``.
+    Returns ``[M, N]``: ``x @ W^T`` for the int8 weight ``W[n, k] = weight[n, k] * scale[n]``.
+    """
+    return ((x.float() @ weight.float().t()) * scale.float()).to(x.dtype)
 
 
 # ---- attention ----------------------------------------------------------------------------------------

@@ -55,6 +55,15 @@ def op_samples():
             ),
         ),
         (
+            "int8_linear",
+            (
+                torch.empty(3, 5),
+                torch.randn(3, 32),
+                torch.randint(-127, 128, (5, 32), dtype=torch.int8),
+                torch.rand(5) / 100,
+            ),
+        ),
+        (
             "sample",
             (
                 torch.empty(3, dtype=torch.int64),
@@ -219,6 +228,46 @@ def test_silu_and_mul_errors():
         lk.silu_and_mul(torch.randn(2, 7))
     with pytest.raises(ValueError, match="out must have shape"):
         lk.silu_and_mul(torch.randn(2, 8), out=torch.empty(2, 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_is_x_times_the_dequantized_weight(dtype):
+    """The reference against quant.QuantizedWeight.dequantize, the weight it stands for."""
+    from llmkernels import quant
+
+    qw = quant.quantize_weight(torch.randn(40, 64), "int8")
+    x = torch.randn(3, 64).to(dtype)
+    expected = (x.double() @ qw.dequantize(torch.float64).t()).to(dtype)
+    got = lk.int8_linear(x, qw.qweight, qw.scales)
+    assert got.dtype == dtype and got.shape == (3, 40)
+    torch.testing.assert_close(
+        got, expected, **({} if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5))
+    )
+    assert torch.equal(got, ref.int8_linear(x, qw.qweight, qw.scales))
+    out = torch.empty(3, 40, dtype=dtype)
+    assert lk.int8_linear(x, qw.qweight, qw.scales, out=out) is out and torch.equal(out, got)
+    assert not lk.ops.int8_linear_supported(x, qw.qweight)  # CPU: the reference
+
+
+def test_int8_linear_errors():
+    x, w, s = torch.randn(2, 32), torch.randint(-127, 128, (5, 32), dtype=torch.int8), torch.rand(5)
+    with pytest.raises(TypeError, match="weight must have dtype in \\(int8\\)"):
+        lk.int8_linear(x, w.float(), s)
+    with pytest.raises(TypeError, match="scale must have dtype in \\(float32\\)"):
+        lk.int8_linear(x, w, s.half())
+    with pytest.raises(ValueError, match=r"weight must be \[N, 32\]"):
+        lk.int8_linear(x, w[:, :16], s)
+    with pytest.raises(ValueError, match=r"scale must be \[5\]"):
+        lk.int8_linear(x, w, s[:4])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        lk.int8_linear(x, torch.randint(-127, 128, (32, 5), dtype=torch.int8).t(), s)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        lk.int8_linear(x[None], w, s)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.int8_linear(x, w, s, out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        buf = torch.randn(2, 32)
+        lk.int8_linear(buf, w, s, out=buf.view(-1)[:10].view(2, 5))
 
 
 def test_kv_cache_append_errors():

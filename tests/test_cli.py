@@ -192,6 +192,49 @@ def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
         assert (tmp_path / "generate.png").exists()
 
 
+def test_llama_cpp_contender_prefills_every_call_and_returns_prompt_plus_new(monkeypatch, tmp_path):
+    """The llama.cpp runner with a stand-in llama_cpp module (the real one is optional): greedy
+    settings, a reset before every call (no cached prefix), batch 1 only, the GGUF's bytes."""
+    import sys
+    import types
+
+    from llmkernels import loading
+    from llmkernels.perf import generate
+
+    calls = []
+
+    class FakeLlama:
+        def __init__(self, model_path, n_ctx, n_batch, n_threads, verbose):
+            calls.append(("init", model_path, n_ctx))
+
+        def reset(self):
+            calls.append(("reset",))
+
+        def generate(self, tokens, top_k, top_p, min_p, temp):
+            assert (top_k, temp) == (1, 0.0)
+            calls.append(("generate", list(tokens)))
+            yield from range(100, 200)
+
+        def close(self):
+            calls.append(("close",))
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"0" * 1234)
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda source: gguf)
+    run, done = generate.make_runner("llama.cpp", None, 1, 64, source="default")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(run(ids, 4), torch.tensor([[5, 6, 7, 100, 101, 102, 103]]))
+    run(ids, 2)
+    done()
+    assert run.weight_bytes == 1234
+    assert [c[0] for c in calls] == ["init", "reset", "generate", "reset", "generate", "close"]
+    with pytest.raises(ValueError, match="batch 1"):
+        generate.make_runner("llama.cpp", None, 2, 64, source="default")
+    with pytest.raises(ValueError, match="embedded model"):
+        generate.make_runner("llama.cpp", None, 1, 64, source="/some/folder")
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

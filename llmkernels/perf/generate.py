@@ -9,8 +9,11 @@ Contenders (all on the same randomly initialized model, fixed seed, or real weig
   hf-patched          HF generate after lk.patch(model)
   lk-eager            our Engine, decode step run eagerly
   lk-graph            our Engine, decode step replayed as a CUDA graph (CUDA only)
-  lk-int8, lk-int4    our Engine with weight-only int8 / int4 weights (only when asked for;
-                      on CUDA with graphs); GB/s counts the quantized bytes actually read
+  lk-int8, lk-int4    our Engine with weight-only int8 / int4 weights (by default only with
+                      --model on CPU; on CUDA with graphs); GB/s counts the quantized bytes read
+  llama.cpp           llama-cpp-python on the embedded model's own GGUF file (CPU, batch 1; by
+                      default with --model on CPU when llama_cpp is importable; never a
+                      dependency); GB/s counts the file's bytes
 
 Reported per (config, batch, prompt length): prefill ms, decode tok/s (all rows) and per sequence,
 GB/s = (weight bytes + KV bytes read) per step x steps/s, % of the copy bandwidth measured in the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import statistics
 import sys
 import time
@@ -142,8 +146,9 @@ DEFAULT_CONTENDERS = (
     "lk-eager",
     "lk-graph",
 )
-ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-int8", "lk-int4")
+ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-int8", "lk-int4", "llama.cpp")
 CUDA_ONLY = {"hf-static-compile", "lk-graph"}
+CPU_ONLY = {"llama.cpp"}
 RESULT_COLUMNS = [
     "config",
     "contender",
@@ -215,9 +220,48 @@ def _set_attn(model, impl: str) -> None:
         model.config._attn_implementation = impl
 
 
-def make_runner(name: str, model, max_batch: int, max_seq: int):
-    """Return (generate(input_ids, new_tokens) -> LongTensor, cleanup()) for a contender."""
+def llama_cpp_runner(gguf: Path, max_batch: int, max_seq: int):
+    """llama.cpp's greedy decoding of ``gguf`` (llama-cpp-python, as many threads as torch uses):
+    the same (generate, cleanup) pair as :func:`make_runner`, batch 1."""
+    from llama_cpp import Llama  # optional: the caller reports an ImportError as a row
+
+    if max_batch != 1:
+        raise ValueError("llama.cpp runs batch 1 here")
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=max_seq,
+        n_batch=max_seq,
+        n_threads=torch.get_num_threads(),
+        verbose=False,
+    )
+
+    def run(input_ids, new_tokens):
+        llm.reset()  # no reuse of the last call's cached prefix: every call prefills
+        new = []
+        for token in llm.generate(input_ids[0].tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
+            new.append(token)
+            if len(new) == new_tokens:
+                break
+        return torch.cat([input_ids.cpu(), torch.tensor([new])], dim=1)
+
+    def done():
+        llm.close()
+
+    run.weight_bytes = gguf.stat().st_size  # about what a step reads: the file's tensors
+    return run, done
+
+
+def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | None = None):
+    """Return (generate(input_ids, new_tokens) -> LongTensor, cleanup()) for a contender.
+    ``source``: the --model given (llama.cpp needs an embedded model's GGUF)."""
     import llmkernels as lk
+
+    if name == "llama.cpp":
+        from ..loading import EMBEDDED_MODELS, embedded_gguf_path
+
+        if source not in EMBEDDED_MODELS:
+            raise ValueError(f"llama.cpp runs an embedded model's GGUF ({sorted(EMBEDDED_MODELS)})")
+        return llama_cpp_runner(embedded_gguf_path(source), max_batch, max_seq)
 
     if name.startswith("hf-"):
         _set_attn(model, "eager" if name == "hf-eager" else "sdpa")
@@ -290,12 +334,13 @@ def bench_contender(
     reference_tokens,
     progress=None,
     repeats=2,
+    source=None,
 ):
     rows = []
     max_batch, max_seq = max(batches), max(prompts) + new_tokens
     t0 = time.perf_counter()
     try:
-        run, done = make_runner(name, model, max_batch, max_seq)
+        run, done = make_runner(name, model, max_batch, max_seq, source)
     except Exception as exc:  # a contender that cannot run here is reported, not fatal
         return [{"contender": name, "error": f"{type(exc).__name__}: {exc}"}]
     setup_s = time.perf_counter() - t0
@@ -464,6 +509,7 @@ def run(
                         copy_gbps,
                         reference_tokens,
                         progress,
+                        source=config_name if model_path is not None else None,
                     ):
                         cell = dict(config=config_name, batch=batch, prompt=prompt)
                         rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
@@ -539,7 +585,16 @@ def main_from_cli(args, device: torch.device) -> int:
     dtype = (
         getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     )
-    contenders = [c for c in (args.contenders or DEFAULT_CONTENDERS) if cuda or c not in CUDA_ONLY]
+    default = DEFAULT_CONTENDERS
+    if args.model is not None and not cuda:  # a real model on CPU: the quantized modes too, and
+        default += ("lk-int8", "lk-int4")  # llama.cpp on the same file when it is installed
+        if importlib.util.find_spec("llama_cpp") is not None:
+            default += ("llama.cpp",)
+    contenders = [
+        c
+        for c in (args.contenders or default)
+        if (cuda or c not in CUDA_ONLY) and (not cuda or c not in CPU_ONLY)
+    ]
     out_dir = Path(args.out) if args.out else results_dir(device=device)
     print(
         f"[bench] {environment(device)['device']}: configs {configs}, batches {batches}, prompts {prompts}, "

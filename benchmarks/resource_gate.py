@@ -54,6 +54,7 @@ KERNELS = {
     # <T, false> (slice re-read from L2): static shared memory only, no opt-in
     "sample_kernel": Kernel(threads=512, optin_variant=", true>"),
     "advance_rng_kernel": Kernel(threads=None),
+    "int8_linear_kernel": Kernel(threads=256),  # kWarps = 8 warps per block
 }
 
 

@@ -44,6 +44,7 @@ KERNELS = {
     "rms_norm_kernel": Kernel(threads=1024),
     "fused_add_rms_norm_kernel": Kernel(threads=1024),
     "rotary_kernel": Kernel(threads=None),
+    "qk_norm_rotary_kernel": Kernel(threads=128),  # kQkWarps = 4 heads per block
     "gated_activation_kernel": Kernel(threads=None),  # silu_and_mul, gelu_tanh_and_mul
     "decode_attention_kernel": Kernel(threads=128, min_blocks=3),
     "decode_attention_simt_kernel": Kernel(threads=128, min_blocks=3),

@@ -150,6 +150,23 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
             kept = logits.float().topk(50, dim=-1).indices
             assert (kept == ids[:, None]).any(-1).all()  # inside the top-k set
 
+    for dtype in DTYPES:
+        for head_dim, unit_offset in ((64, False), (128, True), (256, False)):
+
+            @add(f"qk_norm_rotary {dtype} D={head_dim} unit_offset={unit_offset}")
+            def _(dtype=dtype, head_dim=head_dim, unit_offset=unit_offset):
+                qkv = torch.randn(5, 16 * head_dim, device=dev).to(dtype)  # Hq 9, Hk 3 (+ v 3)
+                q = qkv[:, : 9 * head_dim].view(5, 9, head_dim)
+                k = qkv[:, 9 * head_dim : 12 * head_dim].view(5, 3, head_dim)
+                cache = torch.randn(64, head_dim, device=dev)
+                pos = torch.tensor([0, 63, 7, 7, 1], device=dev, dtype=torch.int32)
+                w = torch.rand(head_dim, device=dev).to(dtype)
+                q2, k2 = q.clone(), k.clone()
+                lk.qk_norm_rotary(pos, q, k, w, w, cache, 1e-6, unit_offset=unit_offset)
+                ref.qk_norm_rotary(pos, q2, k2, w, w, cache, 1e-6, unit_offset)
+                _close(q, q2, 5e-2)
+                _close(k, k2, 5e-2)
+
     for dtype in HALF:
         # every int8_linear launch variant: M 1 / 2 / 3-4 / 5-8 with 1, 2 or 4 features per
         # warp (N >= 4096: 2, >= 8192: 4), part-filled last blocks and warps, idle lanes in the

@@ -18,6 +18,10 @@ TORCH_LIBRARY(llmkernels, m) {
   // In place: q[T, Hq, D], k[T, Hk, D] rotated by cos_sin_cache[max_pos, rot_dim] (fp32, cos | sin)
   // at positions[T] (int32/int64); is_neox: rotate_half halves (HF Llama) vs interleaved pairs.
   m.def("rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()");
+  // In place: every head of q[T, Hq, D] / k[T, Hk, D] RMS-normalized over D (weights q_weight[D],
+  // k_weight[D]; unit_offset: 1 + weight) then NeoX-rotated over all D by cos_sin_cache[max_pos, D]
+  // at positions[T] (Qwen3, Gemma 3: one pass instead of two norms and a rotary).
+  m.def("qk_norm_rotary(Tensor positions, Tensor! q, Tensor! k, Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, float eps, bool unit_offset=False) -> ()");
   // out[N, I] = silu(x[N, :I]) * x[N, I:]   with x[N, 2I]
   m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
   // out[N, I] = gelu_tanh(x[N, :I]) * x[N, I:]   with x[N, 2I] (GeGLU, Gemma)

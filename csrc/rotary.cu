@@ -1,4 +1,5 @@
-// Rotary position embedding, in place on q and k, with HF's rounding in the activation dtype:
+// Rotary position embedding, in place on q and k, with HF's rounding in the activation dtype
+// (and, at the end, the same after a per-head RMSNorm, fused: qk_norm_rotary):
 //   c = round(cos[pos, i]), s = round(sin[pos, i])
 //   x1' = round(round(x1 * c) - round(x2 * s)),  x2' = round(round(x2 * c) + round(x1 * s))
 // where (x1, x2) = (x[i], x[i + rot/2]) for NeoX / HF rotate_half, (x[2i], x[2i + 1]) for GPT-J;
@@ -11,6 +12,7 @@
 // finds pointers, strides and rot/2 aligned, two scalars otherwise (partial or odd rotary sizes).
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 
 #include <ATen/MemoryOverlap.h>
@@ -213,9 +215,160 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   });
 }
 
+// ---- per-head q/k RMSNorm + rotary in one pass (Qwen3, Gemma 3) -------------------------------
+// For every head of q (weight q_weight) and k (k_weight), in place:
+//   x = rms_norm(x) over D with the rms_norm kernel's formula (inv = rsqrt(mean(x^2) + eps);
+//       round(w * round(x * inv)), or round(x * inv * (1 + w)) with unit_offset),
+//   then the NeoX rotary above over all D channels (rot == D), at the token's position.
+// One warp per head: lane l holds the pairs j in [l P, l P + P) of both halves (P = D / 64), so
+// the sum of squares is one warp reduction and each rotary pair stays in its lane's registers.
+// A position outside the table leaves the head normalized but not rotated (as rotary_kernel).
+constexpr int kQkWarps = 4;  // heads per block
+
+template <typename T, typename PosT, int P>
+__global__ void __launch_bounds__(kQkWarps * 32)
+    qk_norm_rotary_kernel(const PosT* __restrict__ positions,  // [T], stride pos_stride
+                          T* q,  // [T, Hq, D], strides (q_tok, q_head, 1), D = 64 P
+                          T* k,  // [T, Hk, D], strides (k_tok, k_head, 1)
+                          const T* __restrict__ q_weight,     // [D]
+                          const T* __restrict__ k_weight,     // [D]
+                          const float* __restrict__ cos_sin,  // [max_pos, D]: cos | sin
+                          int64_t pos_stride, int64_t q_tok, int64_t q_head, int64_t k_tok,
+                          int64_t k_head, int num_q_heads, int num_kv_heads, int64_t max_pos,
+                          float eps, bool unit_offset) {
+  constexpr int kHalf = 32 * P, kDim = 2 * kHalf;
+  const int lane = threadIdx.x % 32;
+  const int h = blockIdx.y * kQkWarps + threadIdx.x / 32;
+  if (h >= num_q_heads + num_kv_heads) return;  // whole warps: the reduction needs every lane
+  const int64_t token = blockIdx.x;
+  const bool is_q = h < num_q_heads;
+  T* base = is_q ? q + token * q_tok + h * q_head
+                 : k + token * k_tok + (h - num_q_heads) * k_head;
+  const T* weight = is_q ? q_weight : k_weight;
+  const int j0 = lane * P;
+
+  float x1[P], x2[P];
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < P; ++e) {
+    x1[e] = to_float(base[j0 + e]);
+    x2[e] = to_float(base[kHalf + j0 + e]);
+    ss += x1[e] * x1[e] + x2[e] * x2[e];
+  }
+  const float inv = rsqrtf(warp_reduce_sum(ss) / static_cast<float>(kDim) + eps);
+#pragma unroll
+  for (int e = 0; e < P; ++e) {
+    const float w1 = to_float(weight[j0 + e]), w2 = to_float(weight[kHalf + j0 + e]);
+    if (unit_offset) {
+      x1[e] = round_to<T>(x1[e] * inv * (1.f + w1));
+      x2[e] = round_to<T>(x2[e] * inv * (1.f + w2));
+    } else {
+      x1[e] = round_to<T>(w1 * round_to<T>(x1[e] * inv));
+      x2[e] = round_to<T>(w2 * round_to<T>(x2[e] * inv));
+    }
+  }
+
+  const int64_t pos = static_cast<int64_t>(positions[token * pos_stride]);
+  const bool rotate = pos >= 0 && pos < max_pos;  // else: normalized, not rotated
+#pragma unroll
+  for (int e = 0; e < P; ++e) {
+    float o1 = x1[e], o2 = x2[e];
+    if (rotate) {
+      const float c = round_to<T>(cos_sin[pos * kDim + j0 + e]);
+      const float s = round_to<T>(cos_sin[pos * kDim + kHalf + j0 + e]);
+      o1 = __fsub_rn(round_to<T>(__fmul_rn(x1[e], c)), round_to<T>(__fmul_rn(x2[e], s)));
+      o2 = __fadd_rn(round_to<T>(__fmul_rn(x2[e], c)), round_to<T>(__fmul_rn(x1[e], s)));
+    }
+    base[j0 + e] = from_float<T>(o1);
+    base[kHalf + j0 + e] = from_float<T>(o2);
+  }
+}
+
+void qk_norm_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
+                    const at::Tensor& q_weight, const at::Tensor& k_weight,
+                    const at::Tensor& cos_sin_cache, double eps, bool unit_offset) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &positions, &q, &k, &q_weight, &k_weight, &cos_sin_cache}) {
+    TORCH_CHECK(t->is_cuda(), "qk_norm_rotary: every tensor must be a CUDA tensor");
+    TORCH_CHECK(t->device() == q.device(), "qk_norm_rotary: every tensor must be on q's device");
+  }
+  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", lk_shape(positions));
+  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
+              "positions must be int32 or int64, got ", positions.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", lk_shape(q),
+              " and ", lk_shape(k));
+  const int64_t tokens = positions.size(0), head_dim = q.size(2);
+  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
+  TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
+              "qk_norm_rotary: head_dim must be 64, 128 or 256, got ", lk_num(head_dim));
+  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", lk_num(head_dim), ", got ",
+              lk_num(k.size(2)));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
+              "q and k must have a contiguous last dimension");
+  for (const at::Tensor* w : std::initializer_list<const at::Tensor*>{&q_weight, &k_weight}) {
+    TORCH_CHECK(w->scalar_type() == q.scalar_type(), "q_weight and k_weight must have q's dtype");
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == head_dim, "q_weight and k_weight must be [",
+                lk_num(head_dim), "], got ", lk_shape(*w));
+    TORCH_CHECK(w->is_contiguous(), "q_weight and k_weight must be contiguous");
+  }
+  LK_CHECK_DTYPE(cos_sin_cache, at::kFloat);
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim,
+              "qk_norm_rotary: cos_sin_cache must be [max_pos, ", lk_num(head_dim),
+              "] (rotary over the whole head), got ", lk_shape(cos_sin_cache));
+  LK_CHECK_CONTIGUOUS(cos_sin_cache);
+  // In place: overlapping heads/tokens would be normalized twice by racing warps.
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k}) {
+    at::assert_no_overlap(*t, q_weight);
+    at::assert_no_overlap(*t, k_weight);
+    at::assert_no_overlap(*t, cos_sin_cache);
+  }
+  const int64_t heads = q.size(1) + k.size(1);
+  TORCH_CHECK(tokens <= INT32_MAX && heads <= int64_t{65535} * kQkWarps,
+              "qk_norm_rotary: too many tokens or heads");
+  if (tokens == 0 || heads == 0) return;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LK_DISPATCH_FLOATING(q.scalar_type(), "qk_norm_rotary", [&] {
+    using T = scalar_t;
+    auto launch = [&](auto pos_tag, auto p_tag) {
+      using PosT = typename decltype(pos_tag)::type;
+      constexpr int P = decltype(p_tag)::value;
+      const dim3 grid(static_cast<unsigned>(tokens),
+                      static_cast<unsigned>((heads + kQkWarps - 1) / kQkWarps));
+      qk_norm_rotary_kernel<T, PosT, P><<<grid, kQkWarps * 32, 0, stream>>>(
+          positions.data_ptr<PosT>(), static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()),
+          static_cast<const T*>(q_weight.data_ptr()), static_cast<const T*>(k_weight.data_ptr()),
+          cos_sin_cache.data_ptr<float>(), positions.stride(0), q.stride(0), q.stride(1),
+          k.stride(0), k.stride(1), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+          cos_sin_cache.size(0), static_cast<float>(eps), unit_offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto with_dim = [&](auto pos_tag) {
+      if (head_dim == 64) {
+        launch(pos_tag, std::integral_constant<int, 1>{});
+      } else if (head_dim == 128) {
+        launch(pos_tag, std::integral_constant<int, 2>{});
+      } else {
+        launch(pos_tag, std::integral_constant<int, 4>{});
+      }
+    };
+    if (positions.scalar_type() == at::kInt) {
+      with_dim(PosTag<int32_t>{});
+    } else {
+      with_dim(PosTag<int64_t>{});
+    }
+  });
+}
+
 }  // namespace
 }  // namespace llmkernels
 
 TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) {
   m.impl("rotary_embedding", &llmkernels::rotary_embedding);
+  m.impl("qk_norm_rotary", &llmkernels::qk_norm_rotary);
 }

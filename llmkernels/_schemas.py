@@ -8,6 +8,7 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor! out, Tensor x, Tensor weight, float eps, bool unit_offset=False) -> ()",
     "fused_add_rms_norm": "fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps, bool unit_offset=False) -> ()",
     "rotary_embedding": "rotary_embedding(Tensor positions, Tensor! q, Tensor! k, Tensor cos_sin_cache, bool is_neox) -> ()",
+    "qk_norm_rotary": "qk_norm_rotary(Tensor positions, Tensor! q, Tensor! k, Tensor q_weight, Tensor k_weight, Tensor cos_sin_cache, float eps, bool unit_offset=False) -> ()",
     "silu_and_mul": "silu_and_mul(Tensor! out, Tensor x) -> ()",
     "gelu_tanh_and_mul": "gelu_tanh_and_mul(Tensor! out, Tensor x) -> ()",
     "kv_cache_append": "kv_cache_append(Tensor k, Tensor v, Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()",

@@ -8,6 +8,7 @@ Per layer (vLLM-style residual stream, the residual add fused into the next norm
     qkv = x @ Wqkv^T (+ bqkv)                            # one GEMM, Wqkv [(Hq + 2 Hk) * D, hidden]
     q, k = rms_norm(q), rms_norm(k)                      # per head (Qwen3, Gemma 3: q/k norm)
     rotary_embedding(q, k)                               # in place on strided views of qkv
+                                                         # (CUDA + q/k norm: one qk_norm_rotary)
     kv_cache_append(k, v)                                # into k_cache/v_cache at slot_mapping
     a = attention(q, cache)                              # SDPA (prefill) or decode_attention,
                                                          # over the last W tokens in windowed layers
@@ -583,20 +584,29 @@ class Transformer:
 
     # ---- shared pieces --------------------------------------------------------------------------
     def _qkv(
-        self, x: torch.Tensor, layer: Layer
+        self, x: torch.Tensor, i: int, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = self.config
+        """Layer i's q [N, Hq, D], k, v [N, Hk, D] for tokens x [N, hidden] at positions [N]:
+        q and k normalized per head where the family does (Qwen3, Gemma 3) and rotated."""
+        c, layer, cos_sin = self.config, self.layers[i], self.layer_cos_sin[i]
         n, d = x.shape[0], c.head_dim
         qkv = linear(x, layer.wqkv, layer.bqkv)  # [N, (Hq + 2 Hk) * D]
         q_end, k_end = c.num_heads * d, (c.num_heads + c.num_kv_heads) * d
         q = qkv[:, :q_end].view(n, c.num_heads, d)  # [N, Hq, D] strided view
         k = qkv[:, q_end:k_end].view(n, c.num_kv_heads, d)  # [N, Hk, D]
         v = qkv[:, k_end:].view(n, c.num_kv_heads, d)  # [N, Hk, D]
-        if c.qk_norm:  # per head, over D: new contiguous q [N, Hq, D] and k [N, Hk, D]
+        if c.qk_norm:
             eps, offset = c.rms_norm_eps, c.norm_unit_offset
+            if ops.qk_norm_rotary_supported(q, cos_sin):  # CUDA: one pass over the heads
+                ops.qk_norm_rotary(
+                    positions, q, k, layer.q_norm, layer.k_norm, cos_sin, eps, unit_offset=offset
+                )
+                return q, k, v
+            # per head, over D: new contiguous q [N, Hq, D] and k [N, Hk, D]
             q = ops.rms_norm(q.reshape(-1, d), layer.q_norm, eps, unit_offset=offset)
             k = ops.rms_norm(k.reshape(-1, d), layer.k_norm, eps, unit_offset=offset)
             q, k = q.view(n, c.num_heads, d), k.view(n, c.num_kv_heads, d)
+        ops.rotary_embedding(positions, q, k, cos_sin)
         return q, k, v
 
     def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -685,8 +695,7 @@ class Transformer:
             return masks[window]
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(x, self.layers[i])
-            ops.rotary_embedding(flat_pos, q, k, self.layer_cos_sin[i])
+            q, k, v = self._qkv(x, i, flat_pos)
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], flat_slots)
             qh = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, D]
             keys = self.k_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
@@ -757,8 +766,7 @@ class Transformer:
             return masks[window]
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._qkv(x, self.layers[i])  # q [B, Hq, D]; k, v [B, Hk, D]
-            ops.rotary_embedding(pos, q, k, self.layer_cos_sin[i])
+            q, k, v = self._qkv(x, i, pos)  # q [B, Hq, D]; k, v [B, Hk, D]
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], slots)
             window = c.window(i)
             if workspace is not None:

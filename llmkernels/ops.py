@@ -33,6 +33,8 @@ __all__ = [
     "fused_add_rms_norm",
     "rope_cos_sin_cache",
     "rotary_embedding",
+    "qk_norm_rotary",
+    "qk_norm_rotary_supported",
     "silu_and_mul",
     "gelu_tanh_and_mul",
     "int8_linear",
@@ -350,6 +352,17 @@ def rotary_embedding(
     (same dtype, last dim contiguous, tokens/heads may be strided); cos_sin_cache:
     ``[max_pos, rotary_dim]`` fp32 with rotary_dim even and <= D.
     """
+    _check_rotary_args(positions, q, k, cos_sin_cache)
+    if uses_kernel(q):
+        torch.ops.llmkernels.rotary_embedding(positions, q, k, cos_sin_cache, bool(is_neox))
+    elif _lean_cpu(q):
+        cpu.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    else:
+        ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+
+def _check_rotary_args(positions, q, k, cos_sin_cache) -> None:
+    """rotary_embedding's argument checks (also qk_norm_rotary's)."""
     _tensor(positions, "positions", (torch.int32, torch.int64), ndim=1)
     _tensor(q, "q", FLOAT_DTYPES, ndim=3)
     _tensor(k, "k", FLOAT_DTYPES, ndim=3)
@@ -381,12 +394,65 @@ def rotary_embedding(
                 f"positions must be in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache length), "
                 f"got range [{lo}, {hi}]"
             )
-    if uses_kernel(q):
-        torch.ops.llmkernels.rotary_embedding(positions, q, k, cos_sin_cache, bool(is_neox))
-    elif _lean_cpu(q):
-        cpu.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+
+QK_NORM_ROTARY_HEAD_DIMS = (64, 128, 256)  # the fused kernel's head sizes (one warp per head)
+
+
+def qk_norm_rotary_supported(q: torch.Tensor, cos_sin_cache: torch.Tensor) -> bool:
+    """Whether :func:`qk_norm_rotary` runs its fused CUDA kernel on these: CUDA q with head_dim
+    64, 128 or 256 and a rotary over the whole head (``cos_sin_cache [max_pos, D]``). Callers
+    (the engine) use the two-op path otherwise."""
+    return (
+        uses_kernel(q)
+        and q.dim() == 3
+        and q.shape[2] in QK_NORM_ROTARY_HEAD_DIMS
+        and cos_sin_cache.dim() == 2
+        and cos_sin_cache.shape[1] == q.shape[2]
+    )
+
+
+def qk_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
+) -> None:
+    """Per-head RMSNorm then NeoX rotary, in place (Qwen3 / Gemma 3 attention):
+    ``x = rms_norm(x) * w`` over each head's D channels (``w = q_weight`` for q, ``k_weight`` for
+    k; ``unit_offset``: ``* (1 + w)``), then ``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin``
+    on the halves, at each token's position.
+
+    positions: ``[T]`` int32/int64 in ``[0, max_pos)``; q: ``[T, Hq, D]``; k: ``[T, Hk, D]``
+    (same dtype, last dim contiguous, tokens/heads may be strided: views of a fused QKV output);
+    weights: ``[D]`` in q's dtype; cos_sin_cache: ``[max_pos, D]`` fp32.
+    """
+    _check_rotary_args(positions, q, k, cos_sin_cache)
+    head_dim = q.shape[2]
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        _tensor(w, name, (q.dtype,), ndim=1)
+        if w.shape[0] != head_dim or not w.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{head_dim}], got {tuple(w.shape)}")
+    _same_device(("q", q), ("q_weight", q_weight), ("k_weight", k_weight))
+    if cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(
+            f"cos_sin_cache must be [max_pos, {head_dim}] (rotary over the whole head), "
+            f"got {tuple(cos_sin_cache.shape)}"
+        )
+    eps = _eps(eps)
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        _no_overlap(("q", q), (name, w))
+        _no_overlap(("k", k), (name, w))
+    if qk_norm_rotary_supported(q, cos_sin_cache):
+        torch.ops.llmkernels.qk_norm_rotary(
+            positions, q, k, q_weight, k_weight, cos_sin_cache, eps, bool(unit_offset)
+        )
     else:
-        ref.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+        ref.qk_norm_rotary(positions, q, k, q_weight, k_weight, cos_sin_cache, eps, unit_offset)
 
 
 # ---- activation ---------------------------------------------------------------------------------------
@@ -870,6 +936,11 @@ def _register_python_impls() -> None:
     def cpu_kv_cache_append(k, v, k_cache, v_cache, slot_mapping):
         ref.kv_cache_append(k, v, k_cache, v_cache, slot_mapping)
 
+    def cpu_qk_norm_rotary(
+        positions, q, k, q_weight, k_weight, cos_sin_cache, eps, unit_offset=False
+    ):
+        ref.qk_norm_rotary(positions, q, k, q_weight, k_weight, cos_sin_cache, eps, unit_offset)
+
     def cpu_int8_linear(out, x, weight, scale):
         out.copy_(ref.int8_linear(x, weight, scale))
 
@@ -886,6 +957,7 @@ def _register_python_impls() -> None:
         "decode_attention": cpu_decode_attention,
         "sample": _sample_from_state,
         "int8_linear": cpu_int8_linear,
+        "qk_norm_rotary": cpu_qk_norm_rotary,
     }
     for name, fn in cpu_impls.items():
         torch.library.impl(f"llmkernels::{name}", "CPU")(fn)

@@ -24,6 +24,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin_cache",
     "rotary_embedding",
+    "qk_norm_rotary",
     "silu_and_mul",
     "gelu_tanh_and_mul",
     "int8_linear",
@@ -203,6 +204,28 @@ def rotary_embedding(
     for x in (q, k):
         c, s = cos.to(x.dtype), sin.to(x.dtype)
         x[..., :rot] = _rotate(x[..., :rot], c, s, is_neox)
+
+
+def qk_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    unit_offset: bool = False,
+) -> None:
+    """Per-head RMSNorm of q and k over D, then the NeoX rotary, in place (Qwen3, Gemma 3):
+    ``q = rotary(rms_norm(q, q_weight))``, ``k = rotary(rms_norm(k, k_weight))`` with
+    :func:`rms_norm` (``unit_offset``: Gemma's ``1 + w``) and :func:`rotary_embedding`.
+
+    positions: ``[T]`` int; q: ``[T, Hq, D]``; k: ``[T, Hk, D]``; weights: ``[D]``;
+    cos_sin_cache: ``[max_pos, D]`` fp32 (rotary over the whole head).
+    """
+    q.copy_(rms_norm(q, q_weight, eps, unit_offset))
+    k.copy_(rms_norm(k, k_weight, eps, unit_offset))
+    rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True)
 
 
 # ---- activation -------------------------------------------------------------------------------------

@@ -419,6 +419,119 @@ def test_direct_op_argument_checks(case):
         call(tensors)
 
 
+# ---- qk_norm_rotary (Qwen3, Gemma 3: per-head norm + rotary in one pass) --------------------------------
+def _split_qkv(qkv, num_q_heads, num_kv_heads, head_dim):
+    """q [T, Hq, D] and k [T, Hk, D]: strided views of a fused QKV output [T, (Hq + 2 Hk) D]."""
+    q_end, k_end = num_q_heads * head_dim, (num_q_heads + num_kv_heads) * head_dim
+    q = qkv[:, :q_end].view(-1, num_q_heads, head_dim)
+    return q, qkv[:, q_end:k_end].view(-1, num_kv_heads, head_dim)
+
+
+def _qk_views(tokens, num_q_heads, num_kv_heads, head_dim, dtype):
+    """A random fused QKV output and its q and k views."""
+    qkv = _randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    return (qkv, *_split_qkv(qkv, num_q_heads, num_kv_heads, head_dim))
+
+
+def _norm_weight(head_dim, dtype, unit_offset):
+    w = (
+        0.5 * torch.randn(head_dim, device="cuda")
+        if unit_offset
+        else 0.5 + torch.rand(head_dim, device="cuda")
+    )
+    return w.to(dtype)
+
+
+def _assert_head_close(got, expected, dtype):
+    """The norm's fp32 sum differs from the reference's in order only (see _assert_ulps), and the
+    rotary's products and difference carry that on: bound each head's error by its scale."""
+    scale = expected.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    rel = ((got.float() - expected.float()).abs() / scale).max().item()
+    limit = (
+        16 * torch.finfo(torch.float32).eps
+        if dtype == torch.float32
+        else 2 * torch.finfo(dtype).eps
+    )
+    assert rel <= limit, f"max error {rel:.3g} of a head's scale (limit {limit:.3g})"
+    if dtype != torch.float32:
+        assert (got == expected).float().mean().item() >= 0.95
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("tokens,num_q_heads,num_kv_heads", [(1, 16, 8), (5, 9, 3), (300, 32, 8)])
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama_norm", "gemma_norm"])
+def test_qk_norm_rotary_matches_reference(
+    unit_offset, tokens, num_q_heads, num_kv_heads, head_dim, dtype
+):
+    qkv, q, k = _qk_views(tokens, num_q_heads, num_kv_heads, head_dim, dtype)
+    v_before = qkv[:, (num_q_heads + num_kv_heads) * head_dim :].clone()
+    cache = _cos_sin_cache(512, head_dim)
+    positions = torch.randint(0, 512, (tokens,), device="cuda", dtype=torch.int32)
+    wq, wk = _norm_weight(head_dim, dtype, unit_offset), _norm_weight(head_dim, dtype, unit_offset)
+    assert lk.ops.qk_norm_rotary_supported(q, cache)
+    q_ref, k_ref = q.clone(), k.clone()
+    lk.qk_norm_rotary(positions, q, k, wq, wk, cache, EPS, unit_offset=unit_offset)
+    ref.qk_norm_rotary(positions, q_ref, k_ref, wq, wk, cache, EPS, unit_offset)
+    _assert_head_close(q, q_ref, dtype)
+    _assert_head_close(k, k_ref, dtype)
+    assert torch.equal(qkv[:, (num_q_heads + num_kv_heads) * head_dim :], v_before)  # v untouched
+
+
+def test_qk_norm_rotary_out_of_range_position_normalizes_without_rotating():
+    dtype, head_dim = torch.bfloat16, 128
+    _, q, k = _qk_views(3, 4, 2, head_dim, dtype)
+    cache = _cos_sin_cache(64, head_dim)
+    positions = torch.tensor([5, 64, -1], device="cuda")  # int64, two out of range
+    wq, wk = _norm_weight(head_dim, dtype, False), _norm_weight(head_dim, dtype, False)
+    q_in, k_in = q.clone(), k.clone()
+    torch.ops.llmkernels.qk_norm_rotary(positions, q, k, wq, wk, cache, EPS)  # raw op: no check
+    for t in (1, 2):
+        _assert_head_close(q[t], ref.rms_norm(q_in[t], wq, EPS), dtype)
+        _assert_head_close(k[t], ref.rms_norm(k_in[t], wk, EPS), dtype)
+
+
+def test_qk_norm_rotary_strided_positions_and_graph_replay():
+    dtype, head_dim, tokens = torch.float16, 128, 4
+    qkv, q, k = _qk_views(tokens, 16, 4, head_dim, dtype)
+    cache = _cos_sin_cache(256, head_dim)
+    positions = torch.randint(0, 256, (2 * tokens,), device="cuda")[::2]  # stride 2
+    wq, wk = _norm_weight(head_dim, dtype, False), _norm_weight(head_dim, dtype, False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        lk.qk_norm_rotary(positions, q, k, wq, wk, cache, EPS)  # warm-up off the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lk.qk_norm_rotary(positions, q, k, wq, wk, cache, EPS)
+    for _ in range(2):
+        fresh = _randn(*qkv.shape, dtype=dtype)
+        qkv.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        q_eager, k_eager = _split_qkv(fresh, 16, 4, head_dim)
+        assert not torch.equal(q, q_eager)  # the replay did write
+        lk.qk_norm_rotary(positions.contiguous(), q_eager, k_eager, wq, wk, cache, EPS)
+        assert torch.equal(q, q_eager) and torch.equal(k, k_eager)
+
+
+def test_qk_norm_rotary_raw_op_checks():
+    _, q, k = _qk_views(2, 4, 2, 96, torch.bfloat16)
+    w = torch.ones(96, device="cuda", dtype=torch.bfloat16)
+    positions = torch.zeros(2, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="head_dim must be 64, 128 or 256, got 96"):
+        torch.ops.llmkernels.qk_norm_rotary(positions, q, k, w, w, _cos_sin_cache(8, 96), EPS)
+    _, q, k = _qk_views(2, 4, 2, 64, torch.bfloat16)
+    w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"cos_sin_cache must be \[max_pos, 64\]"):
+        torch.ops.llmkernels.qk_norm_rotary(positions, q, k, w, w, _cos_sin_cache(8, 32), EPS)
+    with pytest.raises(RuntimeError, match="q_weight and k_weight must have q's dtype"):
+        torch.ops.llmkernels.qk_norm_rotary(
+            positions, q, k, w.float(), w, _cos_sin_cache(8, 64), EPS
+        )
+
+
 # ---- opcheck -----------------------------------------------------------------------------------------
 def _opcheck_cases():
     dtype = torch.bfloat16
@@ -439,6 +552,16 @@ def _opcheck_cases():
         "gelu_tanh_and_mul": (torch.zeros(5, 96, dtype=dtype, device="cuda"), wide[:, : 2 * 96]),
         "rms_norm_offset": (torch.zeros_like(x), x, w, 1e-6, True),
         "fused_add_rms_norm_offset": (x.clone(), _randn(5, 96, dtype=dtype), w, 1e-6, True),
+        "qk_norm_rotary": (
+            positions,
+            _randn(3, 8, 128, dtype=dtype)[..., :64].contiguous(),
+            _randn(3, 2, 64, dtype=dtype),
+            _weight(64, dtype),
+            _weight(64, dtype),
+            _cos_sin_cache(8, 64),
+            1e-6,
+            True,
+        ),
     }
 
 
@@ -453,6 +576,7 @@ def _opcheck_cases():
         "gelu_tanh_and_mul",
         "rms_norm_offset",
         "fused_add_rms_norm_offset",
+        "qk_norm_rotary",
     ],
 )
 def test_opcheck(case):

@@ -30,6 +30,18 @@ def op_samples():
             "rotary_embedding",
             (torch.tensor([4, 0, 31]), torch.randn(3, 4, 64), torch.randn(3, 2, 64), cache, True),
         ),
+        (
+            "qk_norm_rotary",
+            (
+                torch.tensor([4, 0, 31]),
+                torch.randn(3, 4, 64),
+                torch.randn(3, 2, 64),
+                torch.rand(64) + 0.5,
+                torch.rand(64) + 0.5,
+                cache,
+                1e-6,
+            ),
+        ),
         ("silu_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
         ("gelu_tanh_and_mul", (torch.empty(3, 16), torch.randn(3, 32))),
         (
@@ -247,6 +259,29 @@ def test_int8_linear_is_x_times_the_dequantized_weight(dtype):
     out = torch.empty(3, 40, dtype=dtype)
     assert lk.int8_linear(x, qw.qweight, qw.scales, out=out) is out and torch.equal(out, got)
     assert not lk.ops.int8_linear_supported(x, qw.qweight)  # CPU: the reference
+
+
+def test_qk_norm_rotary_on_cpu_is_the_reference_and_checks_arguments():
+    cache = lk.rope_cos_sin_cache({"hidden_size": 256, "num_attention_heads": 2}, max_position=32)
+    positions = torch.tensor([3, 0, 31])
+    qkv = torch.randn(3, (4 + 2 + 2) * 128)
+    q, k = qkv[:, : 4 * 128].view(3, 4, 128), qkv[:, 4 * 128 : 6 * 128].view(3, 2, 128)
+    wq, wk = torch.rand(128) + 0.5, torch.rand(128) + 0.5
+    q2, k2 = q.clone(), k.clone()
+    lk.qk_norm_rotary(positions, q, k, wq, wk, cache, 1e-6)  # in place on the strided views
+    ref.qk_norm_rotary(positions, q2, k2, wq, wk, cache, 1e-6)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    assert not lk.ops.qk_norm_rotary_supported(q, cache)  # CPU: the reference
+    with pytest.raises(ValueError, match=r"q_weight must be a contiguous \[128\]"):
+        lk.qk_norm_rotary(positions, q, k, wq[:64], wk, cache)
+    with pytest.raises(TypeError, match="k_weight must have dtype"):
+        lk.qk_norm_rotary(positions, q, k, wq, wk.half(), cache)
+    with pytest.raises(ValueError, match="rotary over the whole head"):
+        lk.qk_norm_rotary(positions, q, k, wq, wk, cache[:, :64].contiguous())
+    with pytest.raises(ValueError, match="positions must be in"):
+        lk.qk_norm_rotary(torch.tensor([3, 0, 32]), q, k, wq, wk, cache)
+    with pytest.raises(ValueError, match="eps"):
+        lk.qk_norm_rotary(positions, q, k, wq, wk, cache, eps=-1.0)
 
 
 def test_int8_linear_errors():

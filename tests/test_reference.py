@@ -152,6 +152,42 @@ def test_rotary_embedding_matches_apply_rotary_pos_emb(dtype, rope, heads, kv_he
     torch.testing.assert_close(k2, k_hf[0].transpose(0, 1), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_qk_norm_rotary_matches_transformers_attention_prologue(dtype, family):
+    """q_norm / k_norm then apply_rotary_pos_emb, as Qwen3Attention and Gemma3Attention run them
+    (Gemma: the norm's 1 + w in fp32)."""
+    if family == "qwen3":
+        from transformers.models.qwen3 import modeling_qwen3 as fam
+
+        norm_cls, rotate, unit_offset = fam.Qwen3RMSNorm, fam.apply_rotary_pos_emb, False
+    else:
+        from transformers.models.gemma3 import modeling_gemma3 as fam
+
+        norm_cls, rotate, unit_offset = fam.Gemma3RMSNorm, fam.apply_rotary_pos_emb, True
+    heads, kv_heads, head_dim, tokens = 8, 2, 128, 9
+    config = llama_config("default", head_dim=head_dim, heads=heads, kv_heads=kv_heads)
+    q_norm = norm_cls(head_dim, eps=1e-6).to(dtype)
+    k_norm = norm_cls(head_dim, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(head_dim) + 0.5)
+        k_norm.weight.copy_(torch.randn(head_dim) * 0.5)
+    positions = torch.randperm(4096)[:tokens]
+    q = (torch.randn(tokens, heads, head_dim) * 3).to(dtype)
+    k = (torch.randn(tokens, kv_heads, head_dim) * 3).to(dtype)
+    cos, sin = hf.LlamaRotaryEmbedding(config)(q, positions[None])  # [1, T, D] in q's dtype
+    with torch.no_grad():  # HF layout [B, H, T, D]
+        q_hf = q_norm(q.transpose(0, 1)[None])
+        k_hf = k_norm(k.transpose(0, 1)[None])
+        q_hf, k_hf = rotate(q_hf, k_hf, cos, sin)
+    cache = lk.rope_cos_sin_cache(config, max_position=4096)
+    q2, k2 = q.clone(), k.clone()
+    ref.qk_norm_rotary(positions, q2, k2, q_norm.weight, k_norm.weight, cache, 1e-6, unit_offset)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0, 0)
+    torch.testing.assert_close(q2, q_hf[0].transpose(0, 1), atol=atol, rtol=rtol)
+    torch.testing.assert_close(k2, k_hf[0].transpose(0, 1), atol=atol, rtol=rtol)
+
+
 def test_rotary_gptj_layout_rotates_adjacent_pairs():
     """Interleaved pairs (GPT-J) == NeoX halves after permuting channels (0,2,4,6 | 1,3,5,7)."""
     cache = lk.rope_cos_sin_cache({"hidden_size": 8, "num_attention_heads": 1}, max_position=16)

@@ -317,7 +317,9 @@ void qk_norm_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
               "qk_norm_rotary: cos_sin_cache must be [max_pos, ", lk_num(head_dim),
               "] (rotary over the whole head), got ", lk_shape(cos_sin_cache));
   LK_CHECK_CONTIGUOUS(cos_sin_cache);
-  // In place: overlapping heads/tokens would be normalized twice by racing warps.
+  // In place: overlapping heads/tokens would be normalized twice by racing warps. These checks
+  // see dense tensors only (ATen gives up on strided views, the engine's q/k of one QKV buffer,
+  // whose heads are disjoint by construction), as in rotary_embedding.
   at::assert_no_internal_overlap(q);
   at::assert_no_internal_overlap(k);
   at::assert_no_overlap(q, k);

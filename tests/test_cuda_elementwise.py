@@ -453,13 +453,16 @@ def _assert_head_close(got, expected, dtype):
         else 2 * torch.finfo(dtype).eps
     )
     assert rel <= limit, f"max error {rel:.3g} of a head's scale (limit {limit:.3g})"
-    if dtype != torch.float32:
-        assert (got == expected).float().mean().item() >= 0.95
+    if dtype != torch.float32:  # a sum-order flip of a 16-bit rounding is rare (~1e-4)
+        assert (got == expected).float().mean().item() >= 0.99
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("tokens,num_q_heads,num_kv_heads", [(1, 16, 8), (5, 9, 3), (300, 32, 8)])
+# 11 and 7 heads leave the last block of 4 warps part-filled
+@pytest.mark.parametrize(
+    "tokens,num_q_heads,num_kv_heads", [(1, 16, 8), (5, 9, 2), (3, 5, 2), (300, 32, 8)]
+)
 @pytest.mark.parametrize("unit_offset", [False, True], ids=["llama_norm", "gemma_norm"])
 def test_qk_norm_rotary_matches_reference(
     unit_offset, tokens, num_q_heads, num_kv_heads, head_dim, dtype

@@ -29,6 +29,16 @@ struct PosTag {
   using type = T;
 };
 
+// Calls f(PosTag<int32_t>{}) or f(PosTag<int64_t>{}) for positions' index type (checked before).
+template <typename F>
+void with_position_type(const at::Tensor& positions, F&& f) {
+  if (positions.scalar_type() == at::kInt) {
+    f(PosTag<int32_t>{});
+  } else {
+    f(PosTag<int64_t>{});
+  }
+}
+
 // Round an fp32 value to T and back (identity for fp32).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
@@ -120,6 +130,28 @@ __global__ void rotary_kernel(const PosT* __restrict__ positions,  // [T], strid
   }
 }
 
+// The checks rotary_embedding and qk_norm_rotary share: positions [T] int32/int64; q [T, Hq, D] and
+// k [T, Hk, D] of one dtype, last dim contiguous. In place: overlapping heads or tokens would be
+// rewritten by racing threads. ATen's overlap checks see dense tensors only: they give up on
+// strided views such as the engine's q and k of one QKV buffer (disjoint by construction).
+void check_positions_q_k(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", lk_shape(positions));
+  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
+              "positions must be int32 or int64, got ", positions.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", lk_shape(q),
+              " and ", lk_shape(k));
+  const int64_t tokens = positions.size(0), head_dim = q.size(2);
+  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
+  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", lk_num(head_dim), ", got ",
+              lk_num(k.size(2)));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
+  TORCH_CHECK(head_dim <= 1 || (q.stride(2) == 1 && k.stride(2) == 1),
+              "q and k must have a contiguous last dimension");
+}
+
 bool ptr_ok(const at::Tensor& t) { return t.numel() == 0 || is_16b_aligned(t.data_ptr()); }
 // A dimension of size <= 1 is never stepped over, so its stride does not matter.
 bool stride_ok(const at::Tensor& t, int dim, int v) {
@@ -135,21 +167,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   LK_CHECK_SAME_DEVICE(q, k);
   LK_CHECK_SAME_DEVICE(q, positions);
   LK_CHECK_SAME_DEVICE(q, cos_sin_cache);
-  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", lk_shape(positions));
-  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
-              "positions must be int32 or int64, got ", positions.scalar_type());
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", lk_shape(q),
-              " and ", lk_shape(k));
+  check_positions_q_k(positions, q, k);
   const int64_t tokens = positions.size(0), head_dim = q.size(2);
-  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
-  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", lk_num(head_dim), ", got ", lk_num(k.size(2)));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
-  // In place: overlapping heads/tokens would be rotated twice by racing threads.
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
-  TORCH_CHECK(head_dim <= 1 || (q.stride(2) == 1 && k.stride(2) == 1),
-              "q and k must have a contiguous last dimension");
   LK_CHECK_DTYPE(cos_sin_cache, at::kFloat);
   TORCH_CHECK(cos_sin_cache.dim() == 2, "cos_sin_cache must be 2-D [max_pos, rot]");
   LK_CHECK_CONTIGUOUS(cos_sin_cache);
@@ -207,11 +226,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
         with_layout(pos_tag, std::integral_constant<int, 1>{});
       }
     };
-    if (positions.scalar_type() == at::kInt) {
-      with_vec(PosTag<int32_t>{});
-    } else {
-      with_vec(PosTag<int64_t>{});
-    }
+    with_position_type(positions, with_vec);
   });
 }
 
@@ -292,20 +307,10 @@ void qk_norm_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
     TORCH_CHECK(t->is_cuda(), "qk_norm_rotary: every tensor must be a CUDA tensor");
     TORCH_CHECK(t->device() == q.device(), "qk_norm_rotary: every tensor must be on q's device");
   }
-  TORCH_CHECK(positions.dim() == 1, "positions must be 1-D [T], got ", lk_shape(positions));
-  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
-              "positions must be int32 or int64, got ", positions.scalar_type());
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be 3-D [T, H, D], got ", lk_shape(q),
-              " and ", lk_shape(k));
+  check_positions_q_k(positions, q, k);
   const int64_t tokens = positions.size(0), head_dim = q.size(2);
-  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens, "positions, q and k must agree on T");
   TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
               "qk_norm_rotary: head_dim must be 64, 128 or 256, got ", lk_num(head_dim));
-  TORCH_CHECK(k.size(2) == head_dim, "k must have q's head dim ", lk_num(head_dim), ", got ",
-              lk_num(k.size(2)));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
-              "q and k must have a contiguous last dimension");
   for (const at::Tensor* w : std::initializer_list<const at::Tensor*>{&q_weight, &k_weight}) {
     TORCH_CHECK(w->scalar_type() == q.scalar_type(), "q_weight and k_weight must have q's dtype");
     TORCH_CHECK(w->dim() == 1 && w->size(0) == head_dim, "q_weight and k_weight must be [",
@@ -317,12 +322,6 @@ void qk_norm_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
               "qk_norm_rotary: cos_sin_cache must be [max_pos, ", lk_num(head_dim),
               "] (rotary over the whole head), got ", lk_shape(cos_sin_cache));
   LK_CHECK_CONTIGUOUS(cos_sin_cache);
-  // In place: overlapping heads/tokens would be normalized twice by racing warps. These checks
-  // see dense tensors only (ATen gives up on strided views, the engine's q/k of one QKV buffer,
-  // whose heads are disjoint by construction), as in rotary_embedding.
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k}) {
     at::assert_no_overlap(*t, q_weight);
     at::assert_no_overlap(*t, k_weight);
@@ -359,11 +358,7 @@ void qk_norm_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
         launch(pos_tag, std::integral_constant<int, 4>{});
       }
     };
-    if (positions.scalar_type() == at::kInt) {
-      with_dim(PosTag<int32_t>{});
-    } else {
-      with_dim(PosTag<int64_t>{});
-    }
+    with_position_type(positions, with_dim);
   });
 }
 

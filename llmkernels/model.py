@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .quant import QuantizedWeight
+from .quant import PROJECTIONS, QuantizedWeight
 from .reference import rope_parameters
 
 __all__ = ["ModelConfig", "Transformer", "linear", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
@@ -270,8 +270,9 @@ CPU_GEMV_MAX_ROWS = 4
 _BLOCKED_GEMV_FASTER: dict[tuple, bool] = {}
 
 
-# The projections the engine stores input-major on CPU in fp32 (see input_major_projections).
-INPUT_MAJOR_PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down")
+# The projections the engine stores input-major on CPU in fp32 (see input_major_projections):
+# all of each layer's, the ones quantization replaces too.
+INPUT_MAJOR_PROJECTIONS = PROJECTIONS
 
 
 def input_major_projections(

@@ -35,6 +35,7 @@ __all__ = [
     "GGUF_INT4_BLOCKS",
     "MODES",
     "INT4_GROUP_SIZES",
+    "PROJECTIONS",
 ]
 
 MODES = ("int8", "int4")
@@ -237,6 +238,9 @@ def int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     ).packed_now()
 
 
+# Each layer's projection weights, by the engine's (fused) names: what gets quantized.
+PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down")
+
 # GGUF block formats that are int4 groups of 32 as they stand: bytes per block of 32 weights.
 GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}
 
@@ -287,8 +291,7 @@ def quantize_model_weights(
     flips greedy picks; when quantized, a tied model gets a quantized copy of its embedding."""
     check_packed_ops()
     out = dict(weights)
-    layer_weights = ("wqkv", "wo", "w_gate_up", "w_down")
-    for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in layer_weights]:
+    for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in PROJECTIONS]:
         w = weights[name]
         if isinstance(w, QuantizedWeight):  # already quantized (e.g. mapped from a GGUF's blocks)
             if (w.mode, w.group_size) != (mode, group_size if mode == "int4" else w.group_size):

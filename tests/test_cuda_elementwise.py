@@ -420,17 +420,11 @@ def test_direct_op_argument_checks(case):
 
 
 # ---- qk_norm_rotary (Qwen3, Gemma 3: per-head norm + rotary in one pass) --------------------------------
-def _split_qkv(qkv, num_q_heads, num_kv_heads, head_dim):
-    """q [T, Hq, D] and k [T, Hk, D]: strided views of a fused QKV output [T, (Hq + 2 Hk) D]."""
-    q_end, k_end = num_q_heads * head_dim, (num_q_heads + num_kv_heads) * head_dim
-    q = qkv[:, :q_end].view(-1, num_q_heads, head_dim)
-    return q, qkv[:, q_end:k_end].view(-1, num_kv_heads, head_dim)
-
-
 def _qk_views(tokens, num_q_heads, num_kv_heads, head_dim, dtype):
-    """A random fused QKV output and its q and k views."""
-    qkv = _randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
-    return (qkv, *_split_qkv(qkv, num_q_heads, num_kv_heads, head_dim))
+    """A random fused QKV output [T, (Hq + 2 Hk) D], its q and k views, and the function that
+    takes those views of a buffer list (``_qk``'s "fused_qkv" layout)."""
+    bufs, views = _qk(tokens, num_q_heads, num_kv_heads, head_dim, dtype, "fused_qkv")
+    return (bufs[0], *views(bufs), views)
 
 
 def _norm_weight(head_dim, dtype, unit_offset):
@@ -467,7 +461,7 @@ def _assert_head_close(got, expected, dtype):
 def test_qk_norm_rotary_matches_reference(
     unit_offset, tokens, num_q_heads, num_kv_heads, head_dim, dtype
 ):
-    qkv, q, k = _qk_views(tokens, num_q_heads, num_kv_heads, head_dim, dtype)
+    qkv, q, k, _ = _qk_views(tokens, num_q_heads, num_kv_heads, head_dim, dtype)
     v_before = qkv[:, (num_q_heads + num_kv_heads) * head_dim :].clone()
     cache = _cos_sin_cache(512, head_dim)
     positions = torch.randint(0, 512, (tokens,), device="cuda", dtype=torch.int32)
@@ -483,7 +477,7 @@ def test_qk_norm_rotary_matches_reference(
 
 def test_qk_norm_rotary_out_of_range_position_normalizes_without_rotating():
     dtype, head_dim = torch.bfloat16, 128
-    _, q, k = _qk_views(3, 4, 2, head_dim, dtype)
+    _, q, k, _ = _qk_views(3, 4, 2, head_dim, dtype)
     cache = _cos_sin_cache(64, head_dim)
     positions = torch.tensor([5, 64, -1], device="cuda")  # int64, two out of range
     wq, wk = _norm_weight(head_dim, dtype, False), _norm_weight(head_dim, dtype, False)
@@ -496,7 +490,7 @@ def test_qk_norm_rotary_out_of_range_position_normalizes_without_rotating():
 
 def test_qk_norm_rotary_strided_positions_and_graph_replay():
     dtype, head_dim, tokens = torch.float16, 128, 4
-    qkv, q, k = _qk_views(tokens, 16, 4, head_dim, dtype)
+    qkv, q, k, views = _qk_views(tokens, 16, 4, head_dim, dtype)
     cache = _cos_sin_cache(256, head_dim)
     positions = torch.randint(0, 256, (2 * tokens,), device="cuda")[::2]  # stride 2
     wq, wk = _norm_weight(head_dim, dtype, False), _norm_weight(head_dim, dtype, False)
@@ -513,19 +507,19 @@ def test_qk_norm_rotary_strided_positions_and_graph_replay():
         qkv.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
-        q_eager, k_eager = _split_qkv(fresh, 16, 4, head_dim)
+        q_eager, k_eager = views([fresh])
         assert not torch.equal(q, q_eager)  # the replay did write
         lk.qk_norm_rotary(positions.contiguous(), q_eager, k_eager, wq, wk, cache, EPS)
         assert torch.equal(q, q_eager) and torch.equal(k, k_eager)
 
 
 def test_qk_norm_rotary_raw_op_checks():
-    _, q, k = _qk_views(2, 4, 2, 96, torch.bfloat16)
+    _, q, k, _ = _qk_views(2, 4, 2, 96, torch.bfloat16)
     w = torch.ones(96, device="cuda", dtype=torch.bfloat16)
     positions = torch.zeros(2, dtype=torch.int64, device="cuda")
     with pytest.raises(RuntimeError, match="head_dim must be 64, 128 or 256, got 96"):
         torch.ops.llmkernels.qk_norm_rotary(positions, q, k, w, w, _cos_sin_cache(8, 96), EPS)
-    _, q, k = _qk_views(2, 4, 2, 64, torch.bfloat16)
+    _, q, k, _ = _qk_views(2, 4, 2, 64, torch.bfloat16)
     w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"cos_sin_cache must be \[max_pos, 64\]"):
         torch.ops.llmkernels.qk_norm_rotary(positions, q, k, w, w, _cos_sin_cache(8, 32), EPS)

@@ -116,6 +116,7 @@ def _load_engine(args):
         quantize=args.quantize,
         group_size=args.group_size,
         tensor_parallel=tensor_parallel,
+        compile_decode=getattr(args, "compile", False),
     )
     weights = f", weights {args.quantize}" if args.quantize else ""
     shards = ""
@@ -405,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="shard the model over the ranks of `torchrun --nproc-per-node N -m llmkernels.cli`",
         )
         if sampling:
+            p.add_argument(
+                "--compile",
+                action="store_true",
+                help="CPU: compile the decode step with torch.compile (faster steps after a "
+                "first step that compiles for minutes)",
+            )
             p.add_argument("--max-new-tokens", type=_positive_int, default=128)
             p.add_argument(
                 "--temperature", type=_non_negative_float, default=None, help="0 = greedy"

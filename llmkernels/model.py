@@ -738,28 +738,38 @@ class Transformer:
             self._workspaces[batch] = ops.decode_attention_workspace(q, self.k_cache[0])
         return self._workspaces[batch]
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, key_len: int | None = None) -> torch.Tensor:
         """One token per cache row ``0..B-1`` at position ``cache_lens[b]``; advances
         ``cache_lens[:B]`` by one on the device (no host sync; CUDA-graph capturable).
 
-        tokens ``[B]`` int64. Returns logits ``[B, V]`` in the model dtype.
+        tokens ``[B]`` int64; key_len: cache slots the attention may read, ``>= cache_lens[b] + 1``
+        for every row (None: the whole row). Returns logits ``[B, V]`` in the model dtype.
+
+        Under ``torch.compile`` (:class:`llmkernels.Engine` with ``compile=True``) the step is one
+        graph of fixed-shape ops: the ops trace their references, the cache write is
+        :meth:`_store_decode_kv`, and attention is a masked SDPA over the first ``key_len`` slots
+        (the decode-attention reference reads the lengths on the host).
         """
         c, cap = self.config, self.max_seq_len
         batch = tokens.shape[0]
+        span = cap if key_len is None else min(int(key_len), cap)  # slots attention may read
+        compiling = torch.compiler.is_compiling()
         lens = self.cache_lens[:batch]  # [B] int32, tokens already stored
         pos = lens.long()  # [B] the new token's position (= its slot in its row)
         # A full row (never reached: generate checks lengths first) writes nothing and clamps.
-        slots = torch.where(pos < cap, self.row_base[:batch] + pos, -1)  # [B]
+        stored = pos < cap  # [B]
+        slots = torch.where(stored, self.row_base[:batch] + pos, -1)  # [B]
         pos = pos.clamp(max=cap - 1)
         lens.add_(1).clamp_(max=cap)  # now counts the new token: the seq_lens attention needs
-        workspace = self.workspace(batch) if self.decode_kernel else None
+        workspace = self.workspace(batch) if self.decode_kernel and not compiling else None
         masks: dict[int | None, torch.Tensor] = {}
 
         def mask_for(window: int | None) -> torch.Tensor:
-            """[B, 1, 1, S] bool: SDPA over the whole row, masked by length (and window); only
-            built when the decode kernel does not serve this dtype / head size."""
+            """[B, 1, 1, span] bool: SDPA over the row's first ``span`` slots, masked by length
+            (and window); only built when the decode kernel does not serve this dtype / head
+            size, or under torch.compile."""
             if window not in masks:
-                slot = torch.arange(cap, device=self.device)[None, :]  # [1, S]
+                slot = torch.arange(span, device=self.device)[None, :]  # [1, span]
                 visible = slot < lens[:, None]
                 if window is not None:
                     visible &= slot >= lens[:, None] - window
@@ -768,7 +778,10 @@ class Transformer:
 
         def attend(i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self._qkv(x, i, pos)  # q [B, Hq, D]; k, v [B, Hk, D]
-            ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], slots)
+            if compiling:
+                self._store_decode_kv(i, k, v, pos, stored)
+            else:
+                ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], slots)
             window = c.window(i)
             if workspace is not None:
                 out = ops.decode_attention(
@@ -783,8 +796,8 @@ class Transformer:
             else:
                 out = attention(
                     q.unsqueeze(2),
-                    self.k_cache[i, :batch],
-                    self.v_cache[i, :batch],
+                    self.k_cache[i, :batch, :, :span],
+                    self.v_cache[i, :batch, :, :span],
                     mask_for(window),
                     scale=self.attn_scale,
                 ).squeeze(2)  # [B, Hq, D]
@@ -792,3 +805,20 @@ class Transformer:
 
         x = self._run_layers(tokens, attend)  # [B, hidden]
         return self._logits(x)  # [B, V]
+
+    def _store_decode_kv(
+        self, i: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, stored: torch.Tensor
+    ) -> None:
+        """Layer i's new K/V ``[B, Hk, D]`` into slot ``pos[b]`` of cache row b where
+        ``stored[b]``: :func:`llmkernels.kv_cache_append` for decode's slots (one per row, so
+        distinct), as one in-place ``index_put_`` of fixed shape per cache, indexing the whole
+        cache tensor (written through a layer's view, torch.compile copies the layer's cache
+        around the write); the op's CPU paths read the slots on the host."""
+        batch, num_kv_heads = k.shape[0], k.shape[1]
+        layer = torch.full((1, 1), i, device=k.device)  # [1, 1]
+        rows = torch.arange(batch, device=k.device)[:, None]  # [B, 1]
+        heads = torch.arange(num_kv_heads, device=k.device)[None, :]  # [1, Hk]
+        index = (layer, rows, heads, pos[:, None])  # -> [B, Hk] vectors of [L, max_B, Hk, S, D]
+        keep = stored[:, None, None]  # [B, 1, 1]
+        for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+            cache.index_put_(index, torch.where(keep, new.to(cache.dtype), cache[index]))

@@ -222,6 +222,8 @@ def _no_overlap(*named: tuple[str, torch.Tensor], full_ok: bool = False) -> None
 
 
 def _eps(eps) -> float:
+    if torch.compiler.is_compiling():  # a symbolic float under dynamic shapes: checked eagerly
+        return eps
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     return float(eps)
@@ -387,7 +389,8 @@ def _check_rotary_args(positions, q, k, cos_sin_cache) -> None:
     _no_overlap(("q", q), ("k", k))
     if not cos_sin_cache.is_contiguous():
         raise ValueError("cos_sin_cache must be contiguous")
-    if not positions.is_cuda and num_tokens:  # checkable without a device sync
+    # checkable without a device sync (and outside torch.compile, which cannot read values)
+    if not positions.is_cuda and num_tokens and not torch.compiler.is_compiling():
         lo, hi = map(int, torch.aminmax(positions))
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(

@@ -115,6 +115,30 @@ def test_generate_raw_completion(capsys):
 
 
 @needs_model
+def test_generate_compile_flag_compiles_the_decode_step(capsys, monkeypatch):
+    """--compile reaches Engine(compile_decode=True), whose steps go through torch.compile (here a
+    stand-in that records the call and returns the function: the compiled step itself is
+    tested in test_compiled_decode.py) and print the eager run's text."""
+    from llmkernels import generate
+
+    compiled = []
+
+    def record(fn, **kwargs):
+        compiled.append((fn, kwargs))
+        return fn
+
+    argv = ("generate", "1+1=", "--raw", "--max-new-tokens", "6", "--device", "cpu")
+    code, eager_out, err = run_cli(capsys, *argv, "--temperature", "0")
+    assert code == 0, err
+    monkeypatch.setattr(generate.torch, "compile", record)
+    code, out, err = run_cli(capsys, *argv, "--temperature", "0", "--compile")
+    assert code == 0, err
+    assert out == eager_out
+    [(fn, kwargs)] = compiled
+    assert fn.__name__ == "decode" and kwargs["fullgraph"] and kwargs["dynamic"]
+
+
+@needs_model
 def test_generate_with_speculation_prints_the_same_text(capsys):
     prompt = "Repeat exactly: the red fox ran past the old mill. The red fox ran past the old mill."
     common = ["generate", prompt, "--max-new-tokens", "24", "--device", "cpu", "--temperature", "0"]

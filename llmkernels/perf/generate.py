@@ -9,6 +9,8 @@ Contenders (all on the same randomly initialized model, fixed seed, or real weig
   hf-patched          HF generate after lk.patch(model)
   lk-eager            our Engine, decode step run eagerly
   lk-graph            our Engine, decode step replayed as a CUDA graph (CUDA only)
+  lk-compile          our Engine, decode step compiled by torch.compile (CPU only; never by
+                      default: its first step compiles for minutes, in warmup_s)
   lk-int8, lk-int4    our Engine with weight-only int8 / int4 weights (by default only with
                       --model on CPU; on CUDA with graphs); GB/s counts the quantized bytes read
   llama.cpp           llama-cpp-python on the embedded model's own GGUF file (CPU, batch 1; by
@@ -146,9 +148,9 @@ DEFAULT_CONTENDERS = (
     "lk-eager",
     "lk-graph",
 )
-ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-int8", "lk-int4", "llama.cpp")
+ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-compile", "lk-int8", "lk-int4", "llama.cpp")
 CUDA_ONLY = {"hf-static-compile", "lk-graph"}
-CPU_ONLY = {"llama.cpp"}
+CPU_ONLY = {"llama.cpp", "lk-compile"}
 RESULT_COLUMNS = [
     "config",
     "contender",
@@ -304,6 +306,7 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
         max_seq_len=max_seq,
         use_cuda_graph=name in ("lk-graph", "lk-int8", "lk-int4"),
         quantize=quantize,
+        compile_decode=name == "lk-compile",
     )
 
     def run(input_ids, new_tokens):

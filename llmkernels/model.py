@@ -323,10 +323,10 @@ def linear(
         return y if bias is None else y.add_(bias)
     rows = x.shape[0]
     if (
-        x.device.type != "cpu"
+        torch.compiler.is_compiling()  # first: a test of the row count would guard on it
+        or x.device.type != "cpu"
         or rows > CPU_GEMV_MAX_ROWS
         or not weight.is_contiguous()
-        or torch.compiler.is_compiling()
     ):
         return F.linear(x, weight, bias)
     blocks = math.gcd(weight.shape[0], 4 * torch.get_num_threads())  # a few per thread
@@ -745,7 +745,7 @@ class Transformer:
         tokens ``[B]`` int64; key_len: cache slots the attention may read, ``>= cache_lens[b] + 1``
         for every row (None: the whole row). Returns logits ``[B, V]`` in the model dtype.
 
-        Under ``torch.compile`` (:class:`llmkernels.Engine` with ``compile=True``) the step is one
+        Under ``torch.compile`` (:class:`llmkernels.Engine` with ``compile_decode=True``) the step is one
         graph of fixed-shape ops: the ops trace their references, the cache write is
         :meth:`_store_decode_kv`, and attention is a masked SDPA over the first ``key_len`` slots
         (the decode-attention reference reads the lengths on the host).

@@ -222,7 +222,7 @@ def _no_overlap(*named: tuple[str, torch.Tensor], full_ok: bool = False) -> None
 
 
 def _eps(eps) -> float:
-    if torch.compiler.is_compiling():  # a symbolic float under dynamic shapes: checked eagerly
+    if torch.compiler.is_compiling():  # may be a symbolic float (dynamic shapes): not checkable
         return eps
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")

@@ -19,7 +19,7 @@ from llmkernels import ops
 NEW = 12
 
 
-def _engines(hf_model, max_batch: int = 3):
+def _engines(hf_model, max_batch: int = 9):
     eager = lk.Engine.from_hf(hf_model, max_batch_size=max_batch, max_seq_len=64)
     compiled = lk.Engine.from_hf(
         hf_model, max_batch_size=max_batch, max_seq_len=64, compile_decode=True
@@ -61,18 +61,23 @@ def test_greedy_ragged_batch_equals_eager_engine_and_hf(model_and_engines):
 
 
 def test_decode_logits_equal_eager_at_every_batch_size(model_and_engines):
-    """One compilation serves batch 1 to 3 and growing caches; logits within fp32 rounding."""
+    """Logits within fp32 rounding at batch 1, 3, 9 and 2; a growing cache never recompiles (the
+    attended length is a dynamic size), nor does batch 2 after 3. Three graphs: dynamo
+    specializes batch 1 and inductor's CPU code guards on batch <= 4 (before linear() tested
+    its row count after is_compiling(), that guard was ours too)."""
     _, eager, compiled = model_and_engines
-    for batch in (1, 3, 2):
+    for batch in (1, 3, 9, 2):
         ids = families.prompts(batch, 7, seed=batch)
         with torch.inference_mode():
             for engine in (eager, compiled):
                 engine.model.set_cache_lens([0] * batch)
                 engine.logits(ids)
             tokens = ids[:, -1].clone()
-            for _ in range(4):
+            for step in range(4):
                 want = eager._decode(tokens)
-                got = compiled._decode(tokens)
+                may_compile = step == 0 and batch != 2
+                with torch._dynamo.config.patch(error_on_recompile=not may_compile):
+                    got = compiled._decode(tokens)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
                 assert torch.equal(compiled.model.cache_lens, eager.model.cache_lens)
                 tokens = want.argmax(-1)

@@ -722,10 +722,11 @@ class Engine:
     def decode_step(self, batch_size: int = 1, do_sample: bool = False) -> Callable[[], None]:
         """The one-token decode step of cache rows ``0..batch_size-1`` as a callable, for timing
         the hot path: a CUDA-graph replay (captured on first use) when ``use_cuda_graph`` and the
-        engine is on CUDA, else the eager step. Each call feeds the last tokens, samples the next
-        ones (greedy, or with the sampling settings of the last generate call) and advances the
-        cache lengths on the device; past ``max_seq_len`` it keeps attending over the full cache
-        and stores nothing. Fill the cache first, e.g. with :meth:`logits` on a prompt.
+        engine is on CUDA, else the eager step (the compiled one with ``compile_decode``). Each
+        call feeds the last tokens, samples the next ones (greedy, or with the sampling settings
+        of the last generate call) and advances the cache lengths on the device; past
+        ``max_seq_len`` it keeps attending over the full cache and stores nothing. Fill the cache
+        first, e.g. with :meth:`logits` on a prompt.
         """
         if not 1 <= batch_size <= self.max_batch_size:
             raise ValueError(f"batch_size must be in [1, {self.max_batch_size}], got {batch_size}")

@@ -63,8 +63,8 @@ def test_greedy_ragged_batch_equals_eager_engine_and_hf(model_and_engines):
 def test_decode_logits_equal_eager_at_every_batch_size(model_and_engines):
     """Logits within fp32 rounding at batch 1, 3, 9 and 2; a growing cache never recompiles (the
     attended length is a dynamic size), nor does batch 2 after 3. Three graphs: dynamo
-    specializes batch 1 and inductor's CPU code guards on batch <= 4 (before linear() tested
-    its row count after is_compiling(), that guard was ours too)."""
+    specializes batch 1, and the compiled graph is guarded on batch <= 4 by torch's own
+    compilation (it stays after linear() stopped testing its row count while compiling)."""
     _, eager, compiled = model_and_engines
     for batch in (1, 3, 9, 2):
         ids = families.prompts(batch, 7, seed=batch)

@@ -745,8 +745,8 @@ class Transformer:
         tokens ``[B]`` int64; key_len: cache slots the attention may read, ``>= cache_lens[b] + 1``
         for every row (None: the whole row). Returns logits ``[B, V]`` in the model dtype.
 
-        Under ``torch.compile`` (:class:`llmkernels.Engine` with ``compile_decode=True``) the step is one
-        graph of fixed-shape ops: the ops trace their references, the cache write is
+        Under ``torch.compile`` (:class:`llmkernels.Engine` with ``compile_decode=True``) the
+        step is one graph of fixed-shape ops: the ops trace their references, the cache write is
         :meth:`_store_decode_kv`, and attention is a masked SDPA over the first ``key_len`` slots
         (the decode-attention reference reads the lengths on the host).
         """

@@ -1,6 +1,6 @@
 """The CPU decode step compiled by torch.compile (``Engine(compile_decode=True)``) against the eager
-engine and transformers: one whole graph (fullgraph: a graph break fails), dynamic shapes (one
-compilation for every batch size and cache length), the same tokens and logits.
+engine and transformers: one whole graph (fullgraph: a graph break fails), dynamic shapes (no
+recompilation as the cache grows; three graphs over batch sizes), the same tokens and logits.
 
 Each compilation of a tiny model takes tens of seconds on a 2-core host, so each family's tests
 share one engine per module.

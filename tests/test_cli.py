@@ -139,6 +139,14 @@ def test_generate_compile_flag_compiles_the_decode_step(capsys, monkeypatch):
 
 
 @needs_model
+def test_generate_int4_with_quantized_lm_head(capsys):
+    argv = ("generate", "1+1=", "--raw", "--max-new-tokens", "4", "--device", "cpu")
+    code, out, err = run_cli(capsys, *argv, "--quantize", "int4", "--quantize-lm-head")
+    assert code == 0, err
+    assert "weights int4, LM head int8" in err and out.strip()
+
+
+@needs_model
 def test_generate_with_speculation_prints_the_same_text(capsys):
     prompt = "Repeat exactly: the red fox ran past the old mill. The red fox ran past the old mill."
     common = ["generate", prompt, "--max-new-tokens", "24", "--device", "cpu", "--temperature", "0"]
@@ -265,6 +273,7 @@ def test_llama_cpp_contender_prefills_every_call_and_returns_prompt_plus_new(mon
         (["generate", "hi", "--device", "cuda"], "no CUDA GPU is visible"),
         (["generate", "hi", "--model", "/nonexistent/model/folder", "--device", "cpu"], "error:"),
         (["generate", "hi", "--device", "tpu9"], "error:"),
+        (["generate", "hi", "--quantize-lm-head"], "--quantize-lm-head needs --quantize"),
         (["bench", "--config", "tiny", "--model", "default", "--device", "cpu"], "not both"),
         (["bench", "--model", "/nonexistent/model/folder", "--device", "cpu"], "model folder"),
     ],

@@ -15,6 +15,7 @@ import torch
 
 import llmkernels as lk
 from llmkernels import ops
+from llmkernels.quant import QuantizedWeight
 
 NEW = 12
 
@@ -118,11 +119,15 @@ def test_compile_decode_refused_off_cpu_or_across_ranks():
         lk.Engine(model, compile_decode=True)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_weights_compile_to_the_eager_tokens(quantize):
-    """PyTorch's packed weight-only kernels trace into the compiled step (extern calls)."""
+@pytest.mark.parametrize("quantize, quantize_lm_head", [("int8", False), ("int4", True)])
+def test_quantized_weights_compile_to_the_eager_tokens(quantize, quantize_lm_head):
+    """PyTorch's packed weight-only kernels trace into the compiled step (extern calls), for the
+    projections and the LM head (int8 with int4 projections: the fastest CPU mode)."""
     hf_model = families.variant("qwen2", intermediate_size=128)  # int4: in_features % 32 == 0
-    eager, compiled = _engines(hf_model, max_batch=2, quantize=quantize)
+    eager, compiled = _engines(
+        hf_model, max_batch=2, quantize=quantize, quantize_lm_head=quantize_lm_head
+    )
+    assert isinstance(compiled.model.lm_head, QuantizedWeight) == quantize_lm_head
     ids = families.prompts(2, 8, seed=3)
     expected = eager.generate(ids, max_new_tokens=8, do_sample=False)
     out = compiled.generate(ids, max_new_tokens=8, do_sample=False)

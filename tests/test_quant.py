@@ -86,7 +86,7 @@ def test_bad_arguments(args, message):
 
 
 # ---- the quantized engine ----------------------------------------------------------------------------
-def _tiny_hf():
+def _tiny_hf(tie_word_embeddings: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -97,7 +97,7 @@ def _tiny_hf():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -142,7 +142,8 @@ def test_quantized_engine_equals_exact_engine_on_dequantized_weights(mode):
     assert quantized.logits(out[:, :19])[:, -1].argmax(-1).item() == out[0, 19].item()
 
 
-def test_lm_head_quantized_on_request():
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_lm_head_quantized_on_request(mode):
     hf = _tiny_hf()
     from llmkernels.loading import fuse_hf_weights
     from llmkernels.model import ModelConfig
@@ -150,9 +151,49 @@ def test_lm_head_quantized_on_request():
     config = ModelConfig.from_hf(hf.config)
     state = hf.state_dict()
     weights = fuse_hf_weights(state.keys(), state.__getitem__, config)
-    q = quant.quantize_model_weights(weights, 2, True, "int8", lm_head=True)
-    assert isinstance(q["lm_head"], quant.QuantizedWeight) and q["lm_head"].shape == (300, 256)
+    q = quant.quantize_model_weights(weights, 2, True, mode, lm_head=True)
+    head = q["lm_head"]  # int8 per output channel whatever the projections' mode
+    assert isinstance(head, quant.QuantizedWeight) and (head.mode, head.shape) == (
+        "int8",
+        (300, 256),
+    )
+    assert torch.equal(
+        head.dequantize(), quant.quantize_weight(weights["embed"], "int8").dequantize()
+    )
     assert q["embed"] is weights["embed"] and "lm_head" not in weights
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_engine_with_quantized_lm_head_equals_exact_engine_on_dequantized_weights(mode):
+    """quantize_lm_head: the engine computes the model whose projections and LM head are their
+    dequantized weights (an untied model, so the embedding stays exact), up to bf16 activations
+    and logits; the decode steps agree with the engine's own full forward."""
+    import copy
+
+    import llmkernels as lk
+
+    hf = _tiny_hf(tie_word_embeddings=False)
+    quantized = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode, quantize_lm_head=True)
+    head = quantized.model.lm_head
+    assert isinstance(head, quant.QuantizedWeight) and head.mode == "int8"
+    assert torch.equal(quantized.model.embed, hf.model.embed_tokens.weight)  # kept exact
+    dequantized = copy.deepcopy(hf)
+    with torch.no_grad():
+        for module in [*dequantized.model.layers.modules(), dequantized.lm_head]:
+            if isinstance(module, torch.nn.Linear):
+                mode_here = "int8" if module is dequantized.lm_head else mode
+                module.weight.copy_(kernel_view(quant.quantize_weight(module.weight, mode_here)))
+    exact = lk.Engine.from_hf(dequantized, max_seq_len=96)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    expected, actual = exact.logits(ids), quantized.logits(ids)
+    assert (actual - expected).norm() / expected.norm() < 0.02
+    assert (expected.argmax(-1) == actual.argmax(-1)).float().mean() >= 0.95
+    head_only = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode)  # the head makes a difference
+    assert (head_only.logits(ids) - actual).abs().max() > 1e-3
+    out = quantized.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
+    assert quantized.logits(out[:, :19])[:, -1].argmax(-1).item() == out[0, 19].item()
+    with pytest.raises(ValueError, match="quantize_lm_head needs quantize"):
+        lk.Engine.from_hf(hf, max_seq_len=96, quantize_lm_head=True)
 
 
 # ---- int4 straight from a GGUF's 4-bit blocks ---------------------------------------------------------

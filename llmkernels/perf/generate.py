@@ -13,6 +13,9 @@ Contenders (all on the same randomly initialized model, fixed seed, or real weig
                       default: its first step compiles for minutes, in warmup_s)
   lk-int8, lk-int4    our Engine with weight-only int8 / int4 weights (by default only with
                       --model on CPU; on CUDA with graphs); GB/s counts the quantized bytes read
+  lk-int4-compile     int4 projections, an int8 LM head (quantize_lm_head: llama.cpp quantizes
+                      its head too) and the compiled decode step: the fastest CPU mode (CPU only;
+                      never by default, like lk-compile)
   llama.cpp           llama-cpp-python on the embedded model's own GGUF file (CPU, batch 1; by
                       default with --model on CPU when llama_cpp is importable; never a
                       dependency); GB/s counts the file's bytes
@@ -148,9 +151,15 @@ DEFAULT_CONTENDERS = (
     "lk-eager",
     "lk-graph",
 )
-ALL_CONTENDERS = DEFAULT_CONTENDERS + ("lk-compile", "lk-int8", "lk-int4", "llama.cpp")
+ALL_CONTENDERS = DEFAULT_CONTENDERS + (
+    "lk-compile",
+    "lk-int8",
+    "lk-int4",
+    "lk-int4-compile",
+    "llama.cpp",
+)
 CUDA_ONLY = {"hf-static-compile", "lk-graph"}
-CPU_ONLY = {"llama.cpp", "lk-compile"}
+CPU_ONLY = {"llama.cpp", "lk-compile", "lk-int4-compile"}
 RESULT_COLUMNS = [
     "config",
     "contender",
@@ -299,14 +308,15 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
 
         return run, done
 
-    quantize = {"lk-int8": "int8", "lk-int4": "int4"}.get(name)
+    quantize = {"lk-int8": "int8", "lk-int4": "int4", "lk-int4-compile": "int4"}.get(name)
     engine = lk.Engine.from_hf(
         model,
         max_batch_size=max_batch,
         max_seq_len=max_seq,
         use_cuda_graph=name in ("lk-graph", "lk-int8", "lk-int4"),
         quantize=quantize,
-        compile_decode=name == "lk-compile",
+        compile_decode=name in ("lk-compile", "lk-int4-compile"),
+        quantize_lm_head=name == "lk-int4-compile",
     )
 
     def run(input_ids, new_tokens):

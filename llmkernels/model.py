@@ -541,6 +541,27 @@ class Transformer:
         self.decode_kernel = self._decode_attention_supported()
 
     # ---- bookkeeping --------------------------------------------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the model holds: weights (a quantized one's codes, scales and kernel
+        layouts), caches, lengths and tables; the shapes of all of them are fixed."""
+        found: dict[int, torch.Tensor] = {}
+
+        def visit(value) -> None:
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), value)
+                if value._base is not None:  # a view's storage owner (the norms share one)
+                    visit(value._base)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, (Layer, QuantizedWeight)):
+                for item in vars(value).values():
+                    visit(item)
+
+        for value in vars(self).values():
+            visit(value)
+        return list(found.values())
+
     def weight_tensors(self) -> list[torch.Tensor]:
         """Every weight tensor the model reads (the tied lm_head counted once when shared;
         a quantized weight as its codes, scales and zeros)."""

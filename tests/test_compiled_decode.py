@@ -133,3 +133,20 @@ def test_quantized_weights_compile_to_the_eager_tokens(quantize, quantize_lm_hea
     out = compiled.generate(ids, max_new_tokens=8, do_sample=False)
     assert compiled._compiled_decode is not None
     assert torch.equal(out, expected)
+
+
+def test_state_tensors_cover_everything_the_compiled_step_reads():
+    """Engine._decode marks these static before compiling, so dynamo specializes on their
+    shapes instead of re-checking symbolic size relations before every step."""
+    hf_model = families.variant("qwen3-window", intermediate_size=128)  # q/k norms, windows
+    model = lk.Engine.from_hf(
+        hf_model, max_seq_len=32, quantize="int4", quantize_lm_head=True
+    ).model
+    found = {id(t) for t in model.state_tensors()}
+    layer = model.layers[0]
+    expected = [model.embed, model.norm, model.k_cache, model.v_cache, model.cache_lens]
+    expected += [model.row_base, model.cos_sin, model.lm_head.packed, model.lm_head.kernel_scales]
+    expected += [layer.wqkv.packed, layer.wqkv.scale_and_zero, layer.q_norm, layer.attn_norm]
+    expected += [t._base for t in expected if t._base is not None]
+    assert all(id(t) in found for t in expected)
+    assert len(found) == len(model.state_tensors())  # each once

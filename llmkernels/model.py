@@ -685,12 +685,14 @@ class Transformer:
         key_len: int,
         causal: bool = False,
         logits_index: torch.Tensor | None = None,
+        first_row: int = 0,
     ) -> torch.Tensor:
-        """Forward ``B`` rows of ``T`` tokens into cache rows ``0..B-1`` and return logits.
+        """Forward ``B`` rows of ``T`` tokens into cache rows ``first_row..first_row+B-1`` and
+        return logits.
 
         tokens ``[B, T]`` int64 (pads may hold any valid id); positions ``[B, T]`` int64 (the
         token's position = its cache slot in its row; pads: 0); slots ``[B, T]`` int64 flat slots
-        ``b * max_seq_len + position`` (pads: -1); key_len: cache slots attended (``>`` every
+        ``(first_row + b) * max_seq_len + position`` (pads: -1); key_len: cache slots attended (``>`` every
         position). Key slot j is visible to a query at position p iff ``j <= p``; ``causal=True``
         says this is plain causal attention over ``key_len == T`` (no padding, empty cache).
         logits_index: flat ``[M]`` indices into the ``B * T`` tokens whose logits are wanted (all
@@ -720,8 +722,9 @@ class Transformer:
             q, k, v = self._qkv(x, i, flat_pos)
             ops.kv_cache_append(k, v, self.k_cache[i], self.v_cache[i], flat_slots)
             qh = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-            keys = self.k_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
-            values = self.v_cache[i, :batch, :, :key_len]  # [B, Hk, L, D]
+            rows = slice(first_row, first_row + batch)
+            keys = self.k_cache[i, rows, :, :key_len]  # [B, Hk, L, D]
+            values = self.v_cache[i, rows, :, :key_len]  # [B, Hk, L, D]
             mask = mask_for(c.window(i))
             causal_only = causal and mask is None
             out = attention(qh, keys, values, mask, causal_only, self.attn_scale)  # [B, Hq, T, D]

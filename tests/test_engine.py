@@ -206,6 +206,37 @@ def test_ragged_batch_equals_rows_alone(hf_gqa, eng_gqa):
     torch.testing.assert_close(inferred, batched, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows_per_group", [1, 2])
+def test_cpu_prefill_in_row_groups_equals_one_batch(hf_gqa, eng_gqa, monkeypatch, rows_per_group):
+    """On CPU, prefill runs rows in groups of CPU_PREFILL_CHUNK_TOKENS padded tokens: with groups
+    of 1 and 2 rows (3 rows: the last group is short), a ragged batch gives HF's tokens and the
+    one-group logits; the groups' cache rows are their own."""
+    from llmkernels import generate
+
+    lengths, width = [9, 4, 6], 9
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = prompts(1, n, seed=20 + i)[0]
+        mask[i, width - n :] = 1
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    one_group = eng_gqa.generate(ids, attention_mask=mask, **kw)
+    one_group_logits = eng_gqa.logits(ids, attention_mask=mask)
+    monkeypatch.setattr(generate, "CPU_PREFILL_CHUNK_TOKENS", rows_per_group * width)
+    calls = []
+    prefill = eng_gqa.model.prefill
+    monkeypatch.setattr(
+        eng_gqa.model, "prefill", lambda *a, **k: calls.append(k["first_row"]) or prefill(*a, **k)
+    )
+    grouped = eng_gqa.generate(ids, attention_mask=mask, **kw)
+    assert calls == list(range(0, 3, rows_per_group))
+    torch.testing.assert_close(grouped, one_group, rtol=0, atol=0)
+    torch.testing.assert_close(grouped, hf_generate(hf_gqa, ids, attention_mask=mask, **kw))
+    logits = eng_gqa.logits(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], one_group_logits[real], rtol=1e-5, atol=1e-5)
+
+
 def test_eos_stops_rows_and_pads(hf_gqa, eng_gqa):
     ids = prompts(2, 6, seed=5)
     free = hf_generate(hf_gqa, ids, max_new_tokens=12, do_sample=False, eos_token_id=None)

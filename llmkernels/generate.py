@@ -576,9 +576,10 @@ class Engine:
         logits ``[B, T, V]`` (all_logits) or of each row's last real token ``[B, V]``.
 
         On CPU the rows go through in groups of at most ``CPU_PREFILL_CHUNK_TOKENS`` padded
-        tokens (at least one row): activations that big stay in cache, and a batch-8 prompt of
-        1024 tokens prefilled 19% faster in groups of 2048 tokens than whole (8.6 vs 10.6 s on a
-        2-core host; batch 32 x 128: 3.65 vs 4.67 s)."""
+        tokens (at least one row), each group's activations a fraction of the whole batch's: a
+        batch-8 prompt of 1024 tokens prefilled 19% faster in groups of 2048 tokens than whole
+        (8.6 vs 10.6 s on a 2-core host; batch 32 x 128: 3.65 vs 4.67 s; groups of 1024 tokens
+        were no faster than 2048)."""
         m = self.model
         batch, seq = ids.shape
         per_chunk = batch

@@ -109,33 +109,45 @@ def _tiny_hf(tie_word_embeddings: bool = True):
     return model
 
 
+@pytest.mark.parametrize("quantize_lm_head", [False, True])
 @pytest.mark.parametrize("mode", quant.MODES)
-def test_quantized_engine_equals_exact_engine_on_dequantized_weights(mode):
-    """The quantized engine computes the model whose projections are the dequantized weights, up
-    to bf16 activations: compared with the exact engine run on those dequantized weights."""
+def test_quantized_engine_equals_exact_engine_on_dequantized_weights(mode, quantize_lm_head):
+    """The quantized engine computes the model whose projections (and with quantize_lm_head its
+    LM head, int8 whatever the mode) are the dequantized weights, up to bf16 activations (and
+    logits): compared with the exact engine run on those dequantized weights. The head case
+    uses an untied model, so the embedding stays exact."""
     import copy
 
     import llmkernels as lk
 
-    hf = _tiny_hf()
-    quantized = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode)
-    layer = quantized.model.layers[0]
+    hf = _tiny_hf(tie_word_embeddings=not quantize_lm_head)
+    quantized = lk.Engine.from_hf(
+        hf, max_seq_len=96, quantize=mode, quantize_lm_head=quantize_lm_head
+    )
+    layer, head = quantized.model.layers[0], quantized.model.lm_head
     assert isinstance(layer.wqkv, quant.QuantizedWeight) and layer.wqkv.mode == mode
-    assert quantized.model.lm_head is quantized.model.embed  # kept exact (fp32 logits)
+    if quantize_lm_head:
+        assert isinstance(head, quant.QuantizedWeight) and head.mode == "int8"
+        assert torch.equal(quantized.model.embed, hf.model.embed_tokens.weight)  # kept exact
+    else:
+        assert head is quantized.model.embed  # kept exact (fp32 logits)
     dequantized = copy.deepcopy(hf)  # rows are quantized alone: per module = fused
+    modules = [*dequantized.model.layers.modules()]
+    modules += [dequantized.lm_head] if quantize_lm_head else []
     with torch.no_grad():
-        for module in dequantized.model.layers.modules():
+        for module in modules:
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(kernel_view(quant.quantize_weight(module.weight, mode)))
+                module_mode = "int8" if module is dequantized.lm_head else mode
+                module.weight.copy_(kernel_view(quant.quantize_weight(module.weight, module_mode)))
     exact = lk.Engine.from_hf(dequantized, max_seq_len=96)
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
     expected, actual = exact.logits(ids), quantized.logits(ids)
     # bf16 activations and outputs: 2^-9 relative per element at each of the 4 GEMMs a layer
     assert (actual - expected).norm() / expected.norm() < 0.02
     assert (expected.argmax(-1) == actual.argmax(-1)).float().mean() >= 0.95
-    assert (
-        exact.logits(ids) - lk.Engine.from_hf(hf, max_seq_len=96).logits(ids)
-    ).abs().max() > 0.01
+    # the last thing quantized makes a difference (the head; else the projections)
+    without = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode if quantize_lm_head else None)
+    assert (without.logits(ids) - actual).abs().max() > 1e-3
     out = quantized.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 20) and int(out.max()) < 300
     # the cached decode steps agree with the engine's own full forward
@@ -161,39 +173,10 @@ def test_lm_head_quantized_on_request(mode):
         head.dequantize(), quant.quantize_weight(weights["embed"], "int8").dequantize()
     )
     assert q["embed"] is weights["embed"] and "lm_head" not in weights
-
-
-@pytest.mark.parametrize("mode", quant.MODES)
-def test_engine_with_quantized_lm_head_equals_exact_engine_on_dequantized_weights(mode):
-    """quantize_lm_head: the engine computes the model whose projections and LM head are their
-    dequantized weights (an untied model, so the embedding stays exact), up to bf16 activations
-    and logits; the decode steps agree with the engine's own full forward."""
-    import copy
-
     import llmkernels as lk
 
-    hf = _tiny_hf(tie_word_embeddings=False)
-    quantized = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode, quantize_lm_head=True)
-    head = quantized.model.lm_head
-    assert isinstance(head, quant.QuantizedWeight) and head.mode == "int8"
-    assert torch.equal(quantized.model.embed, hf.model.embed_tokens.weight)  # kept exact
-    dequantized = copy.deepcopy(hf)
-    with torch.no_grad():
-        for module in [*dequantized.model.layers.modules(), dequantized.lm_head]:
-            if isinstance(module, torch.nn.Linear):
-                mode_here = "int8" if module is dequantized.lm_head else mode
-                module.weight.copy_(kernel_view(quant.quantize_weight(module.weight, mode_here)))
-    exact = lk.Engine.from_hf(dequantized, max_seq_len=96)
-    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
-    expected, actual = exact.logits(ids), quantized.logits(ids)
-    assert (actual - expected).norm() / expected.norm() < 0.02
-    assert (expected.argmax(-1) == actual.argmax(-1)).float().mean() >= 0.95
-    head_only = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode)  # the head makes a difference
-    assert (head_only.logits(ids) - actual).abs().max() > 1e-3
-    out = quantized.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
-    assert quantized.logits(out[:, :19])[:, -1].argmax(-1).item() == out[0, 19].item()
     with pytest.raises(ValueError, match="quantize_lm_head needs quantize"):
-        lk.Engine.from_hf(hf, max_seq_len=96, quantize_lm_head=True)
+        lk.Engine.from_hf(hf, quantize_lm_head=True)  # the head alone is not offered
 
 
 # ---- int4 straight from a GGUF's 4-bit blocks ---------------------------------------------------------

@@ -264,7 +264,11 @@ def _torchrun(*argv: str, stdin: str | None = None) -> subprocess.CompletedProce
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(WORLD), "-m", "llmkernels.cli"]
     cmd += list(argv)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
+    if done.returncode:  # keep what the ranks wrote: torchrun's own report follows it
+        cut = done.stderr.find("distributed/elastic/")
+        done.stderr = done.stderr[:cut] if cut > 0 else done.stderr
+    return done
 
 
 def _tiny_chat_model(folder: Path, tokenizer, seed: int = 0) -> None:

@@ -481,25 +481,15 @@ COMMANDS = {
 }
 
 
-def _leave_process_group() -> None:
-    """After a tensor-parallel command, every rank leaves together. A rank exiting while its
-    peer still tears down gloo connections can abort the peer: a rank died of SIGABRT once
-    after a successful `generate --tensor-parallel` under torch 2.13, as the bench's ranks did
-    before they left together."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download at run time
     try:
         code = COMMANDS[args.command](args) or 0
-        _leave_process_group()  # only on success: a rank that failed alone would hang the rest
+        from .parallel import leave_torchrun_group
+
+        leave_torchrun_group()  # only on success: a rank that failed alone would hang the rest
         return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

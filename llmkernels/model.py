@@ -693,8 +693,9 @@ class Transformer:
         tokens ``[B, T]`` int64 (pads may hold any valid id); positions ``[B, T]`` int64 (the
         token's position = its cache slot in its row; pads: 0); slots ``[B, T]`` int64 flat slots
         ``(first_row + b) * max_seq_len + position`` (pads: -1); key_len: cache slots attended
-        (``>`` every position). Key slot j is visible to a query at position p iff ``j <= p``; ``causal=True``
-        says this is plain causal attention over ``key_len == T`` (no padding, empty cache).
+        (``>`` every position). Key slot j is visible to a query at position p iff ``j <= p``;
+        ``causal=True`` says this is plain causal attention over ``key_len == T`` (no padding,
+        empty cache).
         logits_index: flat ``[M]`` indices into the ``B * T`` tokens whose logits are wanted (all
         when None). Returns ``[M, V]`` (or ``[B * T, V]``) in the model dtype.
         """

@@ -91,6 +91,19 @@ def join_torchrun_group(device: torch.device, timeout_minutes: float = 2.0) -> N
     )
 
 
+def leave_torchrun_group() -> None:
+    """Every rank leaves the process group together (a barrier, then teardown); nothing when no
+    group is joined. A rank exiting while its peer still tears down gloo connections can abort
+    the peer: seen in the tensor-parallel bench, and once (SIGABRT, torch 2.13) after a
+    successful `generate --tensor-parallel`. Call it only when every rank got here: a rank that
+    failed alone would leave the others waiting at the barrier."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard_config(config: ModelConfig, world_size: int) -> ModelConfig:
     """The per-rank architecture: heads and MLP width divided by ``world_size``. Raises
     ``ValueError`` naming both numbers when one does not divide."""

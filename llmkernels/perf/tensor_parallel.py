@@ -124,8 +124,5 @@ def run(args) -> int:
         timing.write_results("tensor_parallel", rows, out_dir)
         print(timing.markdown_table(rows), end="")
         print(f"wrote {out_dir}/tensor_parallel.json and tensor_parallel.md")
-    # every rank leaves together: one tearing its connections down while rank 0 still writes the
-    # results could abort the other's gloo threads
-    dist.barrier()
-    dist.destroy_process_group()
+    parallel.leave_torchrun_group()  # rank 0 wrote the results while the others waited
     return 0

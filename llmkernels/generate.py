@@ -34,7 +34,13 @@ from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int
 from .model import ModelConfig, Transformer, input_major_projections
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .quant import quantize_model_weights
-from .speculative import MAX_SPECULATIVE_TOKENS, DraftModel, PromptLookup, accept
+from .speculative import (
+    MAX_SPECULATIVE_TOKENS,
+    PROMPT_LOOKUP_MAX_NGRAM,
+    DraftModel,
+    PromptLookup,
+    accept,
+)
 
 __all__ = ["Engine", "ChatSession", "GenerationParams", "DEFAULT_MAX_SEQ_LEN"]
 
@@ -122,7 +128,7 @@ class GenerationParams:
     eos_token_ids: list[int]
     pad_token_id: int | None
     prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
-    max_matching_ngram_size: int = 2  # prompt lookup: longest n-gram matched
+    max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
     num_assistant_tokens: int = 20  # draft model: guesses in the first round
     num_assistant_tokens_schedule: str = "heuristic"  # constant | heuristic | heuristic_transient
 
@@ -241,7 +247,7 @@ def resolve_generation_params(
     speculative = {}
     for name, default in (
         ("prompt_lookup_num_tokens", 0),
-        ("max_matching_ngram_size", 2),
+        ("max_matching_ngram_size", PROMPT_LOOKUP_MAX_NGRAM),  # transformers: 2
         ("num_assistant_tokens", 20),
     ):
         value = eff.get(name)
@@ -849,7 +855,7 @@ class Engine:
         torch's default generator when None, so ``torch.manual_seed`` also makes runs repeatable).
 
         Speculative decoding (:mod:`llmkernels.speculative`), same output: ``prompt_lookup_num_tokens=K``
-        (guesses from the prompt and output so far; ``max_matching_ngram_size``, default 2) or
+        (guesses from the prompt and output so far; ``max_matching_ngram_size``, default 3) or
         ``assistant_model=`` a draft :class:`Engine` or HF model with the same vocabulary
         (``num_assistant_tokens``, default 20, adapted per ``num_assistant_tokens_schedule``,
         default "heuristic"). Greedy output equals plain greedy decoding; sampled tokens have the

@@ -45,6 +45,39 @@ def test_prompt_lookup_matches_transformers_candidate_generator():
     assert checked == 300 and 100 < found < 300  # both outcomes exercised
 
 
+def test_engine_rule_takes_the_latest_match_of_at_least_two_tokens():
+    """The engine's proposer (PromptLookup): the latest earlier occurrence of the last n tokens,
+    n = max_ngram .. 2, against the rule written out by brute force."""
+    from llmkernels.speculative import PROMPT_LOOKUP_MIN_NGRAM, PromptLookup
+
+    def spec(tokens, k, max_ngram, min_ngram):
+        for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+            tail = tokens[len(tokens) - n :]
+            starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tail]
+            if starts:
+                return tokens[max(starts) + n :][:k]
+        return []
+
+    assert PROMPT_LOOKUP_MIN_NGRAM == 2
+    text = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
+    assert prompt_lookup(text, 3, 3, 2, latest=True) == [4, 7, 1]  # the later "1 2"
+    assert prompt_lookup(text, 3) == [3, 9, 1]  # transformers': the earliest
+    assert prompt_lookup([5, 8, 6, 5], 2, 3, 2, latest=True) == []  # one token never matches
+    assert prompt_lookup([5, 8, 6, 5], 2) == [8, 6]
+    gen = torch.Generator().manual_seed(1)
+    found = 0
+    for trial in range(300):
+        ids = torch.randint(0, 4, (int(torch.randint(2, 40, (1,), generator=gen)),), generator=gen)
+        k, max_ngram = 1 + trial % 6, 1 + trial % 4
+        lookup = PromptLookup(k, max_ngram)
+        lookup.start([ids.tolist()], None, None)
+        proposal = lookup.propose([ids.tolist()], [k], torch.device("cpu"))
+        ours = proposal.drafts[0, : proposal.lengths[0]].tolist()
+        assert ours == spec(ids.tolist(), k, max_ngram, min(2, max_ngram)), (ids.tolist(), k)
+        found += bool(ours)
+    assert 100 < found < 300
+
+
 # ---- greedy: identical to plain greedy ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["qwen3", "mistral-window", "qwen2"])
 @pytest.mark.parametrize("how", ["lookup", "draft", "self-draft"])
@@ -257,7 +290,8 @@ def test_speculative_sampling_on_a_tiny_model_matches_its_distribution():
         max_seq_len=32,
     )
     eng = lk.Engine.from_hf(target, max_batch_size=rows, max_seq_len=32)
-    # every token occurs in the prompt: prompt lookup always has a guess after token 1
+    # every token occurs in the prompt: prompt lookup on single tokens always has a guess after
+    # token 1 (max_matching_ngram_size=1; the default rule needs two tokens to match)
     prompt = torch.tensor([list(range(vocab)) + [5, 9, 5]])
     t1 = torch.arange(vocab).repeat_interleave(vocab)  # all (t1, t2) pairs
     t2 = torch.arange(vocab).repeat(vocab)
@@ -268,7 +302,10 @@ def test_speculative_sampling_on_a_tiny_model_matches_its_distribution():
         two = torch.cat([prompt.expand(vocab * vocab, -1), t1[:, None], t2[:, None]], 1)
         p3 = torch.softmax(target(two).logits[:, -1].double(), -1).view(vocab, vocab, vocab)
     joint = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # p(t2, t3)
-    for kw in (dict(assistant_model=draft), dict(prompt_lookup_num_tokens=3)):
+    for kw in (
+        dict(assistant_model=draft),
+        dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1),
+    ):
         draws, proposed = [], 0
         for call in range(calls):
             out = eng.generate(

@@ -855,7 +855,9 @@ class Engine:
         torch's default generator when None, so ``torch.manual_seed`` also makes runs repeatable).
 
         Speculative decoding (:mod:`llmkernels.speculative`), same output: ``prompt_lookup_num_tokens=K``
-        (guesses from the prompt and output so far; ``max_matching_ngram_size``, default 3) or
+        (guesses from the prompt and output so far: what followed the latest earlier occurrence
+        of the last ``max_matching_ngram_size`` (default 3) down to 2 tokens, see
+        :mod:`llmkernels.speculative`) or
         ``assistant_model=`` a draft :class:`Engine` or HF model with the same vocabulary
         (``num_assistant_tokens``, default 20, adapted per ``num_assistant_tokens_schedule``,
         default "heuristic"). Greedy output equals plain greedy decoding; sampled tokens have the

@@ -177,9 +177,10 @@ class Proposal:
 class PromptLookup:
     """Guesses from the row's own text (prompt and output so far), up to ``num_tokens`` per
     round: the continuation of the latest earlier occurrence of its last ``max_ngram`` .. 2
-    tokens (:func:`prompt_lookup`). Each row's length adapts like the draft model's heuristic schedule (+2 after a round
-    with every guess kept, -1 otherwise, between 1 and ``num_tokens``): open-ended text, where
-    guesses rarely hold, then verifies 2 tokens per step instead of ``num_tokens + 1``."""
+    tokens (:func:`prompt_lookup`). Each row's length adapts like the draft model's heuristic
+    schedule (+2 after a round with every guess kept, -1 otherwise, between 1 and
+    ``num_tokens``): open-ended text, where guesses rarely hold, then verifies 2 tokens per step
+    instead of ``num_tokens + 1``."""
 
     def __init__(self, num_tokens: int, max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM):
         self.num_tokens, self.max_ngram = int(num_tokens), int(max_ngram)

@@ -145,9 +145,10 @@ def test_quantized_engine_equals_exact_engine_on_dequantized_weights(mode, quant
     # bf16 activations and outputs: 2^-9 relative per element at each of the 4 GEMMs a layer
     assert (actual - expected).norm() / expected.norm() < 0.02
     assert (expected.argmax(-1) == actual.argmax(-1)).float().mean() >= 0.95
-    # the last thing quantized makes a difference (the head; else the projections)
+    # the last thing quantized makes a difference (the head; else the projections), by the
+    # bounds the two tests this one merged had
     without = lk.Engine.from_hf(hf, max_seq_len=96, quantize=mode if quantize_lm_head else None)
-    assert (without.logits(ids) - actual).abs().max() > 1e-3
+    assert (without.logits(ids) - actual).abs().max() > (1e-3 if quantize_lm_head else 0.01)
     out = quantized.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 20) and int(out.max()) < 300
     # the cached decode steps agree with the engine's own full forward

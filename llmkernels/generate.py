@@ -31,7 +31,7 @@ import torch
 
 from . import ops
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
-from .model import ModelConfig, Transformer, input_major_projections
+from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .quant import quantize_model_weights
 from .speculative import (
@@ -413,7 +413,7 @@ class Engine:
                 weights = shard_weights(weights, config, tp.rank, tp.world_size)
             config = shard_config(config, tp.world_size)
         weights = cls._quantized(weights, config, *quantization)
-        weights = input_major_projections(weights, config.num_layers)  # CPU fp32 only
+        weights = input_major_weights(weights, config.num_layers)  # CPU fp32 only
         return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
 
     @classmethod
@@ -439,10 +439,10 @@ class Engine:
         is ``layers * ((Hq + 2 Hk) D + 2 I) * hidden`` elements (``extra_weight_bytes``), plus
         the KV cache (``model.cache_bytes``). SmolLM2-135M (134.5 M params, 30 layers): 69.7 M
         extra elements, +52% of the weights (139 MB in bf16); a Llama-3-8B shape needs +57%.
-        On CPU in fp32 the O / down projections are input-major copies too
-        (:func:`~llmkernels.model.input_major_projections`: faster GEMMs at 2-32 rows),
-        SmolLM2-135M +79%. Later in-place changes to the HF weights that were copied are not
-        seen by the engine.
+        On CPU in fp32 the O / down projections and the LM head (a tied model's embedding) are
+        input-major copies too (:func:`~llmkernels.model.input_major_weights`: faster GEMMs at
+        2-32 rows), SmolLM2-135M +100%. Later in-place changes to the HF weights that were copied
+        are not seen by the engine.
         """
         config = ModelConfig.from_hf(hf_model.config)
         state = hf_model.state_dict()

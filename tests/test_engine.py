@@ -552,17 +552,19 @@ def test_config_json_rope_scaling(scaling):
 
 
 def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
-    """The engine shares the embedding (and the tied lm_head) and norms with HF. The fused QKV and
-    gate/up weights are copies, and on CPU in fp32 so are the O and down projections (stored
-    input-major); extra_weight_bytes counts exactly those."""
+    """The engine shares the (untied) embedding and the norms with HF. The fused QKV and gate/up
+    weights are copies, and on CPU in fp32 so are the O and down projections and the LM head
+    (stored input-major); extra_weight_bytes counts exactly those."""
     c = eng_gqa.config
     assert eng_gqa.device.type == "cpu" and eng_gqa.dtype == torch.float32
+    assert not c.tie_word_embeddings
     per_layer = c.qkv_size * c.hidden_size + 2 * c.intermediate_size * c.hidden_size
     per_layer += c.hidden_size * c.num_heads * c.head_dim + c.hidden_size * c.intermediate_size
-    assert eng_gqa.extra_weight_bytes == c.num_layers * per_layer * 4
+    head = c.vocab_size * c.hidden_size
+    assert eng_gqa.extra_weight_bytes == (c.num_layers * per_layer + head) * 4
     hf_layer = hf_gqa.model.layers[0]
     assert eng_gqa.model.embed.data_ptr() == hf_gqa.model.embed_tokens.weight.data_ptr()
-    assert eng_gqa.model.lm_head.data_ptr() == hf_gqa.lm_head.weight.data_ptr()
+    assert torch.equal(eng_gqa.model.lm_head, hf_gqa.lm_head.weight)
     assert (
         eng_gqa.model.layers[0].attn_norm.data_ptr() == hf_layer.input_layernorm.weight.data_ptr()
     )
@@ -571,36 +573,52 @@ def test_from_hf_shares_weights_and_reports_extra_memory(hf_gqa, eng_gqa):
     assert torch.equal(layer.w_down, hf_layer.mlp.down_proj.weight)
 
 
-def test_cpu_fp32_projections_are_input_major_and_give_the_same_logits(hf_gqa, eng_gqa):
-    """On CPU in fp32 the four projections are stored input-major (the transpose of a contiguous
-    [in, out] matrix, see model.input_major_projections); other dtypes and the embedding keep
-    their layout. Logits match the row-major model to float rounding."""
-    from llmkernels.model import INPUT_MAJOR_PROJECTIONS, Transformer, input_major_projections
+def _is_input_major(w: torch.Tensor) -> bool:
+    return w.t().is_contiguous() and not w.is_contiguous()
 
-    for layer in eng_gqa.model.layers:
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_fp32_weights_are_input_major_and_give_the_same_logits(tied):
+    """On CPU in fp32 the four projections and the LM head are stored input-major (the transpose
+    of a contiguous [in, out] matrix, see model.input_major_weights): an untied model's
+    embedding keeps its rows, a tied one's is the LM head and is re-laid out with it. Other
+    dtypes and quantized weights keep their layout. Logits match the row-major model to float
+    rounding, from a prefill (the embedding lookup) and a verify forward of several tokens."""
+    from llmkernels.loading import fuse_hf_weights
+    from llmkernels.model import INPUT_MAJOR_PROJECTIONS, Transformer, input_major_weights
+    from llmkernels.quant import QuantizedWeight, quantize_weight
+
+    hf = make_hf(tiny_config(**VARIANTS["tied" if tied else "gqa"]))
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=32)
+    for layer in eng.model.layers:
         for name in INPUT_MAJOR_PROJECTIONS:
-            w = getattr(layer, name)
-            assert w.t().is_contiguous() and not w.is_contiguous(), name
-    assert eng_gqa.model.embed.is_contiguous()
+            assert _is_input_major(getattr(layer, name)), name
+    assert _is_input_major(eng.model.lm_head)
+    assert (eng.model.lm_head is eng.model.embed) == tied
+    assert eng.model.embed.is_contiguous() == (not tied)
+
     bf16 = {"layers.0.wo": torch.ones(4, 3, dtype=torch.bfloat16), "embed": torch.ones(2, 2)}
-    kept = input_major_projections(
-        {**bf16, **{f"layers.0.{n}": bf16["layers.0.wo"] for n in INPUT_MAJOR_PROJECTIONS}}, 1
+    kept = input_major_weights(
+        {**bf16, **{f"layers.0.{n}": bf16["layers.0.wo"] for n in INPUT_MAJOR_PROJECTIONS}}, 0
     )
     assert all(kept[f"layers.0.{n}"].is_contiguous() for n in INPUT_MAJOR_PROJECTIONS)
+    assert kept["embed"] is not bf16["embed"] and _is_input_major(kept["embed"])  # tied fp32
+    quantized_head = {"embed": torch.ones(16, 32), "lm_head": quantize_weight(torch.ones(16, 32), "int8")}
+    kept = input_major_weights(quantized_head, 0)
+    assert isinstance(kept["lm_head"], QuantizedWeight) and kept["embed"].is_contiguous()
 
-    from llmkernels.loading import fuse_hf_weights
-
-    state = hf_gqa.state_dict()
-    config = eng_gqa.config
-    row_major = fuse_hf_weights(state.keys(), state.__getitem__, config)
-    input_major = input_major_projections(row_major, config.num_layers)
-    assert not input_major["layers.0.wqkv"].is_contiguous()
-    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    state = hf.state_dict()
+    row_major = fuse_hf_weights(state.keys(), state.__getitem__, eng.config)
+    input_major = input_major_weights(row_major, eng.config.num_layers)
+    assert _is_input_major(input_major["layers.0.wqkv"])
+    ids = torch.randint(0, eng.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     logits = []
     for w in (row_major, input_major):
-        model = Transformer(config, w, max_batch_size=2, max_seq_len=32)
+        model = Transformer(eng.config, w, max_batch_size=2, max_seq_len=32)
         with torch.inference_mode():
-            logits.append(model.verify(ids, 9))  # the first 9 tokens of empty cache rows
+            first = model.verify(ids[:, :5], 5)  # the first 5 tokens of empty cache rows
+            model.set_cache_lens([5, 5])
+            logits.append(torch.cat([first, model.verify(ids[:, 5:], 9)], dim=1))
     torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-5)
     assert not torch.equal(logits[0], torch.zeros_like(logits[0]))
 

@@ -603,7 +603,10 @@ def test_cpu_fp32_weights_are_input_major_and_give_the_same_logits(tied):
     )
     assert all(kept[f"layers.0.{n}"].is_contiguous() for n in INPUT_MAJOR_PROJECTIONS)
     assert kept["embed"] is not bf16["embed"] and _is_input_major(kept["embed"])  # tied fp32
-    quantized_head = {"embed": torch.ones(16, 32), "lm_head": quantize_weight(torch.ones(16, 32), "int8")}
+    quantized_head = {
+        "embed": torch.ones(16, 32),
+        "lm_head": quantize_weight(torch.ones(16, 32), "int8"),
+    }
     kept = input_major_weights(quantized_head, 0)
     assert isinstance(kept["lm_head"], QuantizedWeight) and kept["embed"].is_contiguous()
 
@@ -611,7 +614,9 @@ def test_cpu_fp32_weights_are_input_major_and_give_the_same_logits(tied):
     row_major = fuse_hf_weights(state.keys(), state.__getitem__, eng.config)
     input_major = input_major_weights(row_major, eng.config.num_layers)
     assert _is_input_major(input_major["layers.0.wqkv"])
-    ids = torch.randint(0, eng.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, eng.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)
+    )
     logits = []
     for w in (row_major, input_major):
         model = Transformer(eng.config, w, max_batch_size=2, max_seq_len=32)

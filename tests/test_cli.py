@@ -267,6 +267,31 @@ def test_llama_cpp_contender_prefills_every_call_and_returns_prompt_plus_new(mon
         generate.make_runner("llama.cpp", None, 1, 64, source="/some/folder")
 
 
+def test_engine_contender_gets_the_prompt_hf_gets_even_with_pad_ids_in_it():
+    """The bench feeds random token ids. A real model's generation config has a pad token id,
+    and without an attention mask generate would take every such id for padding (HF's rule)
+    and prefill a shorter, masked prompt. The engine contender passes the all-ones mask HF's
+    contenders get, so both generate from the same prompt."""
+    from test_engine import make_hf, tiny_config
+
+    import llmkernels as lk
+    from llmkernels.perf import generate
+
+    model = make_hf(tiny_config())
+    model.generation_config.pad_token_id = 7
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([[5, 7, 9, 11, 7, 13]])
+    outputs = []
+    for name in ("hf-sdpa", "lk-eager"):
+        run, done = generate.make_runner(name, model, 1, 32)
+        outputs.append(run(ids, 6))
+        done()
+    assert torch.equal(outputs[1], outputs[0])
+    engine = lk.Engine.from_hf(model, max_seq_len=32)
+    masked = engine.generate(ids, max_new_tokens=6, do_sample=False)  # pads inferred
+    assert not torch.equal(masked, outputs[0])  # the case this test is about does differ
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

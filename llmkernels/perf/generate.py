@@ -320,7 +320,10 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
     )
 
     def run(input_ids, new_tokens):
-        return engine.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
+        # the mask HF's contenders get: without one, generate would infer padding wherever a
+        # random prompt holds the pad token id (HF's rule) and prefill a shorter, masked prompt
+        mask = torch.ones_like(input_ids)
+        return engine.generate(input_ids, mask, max_new_tokens=new_tokens, do_sample=False)
 
     def done():
         nonlocal engine

@@ -1098,6 +1098,8 @@ class Engine:
         if streamer is not None and batch != 1:
             raise ValueError("streaming with speculative decoding takes one row (batch size 1)")
         max_new, greedy = params.max_new_tokens, params.greedy
+        if self.device.type == "cpu":
+            self.model.pack_for_verify()  # once per engine: faster verify GEMMs (fp32 only)
         self._start_sampling(batch, params, seed)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())

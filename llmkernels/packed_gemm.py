@@ -1,0 +1,128 @@
+"""MKL-packed copies of fp32 CPU weights for the GEMMs of a speculative verify forward.
+
+A verify forward multiplies 8-12 rows (the pending token and up to 11 guesses) by every weight.
+MKL's ``sgemm`` re-packs its ``B`` operand on each such call, so at these row counts it runs at
+about half the rate of the one-row GEMV, while a weight packed once (``cblas_sgemm_pack``) is
+read as it is. Measured on a 2-core AVX-512 host, SmolLM2-135M's 121 projections and LM head
+(input-major, :func:`llmkernels.model.input_major_weights`), in ms:
+
+- plain GEMM at 7 / 8 / 9 / 10 / 11 / 12 rows: 35.3 / 38.5 / 42.2 / 43.4 / 43.5 / 44.3; packed
+  for 12 rows: 33.1;
+- whole verify forward of 9 / 11 / 12 tokens: 61.0 / 61.4 / 63.8 -> 55.2 / 53.8 / 53.3 (bit-identical
+  logits);
+- from 7 rows down the plain GEMM is about as fast, so fewer rows are not sent here.
+
+MKL documents a packed matrix for the row count ``m`` it was packed with, and ``_mkl_linear``
+uses the pack only for exactly that many rows (else it falls back to ``F.linear``): a forward of
+``MIN_ROWS..PACK_ROWS`` rows is zero-padded to ``PACK_ROWS``. Each row's result is its own dot
+products, so padding changes no value.
+
+torch exposes the pack only through the private ``torch.ops.mkl`` ops that inductor uses when it
+freezes weights. :func:`ops_available` checks their schemas and the engine falls back to the
+plain GEMM when they are missing or changed; ``tests/test_packed_gemm.py`` fails loudly on an
+x86 torch with MKL where they are. The packs cost one more copy of the packed weights (+100% of
+them), built on the first speculative ``generate`` on CPU in fp32 (about 0.4 s for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PackedGemms", "ops_available", "PACK_ROWS", "MIN_ROWS"]
+
+PACK_ROWS = 12  # rows each weight is packed for: verify forwards of up to 11 guesses
+MIN_ROWS = 8  # fewer rows keep the plain GEMM (about as fast from 7 down, measured above)
+
+_EXPECTED_SCHEMAS = {
+    "_mkl_reorder_linear_weight": "mkl::_mkl_reorder_linear_weight(Tensor X, int batch_size) -> Tensor",
+    "_mkl_linear": "mkl::_mkl_linear(Tensor X, Tensor MKL_W, Tensor ORI_W, Tensor? B, int batch_size) -> Tensor",
+}
+
+
+def ops_schemas() -> dict[str, str]:
+    """The installed torch's schema of each ``torch.ops.mkl`` op used here ("missing" if absent)."""
+    found = {}
+    for name in _EXPECTED_SCHEMAS:
+        try:
+            found[name] = str(getattr(torch.ops.mkl, name).default._schema)
+        except (AttributeError, RuntimeError):
+            found[name] = "missing"
+    return found
+
+
+def ops_available() -> bool:
+    """Whether this torch has MKL and its pack ops with the schemas this module was written for."""
+    return bool(torch._C.has_mkl) and ops_schemas() == _EXPECTED_SCHEMAS
+
+
+class PackedGemms:
+    """``x @ W^T`` for ``MIN_ROWS..PACK_ROWS`` rows of x from an MKL-packed copy of each weight.
+
+    weights: fp32 CPU ``[out, in]`` tensors (any strides); others are skipped. A weight is found
+    again by identity, so pass the tensors the model multiplies by. With ``check_speed`` the
+    first weight's packed GEMM is timed against ``F.linear`` at ``MIN_ROWS`` rows, and nothing is
+    packed unless it is at least 10% faster (:attr:`enabled` says which).
+    """
+
+    def __init__(self, weights: Iterable[torch.Tensor], check_speed: bool = True):
+        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (weight, pack)
+        self.calls = 0  # GEMMs served from a pack (tests read it)
+        candidates = [
+            w
+            for w in weights
+            if isinstance(w, torch.Tensor)
+            and w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and w.dim() == 2
+        ]
+        if not candidates or not ops_available():
+            return
+        if check_speed and not self._faster(max(candidates, key=torch.Tensor.numel)):
+            return
+        for w in candidates:
+            if id(w) not in self._packs:
+                pack = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), PACK_ROWS)
+                self._packs[id(w)] = (w, pack)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._packs)
+
+    @staticmethod
+    def _faster(weight: torch.Tensor) -> bool:
+        pack = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+        x = torch.randn(MIN_ROWS, weight.shape[1])
+        padded = torch.zeros(PACK_ROWS, weight.shape[1])
+
+        def best_of_3(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        packed = best_of_3(lambda: torch.ops.mkl._mkl_linear(padded, pack, weight, None, PACK_ROWS))
+        return packed < 0.9 * best_of_3(lambda: F.linear(x, weight))
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``x @ weight^T + bias`` (x ``[N, in]`` → ``[N, out]``) from weight's pack, or None when
+        weight has none or N is outside ``MIN_ROWS..PACK_ROWS`` (the caller runs its own GEMM)."""
+        rows = x.shape[0]
+        entry = self._packs.get(id(weight))
+        if entry is None or entry[0] is not weight or not MIN_ROWS <= rows <= PACK_ROWS:
+            return None
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        padded = x.new_zeros(PACK_ROWS, x.shape[1])  # [PACK_ROWS, in]
+        padded[:rows] = x
+        self.calls += 1
+        y = torch.ops.mkl._mkl_linear(padded, entry[1], weight, None, PACK_ROWS)[:rows]
+        return y if bias is None else y.add_(bias)

@@ -862,7 +862,9 @@ class Engine:
         (``num_assistant_tokens``, default 20, adapted per ``num_assistant_tokens_schedule``,
         default "heuristic"). Greedy output equals plain greedy decoding; sampled tokens have the
         target's distribution exactly. Rows of a batch may accept different numbers of guesses;
-        ``last_acceptance`` holds (guesses accepted, guesses proposed) of the call.
+        ``last_acceptance`` holds (guesses accepted, guesses proposed) of the call. On CPU in
+        fp32 the first speculative call packs the weights for MKL's verify GEMMs once
+        (:meth:`Transformer.pack_for_verify`: one more copy of the projections and LM head).
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
         ``repetition_penalty != 1``, unknown keywords, ...) and when a row's prompt plus

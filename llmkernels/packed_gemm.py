@@ -12,9 +12,10 @@ read as it is. Measured on a 2-core AVX-512 host, SmolLM2-135M's 121 projections
   logits);
 - from 7 rows down the plain GEMM is about as fast, so fewer rows are not sent here.
 
-MKL documents a packed matrix for the row count ``m`` it was packed with, and ``_mkl_linear``
-uses the pack only for exactly that many rows (else it falls back to ``F.linear``): a forward of
-``MIN_ROWS..PACK_ROWS`` rows is zero-padded to ``PACK_ROWS``. Each row's result is its own dot
+A pack is made for a row count ``m`` (``cblas_sgemm_pack``'s argument); ``_mkl_linear`` uses it
+only for exactly that many rows (else it falls back to ``F.linear``), and MKL does not document
+its use with another count. So a forward of ``MIN_ROWS..PACK_ROWS`` rows is zero-padded to
+``PACK_ROWS``. Each row's result is its own dot
 products, so padding changes no value.
 
 torch exposes the pack only through the private ``torch.ops.mkl`` ops that inductor uses when it

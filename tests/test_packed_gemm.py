@@ -65,6 +65,15 @@ def test_nothing_is_packed_without_the_ops_or_where_packing_is_slower(monkeypatc
 
 
 @needs_mkl
+def test_timing_the_packs_leaves_the_global_rng_alone():
+    """The first speculative generate builds the packs; with torch.manual_seed its sampling
+    must not depend on whether that happened in this call."""
+    state = torch.get_rng_state()
+    PackedGemms([torch.ones(64, 48)], check_speed=True)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@needs_mkl
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])  # bias on the QKV GEMM; a tied LM head
 def test_verify_forward_gives_the_same_logits_with_packed_weights(name, monkeypatch):
     monkeypatch.setattr(PackedGemms, "_faster", staticmethod(lambda w: True))

@@ -15,7 +15,8 @@ CUDA that step is captured once per (batch size, greedy/sampling) in a ``torch.c
 whose inputs (tokens, cache lengths, sampler RNG state) are static device buffers advanced on the
 device, and replayed per token. The host reads the new tokens only every ``host_sync_interval``
 steps (every step with a streamer), through non-blocking copies into pinned memory, while the next
-chunk is already queued: EOS and streaming never stall the GPU.
+chunk is already queued: EOS and streaming never stall the GPU. On CPU a step is done when it
+returns, so its tokens are checked for EOS at once and no step runs past the end.
 """
 
 from __future__ import annotations
@@ -285,8 +286,9 @@ class Engine:
     ``GenerationConfig``: the defaults of :meth:`generate`), ``device``, ``dtype``, ``model``
     (:class:`~llmkernels.model.Transformer`), ``use_cuda_graph`` (replay the decode step as a CUDA
     graph on CUDA; False runs it eagerly), ``compile_decode`` (CPU: run the decode step as one
-    ``torch.compile`` graph, see :meth:`_decode`), ``host_sync_interval`` (decode steps between
-    host reads of the new tokens when EOS has to be watched and nothing is streamed),
+    ``torch.compile`` graph, see :meth:`_decode`), ``host_sync_interval`` (CUDA: decode steps
+    between host reads of the new tokens when EOS has to be watched and nothing is streamed; on
+    CPU they are read after every step),
     ``last_prefill_len`` (tokens prefilled by the last call). Not thread-safe: one call at a time.
     """
 
@@ -961,7 +963,9 @@ class Engine:
         history = torch.empty(max_new, batch, dtype=torch.int64, device=self.device)  # [n, B]
         history[0].copy_(tokens)
 
-        # decode: queue chunks of steps; read each chunk's tokens on the host one chunk later
+        # decode: on CUDA, queue chunks of steps and read each chunk's tokens on the host one
+        # chunk later (EOS never stalls the GPU). On CPU each step has finished when it returns,
+        # so its tokens are read at once: no step runs past EOS.
         on_cuda = self.device.type == "cuda"
         host = (
             torch.empty(max_new, batch, dtype=torch.int64, pin_memory=True) if on_cuda else history
@@ -969,9 +973,10 @@ class Engine:
         watch_eos = bool(params.eos_token_ids)
         interval = (
             1
-            if streamer is not None
+            if streamer is not None or (watch_eos and not on_cuda)
             else (max(1, self.host_sync_interval) if watch_eos else max_new)
         )
+        lag = 1 if on_cuda else 0  # chunks queued ahead of the one being read
         step = self._step_fn(batch, greedy) if max_new > 1 else None
         pending: deque = deque()
 
@@ -1011,7 +1016,7 @@ class Engine:
                     history[s].copy_(tokens)
                 enqueue_copy(produced, stop)
                 produced = stop
-            while pending and not all_done and (len(pending) > 1 or produced >= max_new):
+            while pending and not all_done and (len(pending) > lag or produced >= max_new):
                 lo, hi, event = pending.popleft()
                 if event is not None:
                     event.synchronize()

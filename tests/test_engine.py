@@ -271,6 +271,31 @@ def test_eos_all_rows_early_stop_length(hf_gqa, eng_gqa):
     assert out[0, 5:].tolist() == free[: free.index(eos) + 1]
 
 
+def test_cpu_decode_runs_no_step_past_eos(eng_gqa, monkeypatch):
+    """On CPU a step has finished when it returns, so generate reads each step's tokens at once:
+    a row that emits EOS as its k-th new token costs k - 1 decode steps, whatever
+    host_sync_interval says (it batches host reads on CUDA only)."""
+    ids = prompts(1, 5, seed=6)
+    free = eng_gqa.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None)[0, 5:]
+    k = next(i for i, t in enumerate(free.tolist()) if i >= 4 and t not in free[:i].tolist()) + 1
+    steps = []
+    make_step = eng_gqa._step_fn
+
+    def counting_step_fn(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def counted():
+            steps.append(1)
+            return step()
+
+        return counted
+
+    monkeypatch.setattr(eng_gqa, "_step_fn", counting_step_fn)
+    out = eng_gqa.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=free[k - 1].item())
+    assert out.shape[1] == 5 + k and out[0, -1].item() == free[k - 1].item()
+    assert len(steps) == k - 1
+
+
 class Recorder:
     def __init__(self):
         self.puts: list[torch.Tensor] = []

@@ -12,10 +12,29 @@ order (SDPA). Inputs are validated by ``ops.py`` before they get here.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
 from . import reference as ref
+
+
+def first_is_faster(candidate, baseline, margin: float = 0.9) -> bool:
+    """Whether ``candidate()`` takes under ``margin`` times ``baseline()``'s time on this host:
+    each timed best of 3 after a warm-up call. These shared hosts are noisy, so a small win
+    counts as none and the baseline stays the default."""
+
+    def best_of_3(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_of_3(candidate) < margin * best_of_3(baseline)
 
 
 def rms_norm(

@@ -31,7 +31,6 @@ advances ``cache_lens`` on the device, so one CUDA graph can replay it for every
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .cpu import first_is_faster
 from .packed_gemm import PackedGemms
 from .quant import PROJECTIONS, QuantizedWeight
 from .reference import rope_parameters
@@ -367,18 +367,9 @@ def _blocked_gemv_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> 
     key = (*weight.shape, x.shape[0], weight.dtype, torch.get_num_threads())
     faster = _BLOCKED_GEMV_FASTER.get(key)
     if faster is None:
-
-        def best_of_3(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        blocked = best_of_3(lambda: _blocked_gemv(x, weight, blocks))
-        faster = blocked < 0.9 * best_of_3(lambda: F.linear(x, weight))
+        faster = first_is_faster(
+            lambda: _blocked_gemv(x, weight, blocks), lambda: F.linear(x, weight)
+        )
         _BLOCKED_GEMV_FASTER[key] = faster
     return faster
 

@@ -26,11 +26,12 @@ built on the first speculative ``generate`` on CPU in fp32 (SmolLM2: 0.5 s, +555
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from .cpu import first_is_faster
 
 __all__ = ["PackedGemms", "ops_available", "PACK_ROWS", "MIN_ROWS"]
 
@@ -97,18 +98,10 @@ class PackedGemms:
         pack = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
         x = torch.ones(MIN_ROWS, weight.shape[1])  # not randn: leave the global RNG alone
         padded = torch.zeros(PACK_ROWS, weight.shape[1])
-
-        def best_of_3(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        packed = best_of_3(lambda: torch.ops.mkl._mkl_linear(padded, pack, weight, None, PACK_ROWS))
-        return packed < 0.9 * best_of_3(lambda: F.linear(x, weight))
+        return first_is_faster(
+            lambda: torch.ops.mkl._mkl_linear(padded, pack, weight, None, PACK_ROWS),
+            lambda: F.linear(x, weight),
+        )
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

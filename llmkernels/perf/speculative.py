@@ -12,14 +12,17 @@ the target kept. ``speedup`` is tokens/s over the plain engine's on the same pro
 from __future__ import annotations
 
 import functools
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..speculative import PROMPT_LOOKUP_MAX_NGRAM, PromptLookup
 from .timing import write_results
 
-__all__ = ["GROUNDED", "OPEN_ENDED", "run"]
+__all__ = ["GROUNDED", "OPEN_ENDED", "run", "replay", "verify_costs"]
 
 _ARTICLE = (
     "The Great Barrier Reef, off the coast of Queensland, Australia, is the world's largest coral "
@@ -108,6 +111,7 @@ def run(
         prompts = [prompts[0], prompts[len(GROUNDED)]]
     greedy = dict(max_new_tokens=new_tokens, do_sample=False)
     rows = []
+    traces = {}  # prompt -> its ids and the plain engine's greedy output (for replay())
     for kind, name, text in prompts:
         ids = torch.tensor([engine.chat_ids(text)], device=engine.device)
         n_prompt = ids.shape[1]
@@ -139,6 +143,12 @@ def run(
             rate = generated.numel() / seconds
             if plain_tokens is None:
                 plain_tokens, plain_rate = generated, rate
+                traces[name] = {
+                    "kind": kind,
+                    "prompt_ids": ids[0].tolist(),
+                    "output": generated.tolist(),
+                    "max_new_tokens": new_tokens,
+                }
             rows.append(
                 {
                     "kind": kind,
@@ -163,4 +173,100 @@ def run(
                     summary[f"{kind} {label} speedup (mean)"] = round(sum(picked) / len(picked), 2)
         extra = {"model": model, "new_tokens": new_tokens, "dtype": str(engine.dtype), **summary}
         write_results("speculative", rows, out_dir, extra=extra, columns=COLUMNS)
+        (Path(out_dir) / "traces.json").write_text(json.dumps(traces))
     return rows
+
+
+def replay(
+    prompt_ids: list[int],
+    output: list[int],
+    max_new_tokens: int,
+    lookup: int,
+    step_ms: float,
+    verify_ms: Callable[[int], float],
+    prefill_ms: float = 0.0,
+    max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM,
+) -> dict:
+    """The rounds the engine's greedy prompt lookup runs on a prompt whose plain greedy output is
+    known, and their cost: its :class:`~llmkernels.speculative.PromptLookup` proposes from the
+    text so far with the engine's budget (``max_new_tokens`` minus the tokens so far, minus one),
+    and a guess is kept iff it is the next token of ``output`` (speculation does not change greedy
+    output). A guess past the end of ``output`` (after its EOS) counts as rejected.
+
+    Costs: ``step_ms`` per plain decode step (a round without guesses), ``verify_ms(w)`` per verify
+    forward of ``w`` tokens, ``prefill_ms`` once. Returns the rounds, guesses proposed / kept, the
+    speculative and plain times (ms) and ``speedup`` = plain / speculative.
+    """
+    proposer = PromptLookup(lookup, max_ngram)
+    history = list(prompt_ids) + list(output[:1])
+    proposer.start([history], None, None)
+    produced, total = 1, len(output)
+    ms, rounds, proposed, accepted = prefill_ms, 0, 0, 0
+    while produced < total:
+        proposal = proposer.propose([history], [max_new_tokens - produced - 1], "cpu")
+        guesses = proposal.drafts[0, : proposal.lengths[0]].tolist()
+        kept = 0
+        while kept < len(guesses) and produced + kept < total:
+            if guesses[kept] != output[produced + kept]:
+                break
+            kept += 1
+        ms += verify_ms(1 + len(guesses)) if guesses else step_ms
+        proposer.update([kept], proposal)
+        rounds, proposed, accepted = rounds + 1, proposed + len(guesses), accepted + kept
+        emitted = output[produced : produced + kept + 1]
+        history += emitted
+        produced += len(emitted)
+    plain_ms = prefill_ms + (total - 1) * step_ms
+    return {
+        "rounds": rounds,
+        "proposed": proposed,
+        "accepted": accepted,
+        "ms": ms,
+        "plain_ms": plain_ms,
+        "speedup": plain_ms / ms,
+    }
+
+
+def verify_costs(
+    engine, context: int, widths, repeats: int = 20
+) -> tuple[float, float, dict[int, float]]:
+    """(ms of a prefill of ``context`` tokens, ms of one plain decode step, {width: ms of one
+    verify forward of that many tokens}) at batch 1 after ``context`` cached tokens: the engine's
+    own calls (CUDA graphs on CUDA), each timed over ``repeats`` calls (3 for the prefill) after a
+    warm-up, synchronized."""
+    device = engine.device
+
+    def per_call_ms(fn, calls: int = repeats) -> float:
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / calls * 1e3
+
+    vocab = engine.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+
+    def prefill() -> None:
+        engine.reset()
+        engine.logits(prompt)
+
+    prefill_ms = per_call_ms(prefill, calls=3)
+    engine.model.set_cache_lens([context])
+    if device.type == "cpu":
+        engine.model.pack_for_verify()  # as the first speculative generate does
+    costs = {}
+    for width in widths:
+        tokens = torch.randint(0, vocab, (1, width), generator=gen).to(device)
+        costs[width] = per_call_ms(
+            functools.partial(engine._verify_logits, tokens, context + width)
+        )
+    step = engine.decode_step(1)
+    engine.model.set_cache_lens([context])
+    step_ms = per_call_ms(step)
+    return prefill_ms, step_ms, costs

@@ -612,8 +612,9 @@ class Transformer:
     def pack_for_verify(self) -> bool:
         """Build MKL-packed copies of the projections and LM head for forwards of 8-12 rows (a
         speculative verify) on CPU in fp32, once (:mod:`llmkernels.packed_gemm`: +100% of those
-        weights; verify forwards of 9-12 tokens 10-16% faster). Returns whether packed GEMMs are in use; not on
-        other devices or dtypes, with tensor parallelism, or where packing measured no faster."""
+        weights; verify forwards of 9-12 tokens 10-16% faster). Returns whether packed GEMMs are
+        in use; not on other devices or dtypes, with tensor parallelism, or where packing
+        measured no faster."""
         if self.packed_gemms is None:
             weights = []
             if self.device.type == "cpu" and self.tensor_parallel is None:

@@ -82,26 +82,17 @@ class PackedGemms:
         ]
         if not candidates or not ops_available():
             return
-        if check_speed and not self._faster(max(candidates, key=torch.Tensor.numel)):
+        largest = max(candidates, key=torch.Tensor.numel)
+        largest_pack = _pack(largest)
+        if check_speed and not _packed_is_faster(largest, largest_pack):
             return
         for w in candidates:
             if id(w) not in self._packs:
-                pack = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), PACK_ROWS)
-                self._packs[id(w)] = (w, pack)
+                self._packs[id(w)] = (w, largest_pack if w is largest else _pack(w))
 
     @property
     def enabled(self) -> bool:
         return bool(self._packs)
-
-    @staticmethod
-    def _faster(weight: torch.Tensor) -> bool:
-        pack = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
-        x = torch.ones(MIN_ROWS, weight.shape[1])  # not randn: leave the global RNG alone
-        padded = torch.zeros(PACK_ROWS, weight.shape[1])
-        return first_is_faster(
-            lambda: torch.ops.mkl._mkl_linear(padded, pack, weight, None, PACK_ROWS),
-            lambda: F.linear(x, weight),
-        )
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -119,3 +110,18 @@ class PackedGemms:
         self.calls += 1
         y = torch.ops.mkl._mkl_linear(padded, entry[1], weight, None, PACK_ROWS)[:rows]
         return y if bias is None else y.add_(bias)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[out, in]`` packed by MKL for GEMMs of ``PACK_ROWS`` rows (an opaque tensor)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+
+
+def _packed_is_faster(weight: torch.Tensor, pack: torch.Tensor) -> bool:
+    """Whether the packed GEMM of ``PACK_ROWS`` rows beats ``F.linear`` of ``MIN_ROWS`` rows here."""
+    x = torch.ones(MIN_ROWS, weight.shape[1])  # not randn: leave the global RNG alone
+    padded = torch.zeros(PACK_ROWS, weight.shape[1])
+    return first_is_faster(
+        lambda: torch.ops.mkl._mkl_linear(padded, pack, weight, None, PACK_ROWS),
+        lambda: F.linear(x, weight),
+    )

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..speculative import PROMPT_LOOKUP_MAX_NGRAM, PromptLookup
+from . import timing
 from .timing import write_results
 
 __all__ = ["GROUNDED", "OPEN_ENDED", "run", "replay", "verify_costs"]
@@ -232,21 +233,12 @@ def verify_costs(
 ) -> tuple[float, float, dict[int, float]]:
     """(ms of a prefill of ``context`` tokens, ms of one plain decode step, {width: ms of one
     verify forward of that many tokens}) at batch 1 after ``context`` cached tokens: the engine's
-    own calls (CUDA graphs on CUDA), each timed over ``repeats`` calls (3 for the prefill) after a
-    warm-up, synchronized."""
+    own calls (CUDA graphs on CUDA), each the median of ``repeats`` calls (3 for the prefill) after
+    3 warm-up calls (:func:`llmkernels.perf.timing.time_fn`)."""
     device = engine.device
 
     def per_call_ms(fn, calls: int = repeats) -> float:
-        for _ in range(3):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / calls * 1e3
+        return timing.time_fn(fn, warmup=3, iters=calls, device=device)["median_us"] / 1e3
 
     vocab = engine.config.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -60,7 +60,7 @@ def test_nothing_is_packed_without_the_ops_or_where_packing_is_slower(monkeypatc
     assert not PackedGemms([weight], check_speed=False).enabled
     monkeypatch.setattr(packed_gemm, "ops_available", lambda: True)
     monkeypatch.setattr(packed_gemm, "_pack", lambda weight: None)  # also without MKL
-    monkeypatch.setattr(packed_gemm, "_packed_is_faster", lambda weight, pack: False)
+    monkeypatch.setattr(packed_gemm, "_packs_are_faster", lambda packs: False)
     packs = PackedGemms([weight])
     assert not packs.enabled and packs.linear(torch.randn(MIN_ROWS, 8), weight) is None
 
@@ -77,7 +77,7 @@ def test_timing_the_packs_leaves_the_global_rng_alone():
 @needs_mkl
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])  # bias on the QKV GEMM; a tied LM head
 def test_verify_forward_gives_the_same_logits_with_packed_weights(name, monkeypatch):
-    monkeypatch.setattr(packed_gemm, "_packed_is_faster", lambda weight, pack: True)
+    monkeypatch.setattr(packed_gemm, "_packs_are_faster", lambda packs: True)
     eng = lk.Engine.from_hf(variant(name), max_batch_size=2, max_seq_len=64)
     model = eng.model
     ids = prompts(2, 30, seed=3)
@@ -103,7 +103,7 @@ def test_verify_forward_gives_the_same_logits_with_packed_weights(name, monkeypa
 def test_speculative_greedy_with_packed_weights_equals_plain_greedy(monkeypatch):
     """Prompt lookup on CPU fp32 builds the packs (forced here: on tiny weights they may time
     slower) and verifies through them; the tokens are plain greedy decoding's."""
-    monkeypatch.setattr(packed_gemm, "_packed_is_faster", lambda weight, pack: True)
+    monkeypatch.setattr(packed_gemm, "_packs_are_faster", lambda packs: True)
     eng = lk.Engine.from_hf(variant("mistral"), max_batch_size=1, max_seq_len=160)
     base = prompts(1, 12, seed=5)
     ids = torch.cat([base, base, base, base[:, :4]], dim=1)  # grounded: guesses get kept

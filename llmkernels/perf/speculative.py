@@ -23,7 +23,7 @@ from ..speculative import PROMPT_LOOKUP_MAX_NGRAM, PromptLookup
 from . import timing
 from .timing import write_results
 
-__all__ = ["GROUNDED", "OPEN_ENDED", "run", "replay", "verify_costs"]
+__all__ = ["GROUNDED", "OPEN_ENDED", "packed_gemms_state", "run", "replay", "verify_costs"]
 
 _ARTICLE = (
     "The Great Barrier Reef, off the coast of Queensland, Australia, is the world's largest coral "
@@ -172,7 +172,13 @@ def run(
                 ]
                 if picked:
                     summary[f"{kind} {label} speedup (mean)"] = round(sum(picked) / len(picked), 2)
-        extra = {"model": model, "new_tokens": new_tokens, "dtype": str(engine.dtype), **summary}
+        extra = {
+            "model": model,
+            "new_tokens": new_tokens,
+            "dtype": str(engine.dtype),
+            "packed_verify_gemms": packed_gemms_state(engine),
+            **summary,
+        }
         write_results("speculative", rows, out_dir, extra=extra, columns=COLUMNS)
         (Path(out_dir) / "traces.json").write_text(json.dumps(traces))
     return rows
@@ -226,6 +232,13 @@ def replay(
         "plain_ms": plain_ms,
         "speedup": plain_ms / ms,
     }
+
+
+def packed_gemms_state(engine) -> str:
+    """Whether the engine's verify forwards ran from MKL-packed weights (CPU fp32): "on", "off"
+    (the speed check or the ops said no) or "not built" (no speculative call on this engine)."""
+    packs = engine.model.packed_gemms
+    return "not built" if packs is None else ("on" if packs.enabled else "off")
 
 
 def verify_costs(

@@ -40,6 +40,13 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -171,6 +178,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["top_k"] = args.top_k
     if args.top_p is not None:
         kwargs["top_p"] = args.top_p
+    if args.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
         kwargs["seed"] = args.seed
     return kwargs
@@ -428,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--top-k", type=_non_negative_int, default=None, help="0 = off")
             p.add_argument("--top-p", type=_top_p, default=None)
+            p.add_argument(
+                "--repetition-penalty",
+                type=_positive_float,
+                default=None,
+                help="HF's: scores of tokens already in the text / p (or * p when < 0); 1 = off",
+            )
             p.add_argument("--seed", type=_non_negative_int, default=None)
             p.add_argument("--system", default=None, help="system prompt for the chat template")
             p.add_argument(

@@ -34,6 +34,7 @@ from . import ops
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
+from .penalties import apply_repetition_penalty, mark_seen, verify_seen
 from .quant import quantize_model_weights
 from .speculative import (
     MAX_SPECULATIVE_TOKENS,
@@ -68,7 +69,6 @@ _NEUTRAL: dict[str, tuple] = {
     "num_beam_groups": (None, 1),
     "num_return_sequences": (None, 1),
     "penalty_alpha": (None, 0, 0.0),
-    "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
     "no_repeat_ngram_size": (None, 0),
     "encoder_no_repeat_ngram_size": (None, 0),
@@ -128,6 +128,7 @@ class GenerationParams:
     top_p: float
     eos_token_ids: list[int]
     pad_token_id: int | None
+    repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
     max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
     num_assistant_tokens: int = 20  # draft model: guesses in the first round
@@ -165,7 +166,7 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or repetition_penalty != 1).
+    arguments, or HF settings such as num_beams > 1 or no_repeat_ngram_size > 0).
     """
     from transformers import GenerationConfig
 
@@ -176,7 +177,7 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, eos_token_id, pad_token_id, streamer, seed, generation_config, "
+            "top_p, repetition_penalty, eos_token_id, pad_token_id, streamer, seed, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
         )
@@ -200,7 +201,8 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p sampling only; use HF's model.generate for the others."
+            "temperature / top-k / top-p sampling with an optional repetition_penalty only; use "
+            "HF's model.generate for the others."
         )
 
     if eff.get("max_new_tokens") is not None:
@@ -235,6 +237,16 @@ def resolve_generation_params(
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    penalty = eff.get("repetition_penalty")
+    penalty = 1.0 if penalty is None else penalty
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float))
+        or not 0 < penalty < float("inf")
+    ):
+        raise ValueError(
+            f"repetition_penalty must be a finite number > 0 (1 = off), got {penalty!r}"
+        )
 
     eos = eff.get("eos_token_id")
     if isinstance(eos, torch.Tensor):
@@ -274,6 +286,7 @@ def resolve_generation_params(
         top_p=top_p,
         eos_token_ids=eos_ids,
         pad_token_id=None if pad is None else int(pad),
+        repetition_penalty=float(penalty),
     )
 
 
@@ -327,8 +340,13 @@ class Engine:
         self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
-        self._graphs: dict[tuple[int, bool], Any] = {}
-        self._graph_logits: dict[tuple[int, bool], torch.Tensor] = {}
+        # repetition penalty (llmkernels.penalties): per-row penalty and the [B, V] mask of the
+        # ids each row has seen, allocated by the first call that uses it
+        self._penalty = torch.ones(n, dtype=torch.float32, device=dev)
+        self._seen: torch.Tensor | None = None
+        self._penalized = False  # this call penalizes (a decode graph per setting)
+        self._graphs: dict[tuple[int, bool, bool], Any] = {}  # (batch, greedy, penalized)
+        self._graph_logits: dict[tuple[int, bool, bool], torch.Tensor] = {}
         self._graph_pool = None
         self._verify_tokens: torch.Tensor | None = None  # [max_batch, 65] verify graph input
         self._verify_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -704,9 +722,12 @@ class Engine:
 
     def _sample_into_tokens(self, logits: torch.Tensor, greedy: bool, check_values: bool) -> None:
         """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
-        per-row sampling settings and the on-device RNG state (advanced by the sampler)."""
+        per-row sampling settings and the on-device RNG state (advanced by the sampler); with a
+        repetition penalty, from the penalized scores, and the new tokens are marked seen."""
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
+        if self._penalized:
+            logits = apply_repetition_penalty(logits, self._seen[:batch], self._penalty[:batch])
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
         else:
@@ -719,6 +740,8 @@ class Engine:
                 check_values=check_values,
                 out=tokens,
             )
+        if self._penalized:
+            mark_seen(self._seen[:batch], tokens[:, None])
 
     def _graphs_enabled(self) -> bool:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
@@ -727,11 +750,13 @@ class Engine:
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
         if not self._graphs_enabled():
             return lambda: self._step(batch, greedy)
-        key = (batch, greedy)
+        key = (batch, greedy, self._penalized)
         if key not in self._graphs:
-            m = self.model
+            state = [self.model.cache_lens, self._rng, self._tokens]
+            if self._penalized:
+                state.append(self._seen)  # the warm-up steps mark their tokens seen
             self._graphs[key], self._graph_logits[key] = self._capture(
-                lambda: self._step(batch, greedy), [m.cache_lens, self._rng, self._tokens]
+                lambda: self._step(batch, greedy), state
             )
         return self._graphs[key].replay
 
@@ -739,7 +764,9 @@ class Engine:
         """Run the decode step (see :meth:`_step`) and return its logits ``[B, V]`` (a graph's
         output buffer on CUDA: valid until the next replay)."""
         logits = self._step_fn(batch, greedy)()
-        return logits if logits is not None else self._graph_logits[(batch, greedy)]
+        return (
+            logits if logits is not None else self._graph_logits[(batch, greedy, self._penalized)]
+        )
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -868,8 +895,11 @@ class Engine:
         fp32 the first speculative call packs the weights for MKL's verify GEMMs once
         (:meth:`Transformer.pack_for_verify`: one more copy of the projections and LM head).
 
+        ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
+        scores of every id in the row's text so far (:mod:`llmkernels.penalties`).
+
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
-        ``repetition_penalty != 1``, unknown keywords, ...) and when a row's prompt plus
+        ``no_repeat_ngram_size``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B > max_batch_size``.
         """
         out_device = (
@@ -901,7 +931,7 @@ class Engine:
             )
         else:
             new = self._generate(
-                ids, mask, [0] * ids.shape[0], params, streamer, seed, stream_prompt=ids
+                ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, stream_prompt_mask=mask
             )
         return torch.cat([ids.cpu(), new], dim=1).to(out_device)
 
@@ -930,12 +960,33 @@ class Engine:
         return real_lens
 
     def _start_sampling(self, batch: int, params: GenerationParams, seed: int | None) -> None:
-        """Per-row sampling settings and the RNG state for this call (nothing when greedy)."""
+        """Per-row sampling settings and the RNG state for this call (nothing when greedy). No
+        repetition penalty (:meth:`_start_penalty` turns it on: a draft proposes without one,
+        as transformers' assistant does)."""
+        self._penalized = False
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)
             self._top_p[:batch].fill_(params.top_p)
             self._rng.copy_(ops.new_rng_state(self.device, seed))
+
+    def _start_penalty(
+        self, params: GenerationParams, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """Turn the repetition penalty on for this call when it is not 1: rows ``0..B-1`` of the
+        seen-ids mask are set from ``context [B, T]`` (the whole text before the first new token,
+        as HF's input_ids) where ``mask [B, T]`` is True (None: everywhere)."""
+        if params.repetition_penalty == 1.0:
+            return
+        batch = context.shape[0]
+        if self._seen is None:
+            n, vocab = self.max_batch_size, self.config.vocab_size
+            self._seen = torch.zeros(n, vocab, dtype=torch.bool, device=self.device)
+        self._seen[:batch].zero_()
+        context = context.to(self.device)
+        mark_seen(self._seen[:batch], context, None if mask is None else mask.to(self.device))
+        self._penalty[:batch].fill_(params.repetition_penalty)
+        self._penalized = True
 
     def _generate(
         self,
@@ -946,13 +997,17 @@ class Engine:
         streamer,
         seed: int | None,
         stream_prompt: torch.Tensor,
+        stream_prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU."""
+        """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU.
+        ``stream_prompt [B, T]``: the whole text before the new tokens (the streamer's prompt and
+        the repetition penalty's context), real where ``stream_prompt_mask`` (None: all)."""
         batch = ids.shape[0]
         real_lens = self._check_capacity(ids, mask, start, params)
         max_new = params.max_new_tokens
         greedy = params.greedy
         self._start_sampling(batch, params, seed)
+        self._start_penalty(params, stream_prompt, stream_prompt_mask)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
@@ -1108,6 +1163,10 @@ class Engine:
         if self.device.type == "cpu":
             self.model.pack_for_verify()  # once per engine: faster verify GEMMs (fp32 only)
         self._start_sampling(batch, params, seed)
+        longest = max(len(h) for h in histories)  # rows padded with their last id (seen)
+        self._start_penalty(
+            params, torch.tensor([h + h[-1:] * (longest - len(h)) for h in histories])
+        )
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
         eos, pad = set(params.eos_token_ids), params.pad_token_id
@@ -1143,6 +1202,9 @@ class Engine:
             else:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
+                if self._penalized:  # each position sees the text and the guesses before it
+                    seen = verify_seen(self._seen[:batch], tokens[:, 0], proposal.drafts)
+                    logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
                 uniforms = None
                 if not greedy:
@@ -1159,6 +1221,7 @@ class Engine:
                 )
                 accepted, next_tokens = acc.tolist(), nxt.tolist()  # the round's one host sync
                 guesses = proposal.drafts.tolist()
+            round_tokens: list[list[int]] = [[] for _ in range(batch)]
             for b in range(batch):
                 if not active[b]:
                     continue
@@ -1171,6 +1234,7 @@ class Engine:
                         break
                 out[b] += emitted
                 histories[b] += emitted
+                round_tokens[b] = emitted
                 stored[b] += accepted[b] + 1  # the pending token and the kept guesses
                 proposed_total += proposal.lengths[b]
                 accepted_total += accepted[b]
@@ -1179,6 +1243,10 @@ class Engine:
                         streamer.put(torch.tensor([t], dtype=torch.int64))
             self.model.set_cache_lens(stored)
             proposer.update(accepted, proposal)
+            if self._penalized and any(round_tokens):  # mark the round's tokens seen
+                most = max(len(t) for t in round_tokens)  # pad with the row's last (seen) id
+                rows = [t + histories[b][-1:] * (most - len(t)) for b, t in enumerate(round_tokens)]
+                mark_seen(self._seen[:batch], torch.tensor(rows, device=self.device))
         if streamer is not None:
             streamer.end()
         self.last_acceptance = (accepted_total, proposed_total)

@@ -431,7 +431,7 @@ def test_generation_config_defaults():
     "kwargs, name",
     [
         (dict(num_beams=2), "num_beams"),
-        (dict(repetition_penalty=1.3), "repetition_penalty"),
+        (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
         (dict(min_new_tokens=3), "min_new_tokens"),
         (dict(num_return_sequences=2), "num_return_sequences"),
@@ -448,11 +448,11 @@ def test_unsupported_generate_arguments_raise(eng_gqa, kwargs, name):
 
 def test_unsupported_model_generation_config_raises():
     hf = make_hf(tiny_config())
-    hf.generation_config.repetition_penalty = 1.2
+    hf.generation_config.no_repeat_ngram_size = 3
     eng = lk.Engine.from_hf(hf, max_seq_len=32)
-    with pytest.raises(ValueError, match="repetition_penalty.*model generation_config"):
+    with pytest.raises(ValueError, match="no_repeat_ngram_size.*model generation_config"):
         eng.generate(prompts(1, 4), max_new_tokens=2)
-    assert eng.generate(prompts(1, 4), max_new_tokens=2, repetition_penalty=1.0).shape == (1, 6)
+    assert eng.generate(prompts(1, 4), max_new_tokens=2, no_repeat_ngram_size=0).shape == (1, 6)
 
 
 def test_bad_sampling_values_raise(eng_gqa):

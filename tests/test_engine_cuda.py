@@ -372,3 +372,44 @@ def test_speculative_graphs_equal_eager_and_fp32_equals_plain_greedy():
     eng32 = lk.Engine.from_hf(hf32, max_batch_size=2, max_seq_len=128)
     plain = eng32.generate(ids, max_new_tokens=32)
     assert torch.equal(eng32.generate(ids, max_new_tokens=32, prompt_lookup_num_tokens=6), plain)
+
+
+@torch.inference_mode()
+def test_repetition_penalty_in_graphs_equals_eager():
+    """The penalty's scores equal transformers' processor on CUDA; it runs inside the captured
+    decode step (its seen-ids mask is a static buffer the step updates) and after the verify
+    graphs: graphs give what eager steps give."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from llmkernels.penalties import apply_repetition_penalty, mark_seen
+
+    g = torch.Generator().manual_seed(0)
+    context = torch.randint(0, 500, (3, 40), generator=g).cuda()
+    scores = (torch.randn(3, 500, generator=g) * 4).cuda()
+    seen = torch.zeros(3, 500, dtype=torch.bool, device="cuda")
+    mark_seen(seen, context)
+    for penalty in (1.3, 0.7):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(context, scores.clone())
+        actual = apply_repetition_penalty(scores, seen, torch.full((3,), penalty, device="cuda"))
+        assert torch.equal(actual, expected), penalty
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=4)
+    greedy = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.3)
+    a = graphed.generate(ids, **greedy)
+    assert (2, True, True) in graphed._graphs  # the penalized greedy step of batch 2
+    assert torch.equal(a, eager.generate(ids, **greedy))
+    assert not torch.equal(a, graphed.generate(ids, max_new_tokens=40, do_sample=False))
+    sample = dict(greedy, do_sample=True, temperature=0.9, top_p=0.95, seed=5)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+    rep = repeated_prompts(2)
+    spec = dict(greedy, max_new_tokens=32, prompt_lookup_num_tokens=6)
+    assert torch.equal(graphed.generate(rep, **spec), eager.generate(rep, **spec))
+    hf32 = hf_model(torch.float32)
+    eng32 = lk.Engine.from_hf(hf32, max_batch_size=2, max_seq_len=128)
+    plain = eng32.generate(rep, max_new_tokens=32, repetition_penalty=1.3)
+    assert torch.equal(
+        eng32.generate(rep, max_new_tokens=32, repetition_penalty=1.3, prompt_lookup_num_tokens=6),
+        plain,
+    )

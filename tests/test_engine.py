@@ -748,6 +748,17 @@ def test_smollm2_greedy_matches_hf(smollm2):
 
 
 @pytest.mark.model
+def test_smollm2_repetition_penalty_matches_hf(smollm2):
+    eng, hf = smollm2
+    ids = torch.tensor([eng.chat_ids([{"role": "user", "content": CHAT_PROMPTS[-1]}])])
+    kw = dict(max_new_tokens=24, do_sample=False, repetition_penalty=1.3)
+    expected = hf_generate(hf, ids, **kw)
+    assert not torch.equal(expected, hf_generate(hf, ids, max_new_tokens=24, do_sample=False))
+    assert torch.equal(eng.generate(ids, **kw), expected)
+    assert torch.equal(eng.generate(ids, prompt_lookup_num_tokens=8, **kw), expected)
+
+
+@pytest.mark.model
 def test_smollm2_ragged_batch_matches_hf(smollm2):
     eng, hf = smollm2
     tok = eng.tokenizer

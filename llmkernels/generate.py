@@ -76,7 +76,6 @@ _NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,),
     "constraints": (None,),
     "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
     "min_p": (None, 0, 0.0),
     "top_h": (None,),
     "typical_p": (None, 1.0),
@@ -129,6 +128,7 @@ class GenerationParams:
     eos_token_ids: list[int]
     pad_token_id: int | None
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
+    min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
     prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
     max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
     num_assistant_tokens: int = 20  # draft model: guesses in the first round
@@ -177,7 +177,8 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, repetition_penalty, eos_token_id, pad_token_id, streamer, seed, generation_config, "
+            "top_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id, streamer, seed, "
+            "generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
         )
@@ -201,8 +202,8 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p sampling with an optional repetition_penalty only; use "
-            "HF's model.generate for the others."
+            "temperature / top-k / top-p sampling with optional repetition_penalty and "
+            "min_new_tokens only; use HF's model.generate for the others."
         )
 
     if eff.get("max_new_tokens") is not None:
@@ -248,6 +249,9 @@ def resolve_generation_params(
             f"repetition_penalty must be a finite number > 0 (1 = off), got {penalty!r}"
         )
 
+    min_new = eff.get("min_new_tokens") or 0
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
     eos = eff.get("eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.tolist()
@@ -287,6 +291,7 @@ def resolve_generation_params(
         eos_token_ids=eos_ids,
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
+        min_new_tokens=min_new,
     )
 
 
@@ -345,8 +350,14 @@ class Engine:
         self._penalty = torch.ones(n, dtype=torch.float32, device=dev)
         self._seen: torch.Tensor | None = None
         self._penalized = False  # this call penalizes (a decode graph per setting)
-        self._graphs: dict[tuple[int, bool, bool], Any] = {}  # (batch, greedy, penalized)
-        self._graph_logits: dict[tuple[int, bool, bool], torch.Tensor] = {}
+        # min_new_tokens: the EOS ids as a [V] mask, and per row the new tokens still to come
+        # before one of them may be sampled (counted down by every sampling step)
+        self._eos_mask: torch.Tensor | None = None
+        self._min_left = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._eos_blocked = False  # this call blocks EOS for a while (a decode graph per setting)
+        # (batch, greedy, penalized, EOS blocked) -> the captured decode step, its logits
+        self._graphs: dict[tuple[int, bool, bool, bool], Any] = {}
+        self._graph_logits: dict[tuple[int, bool, bool, bool], torch.Tensor] = {}
         self._graph_pool = None
         self._verify_tokens: torch.Tensor | None = None  # [max_batch, 65] verify graph input
         self._verify_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -723,11 +734,16 @@ class Engine:
     def _sample_into_tokens(self, logits: torch.Tensor, greedy: bool, check_values: bool) -> None:
         """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
         per-row sampling settings and the on-device RNG state (advanced by the sampler); with a
-        repetition penalty, from the penalized scores, and the new tokens are marked seen."""
+        repetition penalty, from the penalized scores, and the new tokens are marked seen; with
+        min_new_tokens, EOS ids are masked out while a row's count of tokens to come is > 0."""
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
         if self._penalized:
             logits = apply_repetition_penalty(logits, self._seen[:batch], self._penalty[:batch])
+        if self._eos_blocked:
+            blocked = (self._min_left[:batch] > 0)[:, None] & self._eos_mask  # [B, V]
+            logits = logits.masked_fill(blocked, float("-inf"))
+            self._min_left[:batch].sub_(1)
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
         else:
@@ -750,11 +766,13 @@ class Engine:
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
         if not self._graphs_enabled():
             return lambda: self._step(batch, greedy)
-        key = (batch, greedy, self._penalized)
+        key = (batch, greedy, self._penalized, self._eos_blocked)
         if key not in self._graphs:
             state = [self.model.cache_lens, self._rng, self._tokens]
             if self._penalized:
                 state.append(self._seen)  # the warm-up steps mark their tokens seen
+            if self._eos_blocked:
+                state.append(self._min_left)  # ... and count down
             self._graphs[key], self._graph_logits[key] = self._capture(
                 lambda: self._step(batch, greedy), state
             )
@@ -765,7 +783,9 @@ class Engine:
         output buffer on CUDA: valid until the next replay)."""
         logits = self._step_fn(batch, greedy)()
         return (
-            logits if logits is not None else self._graph_logits[(batch, greedy, self._penalized)]
+            logits
+            if logits is not None
+            else self._graph_logits[(batch, greedy, self._penalized, self._eos_blocked)]
         )
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
@@ -896,7 +916,8 @@ class Engine:
         (:meth:`Transformer.pack_for_verify`: one more copy of the projections and LM head).
 
         ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
-        scores of every id in the row's text so far (:mod:`llmkernels.penalties`).
+        scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
+        ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
         ``no_repeat_ngram_size``, unknown keywords, ...) and when a row's prompt plus
@@ -962,8 +983,8 @@ class Engine:
     def _start_sampling(self, batch: int, params: GenerationParams, seed: int | None) -> None:
         """Per-row sampling settings and the RNG state for this call (nothing when greedy). No
         repetition penalty (:meth:`_start_penalty` turns it on: a draft proposes without one,
-        as transformers' assistant does)."""
-        self._penalized = False
+        as transformers' assistant does) and no EOS blocking (:meth:`_start_eos_block`)."""
+        self._penalized = self._eos_blocked = False
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)
@@ -988,6 +1009,20 @@ class Engine:
         self._penalty[:batch].fill_(params.repetition_penalty)
         self._penalized = True
 
+    def _start_eos_block(self, batch: int, params: GenerationParams) -> None:
+        """With ``min_new_tokens`` and EOS ids, mask the EOS ids out of rows ``0..B-1``'s next
+        ``min_new_tokens`` samples (HF's ``MinNewTokensLengthLogitsProcessor``: EOS scores -inf)."""
+        vocab = self.config.vocab_size
+        eos = [e for e in params.eos_token_ids if 0 <= e < vocab]
+        if not params.min_new_tokens or not eos:
+            return
+        if self._eos_mask is None:
+            self._eos_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._eos_mask.zero_()
+        self._eos_mask[torch.tensor(eos, device=self.device)] = True
+        self._min_left[:batch].fill_(params.min_new_tokens)
+        self._eos_blocked = True
+
     def _generate(
         self,
         ids: torch.Tensor,
@@ -1008,6 +1043,7 @@ class Engine:
         greedy = params.greedy
         self._start_sampling(batch, params, seed)
         self._start_penalty(params, stream_prompt, stream_prompt_mask)
+        self._start_eos_block(batch, params)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
@@ -1167,6 +1203,7 @@ class Engine:
         self._start_penalty(
             params, torch.tensor([h + h[-1:] * (longest - len(h)) for h in histories])
         )
+        self._start_eos_block(batch, params)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
         eos, pad = set(params.eos_token_ids), params.pad_token_id
@@ -1197,6 +1234,9 @@ class Engine:
             pending = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
             if width == 0:  # nothing to verify: a plain decode step
                 self._tokens[:batch].copy_(pending)
+                if self._eos_blocked:  # rows have kept different numbers of guesses
+                    left = [params.min_new_tokens - len(o) for o in out]
+                    self._min_left[:batch].copy_(torch.tensor(left, dtype=torch.int32))
                 self._step_fn(batch, greedy)()
                 accepted, next_tokens = [0] * batch, self._tokens[:batch].tolist()
             else:
@@ -1205,6 +1245,12 @@ class Engine:
                 if self._penalized:  # each position sees the text and the guesses before it
                     seen = verify_seen(self._seen[:batch], tokens[:, 0], proposal.drafts)
                     logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
+                if self._eos_blocked:  # position j of row b would be new token len(out[b]) + j
+                    early = [
+                        [len(o) + j < params.min_new_tokens for j in range(width + 1)] for o in out
+                    ]
+                    early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
+                    logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
                 uniforms = None
                 if not greedy:

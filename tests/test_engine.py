@@ -433,7 +433,7 @@ def test_generation_config_defaults():
         (dict(num_beams=2), "num_beams"),
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
-        (dict(min_new_tokens=3), "min_new_tokens"),
+        (dict(min_length=3), "min_length"),
         (dict(num_return_sequences=2), "num_return_sequences"),
         (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
         (dict(logits_processor=[]), "logits_processor"),

@@ -413,3 +413,22 @@ def test_repetition_penalty_in_graphs_equals_eager():
         eng32.generate(rep, max_new_tokens=32, repetition_penalty=1.3, prompt_lookup_num_tokens=6),
         plain,
     )
+
+
+@torch.inference_mode()
+def test_min_new_tokens_in_graphs_equals_eager():
+    """The EOS mask and the per-row count of tokens to come are static buffers the captured
+    decode step reads and counts down: graphs give what eager steps give."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=4)
+    free = graphed.generate(ids, max_new_tokens=6, do_sample=False)
+    eos = int(free[0, 12])  # new token 2 of row 0
+    kw = dict(max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    a = graphed.generate(ids, min_new_tokens=16, **kw)
+    assert (2, True, False, True) in graphed._graphs
+    assert torch.equal(a, eager.generate(ids, min_new_tokens=16, **kw))
+    assert not (a[:, 10:26] == eos).any() and (graphed.generate(ids, **kw)[0, 10:13] == eos).any()
+    sample = dict(kw, do_sample=True, temperature=1.2, seed=3, min_new_tokens=16)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))

@@ -1,0 +1,102 @@
+"""min_new_tokens in the engine against transformers' generate (its MinNewTokensLengthLogitsProcessor:
+EOS scores -inf until that many new tokens), CPU fp32 random models: plain, batched, chat and
+speculative calls, greedy and sampled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import prompts, variant
+
+import llmkernels as lk
+
+
+def early_eos(eng, ids, at: int) -> int:
+    """The token plain greedy decoding emits as new token ``at`` of row 0: made the EOS id, it
+    ends generation there unless min_new_tokens blocks it."""
+    return int(eng.generate(ids, max_new_tokens=at + 1, do_sample=False)[0, ids.shape[1] + at])
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral-window"])
+def test_greedy_with_min_new_tokens_matches_transformers(name):
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    eos = early_eos(eng, ids, 2)
+    kw = dict(max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    short = eng.generate(ids, **kw)
+    assert (short[0, 10:13] == eos).any() and (short[0, 13:] == 0).all()  # stops early without
+    with torch.no_grad():
+        expected = hf.generate(ids, min_new_tokens=12, **kw)
+    actual = eng.generate(ids, min_new_tokens=12, **kw)
+    assert torch.equal(actual, expected)
+    assert not (actual[:, 10:22] == eos).any()  # no EOS among the first 12 new tokens
+    # with a repetition penalty too (transformers applies both)
+    with torch.no_grad():
+        expected = hf.generate(ids, min_new_tokens=12, repetition_penalty=1.2, **kw)
+    assert torch.equal(eng.generate(ids, min_new_tokens=12, repetition_penalty=1.2, **kw), expected)
+
+
+def test_speculative_with_min_new_tokens_equals_plain_greedy():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)
+    base = prompts(2, 12, seed=5)
+    ids = torch.cat([base, base, base, base[:, :4]], dim=1)  # grounded text: guesses get kept
+    eos = early_eos(eng, ids, 3)
+    kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    kw["min_new_tokens"] = 20
+    plain = eng.generate(ids, **kw)
+    with torch.no_grad():
+        assert torch.equal(plain, hf.generate(ids, **kw))
+    assert torch.equal(eng.generate(ids, prompt_lookup_num_tokens=8, **kw), plain)
+    draft = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)  # proposes EOS early
+    assert torch.equal(
+        eng.generate(ids, assistant_model=draft, num_assistant_tokens=6, **kw), plain
+    )
+    assert not draft._eos_blocked
+
+
+def test_sampling_never_emits_eos_before_min_new_tokens():
+    eng = lk.Engine.from_hf(variant("qwen3"), max_seq_len=64)
+    ids = prompts(1, 6)
+    counts = torch.zeros(320)
+    for seed in range(8):  # the most frequent sampled ids become the EOS set
+        out = eng.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, seed=seed)
+        counts += torch.bincount(out[0, 6:], minlength=320)
+    eos = counts.topk(3).indices.tolist()
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.5, eos_token_id=eos, pad_token_id=0)
+    stopped_early = 0
+    for seed in range(8):
+        free = eng.generate(ids, seed=seed, **kw)[0, 6:].tolist()
+        stopped_early += any(t in eos for t in free[:10])
+        held = eng.generate(ids, seed=seed, min_new_tokens=10, **kw)
+        assert torch.equal(held, eng.generate(ids, seed=seed, min_new_tokens=10, **kw))
+        assert not any(t in eos for t in held[0, 6:16].tolist())
+        spec = eng.generate(ids, seed=seed, min_new_tokens=10, prompt_lookup_num_tokens=3, **kw)
+        assert not any(t in eos for t in spec[0, 6:16].tolist())
+    assert stopped_early > 0  # the EOS set is likely enough for the test to mean something
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "3", True])
+def test_bad_min_new_tokens_is_refused_by_name(value):
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=32)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        eng.generate(prompts(1, 4), max_new_tokens=2, min_new_tokens=value)
+
+
+def test_speculative_rounds_keep_the_count_for_plain_steps():
+    """Rounds without guesses run the plain decode step, whose count of tokens to come must
+    follow the tokens the verify rounds kept: EOS becomes possible exactly at min_new_tokens."""
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=128)
+    ids = prompts(1, 12, seed=7)
+    free = eng.generate(ids, max_new_tokens=40, do_sample=False)[0, 12:].tolist()
+    checked = 0
+    for m in range(8, 36):
+        if free[m] in free[:m]:
+            continue  # EOS there would be blocked earlier and change the text
+        kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=free[m], min_new_tokens=m)
+        plain = eng.generate(ids, **kw)
+        assert plain.shape[1] == 12 + m + 1  # ends with EOS right at the minimum
+        assert torch.equal(eng.generate(ids, prompt_lookup_num_tokens=4, **kw), plain), m
+        checked += 1
+    assert checked >= 5

@@ -10,9 +10,10 @@ transformers gathers and scatters the context's ids at every step; the engine in
 ``[B, V]`` bool mask of the ids seen, set from the context once and updated with each sampled
 token, so a decode step does the same fixed-shape work at any length (and fits a CUDA graph).
 Qwen2 / Qwen2.5-Instruct ship ``repetition_penalty`` 1.05 in their generation config, so
-``generate`` applies it by default there, as transformers does. transformers ignores left padding
-since 5.2x (``prompt_ignore_length`` from the attention mask); 5.17 also penalized the pad id of
-padded rows. The engine follows the newer rule: a padded row gives what it gives alone.
+``generate`` applies it by default there, as transformers does. transformers 5.24 ignores left
+padding (it passes the attention mask's padding lengths as ``prompt_ignore_length``); 5.17 still
+penalized the pad id of padded rows. The engine follows the newer rule: a padded row gives what
+it gives alone.
 """
 
 from __future__ import annotations

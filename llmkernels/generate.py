@@ -98,11 +98,8 @@ _NEUTRAL: dict[str, tuple] = {
     "assistant_early_exit": (None,),
     "use_mtp": (None, False),
     "low_memory": (None, False),
-    "output_scores": (None, False),
-    "output_logits": (None, False),
     "output_attentions": (None, False),
     "output_hidden_states": (None, False),
-    "return_dict_in_generate": (None, False),
 }
 
 
@@ -129,6 +126,9 @@ class GenerationParams:
     pad_token_id: int | None
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
+    return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
+    output_scores: bool = False  # ... with each step's processed scores (fp32)
+    output_logits: bool = False  # ... with each step's raw logits (fp32)
     prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
     max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
     num_assistant_tokens: int = 20  # draft model: guesses in the first round
@@ -178,7 +178,7 @@ def resolve_generation_params(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
             "top_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id, streamer, seed, "
-            "generation_config, "
+            "return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
         )
@@ -292,6 +292,9 @@ def resolve_generation_params(
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
         min_new_tokens=min_new,
+        return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
+        output_scores=bool(eff.get("output_scores")),
+        output_logits=bool(eff.get("output_logits")),
     )
 
 
@@ -355,6 +358,10 @@ class Engine:
         self._eos_mask: torch.Tensor | None = None
         self._min_left = torch.zeros(n, dtype=torch.int32, device=dev)
         self._eos_blocked = False  # this call blocks EOS for a while (a decode graph per setting)
+        # output_scores / output_logits: (scores, logits) lists the sampling steps append to
+        # (None: not recorded; steps then run eagerly), and HF's warpers for sampled scores
+        self._record: tuple[list | None, list | None] | None = None
+        self._record_warpers = None
         # (batch, greedy, penalized, EOS blocked) -> the captured decode step, its logits
         self._graphs: dict[tuple[int, bool, bool, bool], Any] = {}
         self._graph_logits: dict[tuple[int, bool, bool, bool], torch.Tensor] = {}
@@ -738,12 +745,15 @@ class Engine:
         min_new_tokens, EOS ids are masked out while a row's count of tokens to come is > 0."""
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
+        raw = logits
         if self._penalized:
             logits = apply_repetition_penalty(logits, self._seen[:batch], self._penalty[:batch])
         if self._eos_blocked:
             blocked = (self._min_left[:batch] > 0)[:, None] & self._eos_mask  # [B, V]
             logits = logits.masked_fill(blocked, float("-inf"))
             self._min_left[:batch].sub_(1)
+        if self._record is not None:
+            self._record_step(raw, logits, greedy)
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
         else:
@@ -759,12 +769,25 @@ class Engine:
         if self._penalized:
             mark_seen(self._seen[:batch], tokens[:, None])
 
+    def _record_step(self, raw: torch.Tensor, processed: torch.Tensor, greedy: bool) -> None:
+        """Append this step's fp32 raw logits and processed scores ``[B, V]`` to ``_record``:
+        the scores after the penalty and the EOS mask, and when sampling after transformers'
+        own temperature / top-k / top-p warpers (what HF's ``output_scores`` holds)."""
+        scores, logits = self._record
+        if logits is not None:
+            logits.append(raw.float().clone())
+        if scores is not None:
+            step = processed.float().clone()
+            if not greedy and self._record_warpers is not None:
+                step = self._record_warpers(None, step)
+            scores.append(step)
+
     def _graphs_enabled(self) -> bool:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
         return self.device.type == "cuda" and self.use_cuda_graph and ops.cuda_kernels_available()
 
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
-        if not self._graphs_enabled():
+        if not self._graphs_enabled() or self._record is not None:
             return lambda: self._step(batch, greedy)
         key = (batch, greedy, self._penalized, self._eos_blocked)
         if key not in self._graphs:
@@ -945,16 +968,61 @@ class Engine:
         mask = self._as_mask(ids, attention_mask)
         self._cached_ids = []
         proposer = self._proposer(params, assistant_model)
+        recording = params.return_dict_in_generate and (
+            params.output_scores or params.output_logits
+        )
         if proposer is not None:
+            if recording:
+                raise ValueError(
+                    "output_scores / output_logits with speculative decoding "
+                    "(prompt_lookup_num_tokens, assistant_model) are not supported"
+                )
             histories = [row[m].tolist() for row, m in zip(ids, mask)]
             new = self._speculative(
                 ids, mask, [0] * ids.shape[0], histories, params, proposer, streamer, seed, ids
             )
         else:
-            new = self._generate(
-                ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, stream_prompt_mask=mask
-            )
-        return torch.cat([ids.cpu(), new], dim=1).to(out_device)
+            if recording:
+                self._start_recording(params)
+            try:
+                new = self._generate(
+                    ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, mask
+                )
+            finally:
+                record, self._record = self._record, None
+        sequences = torch.cat([ids.cpu(), new], dim=1).to(out_device)
+        if not params.return_dict_in_generate:
+            return sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        steps = new.shape[1]  # on CUDA, steps past the last EOS were recorded too
+        scores, logits = record if recording else (None, None)
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=None if scores is None else tuple(t.to(out_device) for t in scores[:steps]),
+            logits=None if logits is None else tuple(t.to(out_device) for t in logits[:steps]),
+        )
+
+    def _start_recording(self, params: GenerationParams) -> None:
+        """Record each step's scores / logits for HF's ``output_scores`` / ``output_logits``
+        (the decode steps then run eagerly, not as CUDA graphs). Sampled scores go through
+        transformers' own warpers, in its order, so they are what HF would report."""
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        warpers = LogitsProcessorList()
+        if params.temperature not in (0.0, 1.0):
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            warpers.append(TopKLogitsWarper(top_k=params.top_k))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        self._record_warpers = warpers
+        self._record = ([] if params.output_scores else None, [] if params.output_logits else None)
 
     def _check_capacity(
         self, ids: torch.Tensor, mask: torch.Tensor, start: list[int], params: GenerationParams
@@ -1336,6 +1404,11 @@ class Engine:
         ids = self.chat_ids(messages)
         assistant_model = gen_kwargs.pop("assistant_model", None)
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
+        if params.return_dict_in_generate or params.output_scores or params.output_logits:
+            raise ValueError(
+                "chat returns the reply's text: return_dict_in_generate / output_scores / "
+                "output_logits need generate (on eng.chat_ids(messages))"
+            )
         proposer = self._proposer(params, assistant_model)
         reuse = 0
         for a, b in zip(self._cached_ids, ids):

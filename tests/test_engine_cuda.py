@@ -432,3 +432,31 @@ def test_min_new_tokens_in_graphs_equals_eager():
     assert not (a[:, 10:26] == eos).any() and (graphed.generate(ids, **kw)[0, 10:13] == eos).any()
     sample = dict(kw, do_sample=True, temperature=1.2, seed=3, min_new_tokens=16)
     assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+
+
+@torch.inference_mode()
+def test_output_scores_on_cuda():
+    """Recording scores runs the decode steps eagerly: the same tokens as the graphs, and each
+    greedy step's scores pick the token it emitted (steps past EOS are not reported)."""
+    hf = hf_model()
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    ids = prompts(2, 10, seed=4)
+    kw = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.2)
+    plain = eng.generate(ids, **kw)
+    eos = int(plain[0, 15])
+    out = eng.generate(
+        ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw
+    )
+    assert torch.equal(out.sequences, plain) and len(out.scores) == len(out.logits) == 20
+    for step, scores in enumerate(out.scores):
+        assert scores.is_cuda and scores.dtype == torch.float32
+        assert torch.equal(scores.argmax(-1), plain[:, 10 + step])
+    stopped = eng.generate(
+        ids,
+        eos_token_id=eos,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kw,
+    )
+    assert len(stopped.scores) == stopped.sequences.shape[1] - 10

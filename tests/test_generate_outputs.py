@@ -1,0 +1,118 @@
+"""HF's return_dict_in_generate / output_scores / output_logits from the engine's generate, against
+transformers on random models of its families (CPU fp32): the same sequences and per-step logits,
+and scores that equal transformers' own processors and warpers applied to the same text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import prompts, variant
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import llmkernels as lk
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal -inf entries, finite entries within fp32 forward noise."""
+    if not torch.equal(torch.isinf(a), torch.isinf(b)):
+        return False
+    finite = torch.isfinite(a)
+    return torch.allclose(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral-window"])
+def test_greedy_scores_and_logits_match_transformers(name):
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    kw = dict(
+        max_new_tokens=12,
+        do_sample=False,
+        repetition_penalty=1.3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    with torch.no_grad():
+        expected = hf.generate(ids, pad_token_id=0, **kw)
+    out = eng.generate(ids, **kw)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert len(out.scores) == len(out.logits) == 12
+    for step in range(12):
+        assert out.scores[step].dtype == torch.float32 and out.scores[step].shape == (2, 320)
+        assert close(out.logits[step], expected.logits[step]), step
+        assert close(out.scores[step], expected.scores[step]), step
+        assert torch.equal(out.scores[step].argmax(-1), out.sequences[:, 10 + step])
+    assert not torch.equal(out.scores[5], out.logits[5])  # the penalty is in the scores
+    # transformers' own helper takes the engine's output
+    transition = hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    reference = torch.stack([s.log_softmax(-1) for s in out.scores], 1)
+    picked = reference.gather(2, out.sequences[:, 10:, None])[..., 0]
+    torch.testing.assert_close(transition, picked)
+
+
+def test_sampled_scores_are_transformers_warpers_on_the_same_text():
+    """Sampled tokens differ from transformers' (another RNG), so each step's scores are checked
+    against transformers' processors and warpers on its forward over the engine's own text."""
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_seq_len=96)
+    ids = prompts(1, 8)
+    settings = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    out = eng.generate(
+        ids,
+        max_new_tokens=10,
+        do_sample=True,
+        seed=4,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **settings,
+    )
+    assert out.logits is None and len(out.scores) == 10
+    warp = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.2),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+        ]
+    )
+    for step in range(10):
+        prefix = out.sequences[:, : 8 + step]
+        with torch.no_grad():
+            expected = warp(prefix, hf(prefix).logits[:, -1].float())
+        assert close(out.scores[step], expected), step
+        assert torch.isfinite(out.scores[step][0, out.sequences[0, 8 + step]])  # a kept token
+        assert int(torch.isfinite(out.scores[step]).sum()) <= 20
+
+
+def test_return_dict_alone_and_refusals():
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
+    ids = prompts(1, 6)
+    out = eng.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, eng.generate(ids, max_new_tokens=4))
+    assert out.scores is None and out.logits is None
+    plain = eng.generate(ids, max_new_tokens=4, output_scores=True)  # as HF: a tensor
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.sequences)
+    with pytest.raises(ValueError, match="output_scores / output_logits with speculative"):
+        eng.generate(
+            ids,
+            max_new_tokens=4,
+            prompt_lookup_num_tokens=3,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    with pytest.raises(ValueError, match="output_attentions"):
+        eng.generate(ids, max_new_tokens=4, return_dict_in_generate=True, output_attentions=True)
+
+
+def test_chat_refuses_output_settings(smol_tokenizer):
+    hf = variant("qwen2", vocab_size=len(smol_tokenizer))
+    eng = lk.Engine.from_hf(hf, tokenizer=smol_tokenizer, max_seq_len=128)
+    with pytest.raises(ValueError, match="chat returns the reply's text"):
+        eng.chat("Hi", max_new_tokens=2, return_dict_in_generate=True, output_scores=True)

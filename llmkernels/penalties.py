@@ -31,8 +31,8 @@ def apply_repetition_penalty(
     ``s = logits.float()`` (transformers upcasts the logits to fp32 before its processors).
 
     transformers divides by a Python float, which PyTorch's CUDA kernel computes as
-    ``s * (1 / p)`` (its CPU kernel divides): the same is done here on each device, so the
-    scores are bit-identical to transformers' on both."""
+    ``s * (1 / p)`` (its CPU kernel divides): the same is done here on each device, to be
+    bit-identical to transformers' scores on both (tested on CPU; a GPU test checks CUDA)."""
     scores = logits.float()
     p = penalty.view(-1, *([1] * (scores.dim() - 1)))  # [B, 1(, 1)]
     lowered = scores * p.reciprocal() if scores.is_cuda else scores / p

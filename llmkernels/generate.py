@@ -358,10 +358,9 @@ class Engine:
         self._eos_mask: torch.Tensor | None = None
         self._min_left = torch.zeros(n, dtype=torch.int32, device=dev)
         self._eos_blocked = False  # this call blocks EOS for a while (a decode graph per setting)
-        # output_scores / output_logits: (scores, logits) lists the sampling steps append to
-        # (None: not recorded; steps then run eagerly), and HF's warpers for sampled scores
-        self._record: tuple[list | None, list | None] | None = None
-        self._record_warpers = None
+        # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
+        # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
+        self._record: tuple[list | None, list | None, Any] | None = None
         # (batch, greedy, penalized, EOS blocked) -> the captured decode step, its logits
         self._graphs: dict[tuple[int, bool, bool, bool], Any] = {}
         self._graph_logits: dict[tuple[int, bool, bool, bool], torch.Tensor] = {}
@@ -746,11 +745,9 @@ class Engine:
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
         raw = logits
-        if self._penalized:
-            logits = apply_repetition_penalty(logits, self._seen[:batch], self._penalty[:batch])
+        early = (self._min_left[:batch] > 0)[:, None] if self._eos_blocked else None  # [B, 1]
+        logits = self._processed(logits, self._seen[:batch] if self._penalized else None, early)
         if self._eos_blocked:
-            blocked = (self._min_left[:batch] > 0)[:, None] & self._eos_mask  # [B, V]
-            logits = logits.masked_fill(blocked, float("-inf"))
             self._min_left[:batch].sub_(1)
         if self._record is not None:
             self._record_step(raw, logits, greedy)
@@ -769,18 +766,30 @@ class Engine:
         if self._penalized:
             mark_seen(self._seen[:batch], tokens[:, None])
 
+    def _processed(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, early: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``logits [B, (T,) V]`` through this call's logits processors, in transformers' order:
+        the repetition penalty (``seen``, the ids each row / position has seen) and then the EOS
+        mask of min_new_tokens (``early``, bool ``[B, (T,) 1]``: positions before the minimum).
+        Each applies only when this call has it on."""
+        batch = logits.shape[0]
+        if self._penalized:
+            logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
+        if self._eos_blocked:
+            logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
+        return logits
+
     def _record_step(self, raw: torch.Tensor, processed: torch.Tensor, greedy: bool) -> None:
         """Append this step's fp32 raw logits and processed scores ``[B, V]`` to ``_record``:
         the scores after the penalty and the EOS mask, and when sampling after transformers'
         own temperature / top-k / top-p warpers (what HF's ``output_scores`` holds)."""
-        scores, logits = self._record
+        scores, logits, warpers = self._record
         if logits is not None:
             logits.append(raw.float().clone())
         if scores is not None:
             step = processed.float().clone()
-            if not greedy and self._record_warpers is not None:
-                step = self._record_warpers(None, step)
-            scores.append(step)
+            scores.append(step if greedy else warpers(None, step))
 
     def _graphs_enabled(self) -> bool:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
@@ -789,7 +798,7 @@ class Engine:
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
         if not self._graphs_enabled() or self._record is not None:
             return lambda: self._step(batch, greedy)
-        key = (batch, greedy, self._penalized, self._eos_blocked)
+        key = self._step_key(batch, greedy)
         if key not in self._graphs:
             state = [self.model.cache_lens, self._rng, self._tokens]
             if self._penalized:
@@ -805,11 +814,11 @@ class Engine:
         """Run the decode step (see :meth:`_step`) and return its logits ``[B, V]`` (a graph's
         output buffer on CUDA: valid until the next replay)."""
         logits = self._step_fn(batch, greedy)()
-        return (
-            logits
-            if logits is not None
-            else self._graph_logits[(batch, greedy, self._penalized, self._eos_blocked)]
-        )
+        return logits if logits is not None else self._graph_logits[self._step_key(batch, greedy)]
+
+    def _step_key(self, batch: int, greedy: bool) -> tuple[int, bool, bool, bool]:
+        """The captured decode step this call replays: one per batch size and setting."""
+        return (batch, greedy, self._penalized, self._eos_blocked)
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -996,7 +1005,7 @@ class Engine:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
         steps = new.shape[1]  # on CUDA, steps past the last EOS were recorded too
-        scores, logits = record if recording else (None, None)
+        scores, logits, _ = record if recording else (None, None, None)
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             scores=None if scores is None else tuple(t.to(out_device) for t in scores[:steps]),
@@ -1021,8 +1030,8 @@ class Engine:
             warpers.append(TopKLogitsWarper(top_k=params.top_k))
         if params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=params.top_p))
-        self._record_warpers = warpers
-        self._record = ([] if params.output_scores else None, [] if params.output_logits else None)
+        scores = [] if params.output_scores else None
+        self._record = (scores, [] if params.output_logits else None, warpers)
 
     def _check_capacity(
         self, ids: torch.Tensor, mask: torch.Tensor, start: list[int], params: GenerationParams
@@ -1310,15 +1319,15 @@ class Engine:
             else:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
+                seen = early = None
                 if self._penalized:  # each position sees the text and the guesses before it
                     seen = verify_seen(self._seen[:batch], tokens[:, 0], proposal.drafts)
-                    logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
                 if self._eos_blocked:  # position j of row b would be new token len(out[b]) + j
                     early = [
                         [len(o) + j < params.min_new_tokens for j in range(width + 1)] for o in out
                     ]
                     early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
-                    logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
+                logits = self._processed(logits, seen, early)
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
                 uniforms = None
                 if not greedy:
@@ -1357,7 +1366,8 @@ class Engine:
                         streamer.put(torch.tensor([t], dtype=torch.int64))
             self.model.set_cache_lens(stored)
             proposer.update(accepted, proposal)
-            if self._penalized and any(round_tokens):  # mark the round's tokens seen
+            # mark a verify round's tokens seen (a plain step marked its token as it sampled it)
+            if self._penalized and width and any(round_tokens):
                 most = max(len(t) for t in round_tokens)  # pad with the row's last (seen) id
                 rows = [t + histories[b][-1:] * (most - len(t)) for b, t in enumerate(round_tokens)]
                 mark_seen(self._seen[:batch], torch.tensor(rows, device=self.device))

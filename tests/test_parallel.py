@@ -3,11 +3,12 @@
 Each rank builds the same random HF model (same seed; Llama GQA tied and untied, Qwen2 with
 q/k/v bias, Qwen3 with q/k norms, Gemma 3 with post-norms and a sliding layer, TinyLlama's
 32/4-head shapes), an engine on one process and a tensor-parallel engine over both ranks, and
-checks: prefill and every decode step's logits within
-1e-5 of one process (fp32), greedy tokens identical to one process and to transformers, seeded
-sampling identical across ranks, each rank's weight shapes halved as expected. Also: an
-indivisible head count is refused naming both numbers, and a rank that dies ends the other with
-an error instead of a hang.
+checks: prefill and every decode step's logits within 1e-5 of one process (fp32), relative to
+the largest logit (a row-parallel layer adds its two halves in another order: on TinyLlama's
+shape that moves logits of ~5 by ~1.2e-5); greedy tokens identical to one process and to
+transformers; seeded sampling identical across ranks; each rank's weight shapes halved as
+expected. Also: an indivisible head count is refused naming both numbers, and a rank that dies
+ends the other with an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def _max_err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def _close(tp_logits, one_logits) -> bool:
+    """Within 1e-5 of one process, relative to the largest logit (see the module docstring)."""
+    scale = max(1.0, one_logits.float().abs().max().item())
+    return _max_err(tp_logits, one_logits) <= 1e-5 * scale
+
+
 def _worker_equivalence(rank: int, store: str) -> None:
     import torch.distributed as dist
 
@@ -130,7 +137,7 @@ def _worker_equivalence(rank: int, store: str) -> None:
 
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(3, fields["vocab_size"], (2, 12), generator=g)
-        assert _max_err(tp.logits(ids), one.logits(ids)) <= 1e-5, f"{name}: prefill"
+        assert _close(tp.logits(ids), one.logits(ids)), f"{name}: prefill"
         # decode steps: the first 8 tokens prefilled, the next 4 fed one at a time
         ones = torch.ones_like(ids, dtype=torch.bool)
         with torch.inference_mode():
@@ -141,7 +148,7 @@ def _worker_equivalence(rank: int, store: str) -> None:
                 for eng in (one, tp):
                     eng._tokens[:2].copy_(ids[:, t])
                     steps.append(eng._step(2, greedy=True).clone())
-                assert _max_err(steps[0], steps[1]) <= 1e-5, f"{name}: decode step {t}"
+                assert _close(steps[1], steps[0]), f"{name}: decode step {t}"
 
         greedy = tp.generate(ids, max_new_tokens=16, do_sample=False)
         assert torch.equal(greedy, one.generate(ids, max_new_tokens=16, do_sample=False)), name

@@ -115,6 +115,21 @@ def git_sha() -> str:
         return "unknown"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the cores this process may use, e.g. "AMD EPYC (2 cores)": CPU
+    results depend on it (MKL takes other code paths on other vendors' CPUs)."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model or 'cpu'} ({cores} cores)"
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     """Device name, torch/CUDA/transformers versions, git SHA, date: stamped on every result file."""
     import llmkernels
@@ -133,7 +148,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor() or "cpu"
+        else cpu_name()
     )
     return {
         "device": name,

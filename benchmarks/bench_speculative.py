@@ -2,7 +2,8 @@
 transformers' generate with and without prompt_lookup_num_tokens, on grounded and open-ended
 prompts. Runs on CPU or CUDA.
 
-    python benchmarks/bench_speculative.py [--model default] [--device cpu] [--quick] [--out-dir DIR]
+    python benchmarks/bench_speculative.py [--model default] [--device cpu] [--quick] [--prompts tuning|held-out|all]
+        [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per contender")
     parser.add_argument("--quick", action="store_true", help="one prompt of each kind")
     parser.add_argument(
+        "--prompts",
+        default="tuning",
+        choices=sorted(speculative.PROMPT_SETS),
+        help="tuning: the prompts the proposer's rule was chosen on; held-out: new ones",
+    )
+    parser.add_argument(
         "--out-dir", default=None, help="default: timing.results_dir() for the device"
     )
     args = parser.parse_args(argv)
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats,
         out_dir,
         quick=args.quick,
+        prompts=args.prompts,
     )
     print(timing.markdown_table(rows, speculative.COLUMNS), end="")
     print(f"wrote {out_dir}/speculative.json and speculative.md")

@@ -78,6 +78,22 @@ def test_engine_rule_takes_the_latest_match_of_at_least_two_tokens():
     assert 100 < found < 300
 
 
+def test_prompt_lookup_guesses_a_fixed_count_after_rejections():
+    """As transformers' prompt_lookup_num_tokens: every round proposes up to K guesses (fewer
+    only where the match's continuation or the row's budget is shorter), however many of the
+    last round's were rejected."""
+    from llmkernels.speculative import PromptLookup
+
+    text = list(range(20)) * 2 + [0, 1]  # "0 1" recurs: the continuation is 2, 3, ...
+    lookup = PromptLookup(5)
+    lookup.start([text], None, None)
+    for kept in (0, 0, 1, 5):
+        proposal = lookup.propose([text], [100], torch.device("cpu"))
+        assert proposal.lengths == [5] and proposal.drafts[0].tolist() == [2, 3, 4, 5, 6]
+        lookup.update([kept], proposal)
+    assert lookup.propose([text], [3], torch.device("cpu")).lengths == [3]  # the budget
+
+
 # ---- greedy: identical to plain greedy ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["qwen3", "mistral-window", "qwen2"])
 @pytest.mark.parametrize("how", ["lookup", "draft", "self-draft"])

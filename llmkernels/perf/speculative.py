@@ -23,7 +23,15 @@ from ..speculative import PROMPT_LOOKUP_MAX_NGRAM, PromptLookup
 from . import timing
 from .timing import write_results
 
-__all__ = ["GROUNDED", "OPEN_ENDED", "packed_gemms_state", "run", "replay", "verify_costs"]
+__all__ = [
+    "GROUNDED",
+    "OPEN_ENDED",
+    "PROMPT_SETS",
+    "packed_gemms_state",
+    "run",
+    "replay",
+    "verify_costs",
+]
 
 _ARTICLE = (
     "The Great Barrier Reef, off the coast of Queensland, Australia, is the world's largest coral "
@@ -60,6 +68,51 @@ OPEN_ENDED = {
     "explain": "Explain why the sky is blue to a ten-year-old.",
     "story": "Tell me a short story about a dragon who is afraid of the dark.",
 }
+# Prompts no rule was chosen on: they check that a rule tuned by replaying the set above holds.
+_ARTICLE_2 = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+    "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 "
+    "to 1889. It was the entrance arch to the 1889 World's Fair. Although initially criticised by "
+    "some of France's leading artists and intellectuals for its design, it has since become a "
+    "global cultural icon of France and one of the most recognisable structures in the world. The "
+    "tower is 330 metres tall and was the tallest man-made structure in the world until 1930."
+)
+_NOTES = (
+    "Meeting notes, 12 March:\n- Priya will send the budget draft to finance by Friday.\n"
+    "- Tom will book the conference room for the client visit on 20 March.\n"
+    "- Lena will update the onboarding guide with the new VPN steps.\n"
+    "- Marco will review the pull request for the billing service."
+)
+_CODE_2 = (
+    "def parse_config(path):\n"
+    "    f = open(path)\n"
+    "    lines = f.readlines()\n"
+    "    config = {}\n"
+    "    for line in lines:\n"
+    "        key, value = line.split('=')\n"
+    "        config[key.strip()] = value.strip()\n"
+    "    return config\n"
+)
+HELD_OUT_GROUNDED = {
+    "summarise 2": f"{_ARTICLE_2}\n\nSummarise the text above in two sentences, reusing its wording.",
+    "extract 2": f"{_NOTES}\n\nList every action item as: person, task, deadline. One line per item.",
+    "rewrite 2": "Rewrite this text in the present tense, keeping everything else the same:"
+    f"\n\n{_ARTICLE_2}",
+    "edit code 2": f"{_CODE_2}\nRewrite this function to use a with statement and to skip blank "
+    "lines. Return the whole function.",
+}
+HELD_OUT_OPEN_ENDED = {
+    "haiku": "Write three haiku about autumn.",
+    "advice": "How can I sleep better? Give me some tips.",
+    "history": "Tell me about the history of the bicycle.",
+    "letter": "Write a short thank-you letter to a teacher.",
+}
+# --prompts: "tuning" (the rules were chosen by replaying these), "held-out", or "all"
+PROMPT_SETS = {
+    "tuning": (GROUNDED, OPEN_ENDED),
+    "held-out": (HELD_OUT_GROUNDED, HELD_OUT_OPEN_ENDED),
+    "all": ({**GROUNDED, **HELD_OUT_GROUNDED}, {**OPEN_ENDED, **HELD_OUT_OPEN_ENDED}),
+}
 COLUMNS = [
     "kind",
     "prompt",
@@ -92,8 +145,10 @@ def run(
     repeats: int = 2,
     out_dir: str | Path | None = None,
     quick: bool = False,
+    prompts: str = "tuning",
 ) -> list[dict]:
-    """Run the comparison; writes ``speculative.{json,md}`` into ``out_dir`` when given."""
+    """Run the comparison on the prompt set ``prompts`` (a key of :data:`PROMPT_SETS`); writes
+    ``speculative.{json,md}`` and ``traces.json`` into ``out_dir`` when given."""
     from transformers import AutoModelForCausalLM
 
     from ..generate import Engine
@@ -106,14 +161,15 @@ def run(
     ).to(device)
     hf.eval()
     tok = engine.tokenizer
-    prompts = [("grounded", k, v) for k, v in GROUNDED.items()]
-    prompts += [("open-ended", k, v) for k, v in OPEN_ENDED.items()]
+    grounded, open_ended = PROMPT_SETS[prompts]
+    cases = [("grounded", k, v) for k, v in grounded.items()]
+    cases += [("open-ended", k, v) for k, v in open_ended.items()]
     if quick:
-        prompts = [prompts[0], prompts[len(GROUNDED)]]
+        cases = [cases[0], cases[len(grounded)]]
     greedy = dict(max_new_tokens=new_tokens, do_sample=False)
     rows = []
     traces = {}  # prompt -> its ids and the plain engine's greedy output (for replay())
-    for kind, name, text in prompts:
+    for kind, name, text in cases:
         ids = torch.tensor([engine.chat_ids(text)], device=engine.device)
         n_prompt = ids.shape[1]
         accepted = {}
@@ -174,6 +230,7 @@ def run(
                     summary[f"{kind} {label} speedup (mean)"] = round(sum(picked) / len(picked), 2)
         extra = {
             "model": model,
+            "prompts": prompts,
             "new_tokens": new_tokens,
             "dtype": str(engine.dtype),
             "packed_verify_gemms": packed_gemms_state(engine),

@@ -145,11 +145,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else cpu_name()
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device": name,
         "device_type": device.type,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 DEFAULT_TRACES = (
     Path(__file__).parent
-    / "results/cpu-2026-11-30/speculative-smollm2-packed-gemm/eos-fix/traces.json"
+    / "results/cpu-2026-11-30/speculative-smollm2-fixed-guesses/traces.json"
 )
 
 

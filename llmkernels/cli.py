@@ -40,6 +40,13 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _min_p(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
@@ -178,6 +185,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["top_k"] = args.top_k
     if args.top_p is not None:
         kwargs["top_p"] = args.top_p
+    if args.min_p is not None:
+        kwargs["min_p"] = args.min_p
     if args.repetition_penalty is not None:
         kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
@@ -331,14 +340,15 @@ def cmd_next_token(args) -> int:
     logits = engine.logits(input_ids)[:, -1].float()  # [1, V], our forward on our ops
     if not _is_rank0(args):
         return 0
-    probs = reference.sampling_probs(logits, args.temperature, args.top_k or 0, args.top_p or 1.0)[
-        0
-    ]
+    probs = reference.sampling_probs(
+        logits, args.temperature, args.top_k or 0, args.top_p or 1.0, args.min_p or 0.0
+    )[0]
     top = torch.topk(probs, min(args.top, probs.numel()))
     tok = engine.tokenizer
     print(
         f"next-token distribution (temperature {args.temperature}, top_k {args.top_k or 'off'}, "
-        f"top_p {args.top_p or 'off'}) after {input_ids.shape[1]} prompt tokens:"
+        f"top_p {args.top_p or 'off'}, min_p {args.min_p or 'off'}) after {input_ids.shape[1]} "
+        "prompt tokens:"
     )
     print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
     for rank, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
@@ -438,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=_non_negative_int, default=None, help="0 = off")
             p.add_argument("--top-p", type=_top_p, default=None)
             p.add_argument(
+                "--min-p",
+                type=_min_p,
+                default=None,
+                help="HF's: after top-p, drop tokens below min_p x the top probability; 0 = off",
+            )
+            p.add_argument(
                 "--repetition-penalty",
                 type=_positive_float,
                 default=None,
@@ -473,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--temperature", type=_non_negative_float, default=1.0)
     n.add_argument("--top-k", type=_non_negative_int, default=None)
     n.add_argument("--top-p", type=_top_p, default=None)
+    n.add_argument("--min-p", type=_min_p, default=None)
     n.add_argument(
         "--raw", action="store_true", help="score the prompt as plain text (no chat template)"
     )

@@ -26,11 +26,12 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from . import ops
+from . import reference as ref
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -76,7 +77,6 @@ _NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,),
     "constraints": (None,),
     "min_length": (None, 0),
-    "min_p": (None, 0, 0.0),
     "top_h": (None,),
     "typical_p": (None, 1.0),
     "epsilon_cutoff": (None, 0.0),
@@ -103,6 +103,16 @@ _NEUTRAL: dict[str, tuple] = {
 }
 
 
+class StepKey(NamedTuple):
+    """Which captured decode step a call replays: one per batch size and setting."""
+
+    batch: int
+    greedy: bool
+    penalized: bool  # repetition_penalty on
+    eos_blocked: bool  # min_new_tokens still masking EOS
+    min_p: bool  # min_p on (sampling only)
+
+
 def _is_neutral(value: Any, allowed: tuple) -> bool:
     for a in allowed:
         try:
@@ -124,6 +134,7 @@ class GenerationParams:
     top_p: float
     eos_token_ids: list[int]
     pad_token_id: int | None
+    min_p: float = 0.0  # HF's: after top-p, drop tokens with p < min_p * max(p) (0 = off)
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
@@ -177,8 +188,8 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id, streamer, seed, "
-            "return_dict_in_generate, output_scores, output_logits, generation_config, "
+            "top_p, min_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id, "
+            "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
         )
@@ -202,7 +213,7 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p sampling with optional repetition_penalty and "
+            "temperature / top-k / top-p / min-p sampling with optional repetition_penalty and "
             "min_new_tokens only; use HF's model.generate for the others."
         )
 
@@ -238,6 +249,10 @@ def resolve_generation_params(
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    min_p = eff.get("min_p")
+    min_p = 0.0 if min_p is None or not do_sample else min_p  # HF warps only when sampling
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be a number in [0, 1] (0 = off), got {min_p!r}")
     penalty = eff.get("repetition_penalty")
     penalty = 1.0 if penalty is None else penalty
     if (
@@ -288,6 +303,7 @@ def resolve_generation_params(
         temperature=temperature,
         top_k=int(top_k),
         top_p=top_p,
+        min_p=float(min_p),
         eos_token_ids=eos_ids,
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
@@ -347,6 +363,12 @@ class Engine:
         self._temperature = torch.ones(n, dtype=torch.float32, device=dev)
         self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
+        # min_p: the fused sampler has no min-p filter, so with it on the reference computes the
+        # warped distribution and the sampler draws from its log (a decode graph per setting)
+        self._min_p = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._min_p_on = False
+        self._unit = torch.ones(n, dtype=torch.float32, device=dev)  # T = 1, top_p = 1
+        self._no_top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
         # repetition penalty (llmkernels.penalties): per-row penalty and the [B, V] mask of the
         # ids each row has seen, allocated by the first call that uses it
@@ -361,9 +383,9 @@ class Engine:
         # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
         # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
         self._record: tuple[list | None, list | None, Any] | None = None
-        # (batch, greedy, penalized, EOS blocked) -> the captured decode step, its logits
-        self._graphs: dict[tuple[int, bool, bool, bool], Any] = {}
-        self._graph_logits: dict[tuple[int, bool, bool, bool], torch.Tensor] = {}
+        # _step_key() -> the captured decode step, its logits
+        self._graphs: dict[StepKey, Any] = {}
+        self._graph_logits: dict[StepKey, torch.Tensor] = {}
         self._graph_pool = None
         self._verify_tokens: torch.Tensor | None = None  # [max_batch, 65] verify graph input
         self._verify_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -753,18 +775,36 @@ class Engine:
             self._record_step(raw, logits, greedy)
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
+        elif self._min_p_on:  # the warped law from the reference, drawn by the sampler
+            if check_values:  # NaN / inf scores and the settings, as ops.sample checks them
+                ops._check_sampling_values(logits, *self._sampling_rows(batch)[:3])
+            probs = ref.sampling_probs(logits, *self._sampling_rows(batch))
+            unit = self._unit[:batch]
+            ops.sample(  # probs.log(): -inf where filtered out, never drawn
+                probs.log(),
+                unit,
+                self._no_top_k[:batch],
+                unit,
+                rng_state=self._rng,
+                check_values=False,
+                out=tokens,
+            )
         else:
             ops.sample(
                 logits,
-                self._temperature[:batch],
-                self._top_k[:batch],
-                self._top_p[:batch],
+                *self._sampling_rows(batch),
                 rng_state=self._rng,
                 check_values=check_values,
                 out=tokens,
             )
         if self._penalized:
             mark_seen(self._seen[:batch], tokens[:, None])
+
+    def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Rows ``0..B-1``'s sampling settings, as :func:`reference.sampling_probs` takes them:
+        (temperature, top_k, top_p), and min_p when this call has it on."""
+        rows = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
+        return rows + (self._min_p[:batch],) if self._min_p_on else rows
 
     def _processed(
         self, logits: torch.Tensor, seen: torch.Tensor | None, early: torch.Tensor | None
@@ -816,9 +856,10 @@ class Engine:
         logits = self._step_fn(batch, greedy)()
         return logits if logits is not None else self._graph_logits[self._step_key(batch, greedy)]
 
-    def _step_key(self, batch: int, greedy: bool) -> tuple[int, bool, bool, bool]:
+    def _step_key(self, batch: int, greedy: bool) -> StepKey:
         """The captured decode step this call replays: one per batch size and setting."""
-        return (batch, greedy, self._penalized, self._eos_blocked)
+        min_p = self._min_p_on and not greedy
+        return StepKey(batch, greedy, self._penalized, self._eos_blocked, min_p)
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -949,7 +990,9 @@ class Engine:
 
         ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
         scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
-        ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens.
+        ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens;
+        ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
+        one after top-p (HF's ``MinPLogitsWarper``).
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
         ``no_repeat_ngram_size``, unknown keywords, ...) and when a row's prompt plus
@@ -1018,6 +1061,7 @@ class Engine:
         transformers' own warpers, in its order, so they are what HF would report."""
         from transformers.generation.logits_process import (
             LogitsProcessorList,
+            MinPLogitsWarper,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
             TopPLogitsWarper,
@@ -1030,6 +1074,8 @@ class Engine:
             warpers.append(TopKLogitsWarper(top_k=params.top_k))
         if params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        if params.min_p > 0:
+            warpers.append(MinPLogitsWarper(min_p=params.min_p))
         scores = [] if params.output_scores else None
         self._record = (scores, [] if params.output_logits else None, warpers)
 
@@ -1062,10 +1108,12 @@ class Engine:
         repetition penalty (:meth:`_start_penalty` turns it on: a draft proposes without one,
         as transformers' assistant does) and no EOS blocking (:meth:`_start_eos_block`)."""
         self._penalized = self._eos_blocked = False
+        self._min_p_on = not params.greedy and params.min_p > 0
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)
             self._top_p[:batch].fill_(params.top_p)
+            self._min_p[:batch].fill_(params.min_p)
             self._rng.copy_(ops.new_rng_state(self.device, seed))
 
     def _start_penalty(
@@ -1298,7 +1346,7 @@ class Engine:
         # independent randomness for the guesses, the acceptance tests and the target's draws
         seed_value = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         uniform_gen = torch.Generator().manual_seed(seed_value ^ 0x5DEECE66D)
-        row_params = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
+        row_params = self._sampling_rows(batch)
         proposer.start(histories, params, seed_value + 1)
         proposed_total = accepted_total = 0
         while True:

@@ -337,6 +337,7 @@ def sampling_probs(
     temperature: float | torch.Tensor = 1.0,
     top_k: int | torch.Tensor = 0,
     top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """The exact distribution :func:`sample` draws from, ``[B, V]`` fp32 (HF filter order).
 
@@ -348,8 +349,10 @@ def sampling_probs(
        probable than t is ``< top_p`` (HF's ``TopPLogitsWarper``, ties kept together); at least
        the most probable token is always kept.
     4. renormalize the kept probabilities.
+    5. min-p (``0`` is off): keep token t iff ``p_t >= min_p * max(p)`` over the renormalized p
+       (HF's ``MinPLogitsWarper``, after top-p), and renormalize again.
 
-    logits: ``[B, V]``; temperature, top_p: float or ``[B]``; top_k: int or ``[B]``.
+    logits: ``[B, V]``; temperature, top_p, min_p: float or ``[B]``; top_k: int or ``[B]``.
     """
     batch, vocab = logits.shape
     device = logits.device
@@ -382,6 +385,11 @@ def sampling_probs(
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     probs = torch.where(keep, probs, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
+    if isinstance(min_p, torch.Tensor) or min_p != 0:  # a Python 0 leaves p bit-identical
+        min_p = _per_row(min_p, batch, torch.float32, device)
+        floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        probs = torch.where(probs >= floor, probs, 0.0)  # the largest always stays
+        probs = probs / probs.sum(dim=-1, keepdim=True)
 
     if greedy.any():
         one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()

@@ -98,7 +98,7 @@ def accept(
     logits ``[B, K + 1, V]``: the target's at the pending token and after each guess; drafts
     ``[B, K]`` int64 (entries at and after ``num_drafts[b]`` are padding); num_drafts ``[B]``.
     Greedy: guesses equal to the argmax are kept. Sampling: ``sampling = (temperature [B], top_k
-    [B], top_p [B])``, ``draft_probs [B, K, V]`` the proposer's distributions (None: one-hot
+    [B], top_p [B][, min_p [B]])``, ``draft_probs [B, K, V]`` the proposer's distributions (None: one-hot
     guesses, prompt lookup), ``uniforms [B, K]`` in [0, 1), and ``rng_state`` for ``ops.sample``;
     see the module docstring for the rule. Row b emits ``drafts[b, :accepted[b]]`` then
     ``next_token[b]``.
@@ -113,12 +113,9 @@ def accept(
         accepted = keep.long().cumprod(dim=1).sum(dim=1)  # [B]
         return accepted, best.gather(1, accepted[:, None]).squeeze(1)
 
-    temperature, top_k, top_p = sampling
-    p = ref.sampling_probs(
+    p = ref.sampling_probs(  # each row's settings at each of its positions
         logits.reshape(batch * positions, vocab),
-        temperature.repeat_interleave(positions),
-        top_k.repeat_interleave(positions),
-        top_p.repeat_interleave(positions),
+        *(setting.repeat_interleave(positions) for setting in sampling),
     ).view(batch, positions, vocab)
     p_guess = p[:, :k].gather(2, drafts[:, :, None]).squeeze(2)  # [B, K]
     if draft_probs is None:
@@ -261,9 +258,7 @@ class DraftModel:
             else:
                 d._sample_into_tokens(logits, greedy, check_values=False)
             if probs is not None:  # the law d._tokens was drawn from (the row settings)
-                probs[:, j] = ref.sampling_probs(
-                    logits, d._temperature[:batch], d._top_k[:batch], d._top_p[:batch]
-                )
+                probs[:, j] = ref.sampling_probs(logits, *d._sampling_rows(batch))
             drafts[:, j] = d._tokens[:batch]
         lengths = [min(k, b) for b in budgets]
         return Proposal(drafts.to(device), lengths, None if probs is None else probs.to(device))

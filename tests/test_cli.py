@@ -314,7 +314,8 @@ def test_user_errors_are_one_line(capsys, argv, message):
 
 
 @pytest.mark.parametrize(
-    "flag,value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")]
+    "flag,value",
+    [("--top-p", "1.5"), ("--min-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")],
 )
 def test_bad_flag_values_exit_nonzero(capsys, flag, value):
     code, _, err = run_cli(capsys, "generate", "hi", flag, value)

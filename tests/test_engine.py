@@ -459,6 +459,9 @@ def test_bad_sampling_values_raise(eng_gqa):
     for kw in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)):
         with pytest.raises(ValueError):
             eng_gqa.generate(prompts(1, 4), max_new_tokens=2, do_sample=True, **kw)
+    for bad in (-0.1, 1.5, "0.1", float("nan")):
+        with pytest.raises(ValueError, match=r"min_p must be a number in \[0, 1\]"):
+            eng_gqa.generate(prompts(1, 4), max_new_tokens=2, do_sample=True, min_p=bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         eng_gqa.generate(prompts(1, 4), max_new_tokens=0)
 

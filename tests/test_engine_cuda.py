@@ -231,7 +231,7 @@ def test_graphs_of_several_batch_sizes_share_the_pool():
         a = graph_eng.generate(ids, max_new_tokens=20, do_sample=False)
         b = eager_eng.generate(ids, max_new_tokens=20, do_sample=False)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert {(1, True), (3, True)} <= set(graph_eng._graphs)
+    assert {(1, True), (3, True)} <= {(key.batch, key.greedy) for key in graph_eng._graphs}
 
 
 @torch.inference_mode()
@@ -375,6 +375,24 @@ def test_speculative_graphs_equal_eager_and_fp32_equals_plain_greedy():
 
 
 @torch.inference_mode()
+def test_min_p_in_graphs_equals_eager():
+    """With min_p the captured step computes the reference's warped distribution (sorts and
+    cumsums, no host sync) and the sampling kernel draws from its log: graphs give what eager
+    steps give, and every token lies in min_p's kept set."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=6)
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_p=0.95, min_p=0.1, seed=3)
+    a = graphed.generate(ids, **kw)
+    assert any(key.min_p and key.batch == 2 for key in graphed._graphs)
+    assert torch.equal(a, eager.generate(ids, **kw))
+    out = eager.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+    for step, scores in enumerate(out.scores):  # HF's warpers, min_p included: token kept
+        picked = scores.gather(1, out.sequences[:, 10 + step, None].to(scores.device))
+        assert torch.isfinite(picked).all(), step
+
+
 def test_repetition_penalty_in_graphs_equals_eager():
     """The penalty's scores equal transformers' processor on CUDA; it runs inside the captured
     decode step (its seen-ids mask is a static buffer the step updates) and after the verify
@@ -398,7 +416,9 @@ def test_repetition_penalty_in_graphs_equals_eager():
     ids = prompts(2, 10, seed=4)
     greedy = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.3)
     a = graphed.generate(ids, **greedy)
-    assert (2, True, True) in graphed._graphs  # the penalized greedy step of batch 2
+    assert any(  # the penalized greedy step of batch 2
+        (key.batch, key.greedy, key.penalized) == (2, True, True) for key in graphed._graphs
+    )
     assert torch.equal(a, eager.generate(ids, **greedy))
     assert not torch.equal(a, graphed.generate(ids, max_new_tokens=40, do_sample=False))
     sample = dict(greedy, do_sample=True, temperature=0.9, top_p=0.95, seed=5)
@@ -427,7 +447,7 @@ def test_min_new_tokens_in_graphs_equals_eager():
     eos = int(free[0, 12])  # new token 2 of row 0
     kw = dict(max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
     a = graphed.generate(ids, min_new_tokens=16, **kw)
-    assert (2, True, False, True) in graphed._graphs
+    assert any(key.batch == 2 and key.greedy and key.eos_blocked for key in graphed._graphs)
     assert torch.equal(a, eager.generate(ids, min_new_tokens=16, **kw))
     assert not (a[:, 10:26] == eos).any() and (graphed.generate(ids, **kw)[0, 10:13] == eos).any()
     sample = dict(kw, do_sample=True, temperature=1.2, seed=3, min_new_tokens=16)

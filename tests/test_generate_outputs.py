@@ -9,6 +9,7 @@ import torch
 from test_families import prompts, variant
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -63,7 +64,7 @@ def test_sampled_scores_are_transformers_warpers_on_the_same_text():
     hf = variant("qwen3")
     eng = lk.Engine.from_hf(hf, max_seq_len=96)
     ids = prompts(1, 8)
-    settings = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    settings = dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
     out = eng.generate(
         ids,
         max_new_tokens=10,
@@ -80,6 +81,7 @@ def test_sampled_scores_are_transformers_warpers_on_the_same_text():
             TemperatureLogitsWarper(0.7),
             TopKLogitsWarper(20),
             TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.05),
         ]
     )
     for step in range(10):

@@ -143,16 +143,28 @@ def test_mixed_rows():
 # ---- the reference's filtering equals HF's own logits warpers ---------------------------------------
 @pytest.mark.parametrize(
     "setting",
-    [(1.0, 0, 0.9), (0.7, 50, 1.0), (0.7, 50, 0.9), (1.5, 7, 0.3), (0.3, 1, 0.5), (1.0, 0, 0.05)],
+    [
+        (1.0, 0, 0.9),
+        (0.7, 50, 1.0),
+        (0.7, 50, 0.9),
+        (1.5, 7, 0.3),
+        (0.3, 1, 0.5),
+        (1.0, 0, 0.05),
+        (1.0, 0, 1.0, 0.1),  # min_p: alone, after top-k and top-p (HF's order), and large
+        (0.7, 50, 0.9, 0.05),
+        (1.5, 0, 0.95, 0.6),
+    ],
 )
 def test_reference_filter_matches_hf_warpers(setting):
     from transformers.generation.logits_process import (
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    temperature, top_k, top_p = setting
+    temperature, top_k, top_p, *rest = setting
+    min_p = rest[0] if rest else 0.0
     gen = torch.Generator().manual_seed(17)
     logits = torch.randn(6, 1000, generator=gen) * 3  # continuous: tie-free
     logits[5] = fixture_logits()[1][:1000] + 1e-3 * torch.randn(
@@ -166,8 +178,10 @@ def test_reference_filter_matches_hf_warpers(setting):
             scores = TopKLogitsWarper(top_k)(input_ids[:1], scores)
         if p_row < 1.0:
             scores = TopPLogitsWarper(p_row)(input_ids[:1], scores)
+        if min_p:
+            scores = MinPLogitsWarper(min_p)(input_ids[:1], scores)
         hf = torch.softmax(scores, dim=-1)[0]
-        ours = ref.sampling_probs(logits[row : row + 1], temperature, top_k, p_row)[0]
+        ours = ref.sampling_probs(logits[row : row + 1], temperature, top_k, p_row, min_p)[0]
         assert torch.equal(ours > 0, hf > 0), f"row {row}: kept sets differ"
         torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-5)
 

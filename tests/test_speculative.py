@@ -241,11 +241,12 @@ def _first_two_tokens(logits, drafts, num_drafts, q, n, seed, settings=(1.0, 0, 
     """Emitted tokens 1 and 2 of one round over n identical rows (token 2 only where guess 1
     was kept)."""
     batch = n
-    temperature, top_k, top_p = settings
+    temperature, top_k, top_p, *min_p = settings  # min_p: given or off
     sampling = (
         torch.full((batch,), temperature),
         torch.full((batch,), top_k, dtype=torch.int32),
         torch.full((batch,), top_p),
+        *(torch.full((batch,), value) for value in min_p),
     )
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(batch, drafts.shape[1], generator=gen)
@@ -265,7 +266,7 @@ def _first_two_tokens(logits, drafts, num_drafts, q, n, seed, settings=(1.0, 0, 
     return first, second, accepted
 
 
-@pytest.mark.parametrize("settings", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+@pytest.mark.parametrize("settings", [(1.0, 0, 1.0), (0.7, 5, 0.9), (1.0, 0, 0.95, 0.15)])
 @pytest.mark.parametrize("proposer", ["draft", "lookup"])
 def test_acceptance_rule_reproduces_target_distribution(proposer, settings):
     vocab, k, n = 12, 2, 60_000

@@ -1,0 +1,76 @@
+"""min_p in the engine (HF's MinPLogitsWarper: after temperature, top-k and top-p, drop the tokens
+whose probability is below min_p times the largest). The fused sampler has no min-p filter: with
+min_p on, the reference computes the warped distribution and the sampler draws from it. Checked
+here on CPU against that law (chi-square over the joint of two sampled tokens, a prefill sample
+and a decode step's), against greedy decoding at min_p = 1, and for seeded reproducibility. The
+reference's filter is checked against transformers' own warpers in test_sampling_stats.py, the
+recorded scores in test_generate_outputs.py and speculative acceptance in test_speculative.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sampling_stats import assert_distribution
+from test_families import make_hf, prompts, variant
+
+import llmkernels as lk
+from llmkernels import reference as ref
+
+
+def test_sampled_tokens_follow_the_min_p_law():
+    vocab, rows, calls = 16, 128, 40
+    hf = make_hf("qwen3", vocab_size=vocab, head_dim=16, seed=3)
+    eng = lk.Engine.from_hf(hf, max_batch_size=rows, max_seq_len=32)
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    settings = dict(temperature=1.5, top_k=0, top_p=0.95, min_p=0.2)
+    law = (settings["temperature"], 0, settings["top_p"])
+    with torch.no_grad():
+        first = hf(prompt).logits[0, -1:].float()  # [1, V]
+        after = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        second = hf(after).logits[:, -1].float()  # [V, V]: logits after each first token
+
+    def joint(min_p: float) -> torch.Tensor:
+        p1 = ref.sampling_probs(first, *law, min_p)[0]
+        p2 = ref.sampling_probs(second, *law, min_p)
+        return (p1[:, None] * p2).flatten()
+
+    expected, unfiltered = joint(0.2), joint(0.0)
+    assert (expected > 0).sum() < (unfiltered > 0).sum()  # min_p removes pairs here
+    draws = []
+    for call in range(calls):
+        out = eng.generate(
+            prompt.expand(rows, -1), max_new_tokens=2, do_sample=True, seed=call, **settings
+        )
+        draws.append(out[:, -2] * vocab + out[:, -1])
+    draws = torch.cat(draws)
+    assert_distribution(draws, expected, "tokens 1 and 2 with min_p 0.2")
+    with pytest.raises(AssertionError):  # the test has power: the law without min_p fails
+        assert_distribution(draws, unfiltered, "without min_p")
+
+
+def test_min_p_one_keeps_only_the_most_likely_token():
+    eng = lk.Engine.from_hf(variant("qwen2"), max_batch_size=2, max_seq_len=64)
+    ids = prompts(2, 8)
+    greedy = eng.generate(ids, max_new_tokens=12, do_sample=False)
+    sampled = eng.generate(ids, max_new_tokens=12, do_sample=True, temperature=2.0, min_p=1.0)
+    assert torch.equal(sampled, greedy)
+
+
+def test_seeded_min_p_sampling_is_reproducible_plain_and_speculative():
+    eng = lk.Engine.from_hf(variant("qwen3"), max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.2, min_p=0.1)
+    for extra in ({}, dict(prompt_lookup_num_tokens=4)):
+        a = eng.generate(ids, seed=5, **kw, **extra)
+        assert torch.equal(a, eng.generate(ids, seed=5, **kw, **extra)), extra
+        assert not torch.equal(a, eng.generate(ids, seed=6, **kw, **extra)), extra
+    # greedy ignores min_p, as HF (its warpers apply only when sampling)
+    greedy = eng.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(eng.generate(ids, max_new_tokens=8, do_sample=False, min_p=0.5), greedy)
+
+
+def test_nan_logits_with_min_p_raise_a_clear_error():
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
+    eng.model.norm.fill_(float("nan"))  # every logit NaN
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        eng.generate(prompts(1, 6), max_new_tokens=3, do_sample=True, min_p=0.1)

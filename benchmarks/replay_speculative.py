@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_TRACES = (
-    Path(__file__).parent
-    / "results/cpu-2026-11-30/speculative-smollm2-fixed-guesses/traces.json"
+    Path(__file__).parent / "results/cpu-2026-11-30/speculative-smollm2-fixed-guesses/traces.json"
 )
 
 

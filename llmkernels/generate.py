@@ -364,11 +364,9 @@ class Engine:
         self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
         # min_p: the fused sampler has no min-p filter, so with it on the reference computes the
-        # warped distribution and the sampler draws from its log (a decode graph per setting)
+        # warped distribution and the sampler draws from it (a decode graph per setting)
         self._min_p = torch.zeros(n, dtype=torch.float32, device=dev)
         self._min_p_on = False
-        self._unit = torch.ones(n, dtype=torch.float32, device=dev)  # T = 1, top_p = 1
-        self._no_top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
         # repetition penalty (llmkernels.penalties): per-row penalty and the [B, V] mask of the
         # ids each row has seen, allocated by the first call that uses it
@@ -776,19 +774,11 @@ class Engine:
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
         elif self._min_p_on:  # the warped law from the reference, drawn by the sampler
+            rows = self._sampling_rows(batch)
             if check_values:  # NaN / inf scores and the settings, as ops.sample checks them
-                ops._check_sampling_values(logits, *self._sampling_rows(batch)[:3])
-            probs = ref.sampling_probs(logits, *self._sampling_rows(batch))
-            unit = self._unit[:batch]
-            ops.sample(  # probs.log(): -inf where filtered out, never drawn
-                probs.log(),
-                unit,
-                self._no_top_k[:batch],
-                unit,
-                rng_state=self._rng,
-                check_values=False,
-                out=tokens,
-            )
+                ops._check_sampling_values(logits, *rows[:3])
+            probs = ref.sampling_probs(logits, *rows)
+            ops.sample_from_probs(probs, rng_state=self._rng, out=tokens)
         else:
             ops.sample(
                 logits,

@@ -44,6 +44,7 @@ __all__ = [
     "decode_attention_workspace",
     "decode_attention_supported",
     "sample",
+    "sample_from_probs",
     "new_rng_state",
 ]
 
@@ -909,6 +910,16 @@ def sample(
         generator = torch.Generator(device).manual_seed(seed)
     out.copy_(ref.sample(logits, temperature_t, top_k_t, top_p_t, generator=generator))
     return out
+
+
+def sample_from_probs(
+    probs: torch.Tensor, *, rng_state: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row drawn from the distributions ``probs [B, V]`` (fp32, rows summing to 1;
+    zero entries are never drawn) by :func:`sample`: their log at temperature 1, unfiltered. For
+    laws the sampler's own filters cannot express (speculative residuals, min_p). No value
+    checks (check the scores the probabilities came from); nothing syncs with the host."""
+    return sample(probs.log(), 1.0, 0, 1.0, rng_state=rng_state, check_values=False, out=out)
 
 
 def _sample_from_state(out, logits, temperature, top_k, top_p, rng_state) -> None:

@@ -25,7 +25,7 @@ proposer's (one-hot for prompt lookup), guess ``d`` is kept with probability ``m
 q(d))``; at the first rejection the row's token is drawn from ``max(0, p - q)`` renormalized, and
 when every guess is kept, from ``p`` at the next position. Every emitted token is then
 distributed exactly as under plain sampling from the target. The draws from the residual and the
-bonus position are made by ``ops.sample`` (its log-probabilities as logits, no filtering).
+bonus position are made by the sampler (``ops.sample_from_probs``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def accept(
     logits ``[B, K + 1, V]``: the target's at the pending token and after each guess; drafts
     ``[B, K]`` int64 (entries at and after ``num_drafts[b]`` are padding); num_drafts ``[B]``.
     Greedy: guesses equal to the argmax are kept. Sampling: ``sampling = (temperature [B], top_k
-    [B], top_p [B][, min_p [B]])``, ``draft_probs [B, K, V]`` the proposer's distributions (None: one-hot
-    guesses, prompt lookup), ``uniforms [B, K]`` in [0, 1), and ``rng_state`` for ``ops.sample``;
+    [B], top_p [B][, min_p [B]])``, ``draft_probs [B, K, V]`` the proposer's distributions
+    (None: one-hot guesses, prompt lookup), ``uniforms [B, K]`` in [0, 1), and ``rng_state`` for ``ops.sample``;
     see the module docstring for the rule. Row b emits ``drafts[b, :accepted[b]]`` then
     ``next_token[b]``.
     """
@@ -139,11 +139,7 @@ def accept(
     # p == q on the support makes a rejection impossible in exact arithmetic; after rounding,
     # draw from p rather than from an empty residual
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_next)
-    one = torch.ones(batch, device=logits.device)
-    no_top_k = torch.zeros(batch, dtype=torch.int32, device=logits.device)
-    next_token = ops.sample(  # residual.log(): -inf where the residual is 0, never drawn
-        residual.log(), one, no_top_k, one, rng_state=rng_state, check_values=False
-    )
+    next_token = ops.sample_from_probs(residual, rng_state=rng_state)
     return accepted, next_token
 
 

@@ -110,7 +110,7 @@ def _is_rank0(args) -> bool:
     return not getattr(args, "tensor_parallel", False) or int(os.environ.get("RANK", 0)) == 0
 
 
-def _load_engine(args):
+def _load_engine(args, max_batch_size: int = 1):
     from .generate import Engine
 
     if args.quantize_lm_head and not args.quantize:
@@ -128,6 +128,7 @@ def _load_engine(args):
         args.model,
         device=device,
         dtype=_resolve_dtype(args.dtype),
+        max_batch_size=max_batch_size,
         max_seq_len=args.max_seq_len,
         quantize=args.quantize,
         group_size=args.group_size,
@@ -249,12 +250,15 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    engine = _load_engine(args)
+    replies = args.num_return_sequences
+    if replies > 1 and (args.temperature is None or args.temperature == 0):
+        raise UserError("--num-return-sequences needs sampling: give --temperature > 0")
+    engine = _load_engine(args, max_batch_size=replies)
     input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
     rank0 = _is_rank0(args)  # under torchrun every rank generates, rank 0 prints
-    streamer = (
+    streamer = (  # several replies are printed at the end, one after the other
         TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if rank0
+        if rank0 and replies == 1
         else None
     )
     speculative = _speculative_kwargs(args, engine)
@@ -263,19 +267,28 @@ def cmd_generate(args) -> int:
         input_ids,
         max_new_tokens=args.max_new_tokens,
         streamer=streamer,
+        num_return_sequences=replies,
         **_sampling_kwargs(args),
         **speculative,
     )
     elapsed = time.perf_counter() - t0
-    new_tokens = out.shape[1] - input_ids.shape[1]
+    if rank0 and replies > 1:
+        eos = engine.generation_config.eos_token_id
+        eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        for i, row in enumerate(out[:, input_ids.shape[1] :].tolist()):
+            end = next((j for j, t in enumerate(row) if t in eos), len(row))
+            text = engine.tokenizer.decode(row[:end], skip_special_tokens=True)
+            print(f"--- reply {i + 1} of {replies} ---\n{text}")
+    new_tokens = out.shape[1] - input_ids.shape[1]  # per reply (the longest; rows decode together)
     accepted = ""
     if speculative and engine.last_acceptance and engine.last_acceptance[1]:
         kept, proposed = engine.last_acceptance
         accepted = f"; {kept}/{proposed} guesses accepted"
     if rank0:
         print(
-            f"[llmkernels] {new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} "
-            f"tokens/s (prompt {input_ids.shape[1]} tokens, prefill included{accepted})",
+            f"[llmkernels] {f'{replies} x ' if replies > 1 else ''}{new_tokens} tokens in "
+            f"{elapsed:.2f}s: {replies * new_tokens / elapsed:.1f} tokens/s (prompt "
+            f"{input_ids.shape[1]} tokens, prefill included{accepted})",
             file=sys.stderr,
         )
     return 0
@@ -478,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a reply (streamed) for one prompt")
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    g.add_argument(
+        "--num-return-sequences",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="sample N replies to the prompt in one batch (needs --temperature > 0)",
+    )
     model_args(g)
 
     c = sub.add_parser("chat", help="multi-turn chat; history kept in the KV cache; /reset, /exit")

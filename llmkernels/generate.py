@@ -68,7 +68,6 @@ _HF_DEFAULTS: dict[str, Any] = {
 _NEUTRAL: dict[str, tuple] = {
     "num_beams": (None, 1),
     "num_beam_groups": (None, 1),
-    "num_return_sequences": (None, 1),
     "penalty_alpha": (None, 0, 0.0),
     "encoder_repetition_penalty": (None, 1.0),
     "no_repeat_ngram_size": (None, 0),
@@ -137,6 +136,7 @@ class GenerationParams:
     min_p: float = 0.0  # HF's: after top-p, drop tokens with p < min_p * max(p) (0 = off)
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
+    num_return_sequences: int = 1  # sampled continuations per prompt row (HF's)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
     output_logits: bool = False  # ... with each step's raw logits (fp32)
@@ -188,7 +188,8 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id, "
+            "top_p, min_p, repetition_penalty, min_new_tokens, num_return_sequences, eos_token_id, "
+            "pad_token_id, "
             "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
@@ -213,8 +214,8 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p / min-p sampling with optional repetition_penalty and "
-            "min_new_tokens only; use HF's model.generate for the others."
+            "temperature / top-k / top-p / min-p sampling with optional repetition_penalty, "
+            "min_new_tokens and num_return_sequences only; use HF's model.generate for the others."
         )
 
     if eff.get("max_new_tokens") is not None:
@@ -267,6 +268,15 @@ def resolve_generation_params(
     min_new = eff.get("min_new_tokens") or 0
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    num_return = eff.get("num_return_sequences")
+    num_return = 1 if num_return is None else num_return
+    if isinstance(num_return, bool) or not isinstance(num_return, int) or num_return < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return!r}")
+    if num_return > 1 and not do_sample:  # transformers' GenerationConfig.validate, same rule
+        raise ValueError(
+            f"num_return_sequences={num_return} needs do_sample=True: greedy decoding would "
+            "return the same sequence each time (transformers raises too)"
+        )
     eos = eff.get("eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.tolist()
@@ -308,6 +318,7 @@ def resolve_generation_params(
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
         min_new_tokens=min_new,
+        num_return_sequences=num_return,
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
@@ -982,11 +993,13 @@ class Engine:
         scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
         ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens;
         ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
-        one after top-p (HF's ``MinPLogitsWarper``).
+        one after top-p (HF's ``MinPLogitsWarper``). ``num_return_sequences=n`` (sampling only,
+        as HF) repeats each prompt row n times, the copies next to each other, and returns
+        ``[B * n, T + new]``: each copy draws its own tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
         ``no_repeat_ngram_size``, unknown keywords, ...) and when a row's prompt plus
-        ``max_new_tokens`` exceeds ``max_seq_len`` or ``B > max_batch_size``.
+        ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         out_device = (
             input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
@@ -1008,6 +1021,16 @@ class Engine:
             if pad_in_ids and params.pad_token_id not in params.eos_token_ids:
                 attention_mask = ids != params.pad_token_id
         mask = self._as_mask(ids, attention_mask)
+        copies = params.num_return_sequences
+        if copies > 1:  # as HF: each prompt row repeated, its copies next to each other
+            if ids.shape[0] * copies > self.max_batch_size:
+                raise ValueError(
+                    f"{ids.shape[0]} prompt rows x num_return_sequences={copies} = "
+                    f"{ids.shape[0] * copies} rows exceeds the engine's max_batch_size="
+                    f"{self.max_batch_size}; build the engine with a larger max_batch_size"
+                )
+            ids = ids.repeat_interleave(copies, dim=0)
+            mask = mask.repeat_interleave(copies, dim=0)
         self._cached_ids = []
         proposer = self._proposer(params, assistant_model)
         recording = params.return_dict_in_generate and (
@@ -1452,10 +1475,15 @@ class Engine:
         ids = self.chat_ids(messages)
         assistant_model = gen_kwargs.pop("assistant_model", None)
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
-        if params.return_dict_in_generate or params.output_scores or params.output_logits:
+        if (
+            params.return_dict_in_generate
+            or params.output_scores
+            or params.output_logits
+            or params.num_return_sequences > 1
+        ):
             raise ValueError(
-                "chat returns the reply's text: return_dict_in_generate / output_scores / "
-                "output_logits need generate (on eng.chat_ids(messages))"
+                "chat returns one reply's text: return_dict_in_generate / output_scores / "
+                "output_logits / num_return_sequences need generate (on eng.chat_ids(messages))"
             )
         proposer = self._proposer(params, assistant_model)
         reuse = 0

@@ -163,6 +163,29 @@ def test_generate_with_speculation_prints_the_same_text(capsys):
 
 
 @needs_model
+def test_generate_several_replies_prints_each(capsys):
+    from llmkernels import Engine
+
+    prompt = "Name a colour."
+    common = ["generate", prompt, "--raw", "--max-new-tokens", "8", "--device", "cpu"]
+    sampling = ["--temperature", "1.0", "--top-k", "0", "--seed", "4"]
+    code, out, err = run_cli(capsys, *common, *sampling, "--num-return-sequences", "3")
+    assert code == 0, err
+    assert "3 x " in err and "tokens/s" in err
+    replies = out.split("--- reply ")[1:]
+    assert [r.split(" ---")[0] for r in replies] == ["1 of 3", "2 of 3", "3 of 3"]
+    eng = Engine.from_pretrained("default", device="cpu", max_batch_size=3)
+    ids = eng.tokenizer(prompt, return_tensors="pt").input_ids
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, seed=4, max_new_tokens=8)
+    expected = eng.generate(ids, num_return_sequences=3, **kw)[:, ids.shape[1] :]
+    for reply, row in zip(replies, expected.tolist()):
+        text = eng.tokenizer.decode(row, skip_special_tokens=True)
+        assert reply.split(" ---\n", 1)[1].rstrip("\n") == text
+    code, _, err = run_cli(capsys, *common, "--num-return-sequences", "2")
+    assert code == cli.EXIT_USER_ERROR and "needs sampling" in err
+
+
+@needs_model
 def test_next_token_table_matches_engine_logits(capsys, engine):
     prompt = "The capital of France is"
     code, out, err = run_cli(capsys, "next-token", prompt, "--raw", "--top", "5", "--device", "cpu")

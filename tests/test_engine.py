@@ -434,7 +434,6 @@ def test_generation_config_defaults():
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
         (dict(min_length=3), "min_length"),
-        (dict(num_return_sequences=2), "num_return_sequences"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(logits_processor=[]), "logits_processor"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported

@@ -116,5 +116,7 @@ def test_return_dict_alone_and_refusals():
 def test_chat_refuses_output_settings(smol_tokenizer):
     hf = variant("qwen2", vocab_size=len(smol_tokenizer))
     eng = lk.Engine.from_hf(hf, tokenizer=smol_tokenizer, max_seq_len=128)
-    with pytest.raises(ValueError, match="chat returns the reply's text"):
+    with pytest.raises(ValueError, match="chat returns one reply's text"):
         eng.chat("Hi", max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+    with pytest.raises(ValueError, match="num_return_sequences need generate"):
+        eng.chat("Hi", max_new_tokens=2, do_sample=True, num_return_sequences=2)

@@ -35,7 +35,7 @@ from . import reference as ref
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
-from .penalties import apply_repetition_penalty, mark_seen, verify_seen
+from .penalties import apply_repetition_penalty, mark_seen, ngram_bans, verify_seen
 from .quant import quantize_model_weights
 from .speculative import (
     MAX_SPECULATIVE_TOKENS,
@@ -70,7 +70,6 @@ _NEUTRAL: dict[str, tuple] = {
     "num_beam_groups": (None, 1),
     "penalty_alpha": (None, 0, 0.0),
     "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
     "encoder_no_repeat_ngram_size": (None, 0),
     "bad_words_ids": (None,),
     "force_words_ids": (None,),
@@ -110,6 +109,7 @@ class StepKey(NamedTuple):
     penalized: bool  # repetition_penalty on
     eos_blocked: bool  # min_new_tokens still masking EOS
     min_p: bool  # min_p on (sampling only)
+    no_repeat: int  # no_repeat_ngram_size (0 = off)
 
 
 def _is_neutral(value: Any, allowed: tuple) -> bool:
@@ -136,6 +136,7 @@ class GenerationParams:
     min_p: float = 0.0  # HF's: after top-p, drop tokens with p < min_p * max(p) (0 = off)
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
+    no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
     num_return_sequences: int = 1  # sampled continuations per prompt row (HF's)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
@@ -177,7 +178,7 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or no_repeat_ngram_size > 0).
+    arguments, or HF settings such as num_beams > 1 or min_length > 0).
     """
     from transformers import GenerationConfig
 
@@ -188,8 +189,8 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, repetition_penalty, min_new_tokens, num_return_sequences, eos_token_id, "
-            "pad_token_id, "
+            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, "
+            "num_return_sequences, eos_token_id, pad_token_id, "
             "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
@@ -215,7 +216,8 @@ def resolve_generation_params(
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
             "temperature / top-k / top-p / min-p sampling with optional repetition_penalty, "
-            "min_new_tokens and num_return_sequences only; use HF's model.generate for the others."
+            "no_repeat_ngram_size, min_new_tokens and num_return_sequences only; use HF's "
+            "model.generate for the others."
         )
 
     if eff.get("max_new_tokens") is not None:
@@ -268,6 +270,9 @@ def resolve_generation_params(
     min_new = eff.get("min_new_tokens") or 0
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    no_repeat = eff.get("no_repeat_ngram_size") or 0
+    if isinstance(no_repeat, bool) or not isinstance(no_repeat, int) or no_repeat < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {no_repeat!r}")
     num_return = eff.get("num_return_sequences")
     num_return = 1 if num_return is None else num_return
     if isinstance(num_return, bool) or not isinstance(num_return, int) or num_return < 1:
@@ -318,6 +323,7 @@ def resolve_generation_params(
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
         min_new_tokens=min_new,
+        no_repeat_ngram_size=no_repeat,
         num_return_sequences=num_return,
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
@@ -389,6 +395,11 @@ class Engine:
         self._eos_mask: torch.Tensor | None = None
         self._min_left = torch.zeros(n, dtype=torch.int32, device=dev)
         self._eos_blocked = False  # this call blocks EOS for a while (a decode graph per setting)
+        # no_repeat_ngram_size (penalties.ngram_bans): each row's text so far, with room for a
+        # verify's guesses, allocated by the first call that uses it, and its length per row
+        self._text: torch.Tensor | None = None
+        self._text_len = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._no_repeat = 0  # this call's n-gram size, 0 = off (a decode graph per size)
         # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
         # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
         self._record: tuple[list | None, list | None, Any] | None = None
@@ -772,12 +783,19 @@ class Engine:
         """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
         per-row sampling settings and the on-device RNG state (advanced by the sampler); with a
         repetition penalty, from the penalized scores, and the new tokens are marked seen; with
-        min_new_tokens, EOS ids are masked out while a row's count of tokens to come is > 0."""
+        min_new_tokens, EOS ids are masked out while a row's count of tokens to come is > 0;
+        with no_repeat_ngram_size, ids that would repeat an n-gram are, and the new tokens are
+        appended to the rows' text."""
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
         raw = logits
         early = (self._min_left[:batch] > 0)[:, None] if self._eos_blocked else None  # [B, 1]
-        logits = self._processed(logits, self._seen[:batch] if self._penalized else None, early)
+        banned = None
+        if self._no_repeat:
+            text, lens = self._text[:batch], self._text_len[:batch]
+            banned = ngram_bans(text, lens, self._no_repeat, self.config.vocab_size)[:, 0]
+        seen = self._seen[:batch] if self._penalized else None
+        logits = self._processed(logits, seen, early, banned)
         if self._eos_blocked:
             self._min_left[:batch].sub_(1)
         if self._record is not None:
@@ -800,6 +818,18 @@ class Engine:
             )
         if self._penalized:
             mark_seen(self._seen[:batch], tokens[:, None])
+        if self._no_repeat:
+            self._append_text(tokens[:, None], torch.ones_like(tokens))
+
+    def _append_text(self, new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append ``new[b, :counts[b]]`` (``new [B, N]`` int64, ``counts [B]``) to rows
+        ``0..B-1`` of the text that no_repeat_ngram_size reads (on the device: no host sync).
+        Slots past a row's count are written at its end and never read; a full row drops them."""
+        batch, width = new.shape
+        lens = self._text_len[:batch]
+        slots = lens[:, None] + torch.arange(width, device=new.device)  # [B, N]
+        self._text[:batch].scatter_(1, slots.clamp(max=self._text.shape[1] - 1), new)
+        lens.add_(counts).clamp_(max=self._text.shape[1])
 
     def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Rows ``0..B-1``'s sampling settings, as :func:`reference.sampling_probs` takes them:
@@ -808,15 +838,22 @@ class Engine:
         return rows + (self._min_p[:batch],) if self._min_p_on else rows
 
     def _processed(
-        self, logits: torch.Tensor, seen: torch.Tensor | None, early: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor | None,
+        early: torch.Tensor | None,
+        banned: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``logits [B, (T,) V]`` through this call's logits processors, in transformers' order:
-        the repetition penalty (``seen``, the ids each row / position has seen) and then the EOS
-        mask of min_new_tokens (``early``, bool ``[B, (T,) 1]``: positions before the minimum).
-        Each applies only when this call has it on."""
+        the repetition penalty (``seen``, the ids each row / position has seen), the ids that
+        would repeat an n-gram (``banned``, bool, the shape of logits) and the EOS mask of
+        min_new_tokens (``early``, bool ``[B, (T,) 1]``: positions before the minimum). Each
+        applies only when this call has it on."""
         batch = logits.shape[0]
         if self._penalized:
             logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
+        if self._no_repeat:
+            logits = logits.float().masked_fill(banned, float("-inf"))
         if self._eos_blocked:
             logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
         return logits
@@ -846,6 +883,8 @@ class Engine:
                 state.append(self._seen)  # the warm-up steps mark their tokens seen
             if self._eos_blocked:
                 state.append(self._min_left)  # ... and count down
+            if self._no_repeat:
+                state.append(self._text_len)  # ... and append to the text
             self._graphs[key], self._graph_logits[key] = self._capture(
                 lambda: self._step(batch, greedy), state
             )
@@ -860,7 +899,7 @@ class Engine:
     def _step_key(self, batch: int, greedy: bool) -> StepKey:
         """The captured decode step this call replays: one per batch size and setting."""
         min_p = self._min_p_on and not greedy
-        return StepKey(batch, greedy, self._penalized, self._eos_blocked, min_p)
+        return StepKey(batch, greedy, self._penalized, self._eos_blocked, min_p, self._no_repeat)
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -992,13 +1031,15 @@ class Engine:
         ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
         scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
         ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens;
+        ``no_repeat_ngram_size=n`` bans each id that would complete an n-gram already in the
+        row's text (HF's ``NoRepeatNGramLogitsProcessor``, :func:`llmkernels.penalties.ngram_bans`);
         ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
         one after top-p (HF's ``MinPLogitsWarper``). ``num_return_sequences=n`` (sampling only,
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
-        ``no_repeat_ngram_size``, unknown keywords, ...) and when a row's prompt plus
+        ``min_length``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         out_device = (
@@ -1121,6 +1162,7 @@ class Engine:
         repetition penalty (:meth:`_start_penalty` turns it on: a draft proposes without one,
         as transformers' assistant does) and no EOS blocking (:meth:`_start_eos_block`)."""
         self._penalized = self._eos_blocked = False
+        self._no_repeat = 0
         self._min_p_on = not params.greedy and params.min_p > 0
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
@@ -1146,6 +1188,22 @@ class Engine:
         mark_seen(self._seen[:batch], context, None if mask is None else mask.to(self.device))
         self._penalty[:batch].fill_(params.repetition_penalty)
         self._penalized = True
+
+    def _start_no_repeat(self, params: GenerationParams, rows: list[list[int]]) -> None:
+        """Turn no_repeat_ngram_size on for this call when set: rows ``0..B-1`` of the text are
+        ``rows`` (each row's whole text before its first new token, without padding)."""
+        if not params.no_repeat_ngram_size:
+            return
+        if self._text is None:  # room for the prompt, the new tokens and a verify's guesses
+            size = self.max_seq_len + MAX_SPECULATIVE_TOKENS + 1
+            self._text = torch.zeros(
+                self.max_batch_size, size, dtype=torch.int64, device=self.device
+            )
+        longest = max(len(r) for r in rows)
+        padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], dtype=torch.int64)
+        self._text[: len(rows), :longest].copy_(padded)
+        self._text_len[: len(rows)].copy_(torch.tensor([len(r) for r in rows]))
+        self._no_repeat = params.no_repeat_ngram_size
 
     def _start_eos_block(self, batch: int, params: GenerationParams) -> None:
         """With ``min_new_tokens`` and EOS ids, mask the EOS ids out of rows ``0..B-1``'s next
@@ -1182,6 +1240,11 @@ class Engine:
         self._start_sampling(batch, params, seed)
         self._start_penalty(params, stream_prompt, stream_prompt_mask)
         self._start_eos_block(batch, params)
+        if params.no_repeat_ngram_size:
+            real = stream_prompt_mask
+            if real is None:
+                real = torch.ones_like(stream_prompt, dtype=torch.bool)
+            self._start_no_repeat(params, [r[m].tolist() for r, m in zip(stream_prompt, real)])
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
@@ -1342,6 +1405,7 @@ class Engine:
             params, torch.tensor([h + h[-1:] * (longest - len(h)) for h in histories])
         )
         self._start_eos_block(batch, params)
+        self._start_no_repeat(params, histories)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
         eos, pad = set(params.eos_token_ids), params.pad_token_id
@@ -1380,15 +1444,21 @@ class Engine:
             else:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
-                seen = early = None
+                seen = early = banned = None
                 if self._penalized:  # each position sees the text and the guesses before it
                     seen = verify_seen(self._seen[:batch], tokens[:, 0], proposal.drafts)
+                if self._no_repeat:  # ... here the text with the guesses in place
+                    text, lens = self._text[:batch].clone(), self._text_len[:batch]
+                    slots = lens[:, None] + torch.arange(width, device=self.device)  # [B, K]
+                    text.scatter_(1, slots.clamp(max=text.shape[1] - 1), proposal.drafts)
+                    n, vocab = self._no_repeat, self.config.vocab_size
+                    banned = ngram_bans(text, lens, n, vocab, positions=width + 1)
                 if self._eos_blocked:  # position j of row b would be new token len(out[b]) + j
                     early = [
                         [len(o) + j < params.min_new_tokens for j in range(width + 1)] for o in out
                     ]
                     early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
-                logits = self._processed(logits, seen, early)
+                logits = self._processed(logits, seen, early, banned)
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
                 uniforms = None
                 if not greedy:
@@ -1432,6 +1502,13 @@ class Engine:
                 most = max(len(t) for t in round_tokens)  # pad with the row's last (seen) id
                 rows = [t + histories[b][-1:] * (most - len(t)) for b, t in enumerate(round_tokens)]
                 mark_seen(self._seen[:batch], torch.tensor(rows, device=self.device))
+            if self._no_repeat and width and any(round_tokens):
+                most = max(len(t) for t in round_tokens)
+                rows = [t + [0] * (most - len(t)) for t in round_tokens]
+                counts = [len(t) for t in round_tokens]
+                self._append_text(
+                    torch.tensor(rows, device=self.device), torch.tensor(counts, device=self.device)
+                )
         if streamer is not None:
             streamer.end()
         self.last_acceptance = (accepted_total, proposed_total)

@@ -1,4 +1,6 @@
-"""Repetition penalty, as transformers' ``RepetitionPenaltyLogitsProcessor``, on a presence mask.
+"""Logits processors on the text so far, as transformers': the repetition penalty
+(``RepetitionPenaltyLogitsProcessor``, on a presence mask) and ``no_repeat_ngram_size``
+(``NoRepeatNGramLogitsProcessor``, on the text itself).
 
 Each row's scores for the token ids that occur in its context (the prompt without its left
 padding, and every token generated so far) are penalized before sampling or the argmax::
@@ -14,13 +16,20 @@ Qwen2 / Qwen2.5-Instruct ship ``repetition_penalty`` 1.05 in their generation co
 padding (it passes the attention mask's padding lengths as ``prompt_ignore_length``); 5.17 still
 penalized the pad id of padded rows. The engine follows the newer rule: a padded row gives what
 it gives alone.
+
+``no_repeat_ngram_size=n`` bans every id that would complete an n-gram already in the text:
+where the last n - 1 tokens occurred before, the token that followed them then gets score -inf.
+transformers builds a dict of the text's n-grams on the host at every step; :func:`ngram_bans`
+compares the last n - 1 tokens with every window of a fixed-size ``[B, L]`` text buffer on the
+device instead (no host sync, one CUDA graph), and serves a speculative verify's positions in
+the same call. The text is each row's without its left padding, as for the penalty.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_repetition_penalty", "mark_seen", "verify_seen"]
+__all__ = ["apply_repetition_penalty", "mark_seen", "verify_seen", "ngram_bans"]
 
 
 def apply_repetition_penalty(
@@ -62,3 +71,35 @@ def verify_seen(seen: torch.Tensor, pending: torch.Tensor, drafts: torch.Tensor)
         idx = torch.where(before, drafts[:, None, :], pending[:, None, None])  # [B, K + 1, K]
         out.scatter_(2, idx, True)
     return out
+
+
+def ngram_bans(
+    text: torch.Tensor, lengths: torch.Tensor, n: int, vocab: int, positions: int = 1
+) -> torch.Tensor:
+    """The ids each position may not emit under ``no_repeat_ngram_size=n`` (n >= 1): bool
+    ``[B, positions, vocab]``, True at every id that would complete an n-gram already in the
+    text. Position p of row b continues ``text[b, :lengths[b] + p]`` (text ``[B, L]`` int64 ids
+    in ``[0, vocab)``, lengths ``[B]`` int64 with ``lengths + positions - 1 <= L``; entries past
+    a row's last position are never read)::
+
+        banned[b, p, v] = exists j with j + n <= lengths[b] + p,
+                          text[b, j : j + n - 1] == text[b, e - n + 1 : e]  (e = lengths[b] + p)
+                          and text[b, j + n - 1] == v
+
+    As transformers' ``NoRepeatNGramLogitsProcessor``: nothing is banned before the text holds
+    n tokens, and n = 1 bans every id in the text."""
+    batch, size = text.shape
+    if n > size:  # no n-gram fits
+        return torch.zeros(batch, positions, vocab, dtype=torch.bool, device=text.device)
+    windows = text.unfold(1, n, 1)  # [B, W, n]: window j = text[b, j : j + n], W = L - n + 1
+    ends = lengths[:, None] + torch.arange(positions, device=text.device)  # [B, P] text lengths
+    back = torch.arange(1 - n, 0, device=text.device)  # [n - 1]: offsets of the last n - 1 ids
+    where = (ends[:, :, None] + back).clamp(0, size - 1).reshape(batch, -1)  # [B, P * (n - 1)]
+    last = text.gather(1, where).view(batch, positions, 1, n - 1)  # [B, P, 1, n - 1]
+    match = (windows[:, None, :, : n - 1] == last).all(-1)  # [B, P, W]
+    start = torch.arange(windows.shape[1], device=text.device)  # [W]
+    match &= start <= (ends - n)[:, :, None]  # the whole n-gram lies inside the text
+    # ids of the matching windows' last tokens; others point at a spare column, dropped
+    ids = torch.where(match, windows[:, None, :, n - 1], vocab)  # [B, P, W]
+    banned = torch.zeros(batch, positions, vocab + 1, dtype=torch.bool, device=text.device)
+    return banned.scatter_(2, ids, True)[..., :vocab]

@@ -455,6 +455,29 @@ def test_min_new_tokens_in_graphs_equals_eager():
 
 
 @torch.inference_mode()
+def test_no_repeat_ngram_in_graphs_equals_eager():
+    """The rows' text and its lengths are static buffers the captured decode step reads and
+    appends to: graphs give what eager steps give, greedy and sampled, and with prompt lookup
+    (whose verify positions ban with the guesses in place) what plain decoding gives."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=4)
+    kw = dict(max_new_tokens=40, do_sample=False, no_repeat_ngram_size=2)
+    a = graphed.generate(ids, **kw)
+    assert any(key.batch == 2 and key.no_repeat == 2 for key in graphed._graphs)
+    assert torch.equal(a, eager.generate(ids, **kw))
+    for row in a.tolist():
+        grams = [tuple(row[i : i + 2]) for i in range(len(row) - 1)]
+        assert len(grams) == len(set(grams))
+    sample = dict(kw, do_sample=True, temperature=1.2, seed=3, num_return_sequences=2)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+    rep = repeated_prompts(2)
+    spec = dict(kw, prompt_lookup_num_tokens=6)
+    assert torch.equal(graphed.generate(rep, **spec), graphed.generate(rep, **kw))
+
+
+@torch.inference_mode()
 def test_output_scores_on_cuda():
     """Recording scores runs the decode steps eagerly: the same tokens as the graphs, and each
     greedy step's scores pick the token it emitted (steps past EOS are not reported)."""

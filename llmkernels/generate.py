@@ -74,7 +74,6 @@ _NEUTRAL: dict[str, tuple] = {
     "bad_words_ids": (None,),
     "force_words_ids": (None,),
     "constraints": (None,),
-    "min_length": (None, 0),
     "top_h": (None,),
     "typical_p": (None, 1.0),
     "epsilon_cutoff": (None, 0.0),
@@ -178,7 +177,7 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or min_length > 0).
+    arguments, or HF settings such as num_beams > 1 or bad_words_ids).
     """
     from transformers import GenerationConfig
 
@@ -189,7 +188,7 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, "
+            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, min_length, "
             "num_return_sequences, eos_token_id, pad_token_id, "
             "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
@@ -216,7 +215,7 @@ def resolve_generation_params(
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
             "temperature / top-k / top-p / min-p sampling with optional repetition_penalty, "
-            "no_repeat_ngram_size, min_new_tokens and num_return_sequences only; use HF's "
+            "no_repeat_ngram_size, min_new_tokens / min_length and num_return_sequences only; use HF's "
             "model.generate for the others."
         )
 
@@ -270,6 +269,11 @@ def resolve_generation_params(
     min_new = eff.get("min_new_tokens") or 0
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    min_length = eff.get("min_length") or 0
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+        raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
+    # HF's MinLengthLogitsProcessor blocks EOS while the (padded) text is shorter than min_length
+    min_new = max(min_new, min_length - prompt_len)
     no_repeat = eff.get("no_repeat_ngram_size") or 0
     if isinstance(no_repeat, bool) or not isinstance(no_repeat, int) or no_repeat < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {no_repeat!r}")
@@ -1030,7 +1034,8 @@ class Engine:
 
         ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
         scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
-        ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens;
+        ``min_new_tokens`` masks the EOS ids out of each row's first that many new tokens
+        (``min_length``: while the padded prompt plus the new tokens are shorter, as HF);
         ``no_repeat_ngram_size=n`` bans each id that would complete an n-gram already in the
         row's text (HF's ``NoRepeatNGramLogitsProcessor``, :func:`llmkernels.penalties.ngram_bans`);
         ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
@@ -1039,7 +1044,7 @@ class Engine:
         ``[B * n, T + new]``: each copy draws its own tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
-        ``min_length``, unknown keywords, ...) and when a row's prompt plus
+        ``bad_words_ids``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         out_device = (

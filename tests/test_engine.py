@@ -433,7 +433,7 @@ def test_generation_config_defaults():
         (dict(num_beams=2), "num_beams"),
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(bad_words_ids=[[5]]), "bad_words_ids"),
-        (dict(min_length=3), "min_length"),
+        (dict(suppress_tokens=[5]), "suppress_tokens"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(logits_processor=[]), "logits_processor"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported
@@ -447,11 +447,11 @@ def test_unsupported_generate_arguments_raise(eng_gqa, kwargs, name):
 
 def test_unsupported_model_generation_config_raises():
     hf = make_hf(tiny_config())
-    hf.generation_config.min_length = 3
+    hf.generation_config.typical_p = 0.5
     eng = lk.Engine.from_hf(hf, max_seq_len=32)
-    with pytest.raises(ValueError, match="min_length.*model generation_config"):
+    with pytest.raises(ValueError, match="typical_p.*model generation_config"):
         eng.generate(prompts(1, 4), max_new_tokens=2)
-    assert eng.generate(prompts(1, 4), max_new_tokens=2, min_length=0).shape == (1, 6)
+    assert eng.generate(prompts(1, 4), max_new_tokens=2, typical_p=1.0).shape == (1, 6)
 
 
 def test_bad_sampling_values_raise(eng_gqa):

@@ -37,6 +37,27 @@ def test_greedy_with_min_new_tokens_matches_transformers(name):
     assert torch.equal(eng.generate(ids, min_new_tokens=12, repetition_penalty=1.2, **kw), expected)
 
 
+def test_min_length_counts_the_padded_prompt_as_transformers():
+    """HF's MinLengthLogitsProcessor: EOS is blocked while input_ids (prompt padding included)
+    is shorter than min_length; with min_new_tokens too, the later of the two wins."""
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    eos = early_eos(eng, ids[:1], 2)
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=eos)
+    kw["pad_token_id"] = 0
+    assert (eng.generate(ids, **kw)[0, 10:13] == eos).any()  # stops early without
+    for extra in (dict(min_length=22), dict(min_length=22, min_new_tokens=15), dict(min_length=5)):
+        with torch.no_grad():
+            expected = hf.generate(ids, **kw, **extra)
+        assert torch.equal(eng.generate(ids, **kw, **extra), expected), extra
+    assert not (eng.generate(ids, **kw, min_length=22)[:, 10:22] == eos).any()
+    with pytest.raises(ValueError, match="min_length must be an int >= 0"):
+        eng.generate(ids, max_new_tokens=2, min_length=-1)
+
+
 def test_speculative_with_min_new_tokens_equals_plain_greedy():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)

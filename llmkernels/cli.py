@@ -192,6 +192,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
         kwargs["seed"] = args.seed
+    if args.stop:
+        kwargs["stop_strings"] = args.stop
     return kwargs
 
 
@@ -473,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="HF's: scores of tokens already in the text / p (or * p when < 0); 1 = off",
             )
             p.add_argument("--seed", type=_non_negative_int, default=None)
+            p.add_argument(
+                "--stop",
+                action="append",
+                default=None,
+                metavar="TEXT",
+                help="end the reply once its text ends in TEXT (repeatable; HF's stop_strings)",
+            )
             p.add_argument("--system", default=None, help="system prompt for the chat template")
             p.add_argument(
                 "--prompt-lookup",

@@ -44,6 +44,7 @@ from .speculative import (
     PromptLookup,
     accept,
 )
+from .stopping import Stops, check_stop_settings
 
 __all__ = ["Engine", "ChatSession", "GenerationParams", "DEFAULT_MAX_SEQ_LEN"]
 
@@ -88,8 +89,6 @@ _NEUTRAL: dict[str, tuple] = {
     "sequence_bias": (None,),
     "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
-    "stop_strings": (None,),
-    "max_time": (None,),
     "token_healing": (None, False),
     "dola_layers": (None,),
     "assistant_early_exit": (None,),
@@ -137,6 +136,8 @@ class GenerationParams:
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
     no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
     num_return_sequences: int = 1  # sampled continuations per prompt row (HF's)
+    stop_strings: tuple[str, ...] = ()  # a row ends once its text ends in one (HF's)
+    max_time: float | None = None  # seconds after which every row ends (HF's)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
     output_logits: bool = False  # ... with each step's raw logits (fp32)
@@ -172,8 +173,10 @@ def resolve_generation_params(
     generation_config=None,
     **kwargs: Any,
 ) -> GenerationParams:
-    """HF's resolution of generation settings: keyword arguments (``None`` = unset) >
-    ``generation_config`` > the model's generation config > HF's global defaults. Without
+    """HF's resolution of generation settings: keyword arguments > ``generation_config`` > the
+    model's generation config > HF's global defaults; a keyword argument given as None sets
+    that setting to None, as in transformers (``eos_token_id=None``: no EOS; ``top_k=None``:
+    no top-k). Without
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
@@ -181,7 +184,7 @@ def resolve_generation_params(
     """
     from transformers import GenerationConfig
 
-    user = {k: v for k, v in kwargs.items() if v is not None}
+    user = dict(kwargs)  # a setting given as None is None (eos_token_id=None: no EOS), as HF
     probe = GenerationConfig()
     unknown = sorted(k for k in user if not hasattr(probe, k) or k.startswith("_"))
     if unknown:
@@ -189,7 +192,8 @@ def resolve_generation_params(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
             "top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, min_length, "
-            "num_return_sequences, eos_token_id, pad_token_id, "
+            "num_return_sequences, eos_token_id, pad_token_id, stop_strings (with tokenizer), "
+            "max_time, "
             "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
@@ -224,7 +228,7 @@ def resolve_generation_params(
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
     else:
-        has_default_max_length = (
+        has_default_max_length = eff.get("max_length") is None or (
             "max_length" not in user
             and "max_length" not in given_set
             and "max_length" not in model_set
@@ -286,6 +290,7 @@ def resolve_generation_params(
             f"num_return_sequences={num_return} needs do_sample=True: greedy decoding would "
             "return the same sequence each time (transformers raises too)"
         )
+    stop_strings, max_time = check_stop_settings(eff.get("stop_strings"), eff.get("max_time"))
     eos = eff.get("eos_token_id")
     if isinstance(eos, torch.Tensor):
         eos = eos.tolist()
@@ -329,6 +334,8 @@ def resolve_generation_params(
         min_new_tokens=min_new,
         no_repeat_ngram_size=no_repeat,
         num_return_sequences=num_return,
+        stop_strings=stop_strings,
+        max_time=max_time,
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
@@ -992,13 +999,6 @@ class Engine:
         self,
         input_ids,
         attention_mask=None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
         streamer=None,
         seed: int | None = None,
         generation_config=None,
@@ -1008,9 +1008,12 @@ class Engine:
         """Generate like HF ``model.generate`` (greedy or sampling): returns ``[B, T + n]`` int64
         on input_ids' device, the prompt followed by ``n <= max_new_tokens`` new tokens.
 
+        Generation settings are keyword arguments, as HF's (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ... below).
         Defaults come from ``generation_config`` / the engine's ``generation_config`` with HF's
         semantics (20 new tokens when no length is set; ``do_sample`` False; when sampling
-        ``temperature`` 1, ``top_k`` 50, ``top_p`` 1; ``temperature=0`` samples greedily).
+        ``temperature`` 1, ``top_k`` 50, ``top_p`` 1; ``temperature=0`` samples greedily); a
+        setting given as None is None, as in transformers (``eos_token_id=None``: no EOS).
         input_ids ``[B, T]`` (or ``[T]``), left-padded for ragged batches with ``attention_mask``
         (inferred from ``pad_token_id`` when absent, as HF): each row gives the tokens it would
         give alone. Rows stop at any of ``eos_token_id`` (int or list); finished rows are filled
@@ -1051,16 +1054,8 @@ class Engine:
             input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         )
         ids = self._as_ids(input_ids)
-        named = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
-        params = self._params(ids.shape[1], generation_config, {**kwargs, **named})
+        tokenizer = kwargs.pop("tokenizer", None) or self.tokenizer  # HF's: for stop_strings
+        params = self._params(ids.shape[1], generation_config, kwargs)
         if attention_mask is None and params.pad_token_id is not None:
             # HF infers the mask from pad tokens when they are not also EOS tokens
             pad_in_ids = bool((ids == params.pad_token_id).any())
@@ -1079,6 +1074,8 @@ class Engine:
             mask = mask.repeat_interleave(copies, dim=0)
         self._cached_ids = []
         proposer = self._proposer(params, assistant_model)
+        rows = [row[m].tolist() for row, m in zip(ids, mask)]
+        stops = Stops(params.stop_strings, params.max_time, tokenizer, rows)
         recording = params.return_dict_in_generate and (
             params.output_scores or params.output_logits
         )
@@ -1088,16 +1085,15 @@ class Engine:
                     "output_scores / output_logits with speculative decoding "
                     "(prompt_lookup_num_tokens, assistant_model) are not supported"
                 )
-            histories = [row[m].tolist() for row, m in zip(ids, mask)]
             new = self._speculative(
-                ids, mask, [0] * ids.shape[0], histories, params, proposer, streamer, seed, ids
+                ids, mask, [0] * ids.shape[0], rows, params, proposer, streamer, seed, ids, stops
             )
         else:
             if recording:
                 self._start_recording(params)
             try:
                 new = self._generate(
-                    ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, mask
+                    ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, mask, stops
                 )
             finally:
                 record, self._record = self._record, None
@@ -1234,10 +1230,12 @@ class Engine:
         seed: int | None,
         stream_prompt: torch.Tensor,
         stream_prompt_mask: torch.Tensor | None = None,
+        stops: Stops | None = None,
     ) -> torch.Tensor:
         """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU.
         ``stream_prompt [B, T]``: the whole text before the new tokens (the streamer's prompt and
-        the repetition penalty's context), real where ``stream_prompt_mask`` (None: all)."""
+        the repetition penalty's context), real where ``stream_prompt_mask`` (None: all);
+        ``stops``: stop strings and max_time (:mod:`llmkernels.stopping`)."""
         batch = ids.shape[0]
         real_lens = self._check_capacity(ids, mask, start, params)
         max_new = params.max_new_tokens
@@ -1268,10 +1266,12 @@ class Engine:
             torch.empty(max_new, batch, dtype=torch.int64, pin_memory=True) if on_cuda else history
         )
         watch_eos = bool(params.eos_token_ids)
+        stops = stops if stops is not None else Stops((), None, None, [])
+        watch = watch_eos or stops.active  # rows can finish before max_new_tokens
         interval = (
             1
-            if streamer is not None or (watch_eos and not on_cuda)
-            else (max(1, self.host_sync_interval) if watch_eos else max_new)
+            if streamer is not None or (watch and not on_cuda)
+            else (max(1, self.host_sync_interval) if watch else max_new)
         )
         lag = 1 if on_cuda else 0  # chunks queued ahead of the one being read
         step = self._step_fn(batch, greedy) if max_new > 1 else None
@@ -1291,16 +1291,18 @@ class Engine:
         out: list[list[int]] = []
 
         def consume(row: list[int]) -> bool:
-            """HF's per-step bookkeeping; True once every row has finished."""
+            """HF's per-step bookkeeping; True once every row has finished. As HF, finished rows
+            get pad tokens only when EOS is watched (else they go on until all have finished)."""
             if watch_eos:
                 row = [pad if done else t for t, done in zip(row, finished)]
             if streamer is not None:
                 streamer.put(torch.tensor(row, dtype=torch.int64))
             out.append(row)
-            if watch_eos:
-                for b, t in enumerate(row):
-                    finished[b] = finished[b] or t in eos
-                return all(finished)
+            if watch:
+                live = {b: t for b, t in enumerate(row) if not finished[b]}
+                for b in stops.push(live) | {b for b, t in live.items() if t in eos}:
+                    finished[b] = True
+                return all(finished) or stops.timed_out()
             return False
 
         enqueue_copy(0, 1)
@@ -1393,6 +1395,7 @@ class Engine:
         streamer,
         seed: int | None,
         stream_prompt: torch.Tensor,
+        stops: Stops | None = None,
     ) -> torch.Tensor:
         """Prefill, then rounds of guess -> verify -> accept (:mod:`llmkernels.speculative`).
         ``histories``: each row's whole text so far (cached tokens and prompt). Returns the new
@@ -1420,7 +1423,9 @@ class Engine:
         first = self._tokens[:batch].tolist()
         histories = [h + [t] for h, t in zip(histories, first)]
         out = [[t] for t in first]
-        finished = [t in eos for t in first]
+        stops = stops if stops is not None else Stops((), None, None, [])
+        stopped = stops.push(dict(enumerate(first)))
+        finished = [t in eos or b in stopped for b, t in enumerate(first)]
         stored = [s + n for s, n in zip(start, real_lens)]  # tokens in each cache row
         if streamer is not None:
             streamer.put(torch.tensor(first, dtype=torch.int64))
@@ -1433,7 +1438,7 @@ class Engine:
         proposed_total = accepted_total = 0
         while True:
             active = [not f and len(o) < max_new for f, o in zip(finished, out)]
-            if not any(active):
+            if not any(active) or stops.timed_out():
                 break
             budgets = [max_new - len(o) - 1 if a else 0 for o, a in zip(out, active)]
             proposal = proposer.propose(histories, budgets, self.device)
@@ -1487,7 +1492,7 @@ class Engine:
                 emitted = (guesses[b][: accepted[b]] if width else []) + [next_tokens[b]]
                 emitted = emitted[: max_new - len(out[b])]
                 for i, t in enumerate(emitted):
-                    if t in eos:
+                    if t in eos or stops.push({b: t}):  # a row ending in a stop string ends
                         emitted = emitted[: i + 1]
                         finished[b] = True
                         break
@@ -1556,6 +1561,7 @@ class Engine:
         tok = self._require_tokenizer()
         ids = self.chat_ids(messages)
         assistant_model = gen_kwargs.pop("assistant_model", None)
+        tokenizer = gen_kwargs.pop("tokenizer", None) or tok
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
         if (
             params.return_dict_in_generate
@@ -1568,6 +1574,7 @@ class Engine:
                 "output_logits / num_return_sequences need generate (on eng.chat_ids(messages))"
             )
         proposer = self._proposer(params, assistant_model)
+        stops = Stops(params.stop_strings, params.max_time, tokenizer, [list(ids)])
         reuse = 0
         for a, b in zip(self._cached_ids, ids):
             if a != b:
@@ -1582,11 +1589,11 @@ class Engine:
         full = torch.tensor([ids], dtype=torch.int64)
         if proposer is not None:  # guesses may come from the whole conversation
             generated = self._speculative(
-                new_ids, mask, [reuse], [list(ids)], params, proposer, streamer, seed, full
+                new_ids, mask, [reuse], [list(ids)], params, proposer, streamer, seed, full, stops
             )[0].tolist()
         else:
             generated = self._generate(
-                new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full
+                new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full, stops=stops
             )[0].tolist()
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]

@@ -186,6 +186,22 @@ def test_generate_several_replies_prints_each(capsys):
 
 
 @needs_model
+def test_generate_stop_ends_the_reply_where_the_engine_does(capsys, engine):
+    tok = engine.tokenizer
+    prompt = "Count to ten: one, two,"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    free = engine.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :]
+    stop = tok.decode(free[4:6]).strip()  # a string the reply reaches mid-way
+    expected = engine.generate(ids, max_new_tokens=16, do_sample=False, stop_strings=[stop])
+    text = tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    assert stop in text and len(expected[0]) < len(ids[0]) + 16
+    argv = ["generate", prompt, "--raw", "--max-new-tokens", "16", "--temperature", "0"]
+    code, out, err = run_cli(capsys, *argv, "--device", "cpu", "--stop", "zzz", "--stop", stop)
+    assert code == 0, err
+    assert out.strip() == text.strip()
+
+
+@needs_model
 def test_next_token_table_matches_engine_logits(capsys, engine):
     prompt = "The capital of France is"
     code, out, err = run_cli(capsys, "next-token", prompt, "--raw", "--top", "5", "--device", "cpu")

@@ -426,6 +426,26 @@ def test_generation_config_defaults():
     torch.testing.assert_close(eng.generate(ids, seed=1), greedy, rtol=0, atol=0)
 
 
+def test_a_setting_given_as_none_is_none_as_in_transformers():
+    """transformers' generate sets every keyword it gets, None included: eos_token_id=None turns
+    the model's EOS off, top_k=None its top-k."""
+    hf = make_hf(tiny_config())
+    ids = prompts(1, 6)
+    free = hf_generate(hf, ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    hf.generation_config.eos_token_id = int(free[0, 8])  # new token 2
+    hf.generation_config.top_k = 7
+    eng = lk.Engine.from_hf(hf, max_seq_len=32)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stopped = hf_generate(hf, ids, **kw)
+    assert stopped.shape[1] <= 9 and torch.equal(eng.generate(ids, **kw), stopped)
+    expected = hf_generate(hf, ids, eos_token_id=None, **kw)
+    assert expected.shape[1] == 16 and torch.equal(
+        eng.generate(ids, eos_token_id=None, **kw), expected
+    )
+    assert eng._params(6, None, dict(do_sample=True)).top_k == 7
+    assert eng._params(6, None, dict(do_sample=True, top_k=None)).top_k == 0
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, name",

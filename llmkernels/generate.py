@@ -35,7 +35,7 @@ from . import reference as ref
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
-from .penalties import apply_repetition_penalty, mark_seen, ngram_bans, verify_seen
+from .processors import LogitsProcessors, ProcessorKey
 from .quant import quantize_model_weights
 from .speculative import (
     MAX_SPECULATIVE_TOKENS,
@@ -72,7 +72,6 @@ _NEUTRAL: dict[str, tuple] = {
     "penalty_alpha": (None, 0, 0.0),
     "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
     "force_words_ids": (None,),
     "constraints": (None,),
     "top_h": (None,),
@@ -84,9 +83,6 @@ _NEUTRAL: dict[str, tuple] = {
     "forced_eos_token_id": (None,),
     "remove_invalid_values": (None, False),
     "exponential_decay_length_penalty": (None,),
-    "suppress_tokens": (None, []),
-    "begin_suppress_tokens": (None, []),
-    "sequence_bias": (None,),
     "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
     "token_healing": (None, False),
@@ -104,10 +100,8 @@ class StepKey(NamedTuple):
 
     batch: int
     greedy: bool
-    penalized: bool  # repetition_penalty on
-    eos_blocked: bool  # min_new_tokens still masking EOS
     min_p: bool  # min_p on (sampling only)
-    no_repeat: int  # no_repeat_ngram_size (0 = off)
+    processors: ProcessorKey  # the logits processors on
 
 
 def _is_neutral(value: Any, allowed: tuple) -> bool:
@@ -137,6 +131,10 @@ class GenerationParams:
     no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
     num_return_sequences: int = 1  # sampled continuations per prompt row (HF's)
     stop_strings: tuple[str, ...] = ()  # a row ends once its text ends in one (HF's)
+    sequence_bias: Any = None  # HF's: {token id tuple: bias} (or its list form)
+    bad_words_ids: list | None = None  # HF's: token id sequences never completed
+    suppress_tokens: list | None = None  # HF's: ids never sampled
+    begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
     max_time: float | None = None  # seconds after which every row ends (HF's)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
@@ -180,7 +178,7 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or bad_words_ids).
+    arguments, or HF settings such as num_beams > 1 or typical_p < 1).
     """
     from transformers import GenerationConfig
 
@@ -191,10 +189,10 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, min_length, "
+            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, sequence_bias, bad_words_ids, "
+            "suppress_tokens, begin_suppress_tokens, min_new_tokens, min_length, "
             "num_return_sequences, eos_token_id, pad_token_id, stop_strings (with tokenizer), "
-            "max_time, "
-            "streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
+            "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
         )
@@ -218,9 +216,9 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p / min-p sampling with optional repetition_penalty, "
-            "no_repeat_ngram_size, min_new_tokens / min_length and num_return_sequences only; use HF's "
-            "model.generate for the others."
+            "temperature / top-k / top-p / min-p sampling with the logits processors of "
+            "llmkernels.processors, stop_strings, max_time and num_return_sequences only; use "
+            "HF's model.generate for the others."
         )
 
     if eff.get("max_new_tokens") is not None:
@@ -336,6 +334,10 @@ def resolve_generation_params(
         num_return_sequences=num_return,
         stop_strings=stop_strings,
         max_time=max_time,
+        sequence_bias=eff.get("sequence_bias"),
+        bad_words_ids=eff.get("bad_words_ids"),
+        suppress_tokens=eff.get("suppress_tokens"),
+        begin_suppress_tokens=eff.get("begin_suppress_tokens"),
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
@@ -396,21 +398,10 @@ class Engine:
         self._min_p = torch.zeros(n, dtype=torch.float32, device=dev)
         self._min_p_on = False
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
-        # repetition penalty (llmkernels.penalties): per-row penalty and the [B, V] mask of the
-        # ids each row has seen, allocated by the first call that uses it
-        self._penalty = torch.ones(n, dtype=torch.float32, device=dev)
-        self._seen: torch.Tensor | None = None
-        self._penalized = False  # this call penalizes (a decode graph per setting)
-        # min_new_tokens: the EOS ids as a [V] mask, and per row the new tokens still to come
-        # before one of them may be sampled (counted down by every sampling step)
-        self._eos_mask: torch.Tensor | None = None
-        self._min_left = torch.zeros(n, dtype=torch.int32, device=dev)
-        self._eos_blocked = False  # this call blocks EOS for a while (a decode graph per setting)
-        # no_repeat_ngram_size (penalties.ngram_bans): each row's text so far, with room for a
-        # verify's guesses, allocated by the first call that uses it, and its length per row
-        self._text: torch.Tensor | None = None
-        self._text_len = torch.zeros(n, dtype=torch.int64, device=dev)
-        self._no_repeat = 0  # this call's n-gram size, 0 = off (a decode graph per size)
+        # repetition penalty, no_repeat_ngram_size, min_new_tokens, ... (a decode graph per
+        # setting); the rows' text has room for a verify's guesses
+        text_size = model.max_seq_len + MAX_SPECULATIVE_TOKENS + 1
+        self._processors = LogitsProcessors(n, text_size, self.config.vocab_size, dev)
         # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
         # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
         self._record: tuple[list | None, list | None, Any] | None = None
@@ -790,25 +781,17 @@ class Engine:
         with torch._dynamo.config.patch(recompile_limit=COMPILED_DECODE_RECOMPILE_LIMIT):
             return self._compiled_decode(tokens, key_len)
 
-    def _sample_into_tokens(self, logits: torch.Tensor, greedy: bool, check_values: bool) -> None:
+    def _sample_into_tokens(
+        self, logits: torch.Tensor, greedy: bool, check_values: bool, first: bool = False
+    ) -> None:
         """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
-        per-row sampling settings and the on-device RNG state (advanced by the sampler); with a
-        repetition penalty, from the penalized scores, and the new tokens are marked seen; with
-        min_new_tokens, EOS ids are masked out while a row's count of tokens to come is > 0;
-        with no_repeat_ngram_size, ids that would repeat an n-gram are, and the new tokens are
-        appended to the rows' text."""
+        per-row sampling settings and the on-device RNG state (advanced by the sampler), from
+        the scores of this call's logits processors (:mod:`llmkernels.processors`, which then
+        take the new tokens in). ``first``: the first new token of the call."""
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
         raw = logits
-        early = (self._min_left[:batch] > 0)[:, None] if self._eos_blocked else None  # [B, 1]
-        banned = None
-        if self._no_repeat:
-            text, lens = self._text[:batch], self._text_len[:batch]
-            banned = ngram_bans(text, lens, self._no_repeat, self.config.vocab_size)[:, 0]
-        seen = self._seen[:batch] if self._penalized else None
-        logits = self._processed(logits, seen, early, banned)
-        if self._eos_blocked:
-            self._min_left[:batch].sub_(1)
+        logits = self._processors.apply(logits, first)
         if self._record is not None:
             self._record_step(raw, logits, greedy)
         if greedy:
@@ -827,47 +810,13 @@ class Engine:
                 check_values=check_values,
                 out=tokens,
             )
-        if self._penalized:
-            mark_seen(self._seen[:batch], tokens[:, None])
-        if self._no_repeat:
-            self._append_text(tokens[:, None], torch.ones_like(tokens))
-
-    def _append_text(self, new: torch.Tensor, counts: torch.Tensor) -> None:
-        """Append ``new[b, :counts[b]]`` (``new [B, N]`` int64, ``counts [B]``) to rows
-        ``0..B-1`` of the text that no_repeat_ngram_size reads (on the device: no host sync).
-        Slots past a row's count are written at its end and never read; a full row drops them."""
-        batch, width = new.shape
-        lens = self._text_len[:batch]
-        slots = lens[:, None] + torch.arange(width, device=new.device)  # [B, N]
-        self._text[:batch].scatter_(1, slots.clamp(max=self._text.shape[1] - 1), new)
-        lens.add_(counts).clamp_(max=self._text.shape[1])
+        self._processors.advance(tokens)
 
     def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Rows ``0..B-1``'s sampling settings, as :func:`reference.sampling_probs` takes them:
         (temperature, top_k, top_p), and min_p when this call has it on."""
         rows = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
         return rows + (self._min_p[:batch],) if self._min_p_on else rows
-
-    def _processed(
-        self,
-        logits: torch.Tensor,
-        seen: torch.Tensor | None,
-        early: torch.Tensor | None,
-        banned: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``logits [B, (T,) V]`` through this call's logits processors, in transformers' order:
-        the repetition penalty (``seen``, the ids each row / position has seen), the ids that
-        would repeat an n-gram (``banned``, bool, the shape of logits) and the EOS mask of
-        min_new_tokens (``early``, bool ``[B, (T,) 1]``: positions before the minimum). Each
-        applies only when this call has it on."""
-        batch = logits.shape[0]
-        if self._penalized:
-            logits = apply_repetition_penalty(logits, seen, self._penalty[:batch])
-        if self._no_repeat:
-            logits = logits.float().masked_fill(banned, float("-inf"))
-        if self._eos_blocked:
-            logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
-        return logits
 
     def _record_step(self, raw: torch.Tensor, processed: torch.Tensor, greedy: bool) -> None:
         """Append this step's fp32 raw logits and processed scores ``[B, V]`` to ``_record``:
@@ -889,13 +838,8 @@ class Engine:
             return lambda: self._step(batch, greedy)
         key = self._step_key(batch, greedy)
         if key not in self._graphs:
-            state = [self.model.cache_lens, self._rng, self._tokens]
-            if self._penalized:
-                state.append(self._seen)  # the warm-up steps mark their tokens seen
-            if self._eos_blocked:
-                state.append(self._min_left)  # ... and count down
-            if self._no_repeat:
-                state.append(self._text_len)  # ... and append to the text
+            # the warm-up steps advance these (and the processors' buffers): restored after
+            state = [self.model.cache_lens, self._rng, self._tokens, *self._processors.state()]
             self._graphs[key], self._graph_logits[key] = self._capture(
                 lambda: self._step(batch, greedy), state
             )
@@ -910,7 +854,7 @@ class Engine:
     def _step_key(self, batch: int, greedy: bool) -> StepKey:
         """The captured decode step this call replays: one per batch size and setting."""
         min_p = self._min_p_on and not greedy
-        return StepKey(batch, greedy, self._penalized, self._eos_blocked, min_p, self._no_repeat)
+        return StepKey(batch, greedy, min_p, self._processors.key())
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -1041,13 +985,15 @@ class Engine:
         (``min_length``: while the padded prompt plus the new tokens are shorter, as HF);
         ``no_repeat_ngram_size=n`` bans each id that would complete an n-gram already in the
         row's text (HF's ``NoRepeatNGramLogitsProcessor``, :func:`llmkernels.penalties.ngram_bans`);
+        ``sequence_bias``, ``bad_words_ids``, ``suppress_tokens`` and ``begin_suppress_tokens``
+        as HF's processors (:mod:`llmkernels.processors`, in transformers' order);
         ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
         one after top-p (HF's ``MinPLogitsWarper``). ``num_return_sequences=n`` (sampling only,
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
-        ``bad_words_ids``, unknown keywords, ...) and when a row's prompt plus
+        ``typical_p``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         out_device = (
@@ -1160,10 +1106,9 @@ class Engine:
 
     def _start_sampling(self, batch: int, params: GenerationParams, seed: int | None) -> None:
         """Per-row sampling settings and the RNG state for this call (nothing when greedy). No
-        repetition penalty (:meth:`_start_penalty` turns it on: a draft proposes without one,
-        as transformers' assistant does) and no EOS blocking (:meth:`_start_eos_block`)."""
-        self._penalized = self._eos_blocked = False
-        self._no_repeat = 0
+        logits processors (``_processors.start`` turns them on: a draft proposes without them,
+        as transformers' assistant does)."""
+        self._processors.reset()
         self._min_p_on = not params.greedy and params.min_p > 0
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
@@ -1171,54 +1116,6 @@ class Engine:
             self._top_p[:batch].fill_(params.top_p)
             self._min_p[:batch].fill_(params.min_p)
             self._rng.copy_(ops.new_rng_state(self.device, seed))
-
-    def _start_penalty(
-        self, params: GenerationParams, context: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> None:
-        """Turn the repetition penalty on for this call when it is not 1: rows ``0..B-1`` of the
-        seen-ids mask are set from ``context [B, T]`` (the whole text before the first new token,
-        as HF's input_ids) where ``mask [B, T]`` is True (None: everywhere)."""
-        if params.repetition_penalty == 1.0:
-            return
-        batch = context.shape[0]
-        if self._seen is None:
-            n, vocab = self.max_batch_size, self.config.vocab_size
-            self._seen = torch.zeros(n, vocab, dtype=torch.bool, device=self.device)
-        self._seen[:batch].zero_()
-        context = context.to(self.device)
-        mark_seen(self._seen[:batch], context, None if mask is None else mask.to(self.device))
-        self._penalty[:batch].fill_(params.repetition_penalty)
-        self._penalized = True
-
-    def _start_no_repeat(self, params: GenerationParams, rows: list[list[int]]) -> None:
-        """Turn no_repeat_ngram_size on for this call when set: rows ``0..B-1`` of the text are
-        ``rows`` (each row's whole text before its first new token, without padding)."""
-        if not params.no_repeat_ngram_size:
-            return
-        if self._text is None:  # room for the prompt, the new tokens and a verify's guesses
-            size = self.max_seq_len + MAX_SPECULATIVE_TOKENS + 1
-            self._text = torch.zeros(
-                self.max_batch_size, size, dtype=torch.int64, device=self.device
-            )
-        longest = max(len(r) for r in rows)
-        padded = torch.tensor([r + [0] * (longest - len(r)) for r in rows], dtype=torch.int64)
-        self._text[: len(rows), :longest].copy_(padded)
-        self._text_len[: len(rows)].copy_(torch.tensor([len(r) for r in rows]))
-        self._no_repeat = params.no_repeat_ngram_size
-
-    def _start_eos_block(self, batch: int, params: GenerationParams) -> None:
-        """With ``min_new_tokens`` and EOS ids, mask the EOS ids out of rows ``0..B-1``'s next
-        ``min_new_tokens`` samples (HF's ``MinNewTokensLengthLogitsProcessor``: EOS scores -inf)."""
-        vocab = self.config.vocab_size
-        eos = [e for e in params.eos_token_ids if 0 <= e < vocab]
-        if not params.min_new_tokens or not eos:
-            return
-        if self._eos_mask is None:
-            self._eos_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        self._eos_mask.zero_()
-        self._eos_mask[torch.tensor(eos, device=self.device)] = True
-        self._min_left[:batch].fill_(params.min_new_tokens)
-        self._eos_blocked = True
 
     def _generate(
         self,
@@ -1241,19 +1138,17 @@ class Engine:
         max_new = params.max_new_tokens
         greedy = params.greedy
         self._start_sampling(batch, params, seed)
-        self._start_penalty(params, stream_prompt, stream_prompt_mask)
-        self._start_eos_block(batch, params)
-        if params.no_repeat_ngram_size:
-            real = stream_prompt_mask
-            if real is None:
-                real = torch.ones_like(stream_prompt, dtype=torch.bool)
-            self._start_no_repeat(params, [r[m].tolist() for r, m in zip(stream_prompt, real)])
+        real = stream_prompt_mask
+        if real is None:
+            real = torch.ones_like(stream_prompt, dtype=torch.bool)
+        self._processors.start(params, [r[m].tolist() for r, m in zip(stream_prompt, real)])
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
         # prefill and the first token
         logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
-        self._sample_into_tokens(logits, greedy, check_values=True)  # NaN/inf check: one sync
+        # NaN/inf check: one sync
+        self._sample_into_tokens(logits, greedy, check_values=True, first=True)
         tokens = self._tokens[:batch]
         history = torch.empty(max_new, batch, dtype=torch.int64, device=self.device)  # [n, B]
         history[0].copy_(tokens)
@@ -1408,18 +1303,13 @@ class Engine:
         if self.device.type == "cpu":
             self.model.pack_for_verify()  # once per engine: faster verify GEMMs (fp32 only)
         self._start_sampling(batch, params, seed)
-        longest = max(len(h) for h in histories)  # rows padded with their last id (seen)
-        self._start_penalty(
-            params, torch.tensor([h + h[-1:] * (longest - len(h)) for h in histories])
-        )
-        self._start_eos_block(batch, params)
-        self._start_no_repeat(params, histories)
+        self._processors.start(params, histories)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
         eos, pad = set(params.eos_token_ids), params.pad_token_id
 
         logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
-        self._sample_into_tokens(logits, greedy, check_values=True)
+        self._sample_into_tokens(logits, greedy, check_values=True, first=True)
         first = self._tokens[:batch].tolist()
         histories = [h + [t] for h, t in zip(histories, first)]
         out = [[t] for t in first]
@@ -1446,29 +1336,14 @@ class Engine:
             pending = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
             if width == 0:  # nothing to verify: a plain decode step
                 self._tokens[:batch].copy_(pending)
-                if self._eos_blocked:  # rows have kept different numbers of guesses
-                    left = [params.min_new_tokens - len(o) for o in out]
-                    self._min_left[:batch].copy_(torch.tensor(left, dtype=torch.int32))
+                self._processors.set_counts([len(o) for o in out])  # rows kept different counts
                 self._step_fn(batch, greedy)()
                 accepted, next_tokens = [0] * batch, self._tokens[:batch].tolist()
             else:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
-                seen = early = banned = None
-                if self._penalized:  # each position sees the text and the guesses before it
-                    seen = verify_seen(self._seen[:batch], tokens[:, 0], proposal.drafts)
-                if self._no_repeat:  # ... here the text with the guesses in place
-                    text, lens = self._text[:batch].clone(), self._text_len[:batch]
-                    slots = lens[:, None] + torch.arange(width, device=self.device)  # [B, K]
-                    text.scatter_(1, slots.clamp(max=text.shape[1] - 1), proposal.drafts)
-                    n, vocab = self._no_repeat, self.config.vocab_size
-                    banned = ngram_bans(text, lens, n, vocab, positions=width + 1)
-                if self._eos_blocked:  # position j of row b would be new token len(out[b]) + j
-                    early = [
-                        [len(o) + j < params.min_new_tokens for j in range(width + 1)] for o in out
-                    ]
-                    early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
-                logits = self._processed(logits, seen, early, banned)
+                # each position continues the text with the guesses before it
+                logits = self._processors.apply_verify(logits, tokens, [len(o) for o in out])
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
                 uniforms = None
                 if not greedy:
@@ -1507,18 +1382,8 @@ class Engine:
                         streamer.put(torch.tensor([t], dtype=torch.int64))
             self.model.set_cache_lens(stored)
             proposer.update(accepted, proposal)
-            # mark a verify round's tokens seen (a plain step marked its token as it sampled it)
-            if self._penalized and width and any(round_tokens):
-                most = max(len(t) for t in round_tokens)  # pad with the row's last (seen) id
-                rows = [t + histories[b][-1:] * (most - len(t)) for b, t in enumerate(round_tokens)]
-                mark_seen(self._seen[:batch], torch.tensor(rows, device=self.device))
-            if self._no_repeat and width and any(round_tokens):
-                most = max(len(t) for t in round_tokens)
-                rows = [t + [0] * (most - len(t)) for t in round_tokens]
-                counts = [len(t) for t in round_tokens]
-                self._append_text(
-                    torch.tensor(rows, device=self.device), torch.tensor(counts, device=self.device)
-                )
+            if width:  # the processors take a verify round's tokens in (a plain step did)
+                self._processors.advance_round(round_tokens, [h[-1] for h in histories])
         if streamer is not None:
             streamer.end()
         self.last_acceptance = (accepted_total, proposed_total)

@@ -452,8 +452,8 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
     [
         (dict(num_beams=2), "num_beams"),
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
-        (dict(bad_words_ids=[[5]]), "bad_words_ids"),
-        (dict(suppress_tokens=[5]), "suppress_tokens"),
+        (dict(forced_eos_token_id=3), "forced_eos_token_id"),
+        (dict(typical_p=0.5, do_sample=True), "typical_p"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(logits_processor=[]), "logits_processor"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported

@@ -417,7 +417,8 @@ def test_repetition_penalty_in_graphs_equals_eager():
     greedy = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.3)
     a = graphed.generate(ids, **greedy)
     assert any(  # the penalized greedy step of batch 2
-        (key.batch, key.greedy, key.penalized) == (2, True, True) for key in graphed._graphs
+        (key.batch, key.greedy, key.processors.penalized) == (2, True, True)
+        for key in graphed._graphs
     )
     assert torch.equal(a, eager.generate(ids, **greedy))
     assert not torch.equal(a, graphed.generate(ids, max_new_tokens=40, do_sample=False))
@@ -447,7 +448,9 @@ def test_min_new_tokens_in_graphs_equals_eager():
     eos = int(free[0, 12])  # new token 2 of row 0
     kw = dict(max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
     a = graphed.generate(ids, min_new_tokens=16, **kw)
-    assert any(key.batch == 2 and key.greedy and key.eos_blocked for key in graphed._graphs)
+    assert any(
+        key.batch == 2 and key.greedy and key.processors.eos_blocked for key in graphed._graphs
+    )
     assert torch.equal(a, eager.generate(ids, min_new_tokens=16, **kw))
     assert not (a[:, 10:26] == eos).any() and (graphed.generate(ids, **kw)[0, 10:13] == eos).any()
     sample = dict(kw, do_sample=True, temperature=1.2, seed=3, min_new_tokens=16)
@@ -465,7 +468,7 @@ def test_no_repeat_ngram_in_graphs_equals_eager():
     ids = prompts(2, 10, seed=4)
     kw = dict(max_new_tokens=40, do_sample=False, no_repeat_ngram_size=2)
     a = graphed.generate(ids, **kw)
-    assert any(key.batch == 2 and key.no_repeat == 2 for key in graphed._graphs)
+    assert any(key.batch == 2 and key.processors.no_repeat == 2 for key in graphed._graphs)
     assert torch.equal(a, eager.generate(ids, **kw))
     for row in a.tolist():
         grams = [tuple(row[i : i + 2]) for i in range(len(row) - 1)]
@@ -475,6 +478,29 @@ def test_no_repeat_ngram_in_graphs_equals_eager():
     rep = repeated_prompts(2)
     spec = dict(kw, prompt_lookup_num_tokens=6)
     assert torch.equal(graphed.generate(rep, **spec), graphed.generate(rep, **kw))
+
+
+@torch.inference_mode()
+def test_sequence_rules_in_graphs_equal_eager():
+    """sequence_bias / bad_words_ids (transformers' processors on the rows' last tokens, read
+    from the static text buffer) and suppress_tokens inside the captured decode step."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=4)
+    free = graphed.generate(ids, max_new_tokens=12, do_sample=False)[0, 10:].tolist()
+    rules = dict(
+        bad_words_ids=[[free[2], free[3]]],
+        sequence_bias={(free[5],): -10.0, (free[6], free[7]): 5.0},
+        suppress_tokens=[free[9]],
+        begin_suppress_tokens=[free[0]],
+    )
+    kw = dict(max_new_tokens=30, do_sample=False, **rules)
+    a = graphed.generate(ids, **kw)
+    assert any(key.processors.bad_words and key.batch == 2 for key in graphed._graphs)
+    assert torch.equal(a, eager.generate(ids, **kw)) and a[0, 10] != free[0]
+    sample = dict(kw, do_sample=True, temperature=1.2, seed=3)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
 
 
 @torch.inference_mode()

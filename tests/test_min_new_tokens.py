@@ -74,7 +74,7 @@ def test_speculative_with_min_new_tokens_equals_plain_greedy():
     assert torch.equal(
         eng.generate(ids, assistant_model=draft, num_assistant_tokens=6, **kw), plain
     )
-    assert not draft._eos_blocked
+    assert not draft._processors.eos_blocked
 
 
 def test_sampling_never_emits_eos_before_min_new_tokens():

@@ -118,7 +118,7 @@ def test_speculative_with_penalty_equals_plain_greedy():
     assert torch.equal(
         eng.generate(ids, assistant_model=draft, num_assistant_tokens=4, **kw), plain
     )
-    assert not draft._penalized
+    assert not draft._processors.penalized
     # a draft with the target's weights proposes its unpenalized choices, which repeat tokens it
     # has just guessed: only a penalty on the guesses before each position rejects the repeats
     twin = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)

@@ -1,0 +1,284 @@
+"""The engine's logits processors for one ``generate`` call, in transformers' order, on static
+per-row device buffers, so a decode step does fixed-shape work with no host sync and stays one
+CUDA graph per setting:
+
+1. ``sequence_bias``: transformers' own ``SequenceBiasLogitsProcessor`` on each row's last tokens;
+2. ``repetition_penalty``: a ``[B, V]`` mask of the ids each row has seen
+   (:func:`~llmkernels.penalties.apply_repetition_penalty`);
+3. ``no_repeat_ngram_size``: the rows' text in a ``[B, L]`` buffer
+   (:func:`~llmkernels.penalties.ngram_bans`);
+4. ``bad_words_ids``: transformers' ``NoBadWordsLogitsProcessor`` on each row's last tokens;
+5. ``min_length`` / ``min_new_tokens``: the EOS ids masked out while a per-row count of new
+   tokens still to come is above zero;
+6. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
+
+Each row's text is its own, without left padding: a padded row gives what it gives alone.
+A speculative verify applies them at each of its positions with the guesses before it in place
+(:meth:`LogitsProcessors.apply_verify`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from .penalties import apply_repetition_penalty, mark_seen, ngram_bans, verify_seen
+
+__all__ = ["LogitsProcessors", "ProcessorKey"]
+
+
+class ProcessorKey(NamedTuple):
+    """The processors a captured decode step applies (part of the engine's graph keys)."""
+
+    penalized: bool  # repetition_penalty
+    eos_blocked: bool  # min_new_tokens / min_length still masking EOS
+    no_repeat: int  # no_repeat_ngram_size (0 = off)
+    sequence_bias: bool
+    bad_words: bool
+    suppressed: bool  # suppress_tokens
+
+
+class LogitsProcessors:
+    """Processor state for up to ``max_batch`` rows of texts up to ``text_size`` tokens (the
+    cache length plus a verify's guesses) over a ``vocab``-token vocabulary on ``device``.
+    :meth:`start` turns on what a call's settings ask for; everything is off until then."""
+
+    def __init__(self, max_batch: int, text_size: int, vocab: int, device: torch.device) -> None:
+        self.max_batch, self.text_size, self.vocab, self.device = (
+            max_batch,
+            text_size,
+            vocab,
+            device,
+        )
+        n = max_batch
+        self.penalty = torch.ones(n, dtype=torch.float32, device=device)  # per row
+        self.seen: torch.Tensor | None = None  # [n, V] bool, allocated on first use
+        self.eos_mask: torch.Tensor | None = None  # [V] bool
+        self.min_left = torch.zeros(n, dtype=torch.int32, device=device)  # new tokens before EOS
+        self.text: torch.Tensor | None = None  # [n, text_size] int64, allocated on first use
+        self.text_len = torch.zeros(n, dtype=torch.int64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Everything off."""
+        self.penalized = False
+        self.no_repeat = 0  # the n-gram size
+        self.eos_blocked = False
+        self.min_new = 0  # new tokens before EOS may come (min_new_tokens / min_length)
+        self.sequence_bias: Any = None  # transformers' processors, or None
+        self.bad_words: Any = None
+        self.tail = 0  # last tokens of the text they read
+        self.suppressed: torch.Tensor | None = None  # [V] bool
+        self.begin_suppressed: torch.Tensor | None = None  # [V] bool
+
+    def start(self, params: Any, rows: list[list[int]]) -> None:
+        """Turn on what ``params`` (a GenerationParams) asks for, for rows ``0..B-1`` whose texts
+        before the first new token are ``rows`` (token ids, without padding)."""
+        self.reset()
+        batch, vocab, dev = len(rows), self.vocab, self.device
+        longest = max(len(r) for r in rows)
+        context = torch.tensor([r + [0] * (longest - len(r)) for r in rows], dtype=torch.int64)
+        real = torch.arange(longest)[None, :] < torch.tensor([len(r) for r in rows])[:, None]
+        if params.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(self.max_batch, vocab, dtype=torch.bool, device=dev)
+            self.seen[:batch].zero_()
+            mark_seen(self.seen[:batch], context.to(dev), real.to(dev))
+            self.penalty[:batch].fill_(params.repetition_penalty)
+            self.penalized = True
+        eos = [e for e in params.eos_token_ids if 0 <= e < vocab]
+        if params.min_new_tokens and eos:
+            if self.eos_mask is None:
+                self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.eos_mask.zero_()
+            self.eos_mask[torch.tensor(eos, device=dev)] = True
+            self.min_new = params.min_new_tokens
+            self.min_left[:batch].fill_(self.min_new)
+            self.eos_blocked = True
+        self._start_sequence_rules(params)
+        self.no_repeat = params.no_repeat_ngram_size
+        if self.no_repeat or self.tail:
+            if self.text is None:
+                size = (self.max_batch, self.text_size)
+                self.text = torch.zeros(size, dtype=torch.int64, device=dev)
+            self.text[:batch, :longest].copy_(context)
+            self.text_len[:batch].copy_(real.sum(1))
+        self.suppressed = self._token_mask(params.suppress_tokens, "suppress_tokens")
+        self.begin_suppressed = self._token_mask(
+            params.begin_suppress_tokens, "begin_suppress_tokens"
+        )
+
+    def _start_sequence_rules(self, params: Any) -> None:
+        """sequence_bias / bad_words_ids as transformers' own processors (their constructors
+        check the settings; one call on a dummy text checks the ids against the vocabulary)."""
+        from transformers.generation.logits_process import (
+            NoBadWordsLogitsProcessor,
+            SequenceBiasLogitsProcessor,
+        )
+
+        longest = 1
+        if params.sequence_bias is not None:
+            self.sequence_bias = SequenceBiasLogitsProcessor(sequence_bias=params.sequence_bias)
+            longest = max([longest, *(len(s) for s in self.sequence_bias.sequence_bias)])
+        if params.bad_words_ids is not None:
+            self.bad_words = NoBadWordsLogitsProcessor(
+                params.bad_words_ids, params.eos_token_ids or None
+            )
+            longest = max([longest, *(len(s) for s in self.bad_words.sequence_bias)])
+        if self.sequence_bias is None and self.bad_words is None:
+            return
+        self.tail = longest - 1 if longest > 1 else 1  # the longest prefix (>= 1 column)
+        dummy = (torch.zeros(1, self.tail, dtype=torch.int64), torch.zeros(1, self.vocab))
+        for processor in (self.sequence_bias, self.bad_words):
+            if processor is not None:
+                processor(*dummy)  # raises for ids outside the vocabulary, as in transformers
+
+    def _token_mask(self, ids: Any, name: str) -> torch.Tensor | None:
+        if ids is None or len(ids) == 0:
+            return None
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i < self.vocab for i in ids):
+            raise ValueError(f"{name} must be token ids in [0, {self.vocab}), got {ids}")
+        mask = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        mask[torch.tensor(ids, device=self.device)] = True
+        return mask
+
+    def key(self) -> ProcessorKey:
+        """What a captured decode step bakes in: one graph per value."""
+        return ProcessorKey(
+            self.penalized,
+            self.eos_blocked,
+            self.no_repeat,
+            self.sequence_bias is not None,
+            self.bad_words is not None,
+            self.suppressed is not None,
+        )
+
+    def state(self) -> list[torch.Tensor]:
+        """The buffers a decode step advances (a graph's warm-up steps must be undone)."""
+        out = []
+        if self.penalized:
+            out.append(self.seen)
+        if self.eos_blocked:
+            out.append(self.min_left)
+        if self.text is not None and (self.no_repeat or self.tail):
+            out.append(self.text_len)
+        return out
+
+    # ---- one position per row: prefill and decode ------------------------------------------------
+    def apply(self, logits: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Scores of rows ``0..B-1``'s next tokens from ``logits [B, V]``: fp32 when any
+        processor is on (transformers upcasts first), else ``logits`` itself. ``first``: the
+        first new token (begin_suppress_tokens)."""
+        batch = logits.shape[0]
+        lens = self.text_len[:batch]
+        tails = self._tails(self.text[:batch], lens, 1)[:, 0] if self.tail else None
+        early = (self.min_left[:batch] > 0)[:, None] if self.eos_blocked else None  # [B, 1]
+        banned = None
+        if self.no_repeat:
+            banned = ngram_bans(self.text[:batch], lens, self.no_repeat, self.vocab)[:, 0]
+        seen = self.seen[:batch] if self.penalized else None
+        return self._apply(logits, tails, seen, banned, early, first)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Rows ``0..B-1`` emitted ``tokens [B]``: count down, mark seen, extend the text."""
+        batch = tokens.shape[0]
+        if self.eos_blocked:
+            self.min_left[:batch].sub_(1)
+        if self.penalized:
+            mark_seen(self.seen[:batch], tokens[:, None])
+        if self.no_repeat or self.tail:
+            self._append(tokens[:, None], torch.ones_like(tokens))
+
+    def set_counts(self, new_tokens: list[int]) -> None:
+        """Rows have emitted ``new_tokens[b]`` tokens so far (speculative rounds keep different
+        numbers): the EOS block's count for a plain decode step."""
+        if self.eos_blocked:
+            left = torch.tensor([self.min_new - n for n in new_tokens], dtype=torch.int32)
+            self.min_left[: len(new_tokens)].copy_(left)
+
+    # ---- speculative verify: several positions per row -------------------------------------------
+    def apply_verify(
+        self, logits: torch.Tensor, tokens: torch.Tensor, new_tokens: list[int]
+    ) -> torch.Tensor:
+        """Scores ``[B, K + 1, V]`` of a verify's positions: ``tokens [B, K + 1]`` are each row's
+        pending token and K guesses, position j continues the text with the guesses before it;
+        ``new_tokens[b]``: tokens row b has emitted so far (position j would be its next + j)."""
+        batch, positions = tokens.shape
+        drafts = tokens[:, 1:]
+        seen = early = banned = tails = None
+        if self.penalized:
+            seen = verify_seen(self.seen[:batch], tokens[:, 0], drafts)
+        if self.no_repeat or self.tail:  # the text with the guesses in place
+            text, lens = self.text[:batch].clone(), self.text_len[:batch]
+            slots = lens[:, None] + torch.arange(positions - 1, device=self.device)  # [B, K]
+            text.scatter_(1, slots.clamp(max=text.shape[1] - 1), drafts)
+            if self.no_repeat:
+                banned = ngram_bans(text, lens, self.no_repeat, self.vocab, positions)
+            if self.tail:
+                tails = self._tails(text, lens, positions)
+        if self.eos_blocked:
+            early = [[n + j < self.min_new for j in range(positions)] for n in new_tokens]
+            early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
+        return self._apply(logits, tails, seen, banned, early, first=False)
+
+    def advance_round(self, emitted: list[list[int]], last: list[int]) -> None:
+        """Rows ``0..B-1`` emitted the tokens ``emitted[b]`` (may be empty) in a verify round;
+        ``last[b]``: the last token of row b's text (already seen)."""
+        if not any(emitted):
+            return
+        most = max(len(t) for t in emitted)
+        if self.penalized:  # padded with an id already seen
+            rows = [t + [x] * (most - len(t)) for t, x in zip(emitted, last)]
+            mark_seen(self.seen[: len(emitted)], torch.tensor(rows, device=self.device))
+        if self.no_repeat or self.tail:
+            rows = [t + [0] * (most - len(t)) for t in emitted]
+            counts = torch.tensor([len(t) for t in emitted], device=self.device)
+            self._append(torch.tensor(rows, device=self.device), counts)
+
+    # ---- shared ------------------------------------------------------------------------------------
+    def _apply(self, logits, tails, seen, banned, early, first: bool) -> torch.Tensor:
+        """transformers' order; tails ``[B, P, T]`` (P positions) or None, the others the shape
+        of ``logits [B, (P,) V]`` (early ``[B, (P,) 1]``)."""
+        scores = logits
+        if self.sequence_bias is not None:
+            scores = self._per_position(self.sequence_bias, tails, scores)
+        if self.penalized:
+            scores = apply_repetition_penalty(scores, seen, self.penalty[: logits.shape[0]])
+        if banned is not None:
+            scores = scores.float().masked_fill(banned, float("-inf"))
+        if self.bad_words is not None:
+            scores = self._per_position(self.bad_words, tails, scores)
+        if early is not None:
+            scores = scores.float().masked_fill(early & self.eos_mask, float("-inf"))
+        if self.suppressed is not None:
+            scores = scores.float().masked_fill(self.suppressed, float("-inf"))
+        if first and self.begin_suppressed is not None:
+            scores = scores.float().masked_fill(self.begin_suppressed, float("-inf"))
+        return scores
+
+    @staticmethod
+    def _per_position(processor, tails: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """A transformers processor over ``scores [B, (P,) V]``, each position's text tail as its
+        input_ids (``tails [B, P, T]``)."""
+        flat = scores.float().reshape(-1, scores.shape[-1])
+        return processor(tails.reshape(flat.shape[0], -1), flat).view(scores.shape)
+
+    def _tails(self, text: torch.Tensor, lens: torch.Tensor, positions: int) -> torch.Tensor:
+        """``[B, positions, tail]``: the last ``tail`` tokens before each position (-1, which no
+        rule matches, before a row's first token)."""
+        batch = text.shape[0]
+        ends = lens[:, None] + torch.arange(positions, device=text.device)  # [B, P]
+        where = ends[:, :, None] + torch.arange(-self.tail, 0, device=text.device)  # [B, P, T]
+        picked = text.gather(1, where.clamp(0, text.shape[1] - 1).view(batch, -1))
+        return torch.where(where.view(batch, -1) >= 0, picked, -1).view(where.shape)
+
+    def _append(self, new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append ``new[b, :counts[b]]`` (``new [B, N]`` int64) to rows ``0..B-1``' text; slots
+        past a row's count are written at its end and never read; a full row drops them."""
+        batch, width = new.shape
+        lens = self.text_len[:batch]
+        slots = lens[:, None] + torch.arange(width, device=new.device)  # [B, N]
+        self.text[:batch].scatter_(1, slots.clamp(max=self.text.shape[1] - 1), new)
+        lens.add_(counts).clamp_(max=self.text.shape[1])

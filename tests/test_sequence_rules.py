@@ -1,0 +1,119 @@
+"""sequence_bias, bad_words_ids, suppress_tokens and begin_suppress_tokens in the engine against
+transformers' generate (random models of its families, CPU fp32): the same tokens and the same
+processed scores, alone and with the other processors, in plain, sampled and speculative calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import hf_greedy, prompts, variant
+
+import llmkernels as lk
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal -inf entries, finite entries within fp32 forward noise."""
+    if not torch.equal(torch.isinf(a), torch.isinf(b)):
+        return False
+    finite = torch.isfinite(a)
+    return torch.allclose(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
+def settings(free: list[int]) -> dict[str, dict]:
+    """Rules built from a row's free greedy continuation, so that each one changes it."""
+    a, b, c = free[2], free[3], free[5]
+    return {
+        "bad single": dict(bad_words_ids=[[a]]),
+        "bad pair": dict(bad_words_ids=[[a, b], [7, 8, 9]]),
+        "bias": dict(sequence_bias={(a,): -4.0, (a, b): -30.0, (c,): 2.5}),
+        "bias list form": dict(sequence_bias=[[[a, b], -30.0], [[c], 2.5]]),
+        "suppress": dict(suppress_tokens=[a, c]),
+        "begin suppress": dict(begin_suppress_tokens=[free[0]]),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral-window"])
+def test_greedy_and_scores_match_transformers(name):
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    base = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    free = eng.generate(ids, **base)
+    record = dict(return_dict_in_generate=True, output_scores=True)
+    for label, rule in settings(free[0, 10:].tolist()).items():
+        # with a penalty too: the bias comes before it in transformers' order
+        for extra in ({}, dict(repetition_penalty=1.3)):
+            kw = {**base, **rule, **extra, **record}
+            with torch.no_grad():
+                expected = hf.generate(ids, **kw)
+            out = eng.generate(ids, **kw)
+            assert torch.equal(out.sequences, expected.sequences), (label, extra)
+            for step, (mine, theirs) in enumerate(zip(out.scores, expected.scores)):
+                assert close(mine, theirs), (label, extra, step)
+        assert not torch.equal(eng.generate(ids, **base, **rule), free), label  # it bit
+
+
+def test_rules_hold_in_the_output():
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    free = eng.generate(ids, max_new_tokens=30, do_sample=False)[:, 10:].tolist()
+    a, b = free[0][2], free[0][3]
+    out = eng.generate(ids, max_new_tokens=30, do_sample=False, bad_words_ids=[[a, b]])
+    for row in out.tolist():  # the pair never appears, a alone may
+        assert all((x, y) != (a, b) for x, y in zip(row[10:], row[11:]))
+    out = eng.generate(ids, max_new_tokens=30, do_sample=False, suppress_tokens=free[0][:5])
+    assert not set(out[:, 10:].flatten().tolist()) & set(free[0][:5])
+    first = eng.generate(
+        ids, max_new_tokens=30, do_sample=False, begin_suppress_tokens=[free[0][0]]
+    )
+    assert first[0, 10] != free[0][0]
+
+
+def test_sampled_and_speculative_calls_equal_plain():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)
+    base = prompts(2, 12, seed=5)
+    ids = torch.cat([base, base, base[:, :4]], dim=1)  # guesses from the prompt get kept
+    free = eng.generate(ids, max_new_tokens=40, do_sample=False)[0, 28:].tolist()
+    rules = dict(
+        bad_words_ids=[[free[4], free[5]]],
+        sequence_bias={(free[1], free[2]): -20.0, (free[8],): 3.0},
+        suppress_tokens=[free[10]],
+    )
+    kw = dict(max_new_tokens=40, do_sample=False, **rules)
+    plain = eng.generate(ids, **kw)
+    assert torch.equal(plain, hf_greedy(hf, ids, 40, **rules))
+    assert torch.equal(eng.generate(ids, prompt_lookup_num_tokens=8, **kw), plain)
+    assert eng.last_acceptance[0] > 0  # later verify positions saw kept guesses
+    twin = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)  # proposes what rules remove
+    assert torch.equal(eng.generate(ids, assistant_model=twin, num_assistant_tokens=6, **kw), plain)
+    sampled = dict(kw, do_sample=True, top_k=1)
+    assert torch.equal(eng.generate(ids, seed=1, **sampled), plain)
+    # the twin's first round guesses free[1:7]: banning the pair (free[4], free[5]) there needs
+    # the guess free[4] in place at the position that would take free[5]
+    # (first: the text buffer still holds the last call's, other, tokens past the guesses)
+    kw = dict(max_new_tokens=40, do_sample=False, bad_words_ids=[[free[4], free[5]]])
+    drafted = eng.generate(ids, assistant_model=twin, num_assistant_tokens=6, **kw)
+    plain = eng.generate(ids, **kw)
+    assert plain[0, 28 + 5] != free[5] and torch.equal(drafted, plain)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bad_words_ids=[[400]]), "vocabulary"),
+        (dict(sequence_bias={(5, 400): 1.0}), "vocabulary"),
+        (dict(bad_words_ids=[]), "bad_words_ids"),
+        (dict(sequence_bias={5: 1.0}), "sequence_bias"),
+        (dict(suppress_tokens=[400]), "suppress_tokens must be token ids"),
+        (dict(begin_suppress_tokens=[-1]), "begin_suppress_tokens must be token ids"),
+    ],
+)
+def test_bad_rules_raise_before_any_work(kwargs, message):
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=32)  # vocabulary of 320
+    with pytest.raises(ValueError, match=message):
+        eng.generate(prompts(1, 4), max_new_tokens=2, **kwargs)
+    assert eng.last_prefill_len == 0

@@ -2,12 +2,13 @@
 per-row device buffers, so a decode step does fixed-shape work with no host sync and stays one
 CUDA graph per setting:
 
-1. ``sequence_bias``: transformers' own ``SequenceBiasLogitsProcessor`` on each row's last tokens;
+1. ``sequence_bias``: as transformers' ``SequenceBiasLogitsProcessor``, on each row's last tokens
+   (:class:`SequenceRules`);
 2. ``repetition_penalty``: a ``[B, V]`` mask of the ids each row has seen
    (:func:`~llmkernels.penalties.apply_repetition_penalty`);
 3. ``no_repeat_ngram_size``: the rows' text in a ``[B, L]`` buffer
    (:func:`~llmkernels.penalties.ngram_bans`);
-4. ``bad_words_ids``: transformers' ``NoBadWordsLogitsProcessor`` on each row's last tokens;
+4. ``bad_words_ids``: the same rules with bias -inf (transformers' ``NoBadWordsLogitsProcessor``);
 5. ``min_length`` / ``min_new_tokens``: the EOS ids masked out while a per-row count of new
    tokens still to come is above zero;
 6. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
@@ -25,7 +26,7 @@ import torch
 
 from .penalties import apply_repetition_penalty, mark_seen, ngram_bans, verify_seen
 
-__all__ = ["LogitsProcessors", "ProcessorKey"]
+__all__ = ["LogitsProcessors", "ProcessorKey", "SequenceRules"]
 
 
 class ProcessorKey(NamedTuple):
@@ -66,8 +67,8 @@ class LogitsProcessors:
         self.no_repeat = 0  # the n-gram size
         self.eos_blocked = False
         self.min_new = 0  # new tokens before EOS may come (min_new_tokens / min_length)
-        self.sequence_bias: Any = None  # transformers' processors, or None
-        self.bad_words: Any = None
+        self.sequence_bias: SequenceRules | None = None
+        self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
         self.suppressed: torch.Tensor | None = None  # [V] bool
         self.begin_suppressed: torch.Tensor | None = None  # [V] bool
@@ -110,29 +111,24 @@ class LogitsProcessors:
         )
 
     def _start_sequence_rules(self, params: Any) -> None:
-        """sequence_bias / bad_words_ids as transformers' own processors (their constructors
-        check the settings; one call on a dummy text checks the ids against the vocabulary)."""
-        from transformers.generation.logits_process import (
-            NoBadWordsLogitsProcessor,
-            SequenceBiasLogitsProcessor,
-        )
-
-        longest = 1
+        """sequence_bias / bad_words_ids (transformers' list form or dict form; a bad word that
+        is one EOS id is dropped, as transformers does)."""
         if params.sequence_bias is not None:
-            self.sequence_bias = SequenceBiasLogitsProcessor(sequence_bias=params.sequence_bias)
-            longest = max([longest, *(len(s) for s in self.sequence_bias.sequence_bias)])
+            rules = _bias_rules(params.sequence_bias)
+            self.sequence_bias = SequenceRules(rules, self.vocab, self.device, "sequence_bias")
         if params.bad_words_ids is not None:
-            self.bad_words = NoBadWordsLogitsProcessor(
-                params.bad_words_ids, params.eos_token_ids or None
-            )
-            longest = max([longest, *(len(s) for s in self.bad_words.sequence_bias)])
-        if self.sequence_bias is None and self.bad_words is None:
-            return
-        self.tail = longest - 1 if longest > 1 else 1  # the longest prefix (>= 1 column)
-        dummy = (torch.zeros(1, self.tail, dtype=torch.int64), torch.zeros(1, self.vocab))
-        for processor in (self.sequence_bias, self.bad_words):
-            if processor is not None:
-                processor(*dummy)  # raises for ids outside the vocabulary, as in transformers
+            words = params.bad_words_ids
+            if not isinstance(words, (list, tuple)) or not words:
+                raise ValueError(f"bad_words_ids must be a non-empty list of lists, got {words!r}")
+            rules = {}
+            for word in words:
+                ids = _token_ids(word, "bad_words_ids")
+                if not (len(ids) == 1 and ids[0] in params.eos_token_ids):
+                    rules[ids] = float("-inf")
+            if rules:
+                self.bad_words = SequenceRules(rules, self.vocab, self.device, "bad_words_ids")
+        used = [r for r in (self.sequence_bias, self.bad_words) if r is not None]
+        self.tail = max((r.longest for r in used), default=0)
 
     def _token_mask(self, ids: Any, name: str) -> torch.Tensor | None:
         if ids is None or len(ids) == 0:
@@ -259,11 +255,11 @@ class LogitsProcessors:
         return scores
 
     @staticmethod
-    def _per_position(processor, tails: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """A transformers processor over ``scores [B, (P,) V]``, each position's text tail as its
-        input_ids (``tails [B, P, T]``)."""
+    def _per_position(rules: SequenceRules, tails: torch.Tensor, scores: torch.Tensor):
+        """``rules`` over ``scores [B, (P,) V]`` with each position's text tail ``tails [B, P,
+        T]``."""
         flat = scores.float().reshape(-1, scores.shape[-1])
-        return processor(tails.reshape(flat.shape[0], -1), flat).view(scores.shape)
+        return rules(tails.reshape(flat.shape[0], -1), flat).view(scores.shape)
 
     def _tails(self, text: torch.Tensor, lens: torch.Tensor, positions: int) -> torch.Tensor:
         """``[B, positions, tail]``: the last ``tail`` tokens before each position (-1, which no
@@ -282,3 +278,88 @@ class LogitsProcessors:
         slots = lens[:, None] + torch.arange(width, device=new.device)  # [B, N]
         self.text[:batch].scatter_(1, slots.clamp(max=self.text.shape[1] - 1), new)
         lens.add_(counts).clamp_(max=self.text.shape[1])
+
+
+class SequenceRules:
+    """Biases on token sequences, as transformers' ``SequenceBiasLogitsProcessor``: ``rules``
+    maps a token id tuple to a bias; with texts ending in ``tails [N, T]`` (-1 before a text's
+    first token; T >= ``longest``), ``scores [N, V]`` become ``scores + bias`` where::
+
+        bias[n, v] = sum of rules[s] over the sequences s ending in v whose other tokens end
+                     text n (one-token sequences always)
+
+    summed as transformers sums it (one-token biases, then the longer rules grouped by length).
+    All tensors are built here: a call allocates only its result (graph-capturable)."""
+
+    def __init__(self, rules: dict[tuple[int, ...], float], vocab: int, device, name: str) -> None:
+        outside = sorted({i for ids in rules for i in ids if i >= vocab})
+        if outside:
+            raise ValueError(
+                f"{name}: the model vocabulary size is {vocab}, but these token ids are in the "
+                f"rules: {outside}"
+            )
+        self.single = torch.zeros(vocab, dtype=torch.float32, device=device)
+        ones = [(ids[0], bias) for ids, bias in rules.items() if len(ids) == 1]
+        if ones:
+            index = torch.tensor([i for i, _ in ones], device=device)
+            self.single[index] = torch.tensor([b for _, b in ones], device=device)
+        by_length: dict[int, list] = {}
+        for ids, bias in rules.items():
+            if len(ids) > 1:
+                by_length.setdefault(len(ids) - 1, []).append((ids, bias))
+        self.groups = [  # (prefixes [G, L], last ids [G], biases [G]) per prefix length L
+            (
+                torch.tensor([ids[:-1] for ids, _ in group], device=device),
+                torch.tensor([ids[-1] for ids, _ in group], device=device),
+                torch.tensor([bias for _, bias in group], dtype=torch.float32, device=device),
+            )
+            for group in by_length.values()
+        ]
+        self.longest = max(by_length, default=1)  # tokens of text the rules read
+
+    def __call__(self, tails: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(scores)
+        bias += self.single
+        for prefixes, last, biases in self.groups:
+            length = prefixes.shape[1]
+            match = (tails[:, None, -length:] == prefixes).all(dim=-1)  # [N, G]
+            bias.index_add_(1, last, torch.where(match, biases, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    ):
+        raise ValueError(
+            f"{name}: each sequence must be a non-empty list of token ids, got {value!r}"
+        )
+    return tuple(value)
+
+
+def _bias_rules(sequence_bias: Any) -> dict[tuple[int, ...], float]:
+    """transformers' two forms, ``{(ids...): bias}`` and ``[[[ids...], bias], ...]``, as a dict."""
+    if isinstance(sequence_bias, dict) and sequence_bias:
+        pairs = list(sequence_bias.items())
+        if not all(isinstance(ids, tuple) for ids, _ in pairs):
+            raise ValueError(
+                f"sequence_bias keys must be tuples of token ids, got {sequence_bias!r}"
+            )
+    elif isinstance(sequence_bias, (list, tuple)) and sequence_bias:
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in sequence_bias):
+            raise ValueError(
+                f"sequence_bias as a list must hold [token ids, bias] pairs, got {sequence_bias!r}"
+            )
+        pairs = [(ids, bias) for ids, bias in sequence_bias]
+    else:
+        raise ValueError(
+            f"sequence_bias must be a non-empty dict or list of [token ids, bias], got {sequence_bias!r}"
+        )
+    rules = {}
+    for ids, bias in pairs:
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ValueError(f"sequence_bias: each bias must be a float, got {bias!r}")
+        rules[_token_ids(ids, "sequence_bias")] = float(bias)
+    return rules

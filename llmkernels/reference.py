@@ -391,10 +391,9 @@ def sampling_probs(
         probs = torch.where(probs >= floor, probs, 0.0)  # the largest always stays
         probs = probs / probs.sum(dim=-1, keepdim=True)
 
-    if greedy.any():
-        one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
-        probs = torch.where(greedy[:, None], one_hot, probs)
-    return probs
+    # no `if greedy.any()`: a host sync, which a CUDA-graph capture of the decode step refuses
+    one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
+    return torch.where(greedy[:, None], one_hot, probs)
 
 
 def sample(

@@ -74,3 +74,16 @@ def test_nan_logits_with_min_p_raise_a_clear_error():
     eng.model.norm.fill_(float("nan"))  # every logit NaN
     with pytest.raises(ValueError, match="logits contain NaN"):
         eng.generate(prompts(1, 6), max_new_tokens=3, do_sample=True, min_p=0.1)
+
+
+def test_sampling_probs_traces_without_a_host_sync():
+    """The min_p decode step runs sampling_probs inside a CUDA graph, where a host sync (a
+    data-dependent Python branch) fails the capture: dynamo's fullgraph tracing refuses the same
+    branches on the CPU."""
+    traced = torch.compile(ref.sampling_probs, fullgraph=True, backend="eager")
+    logits = torch.randn(3, 50)
+    rows = (torch.tensor([0.7, 0.0, 1.3]), torch.tensor([0, 5, 50]), torch.tensor([0.9, 1.0, 0.5]))
+    min_p = torch.tensor([0.1, 0.0, 0.05])
+    torch.testing.assert_close(
+        traced(logits, *rows, min_p), ref.sampling_probs(logits, *rows, min_p)
+    )

@@ -145,3 +145,44 @@ def test_bad_rules_raise_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         eng.generate(prompts(1, 4), max_new_tokens=2, **kwargs)
     assert eng.last_prefill_len == 0
+
+
+def test_processors_trace_without_a_host_sync():
+    """The decode step applies the processors inside a CUDA graph, where a host sync fails the
+    capture: dynamo's fullgraph tracing refuses the same data-dependent branches on the CPU."""
+    from llmkernels.generate import resolve_generation_params
+
+    eng = lk.Engine.from_hf(variant("qwen2"), max_batch_size=2, max_seq_len=64)
+    params = resolve_generation_params(
+        eng.generation_config,
+        8,
+        64,
+        max_new_tokens=4,
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=2,
+        sequence_bias={(5, 6): 1.5, (7,): -1.0},
+        bad_words_ids=[[8, 9, 10]],
+        min_new_tokens=3,
+        eos_token_id=11,
+        suppress_tokens=[12],
+        begin_suppress_tokens=[13],
+    )
+    processors = eng._processors
+    processors.start(params, [list(range(3, 11)), list(range(20, 25))])
+    assert all(processors.key()[:3]) and all(processors.key()[3:])
+
+    def step(logits, tokens):
+        scores = processors.apply(logits, first=True)
+        processors.advance(tokens)
+        return scores
+
+    logits, tokens = torch.randn(2, 320), torch.tensor([6, 9])
+    saved = [t.clone() for t in processors.state()]
+    expected = step(logits, tokens)
+    for t, value in zip(processors.state(), saved):
+        t.copy_(value)
+    traced = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(logits, tokens), expected)
+    verify = torch.compile(processors.apply_verify, fullgraph=True, backend="eager")
+    drafts = torch.tensor([[6, 7, 8], [9, 10, 11]])
+    verify(torch.randn(2, 3, 320), drafts, [1, 1])

@@ -941,7 +941,7 @@ class Engine:
     @torch.inference_mode()
     def generate(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         streamer=None,
         seed: int | None = None,
@@ -996,6 +996,10 @@ class Engine:
         ``typical_p``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
+        if input_ids is None:  # HF names its first argument `inputs`
+            input_ids = kwargs.pop("inputs", None)
+            if input_ids is None:
+                raise TypeError("generate() needs input_ids (or inputs, as HF names it)")
         out_device = (
             input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         )

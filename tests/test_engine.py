@@ -426,6 +426,14 @@ def test_generation_config_defaults():
     torch.testing.assert_close(eng.generate(ids, seed=1), greedy, rtol=0, atol=0)
 
 
+def test_inputs_is_input_ids_as_in_transformers(eng_gqa):
+    ids = prompts(1, 5)
+    expected = eng_gqa.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(eng_gqa.generate(inputs=ids, max_new_tokens=4, do_sample=False), expected)
+    with pytest.raises(TypeError, match="needs input_ids"):
+        eng_gqa.generate(max_new_tokens=4)
+
+
 def test_a_setting_given_as_none_is_none_as_in_transformers():
     """transformers' generate sets every keyword it gets, None included: eos_token_id=None turns
     the model's EOS off, top_k=None its top-k."""

@@ -75,9 +75,6 @@ _NEUTRAL: dict[str, tuple] = {
     "force_words_ids": (None,),
     "constraints": (None,),
     "top_h": (None,),
-    "typical_p": (None, 1.0),
-    "epsilon_cutoff": (None, 0.0),
-    "eta_cutoff": (None, 0.0),
     "diversity_penalty": (None, 0.0),
     "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,),
@@ -100,7 +97,7 @@ class StepKey(NamedTuple):
 
     batch: int
     greedy: bool
-    min_p: bool  # min_p on (sampling only)
+    warped: bool  # min_p / typical_p / epsilon / eta on (sampling only)
     processors: ProcessorKey  # the logits processors on
 
 
@@ -126,6 +123,9 @@ class GenerationParams:
     eos_token_ids: list[int]
     pad_token_id: int | None
     min_p: float = 0.0  # HF's: after top-p, drop tokens with p < min_p * max(p) (0 = off)
+    typical_p: float = 1.0  # HF's locally typical sampling mass (1 = off)
+    epsilon_cutoff: float = 0.0  # HF's: drop tokens with p < epsilon (0 = off)
+    eta_cutoff: float = 0.0  # HF's: drop tokens with p < min(eta, sqrt(eta) exp(-H)) (0 = off)
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
     no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
@@ -178,7 +178,7 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or typical_p < 1).
+    arguments, or HF settings such as num_beams > 1 or penalty_alpha > 0).
     """
     from transformers import GenerationConfig
 
@@ -189,7 +189,8 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, repetition_penalty, no_repeat_ngram_size, sequence_bias, bad_words_ids, "
+            "top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
+            "no_repeat_ngram_size, sequence_bias, bad_words_ids, "
             "suppress_tokens, begin_suppress_tokens, min_new_tokens, min_length, "
             "num_return_sequences, eos_token_id, pad_token_id, stop_strings (with tokenizer), "
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
@@ -216,7 +217,8 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p / min-p sampling with the logits processors of "
+            "temperature / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
+            "logits processors of "
             "llmkernels.processors, stop_strings, max_time and num_return_sequences only; use "
             "HF's model.generate for the others."
         )
@@ -257,6 +259,20 @@ def resolve_generation_params(
     min_p = 0.0 if min_p is None or not do_sample else min_p  # HF warps only when sampling
     if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
         raise ValueError(f"min_p must be a number in [0, 1] (0 = off), got {min_p!r}")
+    warps = {}
+    for name, off, low_open in (
+        ("typical_p", 1.0, True),
+        ("epsilon_cutoff", 0.0, False),
+        ("eta_cutoff", 0.0, False),
+    ):
+        value = eff.get(name)
+        value = off if value is None or not do_sample else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and ((0 < value <= 1) if low_open else (0 <= value < 1))
+        if not ok:
+            span = "(0, 1] (1 = off)" if low_open else "[0, 1) (0 = off)"
+            raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+        warps[name] = float(value)
     penalty = eff.get("repetition_penalty")
     penalty = 1.0 if penalty is None else penalty
     if (
@@ -326,6 +342,7 @@ def resolve_generation_params(
         top_k=int(top_k),
         top_p=top_p,
         min_p=float(min_p),
+        **warps,
         eos_token_ids=eos_ids,
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
@@ -393,10 +410,11 @@ class Engine:
         self._temperature = torch.ones(n, dtype=torch.float32, device=dev)
         self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
-        # min_p: the fused sampler has no min-p filter, so with it on the reference computes the
-        # warped distribution and the sampler draws from it (a decode graph per setting)
-        self._min_p = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._min_p_on = False
+        # min_p, typical_p, epsilon_cutoff, eta_cutoff: the fused sampler has none of these
+        # filters, so with one on the reference computes the warped distribution and the sampler
+        # draws from it (a decode graph per setting)
+        self._warps = torch.zeros(4, n, dtype=torch.float32, device=dev)  # in that order
+        self._warped = False
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
         # repetition penalty, no_repeat_ngram_size, min_new_tokens, ... (a decode graph per
         # setting); the rows' text has room for a verify's guesses
@@ -796,7 +814,7 @@ class Engine:
             self._record_step(raw, logits, greedy)
         if greedy:
             ops.sample(logits, 0.0, out=tokens, check_values=check_values)
-        elif self._min_p_on:  # the warped law from the reference, drawn by the sampler
+        elif self._warped:  # the warped law from the reference, drawn by the sampler
             rows = self._sampling_rows(batch)
             if check_values:  # NaN / inf scores and the settings, as ops.sample checks them
                 ops._check_sampling_values(logits, *rows[:3])
@@ -814,13 +832,14 @@ class Engine:
 
     def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Rows ``0..B-1``'s sampling settings, as :func:`reference.sampling_probs` takes them:
-        (temperature, top_k, top_p), and min_p when this call has it on."""
+        (temperature, top_k, top_p), then min_p, typical_p, epsilon and eta when this call
+        warps."""
         rows = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
-        return rows + (self._min_p[:batch],) if self._min_p_on else rows
+        return rows + tuple(self._warps[:, :batch]) if self._warped else rows
 
     def _record_step(self, raw: torch.Tensor, processed: torch.Tensor, greedy: bool) -> None:
         """Append this step's fp32 raw logits and processed scores ``[B, V]`` to ``_record``:
-        the scores after the penalty and the EOS mask, and when sampling after transformers'
+        the scores after the logits processors, and when sampling after transformers'
         own temperature / top-k / top-p warpers (what HF's ``output_scores`` holds)."""
         scores, logits, warpers = self._record
         if logits is not None:
@@ -853,8 +872,7 @@ class Engine:
 
     def _step_key(self, batch: int, greedy: bool) -> StepKey:
         """The captured decode step this call replays: one per batch size and setting."""
-        min_p = self._min_p_on and not greedy
-        return StepKey(batch, greedy, min_p, self._processors.key())
+        return StepKey(batch, greedy, self._warped and not greedy, self._processors.key())
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -993,7 +1011,7 @@ class Engine:
         ``[B * n, T + new]``: each copy draws its own tokens.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
-        ``typical_p``, unknown keywords, ...) and when a row's prompt plus
+        ``penalty_alpha``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         if input_ids is None:  # HF names its first argument `inputs`
@@ -1065,11 +1083,14 @@ class Engine:
         (the decode steps then run eagerly, not as CUDA graphs). Sampled scores go through
         transformers' own warpers, in its order, so they are what HF would report."""
         from transformers.generation.logits_process import (
+            EpsilonLogitsWarper,
+            EtaLogitsWarper,
             LogitsProcessorList,
             MinPLogitsWarper,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
             TopPLogitsWarper,
+            TypicalLogitsWarper,
         )
 
         warpers = LogitsProcessorList()
@@ -1081,6 +1102,12 @@ class Engine:
             warpers.append(TopPLogitsWarper(top_p=params.top_p))
         if params.min_p > 0:
             warpers.append(MinPLogitsWarper(min_p=params.min_p))
+        if params.typical_p < 1:
+            warpers.append(TypicalLogitsWarper(mass=params.typical_p))
+        if params.epsilon_cutoff > 0:
+            warpers.append(EpsilonLogitsWarper(epsilon=params.epsilon_cutoff))
+        if params.eta_cutoff > 0:
+            warpers.append(EtaLogitsWarper(epsilon=params.eta_cutoff, device=self.device))
         scores = [] if params.output_scores else None
         self._record = (scores, [] if params.output_logits else None, warpers)
 
@@ -1113,12 +1140,14 @@ class Engine:
         logits processors (``_processors.start`` turns them on: a draft proposes without them,
         as transformers' assistant does)."""
         self._processors.reset()
-        self._min_p_on = not params.greedy and params.min_p > 0
+        warps = (params.min_p, params.typical_p, params.epsilon_cutoff, params.eta_cutoff)
+        self._warped = not params.greedy and warps != (0.0, 1.0, 0.0, 0.0)
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)
             self._top_p[:batch].fill_(params.top_p)
-            self._min_p[:batch].fill_(params.min_p)
+            for row, value in zip(self._warps, warps):
+                row[:batch].fill_(value)
             self._rng.copy_(ops.new_rng_state(self.device, seed))
 
     def _generate(

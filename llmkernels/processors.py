@@ -35,9 +35,9 @@ class ProcessorKey(NamedTuple):
     penalized: bool  # repetition_penalty
     eos_blocked: bool  # min_new_tokens / min_length still masking EOS
     no_repeat: int  # no_repeat_ngram_size (0 = off)
-    sequence_bias: bool
-    bad_words: bool
-    suppressed: bool  # suppress_tokens
+    sequence_bias: tuple  # the rules (a graph reads their tensors), () when off
+    bad_words: tuple
+    suppressed: bool  # suppress_tokens (a static mask)
 
 
 class LogitsProcessors:
@@ -59,6 +59,9 @@ class LogitsProcessors:
         self.min_left = torch.zeros(n, dtype=torch.int32, device=device)  # new tokens before EOS
         self.text: torch.Tensor | None = None  # [n, text_size] int64, allocated on first use
         self.text_len = torch.zeros(n, dtype=torch.int64, device=device)
+        self.suppress_mask: torch.Tensor | None = None  # [V] bool
+        # rule set -> its tensors, kept: a captured step reads the tensors it was captured with
+        self._rules: dict[tuple, SequenceRules] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -70,8 +73,8 @@ class LogitsProcessors:
         self.sequence_bias: SequenceRules | None = None
         self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
-        self.suppressed: torch.Tensor | None = None  # [V] bool
-        self.begin_suppressed: torch.Tensor | None = None  # [V] bool
+        self.suppressed = False  # suppress_mask on
+        self.begin_suppressed: torch.Tensor | None = None  # [V] bool (first token: no graph)
 
     def start(self, params: Any, rows: list[list[int]]) -> None:
         """Turn on what ``params`` (a GenerationParams) asks for, for rows ``0..B-1`` whose texts
@@ -105,7 +108,12 @@ class LogitsProcessors:
                 self.text = torch.zeros(size, dtype=torch.int64, device=dev)
             self.text[:batch, :longest].copy_(context)
             self.text_len[:batch].copy_(real.sum(1))
-        self.suppressed = self._token_mask(params.suppress_tokens, "suppress_tokens")
+        suppressed = self._token_mask(params.suppress_tokens, "suppress_tokens")
+        if suppressed is not None:  # into a static mask: a captured step reads that one
+            if self.suppress_mask is None:
+                self.suppress_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.suppress_mask.copy_(suppressed)
+            self.suppressed = True
         self.begin_suppressed = self._token_mask(
             params.begin_suppress_tokens, "begin_suppress_tokens"
         )
@@ -114,8 +122,7 @@ class LogitsProcessors:
         """sequence_bias / bad_words_ids (transformers' list form or dict form; a bad word that
         is one EOS id is dropped, as transformers does)."""
         if params.sequence_bias is not None:
-            rules = _bias_rules(params.sequence_bias)
-            self.sequence_bias = SequenceRules(rules, self.vocab, self.device, "sequence_bias")
+            self.sequence_bias = self._kept(_bias_rules(params.sequence_bias), "sequence_bias")
         if params.bad_words_ids is not None:
             words = params.bad_words_ids
             if not isinstance(words, (list, tuple)) or not words:
@@ -126,9 +133,16 @@ class LogitsProcessors:
                 if not (len(ids) == 1 and ids[0] in params.eos_token_ids):
                     rules[ids] = float("-inf")
             if rules:
-                self.bad_words = SequenceRules(rules, self.vocab, self.device, "bad_words_ids")
+                self.bad_words = self._kept(rules, "bad_words_ids")
         used = [r for r in (self.sequence_bias, self.bad_words) if r is not None]
         self.tail = max((r.longest for r in used), default=0)
+
+    def _kept(self, rules: dict[tuple[int, ...], float], name: str) -> SequenceRules:
+        """The rules' tensors, built once per rule set (in order: it sets the summation order)."""
+        key = (name, tuple(rules.items()))
+        if key not in self._rules:
+            self._rules[key] = SequenceRules(rules, self.vocab, self.device, name)
+        return self._rules[key]
 
     def _token_mask(self, ids: Any, name: str) -> torch.Tensor | None:
         if ids is None or len(ids) == 0:
@@ -146,9 +160,9 @@ class LogitsProcessors:
             self.penalized,
             self.eos_blocked,
             self.no_repeat,
-            self.sequence_bias is not None,
-            self.bad_words is not None,
-            self.suppressed is not None,
+            self.sequence_bias.signature if self.sequence_bias is not None else (),
+            self.bad_words.signature if self.bad_words is not None else (),
+            self.suppressed,
         )
 
     def state(self) -> list[torch.Tensor]:
@@ -248,8 +262,8 @@ class LogitsProcessors:
             scores = self._per_position(self.bad_words, tails, scores)
         if early is not None:
             scores = scores.float().masked_fill(early & self.eos_mask, float("-inf"))
-        if self.suppressed is not None:
-            scores = scores.float().masked_fill(self.suppressed, float("-inf"))
+        if self.suppressed:
+            scores = scores.float().masked_fill(self.suppress_mask, float("-inf"))
         if first and self.begin_suppressed is not None:
             scores = scores.float().masked_fill(self.begin_suppressed, float("-inf"))
         return scores
@@ -316,6 +330,7 @@ class SequenceRules:
             for group in by_length.values()
         ]
         self.longest = max(by_length, default=1)  # tokens of text the rules read
+        self.signature = tuple(rules.items())  # hashable: part of a captured step's key
 
     def __call__(self, tails: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros_like(scores)

@@ -338,6 +338,9 @@ def sampling_probs(
     top_k: int | torch.Tensor = 0,
     top_p: float | torch.Tensor = 1.0,
     min_p: float | torch.Tensor = 0.0,
+    typical_p: float | torch.Tensor = 1.0,
+    epsilon_cutoff: float | torch.Tensor = 0.0,
+    eta_cutoff: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """The exact distribution :func:`sample` draws from, ``[B, V]`` fp32 (HF filter order).
 
@@ -351,8 +354,16 @@ def sampling_probs(
     4. renormalize the kept probabilities.
     5. min-p (``0`` is off): keep token t iff ``p_t >= min_p * max(p)`` over the renormalized p
        (HF's ``MinPLogitsWarper``, after top-p), and renormalize again.
+    6. typical (``typical_p = 1`` is off; HF's ``TypicalLogitsWarper``): with ``H = -sum p log p``,
+       sort the tokens by ``|-log p_t - H|`` ascending and keep the shortest prefix whose mass
+       reaches ``typical_p`` (ties at its last value kept, the first token always), renormalize.
+    7. epsilon (``0`` is off; HF's ``EpsilonLogitsWarper``): keep ``p_t >= epsilon_cutoff`` and
+       the most probable tokens, renormalize.
+    8. eta (``0`` is off; HF's ``EtaLogitsWarper``): the same with the cutoff
+       ``min(eta, sqrt(eta) * exp(-H))``.
 
-    logits: ``[B, V]``; temperature, top_p, min_p: float or ``[B]``; top_k: int or ``[B]``.
+    logits: ``[B, V]``; temperature, top_p and the others: float or ``[B]``; top_k: int or
+    ``[B]``. A float setting at its off value leaves p bit-identical (no work).
     """
     batch, vocab = logits.shape
     device = logits.device
@@ -390,10 +401,43 @@ def sampling_probs(
         floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         probs = torch.where(probs >= floor, probs, 0.0)  # the largest always stays
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    if isinstance(typical_p, torch.Tensor) or typical_p < 1:
+        probs = _typical(probs, _per_row(typical_p, batch, torch.float32, device))
+    if isinstance(epsilon_cutoff, torch.Tensor) or epsilon_cutoff > 0:
+        cutoff = _per_row(epsilon_cutoff, batch, torch.float32, device)
+        probs = _cut_below(probs, torch.where(cutoff > 0, cutoff, 0.0)[:, None])
+    if isinstance(eta_cutoff, torch.Tensor) or eta_cutoff > 0:
+        eta = _per_row(eta_cutoff, batch, torch.float32, device)[:, None]
+        entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(dim=-1, keepdim=True)
+        probs = _cut_below(probs, torch.minimum(eta, eta.sqrt() * torch.exp(-entropy)))
 
     # no `if greedy.any()`: a host sync, which a CUDA-graph capture of the decode step refuses
     one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
     return torch.where(greedy[:, None], one_hot, probs)
+
+
+def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Step 6 of :func:`sampling_probs` on renormalized ``probs [B, V]``; rows with mass >= 1
+    unchanged."""
+    log_p = probs.log()  # -inf for removed tokens
+    entropy = -torch.where(probs > 0, probs * log_p, 0.0).sum(dim=-1, keepdim=True)
+    shifted = (-log_p - entropy).abs()  # inf for removed tokens
+    sorted_shifted, order = shifted.sort(dim=-1)
+    cumulative = probs.gather(1, order).cumsum(dim=-1)
+    last = (cumulative < mass[:, None]).sum(dim=1, keepdim=True).clamp(max=probs.shape[1] - 1)
+    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last)
+    remove_sorted[:, 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    remove &= (mass < 1)[:, None]
+    probs = torch.where(remove, 0.0, probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _cut_below(probs: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with ``p < cutoff [B, 1]`` except the most probable, renormalize."""
+    keep = (probs >= cutoff) | (probs >= probs.amax(dim=-1, keepdim=True))
+    probs = torch.where(keep, probs, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def sample(

@@ -461,7 +461,7 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
         (dict(num_beams=2), "num_beams"),
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(forced_eos_token_id=3), "forced_eos_token_id"),
-        (dict(typical_p=0.5, do_sample=True), "typical_p"),
+        (dict(top_h=0.4, do_sample=True), "top_h"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(logits_processor=[]), "logits_processor"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported
@@ -475,11 +475,11 @@ def test_unsupported_generate_arguments_raise(eng_gqa, kwargs, name):
 
 def test_unsupported_model_generation_config_raises():
     hf = make_hf(tiny_config())
-    hf.generation_config.typical_p = 0.5
+    hf.generation_config.penalty_alpha = 0.6  # contrastive search
     eng = lk.Engine.from_hf(hf, max_seq_len=32)
-    with pytest.raises(ValueError, match="typical_p.*model generation_config"):
+    with pytest.raises(ValueError, match="penalty_alpha.*model generation_config"):
         eng.generate(prompts(1, 4), max_new_tokens=2)
-    assert eng.generate(prompts(1, 4), max_new_tokens=2, typical_p=1.0).shape == (1, 6)
+    assert eng.generate(prompts(1, 4), max_new_tokens=2, penalty_alpha=0).shape == (1, 6)
 
 
 def test_bad_sampling_values_raise(eng_gqa):

@@ -385,7 +385,7 @@ def test_min_p_in_graphs_equals_eager():
     ids = prompts(2, 10, seed=6)
     kw = dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_p=0.95, min_p=0.1, seed=3)
     a = graphed.generate(ids, **kw)
-    assert any(key.min_p and key.batch == 2 for key in graphed._graphs)
+    assert any(key.warped and key.batch == 2 for key in graphed._graphs)
     assert torch.equal(a, eager.generate(ids, **kw))
     out = eager.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
     for step, scores in enumerate(out.scores):  # HF's warpers, min_p included: token kept
@@ -501,6 +501,10 @@ def test_sequence_rules_in_graphs_equal_eager():
     assert torch.equal(a, eager.generate(ids, **kw)) and a[0, 10] != free[0]
     sample = dict(kw, do_sample=True, temperature=1.2, seed=3)
     assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+    # other rules and ids afterwards: a step captured with the first ones must not be replayed
+    other = dict(bad_words_ids=[[free[4], free[5]]], suppress_tokens=[free[1]])
+    kw = dict(max_new_tokens=30, do_sample=False, **other)
+    assert torch.equal(graphed.generate(ids, **kw), eager.generate(ids, **kw))
 
 
 @torch.inference_mode()

@@ -8,12 +8,15 @@ import pytest
 import torch
 from test_families import prompts, variant
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     LogitsProcessorList,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 import llmkernels as lk
@@ -58,13 +61,25 @@ def test_greedy_scores_and_logits_match_transformers(name):
     torch.testing.assert_close(transition, picked)
 
 
-def test_sampled_scores_are_transformers_warpers_on_the_same_text():
+@pytest.mark.parametrize("family", ["min_p", "typical"])
+def test_sampled_scores_are_transformers_warpers_on_the_same_text(family):
     """Sampled tokens differ from transformers' (another RNG), so each step's scores are checked
-    against transformers' processors and warpers on its forward over the engine's own text."""
+    against transformers' processors and warpers on its forward over the engine's own text, and
+    each sampled token must be one those warpers keep."""
     hf = variant("qwen3")
     eng = lk.Engine.from_hf(hf, max_seq_len=96)
     ids = prompts(1, 8)
-    settings = dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    if family == "min_p":
+        settings = dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)
+        warpers = [
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.05),
+        ]
+    else:
+        settings = dict(top_k=0, typical_p=0.8, epsilon_cutoff=2e-3, eta_cutoff=2e-3)
+        warpers = [TypicalLogitsWarper(0.8), EpsilonLogitsWarper(2e-3), EtaLogitsWarper(2e-3)]
     out = eng.generate(
         ids,
         max_new_tokens=10,
@@ -72,25 +87,18 @@ def test_sampled_scores_are_transformers_warpers_on_the_same_text():
         seed=4,
         return_dict_in_generate=True,
         output_scores=True,
+        repetition_penalty=1.2,
         **settings,
     )
     assert out.logits is None and len(out.scores) == 10
-    warp = LogitsProcessorList(
-        [
-            RepetitionPenaltyLogitsProcessor(1.2),
-            TemperatureLogitsWarper(0.7),
-            TopKLogitsWarper(20),
-            TopPLogitsWarper(0.9),
-            MinPLogitsWarper(0.05),
-        ]
-    )
+    warp = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), *warpers])
     for step in range(10):
         prefix = out.sequences[:, : 8 + step]
         with torch.no_grad():
             expected = warp(prefix, hf(prefix).logits[:, -1].float())
         assert close(out.scores[step], expected), step
         assert torch.isfinite(out.scores[step][0, out.sequences[0, 8 + step]])  # a kept token
-        assert int(torch.isfinite(out.scores[step]).sum()) <= 20
+        assert int(torch.isfinite(out.scores[step]).sum()) < 320  # the warpers removed some
 
 
 def test_return_dict_alone_and_refusals():

@@ -1,6 +1,7 @@
 """min_p in the engine (HF's MinPLogitsWarper: after temperature, top-k and top-p, drop the tokens
-whose probability is below min_p times the largest). The fused sampler has no min-p filter: with
-min_p on, the reference computes the warped distribution and the sampler draws from it. Checked
+whose probability is below min_p times the largest), and HF's typical_p / epsilon_cutoff /
+eta_cutoff after it. The fused sampler has none of these filters: with one on, the reference
+computes the warped distribution and the sampler draws from it. Checked
 here on CPU against that law (chi-square over the joint of two sampled tokens, a prefill sample
 and a decode step's), against greedy decoding at min_p = 1, and for seeded reproducibility. The
 reference's filter is checked against transformers' own warpers in test_sampling_stats.py, the
@@ -17,25 +18,36 @@ import llmkernels as lk
 from llmkernels import reference as ref
 
 
-def test_sampled_tokens_follow_the_min_p_law():
+@pytest.mark.parametrize(
+    "warp",
+    [
+        dict(min_p=0.2),
+        dict(typical_p=0.6),  # HF's other warpers take the same path (reference law + sampler)
+        dict(epsilon_cutoff=0.04),
+        dict(eta_cutoff=0.1),
+    ],
+)
+def test_sampled_tokens_follow_the_warped_law(warp):
     vocab, rows, calls = 16, 128, 40
     hf = make_hf("qwen3", vocab_size=vocab, head_dim=16, seed=3)
     eng = lk.Engine.from_hf(hf, max_batch_size=rows, max_seq_len=32)
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    settings = dict(temperature=1.5, top_k=0, top_p=0.95, min_p=0.2)
+    settings = dict(temperature=1.5, top_k=0, top_p=0.95, **warp)
     law = (settings["temperature"], 0, settings["top_p"])
     with torch.no_grad():
         first = hf(prompt).logits[0, -1:].float()  # [1, V]
         after = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
         second = hf(after).logits[:, -1].float()  # [V, V]: logits after each first token
 
-    def joint(min_p: float) -> torch.Tensor:
-        p1 = ref.sampling_probs(first, *law, min_p)[0]
-        p2 = ref.sampling_probs(second, *law, min_p)
+    def joint(**w) -> torch.Tensor:
+        warps = (w.get("min_p", 0.0), w.get("typical_p", 1.0))
+        warps += (w.get("epsilon_cutoff", 0.0), w.get("eta_cutoff", 0.0))
+        p1 = ref.sampling_probs(first, *law, *warps)[0]
+        p2 = ref.sampling_probs(second, *law, *warps)
         return (p1[:, None] * p2).flatten()
 
-    expected, unfiltered = joint(0.2), joint(0.0)
-    assert (expected > 0).sum() < (unfiltered > 0).sum()  # min_p removes pairs here
+    expected, unfiltered = joint(**warp), joint()
+    assert (expected > 0).sum() < (unfiltered > 0).sum()  # the warp removes pairs here
     draws = []
     for call in range(calls):
         out = eng.generate(
@@ -43,9 +55,9 @@ def test_sampled_tokens_follow_the_min_p_law():
         )
         draws.append(out[:, -2] * vocab + out[:, -1])
     draws = torch.cat(draws)
-    assert_distribution(draws, expected, "tokens 1 and 2 with min_p 0.2")
-    with pytest.raises(AssertionError):  # the test has power: the law without min_p fails
-        assert_distribution(draws, unfiltered, "without min_p")
+    assert_distribution(draws, expected, f"tokens 1 and 2 with {warp}")
+    with pytest.raises(AssertionError):  # the test has power: the law without the warp fails
+        assert_distribution(draws, unfiltered, "without it")
 
 
 def test_min_p_one_keeps_only_the_most_likely_token():

@@ -153,24 +153,36 @@ def test_mixed_rows():
         (1.0, 0, 1.0, 0.1),  # min_p: alone, after top-k and top-p (HF's order), and large
         (0.7, 50, 0.9, 0.05),
         (1.5, 0, 0.95, 0.6),
+        # typical_p, epsilon_cutoff, eta_cutoff: alone, after the others (HF's order), together
+        (1.0, 0, 1.0, 0.0, 0.5),
+        (0.8, 50, 0.9, 0.02, 0.9),
+        (1.0, 0, 1.0, 0.0, 1.0, 3e-4),
+        (1.3, 0, 0.95, 0.0, 1.0, 0.01),
+        (1.0, 0, 1.0, 0.0, 1.0, 0.0, 3e-4),
+        (1.0, 40, 0.95, 0.02, 1.0, 0.0, 0.02),
+        (1.2, 0, 0.97, 0.01, 0.8, 1e-4, 1e-3),
     ],
 )
 def test_reference_filter_matches_hf_warpers(setting):
     from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
         MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
+        TypicalLogitsWarper,
     )
 
     temperature, top_k, top_p, *rest = setting
-    min_p = rest[0] if rest else 0.0
+    min_p, typical, epsilon, eta = (*rest, *(0.0, 1.0, 0.0, 0.0)[len(rest) :])
     gen = torch.Generator().manual_seed(17)
     logits = torch.randn(6, 1000, generator=gen) * 3  # continuous: tie-free
     logits[5] = fixture_logits()[1][:1000] + 1e-3 * torch.randn(
         1000, generator=gen
     )  # real, de-tied
     input_ids = torch.zeros(6, 1, dtype=torch.long)
+    removed = 0  # rows where typical / epsilon / eta removed tokens the others kept
     for row in range(6):
         p_row = robust_top_p(logits[row], temperature, top_k, top_p)
         scores = TemperatureLogitsWarper(temperature)(input_ids[:1], logits[row : row + 1].clone())
@@ -180,10 +192,20 @@ def test_reference_filter_matches_hf_warpers(setting):
             scores = TopPLogitsWarper(p_row)(input_ids[:1], scores)
         if min_p:
             scores = MinPLogitsWarper(min_p)(input_ids[:1], scores)
+        if typical < 1:
+            scores = TypicalLogitsWarper(typical)(input_ids[:1], scores)
+        if epsilon:
+            scores = EpsilonLogitsWarper(epsilon)(input_ids[:1], scores)
+        if eta:
+            scores = EtaLogitsWarper(eta)(input_ids[:1], scores)
         hf = torch.softmax(scores, dim=-1)[0]
-        ours = ref.sampling_probs(logits[row : row + 1], temperature, top_k, p_row, min_p)[0]
+        warps = (min_p, typical, epsilon, eta)
+        ours = ref.sampling_probs(logits[row : row + 1], temperature, top_k, p_row, *warps)[0]
+        before = ref.sampling_probs(logits[row : row + 1], temperature, top_k, p_row, min_p)
+        removed += int((ours > 0).sum() < (before > 0).sum())
         assert torch.equal(ours > 0, hf > 0), f"row {row}: kept sets differ"
         torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-5)
+    assert removed >= 3 or (typical, epsilon, eta) == (1.0, 0.0, 0.0), removed
 
 
 # ---- errors name the bad argument --------------------------------------------------------------------

@@ -129,6 +129,24 @@ def test_sampled_and_speculative_calls_equal_plain():
     assert plain[0, 28 + 5] != free[5] and torch.equal(drafted, plain)
 
 
+def test_a_rule_set_keeps_its_tensors_and_its_own_graph_key():
+    """On CUDA a captured decode step reads the rule tensors it was captured with: each rule set
+    keeps its tensors across calls, and another rule set has another step key."""
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
+    ids = prompts(1, 6)
+    processors = eng._processors
+    keys, tensors = [], []
+    for rules in ({(5, 6): -2.0}, {(5, 6): -2.0}, {(5, 6): -3.0}, {(5, 7): -2.0}):
+        eng.generate(ids, max_new_tokens=2, sequence_bias=rules, suppress_tokens=[9])
+        keys.append(processors.key())
+        tensors.append(processors.sequence_bias.groups[0][0])
+    assert keys[0] == keys[1] and tensors[0] is tensors[1]
+    assert len({keys[0], keys[2], keys[3]}) == 3
+    mask = processors.suppress_mask
+    eng.generate(ids, max_new_tokens=2, suppress_tokens=[10])
+    assert processors.suppress_mask is mask and mask[10] and not mask[9]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

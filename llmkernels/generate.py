@@ -136,6 +136,7 @@ class GenerationParams:
     suppress_tokens: list | None = None  # HF's: ids never sampled
     begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
     max_time: float | None = None  # seconds after which every row ends (HF's)
+    renormalize_logits: bool = False  # HF's: output_scores log-softmaxed (sampling unchanged)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
     output_logits: bool = False  # ... with each step's raw logits (fp32)
@@ -355,6 +356,7 @@ def resolve_generation_params(
         bad_words_ids=eff.get("bad_words_ids"),
         suppress_tokens=eff.get("suppress_tokens"),
         begin_suppress_tokens=eff.get("begin_suppress_tokens"),
+        renormalize_logits=bool(eff.get("renormalize_logits")),
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
@@ -422,7 +424,7 @@ class Engine:
         self._processors = LogitsProcessors(n, text_size, self.config.vocab_size, dev)
         # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
         # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
-        self._record: tuple[list | None, list | None, Any] | None = None
+        self._record: tuple[list | None, list | None, Any, bool] | None = None
         # _step_key() -> the captured decode step, its logits
         self._graphs: dict[StepKey, Any] = {}
         self._graph_logits: dict[StepKey, torch.Tensor] = {}
@@ -840,13 +842,15 @@ class Engine:
     def _record_step(self, raw: torch.Tensor, processed: torch.Tensor, greedy: bool) -> None:
         """Append this step's fp32 raw logits and processed scores ``[B, V]`` to ``_record``:
         the scores after the logits processors, and when sampling after transformers'
-        own temperature / top-k / top-p warpers (what HF's ``output_scores`` holds)."""
-        scores, logits, warpers = self._record
+        own temperature / top-k / top-p warpers (what HF's ``output_scores`` holds), log-softmaxed
+        with ``renormalize_logits`` (HF's ``LogitNormalization``, last)."""
+        scores, logits, warpers, renormalize = self._record
         if logits is not None:
             logits.append(raw.float().clone())
         if scores is not None:
             step = processed.float().clone()
-            scores.append(step if greedy else warpers(None, step))
+            step = step if greedy else warpers(None, step)
+            scores.append(step.log_softmax(dim=-1) if renormalize else step)
 
     def _graphs_enabled(self) -> bool:
         # Graphs need capture-safe ops: the compiled kernels (the reference ops sync with the host).
@@ -1071,7 +1075,7 @@ class Engine:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
         steps = new.shape[1]  # on CUDA, steps past the last EOS were recorded too
-        scores, logits, _ = record if recording else (None, None, None)
+        scores, logits = record[:2] if recording else (None, None)
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             scores=None if scores is None else tuple(t.to(out_device) for t in scores[:steps]),
@@ -1109,7 +1113,8 @@ class Engine:
         if params.eta_cutoff > 0:
             warpers.append(EtaLogitsWarper(epsilon=params.eta_cutoff, device=self.device))
         scores = [] if params.output_scores else None
-        self._record = (scores, [] if params.output_logits else None, warpers)
+        logits = [] if params.output_logits else None
+        self._record = (scores, logits, warpers, params.renormalize_logits)
 
     def _check_capacity(
         self, ids: torch.Tensor, mask: torch.Tensor, start: list[int], params: GenerationParams

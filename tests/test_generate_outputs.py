@@ -101,6 +101,23 @@ def test_sampled_scores_are_transformers_warpers_on_the_same_text(family):
         assert int(torch.isfinite(out.scores[step]).sum()) < 320  # the warpers removed some
 
 
+def test_renormalize_logits_log_softmaxes_the_scores_as_transformers():
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    for sampling in (dict(do_sample=False), dict(do_sample=True, top_k=1, temperature=0.8)):
+        kw = dict(max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, **sampling)
+        kw.update(output_scores=True, renormalize_logits=True, repetition_penalty=1.2)
+        with torch.no_grad():
+            expected = hf.generate(ids, **kw)
+        out = eng.generate(ids, seed=0, **kw)
+        assert torch.equal(out.sequences, expected.sequences)
+        for step in range(6):
+            assert close(out.scores[step], expected.scores[step]), (sampling, step)
+        plain = eng.generate(ids, seed=0, **dict(kw, renormalize_logits=False))
+        assert not close(out.scores[0], plain.scores[0])  # it changed them
+
+
 def test_return_dict_alone_and_refusals():
     eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
     ids = prompts(1, 6)

@@ -7,17 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_families import hf_greedy, prompts, variant
+from test_generate_outputs import close
 
 import llmkernels as lk
 from llmkernels.processors import SequenceRules
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal -inf entries, finite entries within fp32 forward noise."""
-    if not torch.equal(torch.isinf(a), torch.isinf(b)):
-        return False
-    finite = torch.isfinite(a)
-    return torch.allclose(a[finite], b[finite], rtol=1e-4, atol=1e-4)
 
 
 def settings(free: list[int]) -> dict[str, dict]:

@@ -1,0 +1,317 @@
+"""HF generation settings for the engine: ``generate``'s keyword arguments, a
+``generation_config`` and the model's generation config resolved as transformers resolves them
+(keyword arguments > ``generation_config`` > the model's > HF's global defaults; a setting given
+as None is None) into one :class:`GenerationParams`, every value checked by name. Settings the
+engine does not implement raise unless they hold a value that leaves HF's output unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .speculative import MAX_SPECULATIVE_TOKENS, PROMPT_LOOKUP_MAX_NGRAM
+from .stopping import check_stop_settings
+
+__all__ = ["GenerationParams", "resolve_generation_params"]
+
+# HF's global generation defaults (transformers GenerationConfig._get_default_generation_params):
+# what a field means when neither the model's generation_config nor the caller sets it.
+_HF_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+}
+
+# Generation settings the engine does not implement, with the values that leave HF's output
+# unchanged (anything else raises: never silently ignored).
+_NEUTRAL: dict[str, tuple] = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "penalty_alpha": (None, 0, 0.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "force_words_ids": (None,),
+    "constraints": (None,),
+    "top_h": (None,),
+    "diversity_penalty": (None, 0.0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "token_healing": (None, False),
+    "dola_layers": (None,),
+    "assistant_early_exit": (None,),
+    "use_mtp": (None, False),
+    "low_memory": (None, False),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+}
+
+
+def _is_neutral(value: Any, allowed: tuple) -> bool:
+    for a in allowed:
+        try:
+            if value is a or (value is not None and a is not None and bool(value == a)):
+                return True
+        except Exception:  # e.g. comparing a tensor of several values
+            continue
+    return False
+
+
+@dataclass
+class GenerationParams:
+    """Resolved settings of one generate call."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    min_p: float = 0.0  # HF's: after top-p, drop tokens with p < min_p * max(p) (0 = off)
+    typical_p: float = 1.0  # HF's locally typical sampling mass (1 = off)
+    epsilon_cutoff: float = 0.0  # HF's: drop tokens with p < epsilon (0 = off)
+    eta_cutoff: float = 0.0  # HF's: drop tokens with p < min(eta, sqrt(eta) exp(-H)) (0 = off)
+    repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
+    min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
+    no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
+    num_return_sequences: int = 1  # sampled continuations per prompt row (HF's)
+    stop_strings: tuple[str, ...] = ()  # a row ends once its text ends in one (HF's)
+    sequence_bias: Any = None  # HF's: {token id tuple: bias} (or its list form)
+    bad_words_ids: list | None = None  # HF's: token id sequences never completed
+    suppress_tokens: list | None = None  # HF's: ids never sampled
+    begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
+    max_time: float | None = None  # seconds after which every row ends (HF's)
+    renormalize_logits: bool = False  # HF's: output_scores log-softmaxed (sampling unchanged)
+    return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
+    output_scores: bool = False  # ... with each step's processed scores (fp32)
+    output_logits: bool = False  # ... with each step's raw logits (fp32)
+    prompt_lookup_num_tokens: int = 0  # speculative decoding: guesses per round from the text
+    max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
+    num_assistant_tokens: int = 20  # draft model: guesses in the first round
+    num_assistant_tokens_schedule: str = "heuristic"  # constant | heuristic | heuristic_transient
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def _set_fields(config) -> dict[str, Any]:
+    """The fields of a GenerationConfig that are set (differ from a blank GenerationConfig)."""
+    if config is None:
+        return {}
+    out = config.to_diff_dict()
+    for key in (
+        "transformers_version",
+        "_from_model_config",
+        "_commit_hash",
+        "_original_object_hash",
+    ):
+        out.pop(key, None)
+    return out
+
+
+def resolve_generation_params(
+    model_generation_config,
+    prompt_len: int,
+    max_position_embeddings: int,
+    generation_config=None,
+    **kwargs: Any,
+) -> GenerationParams:
+    """HF's resolution of generation settings: keyword arguments > ``generation_config`` > the
+    model's generation config > HF's global defaults; a keyword argument given as None sets
+    that setting to None, as in transformers (``eos_token_id=None``: no EOS; ``top_k=None``:
+    no top-k). Without
+    max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
+
+    Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
+    arguments, or HF settings such as num_beams > 1 or penalty_alpha > 0).
+    """
+    from transformers import GenerationConfig
+
+    user = dict(kwargs)  # a setting given as None is None (eos_token_id=None: no EOS), as HF
+    probe = GenerationConfig()
+    unknown = sorted(k for k in user if not hasattr(probe, k) or k.startswith("_"))
+    if unknown:
+        raise ValueError(
+            f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
+            "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
+            "top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
+            "no_repeat_ngram_size, sequence_bias, bad_words_ids, "
+            "suppress_tokens, begin_suppress_tokens, min_new_tokens, min_length, "
+            "num_return_sequences, eos_token_id, pad_token_id, stop_strings (with tokenizer), "
+            "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
+            "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
+            "num_assistant_tokens, num_assistant_tokens_schedule."
+        )
+    model_set = _set_fields(model_generation_config)
+    given_set = _set_fields(generation_config)
+    eff = dict(_HF_DEFAULTS)
+    eff.update(model_set)
+    eff.update(given_set)
+    eff.update(user)
+
+    bad = {
+        k: eff[k]
+        for k, allowed in _NEUTRAL.items()
+        if k in eff and not _is_neutral(eff[k], allowed)
+    }
+    if bad:
+        source = {
+            k: ("argument" if k in user or k in given_set else "model generation_config")
+            for k in bad
+        }
+        detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
+        raise ValueError(
+            f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
+            "temperature / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
+            "logits processors of "
+            "llmkernels.processors, stop_strings, max_time and num_return_sequences only; use "
+            "HF's model.generate for the others."
+        )
+
+    if eff.get("max_new_tokens") is not None:
+        max_new = eff["max_new_tokens"]
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+    else:
+        has_default_max_length = eff.get("max_length") is None or (
+            "max_length" not in user
+            and "max_length" not in given_set
+            and "max_length" not in model_set
+        )
+        if has_default_max_length:  # HF: 20 new tokens by default, within max positions
+            max_length = min(prompt_len + _HF_DEFAULTS["max_length"], max_position_embeddings)
+        else:
+            max_length = int(eff["max_length"])
+        if prompt_len >= max_length:
+            raise ValueError(
+                f"input length {prompt_len} leaves no room for new tokens: max_length is {max_length}; "
+                "increase max_length or, better, set max_new_tokens"
+            )
+        max_new = max_length - prompt_len
+
+    do_sample = bool(eff.get("do_sample"))
+    temperature = float(eff["temperature"] if eff.get("temperature") is not None else 1.0)
+    top_k = eff.get("top_k") or 0
+    top_p = float(eff["top_p"] if eff.get("top_p") is not None else 1.0)
+    if do_sample:
+        if not temperature >= 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    min_p = eff.get("min_p")
+    min_p = 0.0 if min_p is None or not do_sample else min_p  # HF warps only when sampling
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be a number in [0, 1] (0 = off), got {min_p!r}")
+    warps = {}
+    for name, off, low_open in (
+        ("typical_p", 1.0, True),
+        ("epsilon_cutoff", 0.0, False),
+        ("eta_cutoff", 0.0, False),
+    ):
+        value = eff.get(name)
+        value = off if value is None or not do_sample else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and ((0 < value <= 1) if low_open else (0 <= value < 1))
+        if not ok:
+            span = "(0, 1] (1 = off)" if low_open else "[0, 1) (0 = off)"
+            raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+        warps[name] = float(value)
+    penalty = eff.get("repetition_penalty")
+    penalty = 1.0 if penalty is None else penalty
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float))
+        or not 0 < penalty < float("inf")
+    ):
+        raise ValueError(
+            f"repetition_penalty must be a finite number > 0 (1 = off), got {penalty!r}"
+        )
+
+    min_new = eff.get("min_new_tokens") or 0
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new!r}")
+    min_length = eff.get("min_length") or 0
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+        raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
+    # HF's MinLengthLogitsProcessor blocks EOS while the (padded) text is shorter than min_length
+    min_new = max(min_new, min_length - prompt_len)
+    no_repeat = eff.get("no_repeat_ngram_size") or 0
+    if isinstance(no_repeat, bool) or not isinstance(no_repeat, int) or no_repeat < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {no_repeat!r}")
+    num_return = eff.get("num_return_sequences")
+    num_return = 1 if num_return is None else num_return
+    if isinstance(num_return, bool) or not isinstance(num_return, int) or num_return < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return!r}")
+    if num_return > 1 and not do_sample:  # transformers' GenerationConfig.validate, same rule
+        raise ValueError(
+            f"num_return_sequences={num_return} needs do_sample=True: greedy decoding would "
+            "return the same sequence each time (transformers raises too)"
+        )
+    stop_strings, max_time = check_stop_settings(eff.get("stop_strings"), eff.get("max_time"))
+    eos = eff.get("eos_token_id")
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = eff.get("pad_token_id")
+    if isinstance(pad, torch.Tensor):
+        pad = int(pad)
+    if pad is None and eos_ids:
+        pad = eos_ids[0]  # as HF
+    speculative = {}
+    for name, default in (
+        ("prompt_lookup_num_tokens", 0),
+        ("max_matching_ngram_size", PROMPT_LOOKUP_MAX_NGRAM),  # transformers: 2
+        ("num_assistant_tokens", 20),
+    ):
+        value = eff.get(name)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        speculative[name] = min(value, MAX_SPECULATIVE_TOKENS)
+    # transformers' default is "constant"; adapting k only changes the speed (the output is exact)
+    schedule = eff.get("num_assistant_tokens_schedule") or "heuristic"
+    if schedule not in ("constant", "heuristic", "heuristic_transient"):
+        raise ValueError(
+            "num_assistant_tokens_schedule must be 'constant', 'heuristic' or "
+            f"'heuristic_transient', got {schedule!r}"
+        )
+    return GenerationParams(
+        **speculative,
+        num_assistant_tokens_schedule=schedule,
+        max_new_tokens=int(max_new),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=int(top_k),
+        top_p=top_p,
+        min_p=float(min_p),
+        **warps,
+        eos_token_ids=eos_ids,
+        pad_token_id=None if pad is None else int(pad),
+        repetition_penalty=float(penalty),
+        min_new_tokens=min_new,
+        no_repeat_ngram_size=no_repeat,
+        num_return_sequences=num_return,
+        stop_strings=stop_strings,
+        max_time=max_time,
+        sequence_bias=eff.get("sequence_bias"),
+        bad_words_ids=eff.get("bad_words_ids"),
+        suppress_tokens=eff.get("suppress_tokens"),
+        begin_suppress_tokens=eff.get("begin_suppress_tokens"),
+        renormalize_logits=bool(eff.get("renormalize_logits")),
+        return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
+        output_scores=bool(eff.get("output_scores")),
+        output_logits=bool(eff.get("output_logits")),
+    )

@@ -192,6 +192,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
         kwargs["seed"] = args.seed
+    if args.no_repeat_ngram_size is not None:
+        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
     if args.stop:
         kwargs["stop_strings"] = args.stop
     return kwargs
@@ -473,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_positive_float,
                 default=None,
                 help="HF's: scores of tokens already in the text / p (or * p when < 0); 1 = off",
+            )
+            p.add_argument(
+                "--no-repeat-ngram-size",
+                type=_non_negative_int,
+                default=None,
+                metavar="N",
+                help="HF's: no N-gram occurs twice in the text; 0 = off",
             )
             p.add_argument("--seed", type=_non_negative_int, default=None)
             p.add_argument(

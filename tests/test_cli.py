@@ -199,6 +199,12 @@ def test_generate_stop_ends_the_reply_where_the_engine_does(capsys, engine):
     code, out, err = run_cli(capsys, *argv, "--device", "cpu", "--stop", "zzz", "--stop", stop)
     assert code == 0, err
     assert out.strip() == text.strip()
+    # --no-repeat-ngram-size reaches generate too (1: no token twice, so no second ",")
+    expected = engine.generate(ids, max_new_tokens=16, do_sample=False, no_repeat_ngram_size=1)
+    text = tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    code, out, err = run_cli(capsys, *argv, "--device", "cpu", "--no-repeat-ngram-size", "1")
+    assert code == 0, err
+    assert out.strip() == text.strip() and expected[0, ids.shape[1] :].tolist() != free.tolist()
 
 
 @needs_model

@@ -10,7 +10,8 @@ CUDA graph per setting:
    (:func:`~llmkernels.penalties.ngram_bans`);
 4. ``bad_words_ids``: the same rules with bias -inf (transformers' ``NoBadWordsLogitsProcessor``);
 5. ``min_length`` / ``min_new_tokens``: the EOS ids masked out while a per-row count of new
-   tokens still to come is above zero;
+   tokens still to come is above zero; ``forced_eos_token_id``: the last new token (when
+   ``max_new_tokens`` is reached) must be one of those ids;
 6. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
 
 Each row's text is its own, without left padding: a padded row gives what it gives alone.
@@ -34,6 +35,7 @@ class ProcessorKey(NamedTuple):
 
     penalized: bool  # repetition_penalty
     eos_blocked: bool  # min_new_tokens / min_length still masking EOS
+    forced_eos: bool  # forced_eos_token_id
     no_repeat: int  # no_repeat_ngram_size (0 = off)
     sequence_bias: tuple  # the rules (a graph reads their tensors), () when off
     bad_words: tuple
@@ -57,6 +59,8 @@ class LogitsProcessors:
         self.seen: torch.Tensor | None = None  # [n, V] bool, allocated on first use
         self.eos_mask: torch.Tensor | None = None  # [V] bool
         self.min_left = torch.zeros(n, dtype=torch.int32, device=device)  # new tokens before EOS
+        self.forced_mask: torch.Tensor | None = None  # [V] bool: forced_eos_token_id's ids
+        self.forced_left = torch.zeros(n, dtype=torch.int32, device=device)  # tokens before it
         self.text: torch.Tensor | None = None  # [n, text_size] int64, allocated on first use
         self.text_len = torch.zeros(n, dtype=torch.int64, device=device)
         self.suppress_mask: torch.Tensor | None = None  # [V] bool
@@ -70,6 +74,8 @@ class LogitsProcessors:
         self.no_repeat = 0  # the n-gram size
         self.eos_blocked = False
         self.min_new = 0  # new tokens before EOS may come (min_new_tokens / min_length)
+        self.forced = False
+        self.max_new = 0  # the forced token is new token max_new - 1
         self.sequence_bias: SequenceRules | None = None
         self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
@@ -100,6 +106,15 @@ class LogitsProcessors:
             self.min_new = params.min_new_tokens
             self.min_left[:batch].fill_(self.min_new)
             self.eos_blocked = True
+        forced = params.forced_eos_token_id
+        if forced is not None:
+            mask = self._token_mask(forced, "forced_eos_token_id")
+            if self.forced_mask is None:
+                self.forced_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.forced_mask.copy_(mask)  # static: a captured step reads this one
+            self.max_new = params.max_new_tokens
+            self.forced_left[:batch].fill_(self.max_new - 1)
+            self.forced = True
         self._start_sequence_rules(params)
         self.no_repeat = params.no_repeat_ngram_size
         if self.no_repeat or self.tail:
@@ -159,6 +174,7 @@ class LogitsProcessors:
         return ProcessorKey(
             self.penalized,
             self.eos_blocked,
+            self.forced,
             self.no_repeat,
             self.sequence_bias.signature if self.sequence_bias is not None else (),
             self.bad_words.signature if self.bad_words is not None else (),
@@ -172,6 +188,8 @@ class LogitsProcessors:
             out.append(self.seen)
         if self.eos_blocked:
             out.append(self.min_left)
+        if self.forced:
+            out.append(self.forced_left)
         if self.text is not None and (self.no_repeat or self.tail):
             out.append(self.text_len)
         return out
@@ -185,17 +203,20 @@ class LogitsProcessors:
         lens = self.text_len[:batch]
         tails = self._tails(self.text[:batch], lens, 1)[:, 0] if self.tail else None
         early = (self.min_left[:batch] > 0)[:, None] if self.eos_blocked else None  # [B, 1]
+        forced = (self.forced_left[:batch] == 0)[:, None] if self.forced else None  # [B, 1]
         banned = None
         if self.no_repeat:
             banned = ngram_bans(self.text[:batch], lens, self.no_repeat, self.vocab)[:, 0]
         seen = self.seen[:batch] if self.penalized else None
-        return self._apply(logits, tails, seen, banned, early, first)
+        return self._apply(logits, tails, seen, banned, early, forced, first)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Rows ``0..B-1`` emitted ``tokens [B]``: count down, mark seen, extend the text."""
         batch = tokens.shape[0]
         if self.eos_blocked:
             self.min_left[:batch].sub_(1)
+        if self.forced:
+            self.forced_left[:batch].sub_(1)
         if self.penalized:
             mark_seen(self.seen[:batch], tokens[:, None])
         if self.no_repeat or self.tail:
@@ -207,6 +228,9 @@ class LogitsProcessors:
         if self.eos_blocked:
             left = torch.tensor([self.min_new - n for n in new_tokens], dtype=torch.int32)
             self.min_left[: len(new_tokens)].copy_(left)
+        if self.forced:
+            left = torch.tensor([self.max_new - 1 - n for n in new_tokens], dtype=torch.int32)
+            self.forced_left[: len(new_tokens)].copy_(left)
 
     # ---- speculative verify: several positions per row -------------------------------------------
     def apply_verify(
@@ -217,7 +241,7 @@ class LogitsProcessors:
         ``new_tokens[b]``: tokens row b has emitted so far (position j would be its next + j)."""
         batch, positions = tokens.shape
         drafts = tokens[:, 1:]
-        seen = early = banned = tails = None
+        seen = early = forced = banned = tails = None
         if self.penalized:
             seen = verify_seen(self.seen[:batch], tokens[:, 0], drafts)
         if self.no_repeat or self.tail:  # the text with the guesses in place
@@ -231,7 +255,10 @@ class LogitsProcessors:
         if self.eos_blocked:
             early = [[n + j < self.min_new for j in range(positions)] for n in new_tokens]
             early = torch.tensor(early, device=self.device)[:, :, None]  # [B, K + 1, 1]
-        return self._apply(logits, tails, seen, banned, early, first=False)
+        if self.forced:
+            forced = [[n + j == self.max_new - 1 for j in range(positions)] for n in new_tokens]
+            forced = torch.tensor(forced, device=self.device)[:, :, None]  # [B, K + 1, 1]
+        return self._apply(logits, tails, seen, banned, early, forced, first=False)
 
     def advance_round(self, emitted: list[list[int]], last: list[int]) -> None:
         """Rows ``0..B-1`` emitted the tokens ``emitted[b]`` (may be empty) in a verify round;
@@ -248,9 +275,9 @@ class LogitsProcessors:
             self._append(torch.tensor(rows, device=self.device), counts)
 
     # ---- shared ------------------------------------------------------------------------------------
-    def _apply(self, logits, tails, seen, banned, early, first: bool) -> torch.Tensor:
+    def _apply(self, logits, tails, seen, banned, early, forced, first: bool) -> torch.Tensor:
         """transformers' order; tails ``[B, P, T]`` (P positions) or None, the others the shape
-        of ``logits [B, (P,) V]`` (early ``[B, (P,) 1]``)."""
+        of ``logits [B, (P,) V]`` (early and forced ``[B, (P,) 1]``)."""
         scores = logits
         if self.sequence_bias is not None:
             scores = self._per_position(self.sequence_bias, tails, scores)
@@ -262,6 +289,9 @@ class LogitsProcessors:
             scores = self._per_position(self.bad_words, tails, scores)
         if early is not None:
             scores = scores.float().masked_fill(early & self.eos_mask, float("-inf"))
+        if forced is not None:  # all -inf but the forced ids, which score 0 (as transformers)
+            only = torch.where(self.forced_mask, 0.0, float("-inf"))
+            scores = torch.where(forced, only, scores.float())
         if self.suppressed:
             scores = scores.float().masked_fill(self.suppress_mask, float("-inf"))
         if first and self.begin_suppressed is not None:

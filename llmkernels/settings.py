@@ -40,7 +40,6 @@ _NEUTRAL: dict[str, tuple] = {
     "top_h": (None,),
     "diversity_penalty": (None, 0.0),
     "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
     "remove_invalid_values": (None, False),
     "exponential_decay_length_penalty": (None,),
     "guidance_scale": (None, 1.0),
@@ -90,6 +89,7 @@ class GenerationParams:
     suppress_tokens: list | None = None  # HF's: ids never sampled
     begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
     max_time: float | None = None  # seconds after which every row ends (HF's)
+    forced_eos_token_id: list[int] | None = None  # HF's: the last new token is one of these
     renormalize_logits: bool = False  # HF's: output_scores log-softmaxed (sampling unchanged)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
@@ -310,8 +310,25 @@ def resolve_generation_params(
         bad_words_ids=eff.get("bad_words_ids"),
         suppress_tokens=eff.get("suppress_tokens"),
         begin_suppress_tokens=eff.get("begin_suppress_tokens"),
+        forced_eos_token_id=_id_list(eff.get("forced_eos_token_id"), "forced_eos_token_id"),
         renormalize_logits=bool(eff.get("renormalize_logits")),
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
     )
+
+
+def _id_list(value: Any, name: str) -> list[int] | None:
+    """None, an id, a list of ids or a tensor of them as a list of ids >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    ids = [value] if isinstance(value, int) else value
+    if (
+        not isinstance(ids, (list, tuple))
+        or not ids
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        raise ValueError(f"{name} must be a token id or a list of them (>= 0), got {value!r}")
+    return list(ids)

@@ -460,7 +460,7 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
     [
         (dict(num_beams=2), "num_beams"),
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
-        (dict(forced_eos_token_id=3), "forced_eos_token_id"),
+        (dict(exponential_decay_length_penalty=(4, 1.5)), "exponential_decay_length_penalty"),
         (dict(top_h=0.4, do_sample=True), "top_h"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(logits_processor=[]), "logits_processor"),

@@ -58,6 +58,37 @@ def test_min_length_counts_the_padded_prompt_as_transformers():
         eng.generate(ids, max_new_tokens=2, min_length=-1)
 
 
+def test_forced_eos_token_is_the_last_new_token_as_transformers():
+    """HF's ForcedEOSTokenLogitsProcessor: at the last new token every score is -inf but the
+    forced ids' (0); with min_new_tokens, prompt lookup and a draft too."""
+    hf = variant("mistral-window")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    ids = prompts(2, 10)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    free = eng.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    forced = [int(free[0, 12]), 7]  # an id the rows emit early (it is also EOS below) and another
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kw.update(forced_eos_token_id=forced, return_dict_in_generate=True, output_scores=True)
+    for extra in ({}, dict(eos_token_id=forced[0], min_new_tokens=5)):
+        with torch.no_grad():
+            expected = hf.generate(ids, **kw, **extra)
+        out = eng.generate(ids, **kw, **extra)
+        assert torch.equal(out.sequences, expected.sequences), extra
+        for mine, theirs in zip(out.scores, expected.scores):
+            assert torch.equal(torch.isinf(mine), torch.isinf(theirs)), extra
+    plain = eng.generate(ids, attention_mask=mask, max_new_tokens=12, forced_eos_token_id=forced)
+    assert set(plain[:, -1].tolist()) <= set(forced) and not torch.equal(plain, free)
+    base = prompts(2, 12, seed=5)
+    grounded = torch.cat([base, base, base[:, :4]], dim=1)
+    kw = dict(max_new_tokens=20, do_sample=False, forced_eos_token_id=[5])
+    plain = eng.generate(grounded, **kw)
+    assert (plain[:, -1] == 5).all()
+    assert torch.equal(eng.generate(grounded, prompt_lookup_num_tokens=8, **kw), plain)
+    twin = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=96)
+    assert torch.equal(eng.generate(grounded, assistant_model=twin, **kw), plain)
+
+
 def test_speculative_with_min_new_tokens_equals_plain_greedy():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=200)

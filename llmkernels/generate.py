@@ -753,24 +753,33 @@ class Engine:
         recording = params.return_dict_in_generate and (
             params.output_scores or params.output_logits
         )
-        if proposer is not None:
-            if recording:
-                raise ValueError(
-                    "output_scores / output_logits with speculative decoding "
-                    "(prompt_lookup_num_tokens, assistant_model) are not supported"
-                )
-            new = self._speculative(
-                ids, mask, [0] * ids.shape[0], rows, params, proposer, streamer, seed, ids, stops
+        if recording and proposer is not None and ids.shape[0] > 1:
+            raise ValueError(  # rows accept different numbers of guesses: steps do not align
+                "output_scores / output_logits with speculative decoding (prompt_lookup_num_tokens, "
+                "assistant_model) need a batch of one row, as transformers' assisted generation"
             )
-        else:
-            if recording:
-                self._start_recording(params)
-            try:
+        if recording:
+            self._start_recording(params)
+        try:
+            if proposer is not None:
+                new = self._speculative(
+                    ids,
+                    mask,
+                    [0] * ids.shape[0],
+                    rows,
+                    params,
+                    proposer,
+                    streamer,
+                    seed,
+                    ids,
+                    stops,
+                )
+            else:
                 new = self._generate(
                     ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, mask, stops
                 )
-            finally:
-                record, self._record = self._record, None
+        finally:
+            record, self._record = self._record, None
         sequences = torch.cat([ids.cpu(), new], dim=1).to(out_device)
         if not params.return_dict_in_generate:
             return sequences
@@ -1082,6 +1091,7 @@ class Engine:
             else:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
+                raw = logits
                 # each position continues the text with the guesses before it
                 logits = self._processors.apply_verify(logits, tokens, [len(o) for o in out])
                 num_drafts = torch.tensor(proposal.lengths, device=self.device)
@@ -1120,6 +1130,9 @@ class Engine:
                 if streamer is not None:
                     for t in emitted:
                         streamer.put(torch.tensor([t], dtype=torch.int64))
+            if self._record is not None and width:  # one row: a step per token it kept
+                for j in range(len(round_tokens[0])):
+                    self._record_step(raw[:, j], logits[:, j], greedy)
             self.model.set_cache_lens(stored)
             proposer.update(accepted, proposal)
             if width:  # the processors take a verify round's tokens in (a plain step did)

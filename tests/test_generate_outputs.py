@@ -118,6 +118,31 @@ def test_renormalize_logits_log_softmaxes_the_scores_as_transformers():
         assert not close(out.scores[0], plain.scores[0])  # it changed them
 
 
+@pytest.mark.parametrize("sampling", [False, True])
+def test_speculative_scores_equal_plain_decodings(sampling):
+    """One row, as transformers' assisted generation: each kept token's step records the verify
+    position's logits and processed scores, the ones a plain decode step records (fp32 noise:
+    a verify forward rounds differently)."""
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_seq_len=200)
+    twin = lk.Engine.from_hf(hf, max_seq_len=200)
+    base = prompts(1, 12, seed=5)
+    ids = torch.cat([base, base, base[:, :4]], dim=1)  # grounded: some guesses get kept
+    kw = dict(max_new_tokens=24, return_dict_in_generate=True, output_scores=True)
+    kw.update(output_logits=True, repetition_penalty=1.05)
+    if sampling:  # deterministic sampling (top_k=1); the scores carry HF's warpers
+        kw.update(do_sample=True, top_k=1, temperature=0.7)
+    plain = eng.generate(ids, seed=0, **kw)
+    for extra in (dict(prompt_lookup_num_tokens=6), dict(assistant_model=twin)):
+        out = eng.generate(ids, seed=0, **kw, **extra)
+        assert eng.last_acceptance[0] > 0, extra  # verify rounds kept guesses
+        assert torch.equal(out.sequences, plain.sequences), extra
+        assert len(out.scores) == len(out.logits) == 24
+        for step in range(24):
+            assert close(out.scores[step], plain.scores[step]), (extra, step)
+            assert close(out.logits[step], plain.logits[step]), (extra, step)
+
+
 def test_return_dict_alone_and_refusals():
     eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
     ids = prompts(1, 6)
@@ -126,9 +151,9 @@ def test_return_dict_alone_and_refusals():
     assert out.scores is None and out.logits is None
     plain = eng.generate(ids, max_new_tokens=4, output_scores=True)  # as HF: a tensor
     assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.sequences)
-    with pytest.raises(ValueError, match="output_scores / output_logits with speculative"):
-        eng.generate(
-            ids,
+    with pytest.raises(ValueError, match="need a batch of one row"):
+        lk.Engine.from_hf(variant("qwen2"), max_batch_size=2, max_seq_len=64).generate(
+            prompts(2, 6),
             max_new_tokens=4,
             prompt_lookup_num_tokens=3,
             return_dict_in_generate=True,

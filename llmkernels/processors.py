@@ -224,7 +224,7 @@ class LogitsProcessors:
 
     def set_counts(self, new_tokens: list[int]) -> None:
         """Rows have emitted ``new_tokens[b]`` tokens so far (speculative rounds keep different
-        numbers): the EOS block's count for a plain decode step."""
+        numbers): the EOS block's and the forced EOS's counts for a plain decode step."""
         if self.eos_blocked:
             left = torch.tensor([self.min_new - n for n in new_tokens], dtype=torch.int32)
             self.min_left[: len(new_tokens)].copy_(left)

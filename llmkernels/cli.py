@@ -254,9 +254,9 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
+    # several replies need sampling, which a model's generation_config may turn on: generate
+    # raises when the settings are greedy
     replies = args.num_return_sequences
-    if replies > 1 and (args.temperature is None or args.temperature == 0):
-        raise UserError("--num-return-sequences needs sampling: give --temperature > 0")
     engine = _load_engine(args, max_batch_size=replies)
     input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
     rank0 = _is_rank0(args)  # under torchrun every rank generates, rank 0 prints
@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="sample N replies to the prompt in one batch (needs --temperature > 0)",
+        help="sample N replies to the prompt in one batch (needs sampling: --temperature > 0, "
+        "or a model whose generation_config samples)",
     )
     model_args(g)
 

@@ -181,8 +181,8 @@ def test_generate_several_replies_prints_each(capsys):
     for reply, row in zip(replies, expected.tolist()):
         text = eng.tokenizer.decode(row, skip_special_tokens=True)
         assert reply.split(" ---\n", 1)[1].rstrip("\n") == text
-    code, _, err = run_cli(capsys, *common, "--num-return-sequences", "2")
-    assert code == cli.EXIT_USER_ERROR and "needs sampling" in err
+    code, _, err = run_cli(capsys, *common, "--num-return-sequences", "2")  # greedy default
+    assert code == cli.EXIT_USER_ERROR and "needs do_sample=True" in err
 
 
 @needs_model

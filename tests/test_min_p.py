@@ -81,6 +81,22 @@ def test_seeded_min_p_sampling_is_reproducible_plain_and_speculative():
     assert torch.equal(eng.generate(ids, max_new_tokens=8, do_sample=False, min_p=0.5), greedy)
 
 
+@pytest.mark.parametrize(
+    "name, value, span",
+    [
+        ("typical_p", 0.0, r"\(0, 1\]"),
+        ("typical_p", 1.5, r"\(0, 1\]"),
+        ("epsilon_cutoff", 1.0, r"\[0, 1\)"),
+        ("eta_cutoff", -0.1, r"\[0, 1\)"),
+        ("eta_cutoff", "0.1", r"\[0, 1\)"),
+    ],
+)
+def test_bad_warp_values_are_refused_by_name(name, value, span):
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=32)
+    with pytest.raises(ValueError, match=f"{name} must be a number in {span}"):
+        eng.generate(prompts(1, 4), max_new_tokens=2, do_sample=True, **{name: value})
+
+
 def test_nan_logits_with_min_p_raise_a_clear_error():
     eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
     eng.model.norm.fill_(float("nan"))  # every logit NaN

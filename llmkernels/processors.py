@@ -12,7 +12,8 @@ CUDA graph per setting:
 5. ``min_length`` / ``min_new_tokens``: the EOS ids masked out while a per-row count of new
    tokens still to come is above zero; ``forced_eos_token_id``: the last new token (when
    ``max_new_tokens`` is reached) must be one of those ids;
-6. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
+6. ``remove_invalid_values``: NaN scores become 0, +-inf the largest finite values;
+7. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
 
 Each row's text is its own, without left padding: a padded row gives what it gives alone.
 A speculative verify applies them at each of its positions with the guesses before it in place
@@ -39,6 +40,7 @@ class ProcessorKey(NamedTuple):
     no_repeat: int  # no_repeat_ngram_size (0 = off)
     sequence_bias: tuple  # the rules (a graph reads their tensors), () when off
     bad_words: tuple
+    remove_invalid: bool  # remove_invalid_values
     suppressed: bool  # suppress_tokens (a static mask)
 
 
@@ -76,6 +78,7 @@ class LogitsProcessors:
         self.min_new = 0  # new tokens before EOS may come (min_new_tokens / min_length)
         self.forced = False
         self.max_new = 0  # the forced token is new token max_new - 1
+        self.remove_invalid = False
         self.sequence_bias: SequenceRules | None = None
         self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
@@ -123,6 +126,7 @@ class LogitsProcessors:
                 self.text = torch.zeros(size, dtype=torch.int64, device=dev)
             self.text[:batch, :longest].copy_(context)
             self.text_len[:batch].copy_(real.sum(1))
+        self.remove_invalid = bool(params.remove_invalid_values)
         suppressed = self._token_mask(params.suppress_tokens, "suppress_tokens")
         if suppressed is not None:  # into a static mask: a captured step reads that one
             if self.suppress_mask is None:
@@ -178,6 +182,7 @@ class LogitsProcessors:
             self.no_repeat,
             self.sequence_bias.signature if self.sequence_bias is not None else (),
             self.bad_words.signature if self.bad_words is not None else (),
+            self.remove_invalid,
             self.suppressed,
         )
 
@@ -292,6 +297,12 @@ class LogitsProcessors:
         if forced is not None:  # all -inf but the forced ids, which score 0 (as transformers)
             only = torch.where(self.forced_mask, 0.0, float("-inf"))
             scores = torch.where(forced, only, scores.float())
+        if self.remove_invalid:  # as transformers' InfNanRemoveLogitsProcessor
+            scores = scores.float()
+            largest = torch.finfo(scores.dtype).max
+            fixed = torch.where(scores != scores, 0.0, scores)
+            fixed = torch.where(scores == float("inf"), largest, fixed)
+            scores = torch.where(scores == float("-inf"), -largest, fixed)
         if self.suppressed:
             scores = scores.float().masked_fill(self.suppress_mask, float("-inf"))
         if first and self.begin_suppressed is not None:

@@ -40,7 +40,6 @@ _NEUTRAL: dict[str, tuple] = {
     "top_h": (None,),
     "diversity_penalty": (None, 0.0),
     "forced_bos_token_id": (None,),
-    "remove_invalid_values": (None, False),
     "exponential_decay_length_penalty": (None,),
     "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
@@ -90,6 +89,7 @@ class GenerationParams:
     begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
     max_time: float | None = None  # seconds after which every row ends (HF's)
     forced_eos_token_id: list[int] | None = None  # HF's: the last new token is one of these
+    remove_invalid_values: bool = False  # HF's: NaN scores 0, +-inf the largest finite values
     renormalize_logits: bool = False  # HF's: output_scores log-softmaxed (sampling unchanged)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
     output_scores: bool = False  # ... with each step's processed scores (fp32)
@@ -311,6 +311,7 @@ def resolve_generation_params(
         suppress_tokens=eff.get("suppress_tokens"),
         begin_suppress_tokens=eff.get("begin_suppress_tokens"),
         forced_eos_token_id=_id_list(eff.get("forced_eos_token_id"), "forced_eos_token_id"),
+        remove_invalid_values=bool(eff.get("remove_invalid_values")),
         renormalize_logits=bool(eff.get("renormalize_logits")),
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),

@@ -97,6 +97,32 @@ def test_bad_warp_values_are_refused_by_name(name, value, span):
         eng.generate(prompts(1, 4), max_new_tokens=2, do_sample=True, **{name: value})
 
 
+def test_remove_invalid_values_as_transformers():
+    """NaN scores become 0 and +-inf the extreme finite values (HF's InfNanRemoveLogitsProcessor),
+    so NaN logits no longer raise: the mapping on crafted scores, then generate on a model whose
+    LM head gives some tokens NaN logits (the same tokens as transformers)."""
+    from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
+
+    hf = variant("qwen2", tie_word_embeddings=False)
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+    params = eng._params(4, None, dict(max_new_tokens=2, remove_invalid_values=True))
+    eng._processors.start(params, [[5, 6, 7, 8]])
+    scores = torch.randn(1, 320)
+    scores[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e38, -3.0])
+    expected = InfNanRemoveLogitsProcessor()(None, scores.clone())
+    assert torch.equal(eng._processors.apply(scores), expected)
+    with torch.no_grad():
+        hf.lm_head.weight[5:40] = float("nan")  # those tokens' logits are NaN
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+    ids = prompts(2, 8)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        eng.generate(ids, max_new_tokens=4, do_sample=False)
+    kw = dict(max_new_tokens=12, do_sample=False, remove_invalid_values=True, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    assert torch.equal(eng.generate(ids, **kw), expected)
+
+
 def test_nan_logits_with_min_p_raise_a_clear_error():
     eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=64)
     eng.model.norm.fill_(float("nan"))  # every logit NaN

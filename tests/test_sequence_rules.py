@@ -178,6 +178,7 @@ def test_processors_trace_without_a_host_sync():
         suppress_tokens=[12],
         begin_suppress_tokens=[13],
         forced_eos_token_id=[11, 14],
+        remove_invalid_values=True,
     )
     processors = eng._processors
     processors.start(params, [list(range(3, 11)), list(range(20, 25))])

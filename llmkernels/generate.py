@@ -776,7 +776,7 @@ class Engine:
                 )
             else:
                 new = self._generate(
-                    ids, mask, [0] * ids.shape[0], params, streamer, seed, ids, mask, stops
+                    ids, mask, [0] * ids.shape[0], rows, params, streamer, seed, ids, stops
                 )
         finally:
             record, self._record = self._record, None
@@ -871,26 +871,23 @@ class Engine:
         ids: torch.Tensor,
         mask: torch.Tensor,
         start: list[int],
+        histories: list[list[int]],
         params: GenerationParams,
         streamer,
         seed: int | None,
         stream_prompt: torch.Tensor,
-        stream_prompt_mask: torch.Tensor | None = None,
-        stops: Stops | None = None,
+        stops: Stops,
     ) -> torch.Tensor:
         """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU.
-        ``stream_prompt [B, T]``: the whole text before the new tokens (the streamer's prompt and
-        the repetition penalty's context), real where ``stream_prompt_mask`` (None: all);
-        ``stops``: stop strings and max_time (:mod:`llmkernels.stopping`)."""
+        ``histories``: each row's whole text before the new tokens, without padding (the logits
+        processors' context); ``stream_prompt [B, T]``: the streamer's prompt; ``stops``: stop
+        strings and max_time (:mod:`llmkernels.stopping`)."""
         batch = ids.shape[0]
         real_lens = self._check_capacity(ids, mask, start, params)
         max_new = params.max_new_tokens
         greedy = params.greedy
         self._start_sampling(batch, params, seed)
-        real = stream_prompt_mask
-        if real is None:
-            real = torch.ones_like(stream_prompt, dtype=torch.bool)
-        self._processors.start(params, [r[m].tolist() for r, m in zip(stream_prompt, real)])
+        self._processors.start(params, histories)
         if streamer is not None:
             streamer.put(stream_prompt.cpu())
 
@@ -910,7 +907,6 @@ class Engine:
             torch.empty(max_new, batch, dtype=torch.int64, pin_memory=True) if on_cuda else history
         )
         watch_eos = bool(params.eos_token_ids)
-        stops = stops if stops is not None else Stops((), None, None, [])
         watch = watch_eos or stops.active  # rows can finish before max_new_tokens
         interval = (
             1
@@ -1039,7 +1035,7 @@ class Engine:
         streamer,
         seed: int | None,
         stream_prompt: torch.Tensor,
-        stops: Stops | None = None,
+        stops: Stops,
     ) -> torch.Tensor:
         """Prefill, then rounds of guess -> verify -> accept (:mod:`llmkernels.speculative`).
         ``histories``: each row's whole text so far (cached tokens and prompt). Returns the new
@@ -1062,7 +1058,6 @@ class Engine:
         first = self._tokens[:batch].tolist()
         histories = [h + [t] for h, t in zip(histories, first)]
         out = [[t] for t in first]
-        stops = stops if stops is not None else Stops((), None, None, [])
         stopped = stops.push(dict(enumerate(first)))
         finished = [t in eos or b in stopped for b, t in enumerate(first)]
         stored = [s + n for s, n in zip(start, real_lens)]  # tokens in each cache row
@@ -1192,7 +1187,8 @@ class Engine:
                 "output_logits / num_return_sequences need generate (on eng.chat_ids(messages))"
             )
         proposer = self._proposer(params, assistant_model)
-        stops = Stops(params.stop_strings, params.max_time, tokenizer, [list(ids)])
+        histories = [list(ids)]  # the whole conversation
+        stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
         reuse = 0
         for a, b in zip(self._cached_ids, ids):
             if a != b:
@@ -1207,11 +1203,11 @@ class Engine:
         full = torch.tensor([ids], dtype=torch.int64)
         if proposer is not None:  # guesses may come from the whole conversation
             generated = self._speculative(
-                new_ids, mask, [reuse], [list(ids)], params, proposer, streamer, seed, full, stops
+                new_ids, mask, [reuse], histories, params, proposer, streamer, seed, full, stops
             )[0].tolist()
         else:
             generated = self._generate(
-                new_ids, mask, [reuse], params, streamer, seed, stream_prompt=full, stops=stops
+                new_ids, mask, [reuse], histories, params, streamer, seed, full, stops
             )[0].tolist()
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]

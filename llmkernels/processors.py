@@ -66,6 +66,7 @@ class LogitsProcessors:
         self.text: torch.Tensor | None = None  # [n, text_size] int64, allocated on first use
         self.text_len = torch.zeros(n, dtype=torch.int64, device=device)
         self.suppress_mask: torch.Tensor | None = None  # [V] bool
+        self.begin_mask: torch.Tensor | None = None  # [V] bool
         # rule set -> its tensors, kept: a captured step reads the tensors it was captured with
         self._rules: dict[tuple, SequenceRules] = {}
         self.reset()
@@ -83,7 +84,7 @@ class LogitsProcessors:
         self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
         self.suppressed = False  # suppress_mask on
-        self.begin_suppressed: torch.Tensor | None = None  # [V] bool (first token: no graph)
+        self.begin_suppressed = False  # begin_mask on (the first new token only)
 
     def start(self, params: Any, rows: list[list[int]]) -> None:
         """Turn on what ``params`` (a GenerationParams) asks for, for rows ``0..B-1`` whose texts
@@ -102,19 +103,14 @@ class LogitsProcessors:
             self.penalized = True
         eos = [e for e in params.eos_token_ids if 0 <= e < vocab]
         if params.min_new_tokens and eos:
-            if self.eos_mask is None:
-                self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
-            self.eos_mask.zero_()
-            self.eos_mask[torch.tensor(eos, device=dev)] = True
+            self.eos_mask = self._static_mask(self.eos_mask, eos)
             self.min_new = params.min_new_tokens
             self.min_left[:batch].fill_(self.min_new)
             self.eos_blocked = True
         forced = params.forced_eos_token_id
         if forced is not None:
-            mask = self._token_mask(forced, "forced_eos_token_id")
-            if self.forced_mask is None:
-                self.forced_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
-            self.forced_mask.copy_(mask)  # static: a captured step reads this one
+            ids = self._token_ids(forced, "forced_eos_token_id")
+            self.forced_mask = self._static_mask(self.forced_mask, ids)
             self.max_new = params.max_new_tokens
             self.forced_left[:batch].fill_(self.max_new - 1)
             self.forced = True
@@ -127,15 +123,14 @@ class LogitsProcessors:
             self.text[:batch, :longest].copy_(context)
             self.text_len[:batch].copy_(real.sum(1))
         self.remove_invalid = bool(params.remove_invalid_values)
-        suppressed = self._token_mask(params.suppress_tokens, "suppress_tokens")
-        if suppressed is not None:  # into a static mask: a captured step reads that one
-            if self.suppress_mask is None:
-                self.suppress_mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
-            self.suppress_mask.copy_(suppressed)
+        suppressed = self._token_ids(params.suppress_tokens, "suppress_tokens")
+        if suppressed:
+            self.suppress_mask = self._static_mask(self.suppress_mask, suppressed)
             self.suppressed = True
-        self.begin_suppressed = self._token_mask(
-            params.begin_suppress_tokens, "begin_suppress_tokens"
-        )
+        begin = self._token_ids(params.begin_suppress_tokens, "begin_suppress_tokens")
+        if begin:
+            self.begin_mask = self._static_mask(self.begin_mask, begin)
+            self.begin_suppressed = True
 
     def _start_sequence_rules(self, params: Any) -> None:
         """sequence_bias / bad_words_ids (transformers' list form or dict form; a bad word that
@@ -163,13 +158,19 @@ class LogitsProcessors:
             self._rules[key] = SequenceRules(rules, self.vocab, self.device, name)
         return self._rules[key]
 
-    def _token_mask(self, ids: Any, name: str) -> torch.Tensor | None:
-        if ids is None or len(ids) == 0:
-            return None
-        ids = [int(i) for i in ids]
+    def _token_ids(self, ids: Any, name: str) -> list[int]:
+        """``ids`` (None, a list or a tensor) as a list of ids inside the vocabulary."""
+        ids = [] if ids is None else [int(i) for i in ids]
         if any(not 0 <= i < self.vocab for i in ids):
             raise ValueError(f"{name} must be token ids in [0, {self.vocab}), got {ids}")
-        mask = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        return ids
+
+    def _static_mask(self, mask: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
+        """``mask`` (a ``[V]`` bool buffer, allocated when None) set True at ``ids`` only, in
+        place: a captured decode step reads the buffer it was captured with."""
+        if mask is None:
+            mask = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        mask.zero_()
         mask[torch.tensor(ids, device=self.device)] = True
         return mask
 
@@ -305,8 +306,8 @@ class LogitsProcessors:
             scores = torch.where(scores == float("-inf"), -largest, fixed)
         if self.suppressed:
             scores = scores.float().masked_fill(self.suppress_mask, float("-inf"))
-        if first and self.begin_suppressed is not None:
-            scores = scores.float().masked_fill(self.begin_suppressed, float("-inf"))
+        if first and self.begin_suppressed:
+            scores = scores.float().masked_fill(self.begin_mask, float("-inf"))
         return scores
 
     @staticmethod

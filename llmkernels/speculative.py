@@ -97,10 +97,11 @@ def accept(
 
     logits ``[B, K + 1, V]``: the target's at the pending token and after each guess; drafts
     ``[B, K]`` int64 (entries at and after ``num_drafts[b]`` are padding); num_drafts ``[B]``.
-    Greedy: guesses equal to the argmax are kept. Sampling: ``sampling = (temperature [B], top_k
-    [B], top_p [B][, min_p [B]])``, ``draft_probs [B, K, V]`` the proposer's distributions
-    (None: one-hot guesses, prompt lookup), ``uniforms [B, K]`` in [0, 1), and ``rng_state`` for ``ops.sample``;
-    see the module docstring for the rule. Row b emits ``drafts[b, :accepted[b]]`` then
+    Greedy: guesses equal to the argmax are kept. Sampling: ``sampling``, each row's settings as
+    :func:`reference.sampling_probs` takes them (``[B]`` each: temperature, top_k, top_p, then
+    min_p, typical_p, epsilon and eta when the call warps), ``draft_probs [B, K, V]`` the
+    proposer's distributions (None: one-hot guesses, prompt lookup), ``uniforms [B, K]`` in
+    [0, 1), and ``rng_state`` for the sampler; see the module docstring for the rule. Row b emits ``drafts[b, :accepted[b]]`` then
     ``next_token[b]``.
     """
     batch, positions, vocab = logits.shape

@@ -113,7 +113,7 @@ def test_graph_replay_equals_eager_step(greedy):
 
     replay = eng._step_fn(2, greedy)  # captures the graph (warm-up state is restored)
     assert eng._graphs and torch.equal(m.cache_lens, state[0]) and torch.equal(eng._rng, state[1])
-    graph_logits = eng._graph_logits[(2, greedy)]
+    graph_logits = eng._graph_logits[eng._step_key(2, greedy)]
     for i in range(3):
         replay()
         torch.cuda.synchronize()

@@ -22,8 +22,16 @@ from .timing import copy_bandwidth_gbps, results_dir, write_results
 
 
 def _short(name: str, width: int = 70) -> str:
-    """A kernel's name without its template arguments' noise, cut to ``width``."""
-    name = name.replace("void ", "").split("(")[0]
+    """A kernel's name without its return type, anonymous namespaces and argument list, cut to
+    ``width``. The argument list is the first ``(`` outside template brackets: kernels in an
+    anonymous namespace (all of ours) have a ``(`` before their name."""
+    name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    depth = 0
+    for i, c in enumerate(name):
+        depth += (c == "<") - (c == ">")
+        if c == "(" and depth == 0:
+            name = name[:i]
+            break
     return name if len(name) <= width else name[: width - 3] + "..."
 
 

@@ -8,9 +8,10 @@
 #       memcheck and racecheck over benchmarks/sanitize_cases.py; the CPU suite, which CI and a
 #       local torch-2.11 venv already run, only with the time left
 #   call 2 (deadline 330 s, only if call 1 passed):  bash benchmarks/gpu_check.sh call2
-#       kernel micro-benchmarks (quick shapes), the decode step's profile kernel by kernel
-#       (llmkernels.perf.step_profile), prompt lookup's speed-up replayed from recorded outputs
-#       at this GPU's verify costs (benchmarks/replay_speculative.py), end-to-end vs transformers
+#       kernel micro-benchmarks (quick shapes; the quantized GEMVs first), the decode step's
+#       profile kernel by kernel (llmkernels.perf.step_profile), prompt lookup's speed-up
+#       replayed from recorded outputs at this GPU's verify costs
+#       (benchmarks/replay_speculative.py), end-to-end vs transformers
 #       at batch 1 on the TinyLlama-1.1B and Llama-2-7B shapes (bf16; all contenders, int8/int4
 #       too, the slow-to-compile hf-static-compile last), % of copy bandwidth
 #   dry run, here, GPU steps stubbed:  GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh call1 call2
@@ -112,14 +113,14 @@ sanitize() {  # $1 = memcheck | racecheck
 kernels() {
   local device=cuda
   [ "$DRY" = 1 ] && device=cpu
-  timeout "$(budget 100)" "$PY" - > "$OUT/logs/kernels.log" 2>&1 << EOF
+  timeout "$(budget 130)" "$PY" - > "$OUT/logs/kernels.log" 2>&1 << EOF
 from pathlib import Path
 import torch
-from llmkernels.perf import attention, elementwise, sampling
+from llmkernels.perf import attention, elementwise, quant_gemv, sampling
 if "$device" == "cpu":
     print("[dry run] kernel benchmark modules import; run() needs a GPU")
 else:
-    for m in (elementwise, attention, sampling):
+    for m in (quant_gemv, elementwise, attention, sampling):
         m.run(Path("$OUT/results/kernels"), quick=True)
 EOF
   summary "kernels: rc=$? :: $(tail -1 "$OUT/logs/kernels.log")"

@@ -56,6 +56,7 @@ KERNELS = {
     "sample_kernel": Kernel(threads=512, optin_variant=", true>"),
     "advance_rng_kernel": Kernel(threads=None),
     "int8_linear_kernel": Kernel(threads=256),  # kWarps = 8 warps per block
+    "int4_linear_kernel": Kernel(threads=256),
 }
 
 

@@ -191,6 +191,24 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
                 scale = torch.rand(n, device=dev) / 64
                 _close(lk.int8_linear(x, w, scale), ref.int8_linear(x, w, scale), 2e-2)
 
+        # every int4_linear launch variant, as above, with groups of 32, 64 and 128; K 544
+        # (17 lane steps of 32 codes) leaves lanes idle in the last step
+        for m, n, k, group in (
+            (1, 33, 544, 32),
+            (2, 33, 64, 64),
+            (3, 576, 576, 64),
+            (8, 33, 544, 32),
+            (4, 4099, 128, 128),
+            (5, 8197, 32, 32),
+        ):
+
+            @add(f"int4_linear {dtype} {m}x{k} -> {n} (groups of {group})")
+            def _(m=m, n=n, k=k, group=group, dtype=dtype):
+                x = torch.randn(m, k + 8, device=dev).to(dtype)[:, :k]
+                w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+                scale_zero = (torch.rand(n, k // group, 2, device=dev) / 16).to(torch.bfloat16)
+                _close(lk.int4_linear(x, w, scale_zero), ref.int4_linear(x, w, scale_zero), 2e-2)
+
     return out
 
 

@@ -41,6 +41,10 @@ TORCH_LIBRARY(llmkernels, m) {
   // out[M, N] = (x[M, K] @ weight[N, K]^T) * scale[N]: weight int8, scale fp32, x fp16/bf16 with
   // M <= 8 (decode; weight-only int8), the sum in fp32.
   m.def("int8_linear(Tensor! out, Tensor x, Tensor weight, Tensor scale) -> ()");
+  // out[M, N] = x[M, K] @ W[N, K]^T, W = (q - 8) * scale + zero per group of K / scale_zero.size(1)
+  // inputs: weight uint8 [N, K / 2] (two 4-bit codes per byte, even input high), scale_zero bf16
+  // [N, K / G, 2], x fp16/bf16 with M <= 8 (decode; weight-only int4), the sum in fp32.
+  m.def("int4_linear(Tensor! out, Tensor x, Tensor weight, Tensor scale_zero) -> ()");
 }
 
 // `import llmkernels._C` loads this library, which runs the registrations above.

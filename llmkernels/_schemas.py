@@ -15,4 +15,5 @@ SCHEMAS = {
     "decode_attention": "decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, Tensor! workspace, int window=0) -> ()",
     "sample": "sample(Tensor! out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor! rng_state) -> ()",
     "int8_linear": "int8_linear(Tensor! out, Tensor x, Tensor weight, Tensor scale) -> ()",
+    "int4_linear": "int4_linear(Tensor! out, Tensor x, Tensor weight, Tensor scale_zero) -> ()",
 }

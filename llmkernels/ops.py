@@ -39,6 +39,8 @@ __all__ = [
     "gelu_tanh_and_mul",
     "int8_linear",
     "int8_linear_supported",
+    "int4_linear",
+    "int4_linear_supported",
     "kv_cache_append",
     "decode_attention",
     "decode_attention_workspace",
@@ -559,6 +561,72 @@ def int8_linear(
     return out
 
 
+def int4_linear_supported(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor) -> bool:
+    """Whether :func:`int4_linear` runs its CUDA kernel on these (else the reference): CUDA
+    fp16/bf16 x ``[M, K]`` with M <= 8, last dim contiguous, row stride a multiple of 8, bf16
+    ``scale_zero``, x and weight 16-byte aligned (K a multiple of 32 and groups of a multiple of
+    32 inputs, as :func:`int4_linear` requires of every input)."""
+    return (
+        int8_linear_supported(x, weight)
+        and scale_zero.dtype == torch.bfloat16
+        and scale_zero.data_ptr() % 4 == 0
+    )
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_zero: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only int4 matmul: ``out[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] +
+    z[n, k // G])``, the sum in fp32, rounded to x's dtype (``x @ W^T`` for the dequantized
+    ``W``; :class:`llmkernels.quant.QuantizedWeight` builds these tensors).
+
+    x: ``[M, K]`` fp32/fp16/bf16, K a multiple of 32; weight: uint8 ``[N, K / 2]`` contiguous,
+    byte j holding the 4-bit codes of inputs 2j (high nibble) and 2j + 1 (low); scale_zero:
+    fp32/bf16 ``[N, K / G, 2]`` contiguous, each group's scale s and zero z, G a multiple of 32;
+    out: ``[M, N]`` in x's dtype, last dim contiguous, not overlapping the inputs. The CUDA kernel
+    takes decode-sized inputs with bf16 ``scale_zero`` (:func:`int4_linear_supported`); others
+    run the reference.
+    """
+    _tensor(x, "x", FLOAT_DTYPES, ndim=2)
+    _tensor(weight, "weight", (torch.uint8,), ndim=2)
+    _tensor(scale_zero, "scale_zero", (torch.float32, torch.bfloat16), ndim=3)
+    _same_device(("x", x), ("weight", weight), ("scale_zero", scale_zero))
+    (m, k), n = x.shape, weight.shape[0]
+    if k % 32 or k == 0:
+        raise ValueError(f"x's last dim (K) must be a positive multiple of 32, got {k}")
+    if weight.shape[1] * 2 != k:
+        raise ValueError(
+            f"weight must be [N, {k // 2}] (two 4-bit codes per byte; x is [M, {k}]), got "
+            f"{tuple(weight.shape)}"
+        )
+    groups = scale_zero.shape[1]
+    if scale_zero.shape[0] != n or scale_zero.shape[2] != 2 or groups == 0 or k % groups:
+        raise ValueError(
+            f"scale_zero must be [{n}, K / group_size, 2] with K = {k}, got "
+            f"{tuple(scale_zero.shape)}"
+        )
+    if (k // groups) % 32:
+        raise ValueError(
+            f"the group size (K / scale_zero.shape[1]) must be a multiple of 32, got {k // groups}"
+        )
+    if not weight.is_contiguous() or not scale_zero.is_contiguous():
+        raise ValueError("weight and scale_zero must be contiguous")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, "out", (m, n), x.dtype, x.device)
+        _last_dim_contiguous(out, "out")
+        _no_overlap(("out", out), ("x", x), ("weight", weight), ("scale_zero", scale_zero))
+    if int4_linear_supported(x, weight, scale_zero):
+        torch.ops.llmkernels.int4_linear(out, x, weight, scale_zero)
+    else:
+        out.copy_(ref.int4_linear(x, weight, scale_zero))
+    return out
+
+
 # ---- attention ----------------------------------------------------------------------------------------
 def _check_cache(k_cache, v_cache) -> None:
     _tensor(k_cache, "k_cache", FLOAT_DTYPES, ndim=4)
@@ -958,6 +1026,9 @@ def _register_python_impls() -> None:
     def cpu_int8_linear(out, x, weight, scale):
         out.copy_(ref.int8_linear(x, weight, scale))
 
+    def cpu_int4_linear(out, x, weight, scale_zero):
+        out.copy_(ref.int4_linear(x, weight, scale_zero))
+
     def cpu_decode_attention(out, q, k_cache, v_cache, seq_lens, scale, workspace, window=0):
         out.copy_(ref.decode_attention(q, k_cache, v_cache, seq_lens, scale, window or None))
 
@@ -971,6 +1042,7 @@ def _register_python_impls() -> None:
         "decode_attention": cpu_decode_attention,
         "sample": _sample_from_state,
         "int8_linear": cpu_int8_linear,
+        "int4_linear": cpu_int4_linear,
         "qk_norm_rotary": cpu_qk_norm_rotary,
     }
     for name, fn in cpu_impls.items():

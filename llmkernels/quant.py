@@ -9,7 +9,9 @@ Batch-1 decode reads every weight once per token, so bytes per weight bound its 
   slower than bf16 on an H200) and a dense bf16 GEMM on the codes for prefill.
 - int4: groups of ``group_size`` inputs, ``W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g]``
   (q in [0, 15], g = i // group_size, asymmetric: min/max of the group);
-  ``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` (tinygemm) on CUDA.
+  ``aten._weight_int4pack_mm_for_cpu`` on CPU; on CUDA our ``int4_linear`` kernel at decode sizes
+  (tinygemm, ATen's ``aten._weight_int4pack_mm``, decoded at 39% of copy bandwidth on an H200,
+  slower than int8) and tinygemm for prefill.
 
 Those ``aten._weight_*`` ops are PyTorch internals (torchao and gpt-fast use them): their
 schemas are checked here on first use (:func:`check_packed_ops`), and tests/test_quant.py checks
@@ -90,7 +92,8 @@ class QuantizedWeight:
     scales: torch.Tensor  # int8: [out]; int4: [out, in / group_size] (fp32)
     zeros: torch.Tensor | None = None  # int4: [out, in / group_size] (fp32)
     packed: torch.Tensor | None = None  # the packed kernel's layout (see packed_now)
-    scale_and_zero: torch.Tensor | None = None  # int4: bf16 [in / G, out, 2], kernel layout
+    scale_and_zero: torch.Tensor | None = None  # int4: bf16 [in / G, out, 2], ATen's layout
+    scale_zero_rows: torch.Tensor | None = None  # int4: bf16 [out, in / G, 2], int4_linear's
     kernel_scales: torch.Tensor | None = None  # int8: bf16 [out]
 
     @property
@@ -126,10 +129,9 @@ class QuantizedWeight:
             self.packed = self.qweight
             self.kernel_scales = self.scales.to(torch.bfloat16)
             return
-        # [in / G, out, 2]: the layout both int4 kernels take their scales and zeros in
-        self.scale_and_zero = (
-            torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
-        ).to(torch.bfloat16)
+        # bf16 scales and zeros: [out, in / G, 2] for int4_linear, [in / G, out, 2] for ATen's
+        self.scale_zero_rows = torch.stack((self.scales, self.zeros), dim=-1).to(torch.bfloat16)
+        self.scale_and_zero = self.scale_zero_rows.transpose(0, 1).contiguous()
         if self.device.type == "cuda":
             self.packed = torch.ops.aten._convert_weight_to_int4pack(
                 self.qweight, _CUDA_INNER_K_TILES
@@ -159,9 +161,12 @@ class QuantizedWeight:
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)
         elif self.device.type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(
-                xb, self.packed, self.group_size, self.scale_and_zero
-            )
+            if ops.int4_linear_supported(xb, self.qweight, self.scale_zero_rows):  # decode
+                y = ops.int4_linear(xb, self.qweight, self.scale_zero_rows)
+            else:  # prefill: tinygemm
+                y = torch.ops.aten._weight_int4pack_mm(
+                    xb, self.packed, self.group_size, self.scale_and_zero
+                )
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xb, self.packed, self.group_size, self.scale_and_zero

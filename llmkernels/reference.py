@@ -28,6 +28,7 @@ __all__ = [
     "silu_and_mul",
     "gelu_tanh_and_mul",
     "int8_linear",
+    "int4_linear",
     "kv_cache_append",
     "decode_attention",
     "sampling_probs",
@@ -252,6 +253,23 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     Returns ``[M, N]``: ``x @ W^T`` for the int8 weight ``W[n, k] = weight[n, k] * scale[n]``.
     """
     return ((x.float() @ weight.float().t()) * scale.float()).to(x.dtype)
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """``out[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G])`` in fp32,
+    rounded to x's dtype.
+
+    x: ``[M, K]`` float; weight: uint8 ``[N, K / 2]``, byte j holding the codes q in [0, 15] of
+    inputs 2j (high nibble) and 2j + 1 (low nibble); scale_zero: float ``[N, K / G, 2]``, the
+    scale s and zero z of each group of G inputs. Returns ``[M, N]``: ``x @ W^T`` for the int4
+    weight ``W[n, k] = (q[n, k] - 8) * s[n, k // G] + z[n, k // G]``.
+    """
+    n, k = weight.shape[0], 2 * weight.shape[1]
+    group_size = k // scale_zero.shape[1]
+    codes = torch.stack((weight >> 4, weight & 15), dim=-1).view(n, k).float()
+    scale = scale_zero[..., 0].float().repeat_interleave(group_size, dim=1)
+    zero = scale_zero[..., 1].float().repeat_interleave(group_size, dim=1)
+    return (x.float() @ ((codes - 8) * scale + zero).t()).to(x.dtype)
 
 
 # ---- attention ----------------------------------------------------------------------------------------

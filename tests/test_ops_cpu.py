@@ -76,6 +76,15 @@ def op_samples():
             ),
         ),
         (
+            "int4_linear",
+            (
+                torch.empty(3, 5),
+                torch.randn(3, 64),
+                torch.randint(0, 256, (5, 32), dtype=torch.uint8),
+                torch.rand(5, 2, 2) / 100,
+            ),
+        ),
+        (
             "sample",
             (
                 torch.empty(3, dtype=torch.int64),
@@ -259,6 +268,67 @@ def test_int8_linear_is_x_times_the_dequantized_weight(dtype):
     out = torch.empty(3, 40, dtype=dtype)
     assert lk.int8_linear(x, qw.qweight, qw.scales, out=out) is out and torch.equal(out, got)
     assert not lk.ops.int8_linear_supported(x, qw.qweight)  # CPU: the reference
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_linear_is_x_times_the_dequantized_weight(dtype, group_size):
+    """The reference against quant.QuantizedWeight.dequantize, the weight its tensors stand for
+    (codes packed two per byte, even input in the high nibble)."""
+    from llmkernels import quant
+
+    qw = quant.quantize_weight(torch.randn(48, 128), "int4", group_size)
+    scale_zero = torch.stack((qw.scales, qw.zeros), dim=-1)  # [out, in / G, 2], fp32
+    x = torch.randn(3, 128).to(dtype)
+    expected = (x.double() @ qw.dequantize(torch.float64).t()).to(dtype)
+    got = lk.int4_linear(x, qw.qweight, scale_zero)
+    assert got.dtype == dtype and got.shape == (3, 48)
+    torch.testing.assert_close(
+        got, expected, **({} if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5))
+    )
+    assert torch.equal(got, ref.int4_linear(x, qw.qweight, scale_zero))
+    out = torch.empty(3, 48, dtype=dtype)
+    assert lk.int4_linear(x, qw.qweight, scale_zero, out=out) is out and torch.equal(out, got)
+    assert not lk.ops.int4_linear_supported(x, qw.qweight, scale_zero)  # CPU: the reference
+    # bf16 scales and zeros (the CUDA kernel's) stand for the same formula
+    sz16 = scale_zero.to(torch.bfloat16)
+    w16 = quant.QuantizedWeight(
+        "int4", qw.shape, group_size, qw.qweight, sz16[..., 0].float(), sz16[..., 1].float()
+    ).dequantize(torch.float64)
+    torch.testing.assert_close(
+        lk.int4_linear(x.double().float(), qw.qweight, sz16),
+        (x.double() @ w16.t()).float(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_int4_linear_errors():
+    x, w = torch.randn(2, 64), torch.randint(0, 256, (5, 32), dtype=torch.uint8)
+    sz = torch.rand(5, 2, 2)
+    with pytest.raises(TypeError, match=r"weight must have dtype in \(uint8\)"):
+        lk.int4_linear(x, w.to(torch.int8), sz)
+    with pytest.raises(TypeError, match="scale_zero must have dtype in"):
+        lk.int4_linear(x, w, sz.half())
+    with pytest.raises(ValueError, match="positive multiple of 32"):
+        lk.int4_linear(x[:, :48], w[:, :24], sz)
+    with pytest.raises(ValueError, match=r"weight must be \[N, 32\] \(two 4-bit codes per byte"):
+        lk.int4_linear(x, w[:, :16], sz)
+    with pytest.raises(ValueError, match=r"scale_zero must be \[5, K / group_size, 2\]"):
+        lk.int4_linear(x, w, sz[:4])
+    with pytest.raises(ValueError, match=r"scale_zero must be \[5, K / group_size, 2\]"):
+        lk.int4_linear(x, w, torch.rand(5, 3, 2))  # 64 inputs are not 3 whole groups
+    with pytest.raises(ValueError, match="group size .* must be a multiple of 32, got 16"):
+        lk.int4_linear(x, w, torch.rand(5, 4, 2))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        lk.int4_linear(x, torch.randint(0, 256, (32, 5), dtype=torch.uint8).t(), sz)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        lk.int4_linear(x[None], w, sz)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.int4_linear(x, w, sz, out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        buf = torch.randn(2, 64)
+        lk.int4_linear(buf, w, sz, out=buf.view(-1)[:10].view(2, 5))
 
 
 def test_qk_norm_rotary_on_cpu_is_the_reference_and_checks_arguments():

@@ -237,3 +237,26 @@ def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir):
     a = exact.generate(ids, max_new_tokens=16, do_sample=False)
     b = int4.generate(ids, max_new_tokens=16, do_sample=False)
     assert (a == b).float().mean().item() >= 0.75
+
+
+def test_quant_gemv_benchmark_calls_each_kernel_on_its_weight():
+    """The GPU benchmark's contenders (llmkernels.perf.quant_gemv), called here on CPU tensors
+    where they run the references: each computes x @ W^T for its form of the same weight."""
+    from llmkernels.perf import quant_gemv
+
+    w = torch.randn(64, 256).bfloat16()
+    x = torch.randn(2, 256).bfloat16()
+    q8 = quant.quantize_weight(w, "int8")
+    q4s = {group: quant.quantize_weight(w, "int4", group) for group in (32, 128)}
+    impls = quant_gemv._impls(w, x, q8, q4s)
+    expected = (x.float() @ w.float().t()).float()
+    for name in (
+        "bf16 F.linear",
+        "int8_linear (ours)",
+        "int4_linear g32 (ours)",
+        "int4_linear g128 (ours)",
+    ):
+        fn, nbytes = impls[name]
+        err = (fn().float() - expected).norm() / expected.norm()
+        assert err < (0.01 if "bf16" in name or "int8" in name else 0.15), name
+    assert impls["int4_linear g32 (ours)"][1] == 64 * 128 + 64 * 8 * 2 * 2  # codes + bf16 pairs

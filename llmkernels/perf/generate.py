@@ -622,9 +622,9 @@ def main_from_cli(args, device: torch.device) -> int:
         if not cuda:
             print("[bench] --kernels needs a CUDA device; skipped", file=sys.stderr)
         else:
-            from . import attention, elementwise, sampling
+            from . import attention, elementwise, quant_gemv, sampling
 
-            for module in (elementwise, attention, sampling):
+            for module in (elementwise, attention, sampling, quant_gemv):
                 module.run(out_dir, quick=args.quick)
     print((out_dir / "generate.md").read_text())
     return 0 if not any("error" in r for r in rows) else 1

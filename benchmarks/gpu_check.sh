@@ -124,6 +124,17 @@ else:
         m.run(Path("$OUT/results/kernels"), quick=True)
 EOF
   summary "kernels: rc=$? :: $(tail -1 "$OUT/logs/kernels.log")"
+  # The sampler's path before Hopper (one CTA per row), timed here at batch 1 (issue 15)
+  LLMKERNELS_SAMPLE_MAX_CLUSTER=1 timeout "$(budget 40)" "$PY" - >> "$OUT/logs/kernels.log" 2>&1 << EOF
+from pathlib import Path
+from llmkernels.perf import sampling
+if "$device" == "cpu":
+    print("[dry run] the one-CTA sampler needs a GPU")
+else:
+    sampling.run(Path("$OUT/results/kernels"), quick=True, name="sampling-one-cta",
+                 batches=(1,), vocabs=(32000, 128256), impls=("llmkernels",))
+EOF
+  summary "sampler, one CTA per row: rc=$?"
 }
 
 step_profile() {  # the decode step kernel by kernel (TinyLlama shape, bf16, batch 1)

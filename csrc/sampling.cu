@@ -61,6 +61,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -728,6 +729,18 @@ void launch_rows(int64_t* out, const T* logits, const float* temperature, const 
   }
 }
 
+// LLMKERNELS_SAMPLE_MAX_CLUSTER = 1, 2 or 4 caps the cluster size (read once per process). At 1 a
+// Hopper GPU takes the one-CTA-per-row path of older GPUs, so that path is tested and timed
+// where no older GPU is at hand. Anything else leaves the cap at kMaxCluster.
+int max_cluster_from_env() {
+  static const int cap = [] {
+    const char* value = std::getenv("LLMKERNELS_SAMPLE_MAX_CLUSTER");
+    const int c = value != nullptr ? std::atoi(value) : kMaxCluster;
+    return c == 1 || c == 2 || c == 4 ? c : kMaxCluster;
+  }();
+  return cap;
+}
+
 template <typename T>
 void launch_sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
                    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& rng_state,
@@ -748,16 +761,17 @@ void launch_sample(at::Tensor& out, const at::Tensor& logits, const at::Tensor& 
   auto fits = [&](int c) {
     return static_cast<int64_t>(slice_bytes(c)) <= d.smem_optin - cached.static_smem;
   };
-  const bool clusters = d.major >= 9 && cached.ptx_arch >= 90;
+  const int max_cluster = max_cluster_from_env();
+  const bool clusters = d.major >= 9 && cached.ptx_arch >= 90 && max_cluster > 1;
   int cluster = 1;
   if (clusters) {
-    cluster = kMaxCluster;
+    cluster = max_cluster;
     while (cluster > 1 && batch * (cluster / 2) >= 2 * static_cast<int64_t>(d.sms) &&
            fits(cluster / 2) && occupancy<T, true>(device, 0, slice_bytes(cluster / 2)) >= 2) {
       cluster /= 2;
     }
   }
-  while (clusters && !fits(cluster) && cluster < kMaxCluster) cluster *= 2;
+  while (clusters && !fits(cluster) && cluster < max_cluster) cluster *= 2;
   // A cluster the device cannot co-schedule would fail to launch: halve it (a larger slice per
   // CTA, re-read from L2 when it no longer fits shared memory).
   while (cluster > 1 &&

@@ -420,3 +420,50 @@ def test_first_sample_call_inside_graph_capture():
         [sys.executable, "-c", FIRST_CALL_IN_CAPTURE], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# ---- the one-CTA-per-row path of GPUs before Hopper, on this one ---------------------------------
+_DRAWS_SCRIPT = """
+import torch, llmkernels as lk
+from sampling_stats import synthetic_logits
+rows = []
+for vocab in (32000, 128256, 262144):
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (1, 8):
+            x = synthetic_logits("zipf", vocab, seed=vocab % 1009).to("cuda", dtype)
+            x = x[None].expand(batch, -1)
+            for seed in range(20):
+                rows.append(lk.sample(x, 0.8, 0, 0.95, seed=seed).cpu())
+                rows.append(lk.sample(x, 0.7, 50, 0.9, seed=seed).cpu())
+            rows.append(lk.sample(x, 0.0, 0, 1.0).cpu())
+print(" ".join(map(str, torch.cat(rows).tolist())))
+"""
+
+
+@pytest.mark.parametrize("cap", ["1", "2"])
+def test_capped_clusters_draw_the_same_tokens(cap):
+    """LLMKERNELS_SAMPLE_MAX_CLUSTER=1 makes this GPU take the path of GPUs before Hopper (one
+    CTA per row; a 128K or 256K vocabulary re-read from L2 on every pass). The kept set and each
+    token's random number do not depend on how a row is split, so every draw must be the same
+    token as with clusters of 8."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
+    env.pop("LLMKERNELS_SAMPLE_MAX_CLUSTER", None)
+    outs = {}
+    for name, extra in (("default", {}), ("capped", {"LLMKERNELS_SAMPLE_MAX_CLUSTER": cap})):
+        run = subprocess.run(
+            [sys.executable, "-c", _DRAWS_SCRIPT],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        outs[name] = [int(t) for t in run.stdout.split()]
+    assert len(outs["default"]) == 3 * 2 * (1 + 8) * 41
+    assert outs["default"] == outs["capped"]

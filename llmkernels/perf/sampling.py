@@ -129,8 +129,17 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def run(out_dir: str | Path, quick: bool = False) -> list[dict]:
-    """Run the sampling benchmark on the current CUDA device; write ``sampling.{json,md}``."""
+def run(
+    out_dir: str | Path,
+    quick: bool = False,
+    name: str = "sampling",
+    batches: tuple[int, ...] | None = None,
+    vocabs: tuple[int, ...] | None = None,
+    impls: tuple[str, ...] = ("llmkernels", "hf", "torch.compile"),
+) -> list[dict]:
+    """Run the sampling benchmark on the current CUDA device; write ``<name>.{json,md}``.
+
+    batches, vocabs: instead of the default ones (fewer when quick); impls: the contenders."""
     import llmkernels as lk
 
     if not lk.cuda_kernels_available():
@@ -140,12 +149,13 @@ def run(out_dir: str | Path, quick: bool = False) -> list[dict]:
         )
         return []
     device = torch.device("cuda")
-    batches = (1, 64) if quick else BATCHES
-    vocabs = (32000,) if quick else VOCABS
+    batches = batches or ((1, 64) if quick else BATCHES)
+    vocabs = vocabs or ((32000,) if quick else VOCABS)
     settings = dict(list(SETTINGS.items())[:1]) if quick else SETTINGS
     iters = 30 if quick else 100
     copy_bw = copy_bandwidth_gbps(device)
     contenders = {"llmkernels": _ours, "hf": _hf, "torch.compile": _compiled}
+    contenders = {impl: contenders[impl] for impl in impls}
     rows: list[dict] = []
     for vocab in vocabs:
         for batch in batches:
@@ -184,7 +194,7 @@ def run(out_dir: str | Path, quick: bool = False) -> list[dict]:
                         rows.append(row)
                         print(f"[bench sampling] {row}", file=sys.stderr)
     write_results(
-        "sampling",
+        name,
         rows,
         out_dir,
         extra={

@@ -197,6 +197,7 @@ def cases(dev: str = "cuda") -> list[tuple[str, Callable[[], None]]]:
             (1, 33, 544, 32),
             (2, 33, 64, 64),
             (3, 576, 576, 64),
+            (2, 40, 576, 96),  # not a power of two: the group index is divided, not shifted
             (8, 33, 544, 32),
             (4, 4099, 128, 128),
             (5, 8197, 32, 32),

@@ -187,7 +187,16 @@ def assert_int4_matches_reference(out, x, weight, scale_zero):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize(
     "n,k,group",
-    [(1, 32, 32), (9, 64, 64), (33, 544, 32), (576, 576, 64), (1000, 2048, 128), (4096, 4096, 32)],
+    [
+        (1, 32, 32),
+        (9, 64, 64),
+        (33, 544, 32),
+        (576, 576, 64),
+        (40, 576, 96),  # a group size that is not a power of two: divided, not shifted
+        (1000, 2048, 128),
+        (4096, 4096, 32),
+        (300, 11008, 64),  # Llama-2-7B's down: 10-11 steps per lane, unrolled body + remainder
+    ],
 )
 def test_int4_linear_matches_reference(n, k, group, m, dtype):
     x = torch.randn(m, k, device="cuda").to(dtype)
@@ -268,8 +277,10 @@ def test_int4_linear_raw_op_checks():
         op(out, x, weight[:, :16], scale_zero)
     with pytest.raises(RuntimeError, match=r"scale_zero must be \[40, K / group_size, 2\]"):
         op(out, x, weight, scale_zero[:39])
-    with pytest.raises(RuntimeError, match="group size"):
+    with pytest.raises(RuntimeError, match="group size .* multiple of 32, got 16"):
         op(out, x, weight, scale_zero.repeat(1, 2, 1))  # groups of 16 inputs
+    with pytest.raises(RuntimeError, match="whole number of groups"):
+        op(out, x, weight, torch.cat((scale_zero, scale_zero[:, :1]), dim=1))  # 3 groups
     with pytest.raises(RuntimeError, match="kByte"):
         op(out, x, weight.to(torch.int8), scale_zero)
     with pytest.raises(RuntimeError, match="kBFloat16"):

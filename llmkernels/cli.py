@@ -256,27 +256,29 @@ def cmd_generate(args) -> int:
 
     # several replies need sampling, which a model's generation_config may turn on: generate
     # raises when the settings are greedy
-    replies = args.num_return_sequences
-    engine = _load_engine(args, max_batch_size=replies)
+    replies, beams = args.num_return_sequences, args.num_beams
+    engine = _load_engine(args, max_batch_size=max(replies, beams))
     input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
     rank0 = _is_rank0(args)  # under torchrun every rank generates, rank 0 prints
     streamer = (  # several replies are printed at the end, one after the other
         TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if rank0 and replies == 1
+        if rank0 and replies == 1 and beams == 1
         else None
     )
     speculative = _speculative_kwargs(args, engine)
+    # beam search is greedy here unless a sampling flag asks otherwise (the engine refuses that)
+    beam = dict(num_beams=beams, do_sample=False) if beams > 1 else {}
     t0 = time.perf_counter()
     out = engine.generate(
         input_ids,
         max_new_tokens=args.max_new_tokens,
         streamer=streamer,
         num_return_sequences=replies,
-        **_sampling_kwargs(args),
+        **{**beam, **_sampling_kwargs(args)},
         **speculative,
     )
     elapsed = time.perf_counter() - t0
-    if rank0 and replies > 1:
+    if rank0 and (replies > 1 or beams > 1):
         eos = engine.generation_config.eos_token_id
         eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         for i, row in enumerate(out[:, input_ids.shape[1] :].tolist()):
@@ -515,7 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="sample N replies to the prompt in one batch (needs sampling: --temperature > 0, "
-        "or a model whose generation_config samples)",
+        "or a model whose generation_config samples), or the N best of --num-beams",
+    )
+    g.add_argument(
+        "--num-beams",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="beam search with N beams (transformers' num_beams; printed at the end, not streamed)",
     )
     model_args(g)
 

@@ -33,6 +33,7 @@ import torch
 
 from . import ops
 from . import reference as ref
+from .beam import beam_search
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, input_major_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -716,7 +717,11 @@ class Engine:
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
-        Raises ``ValueError`` before any work for unsupported HF arguments (``num_beams > 1``,
+        ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy, with
+        ``length_penalty``, ``early_stopping`` and ``num_return_sequences <= n``; no logits
+        processors or streamer), on ``B * n`` cache rows.
+
+        Raises ``ValueError`` before any work for unsupported HF arguments (beam sampling,
         ``penalty_alpha``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
@@ -736,6 +741,13 @@ class Engine:
             if pad_in_ids and params.pad_token_id not in params.eos_token_ids:
                 attention_mask = ids != params.pad_token_id
         mask = self._as_mask(ids, attention_mask)
+        if params.num_beams > 1:
+            if streamer is not None or assistant_model is not None:
+                raise ValueError(
+                    "num_beams > 1 takes no streamer and no assistant_model (as transformers)"
+                )
+            self._cached_ids = []
+            return beam_search(self, ids, mask, params).to(out_device)
         copies = params.num_return_sequences
         if copies > 1:  # as HF: each prompt row repeated, its copies next to each other
             if ids.shape[0] * copies > self.max_batch_size:

@@ -30,7 +30,6 @@ _HF_DEFAULTS: dict[str, Any] = {
 # Generation settings the engine does not implement, with the values that leave HF's output
 # unchanged (anything else raises: never silently ignored).
 _NEUTRAL: dict[str, tuple] = {
-    "num_beams": (None, 1),
     "num_beam_groups": (None, 1),
     "penalty_alpha": (None, 0, 0.0),
     "encoder_repetition_penalty": (None, 1.0),
@@ -98,6 +97,9 @@ class GenerationParams:
     max_matching_ngram_size: int = PROMPT_LOOKUP_MAX_NGRAM  # prompt lookup: longest n-gram
     num_assistant_tokens: int = 20  # draft model: guesses in the first round
     num_assistant_tokens_schedule: str = "heuristic"  # constant | heuristic | heuristic_transient
+    num_beams: int = 1  # beam search (llmkernels.beam) when > 1
+    length_penalty: float = 1.0  # beam search: finished scores / generated length ** this
+    early_stopping: bool | str = False  # beam search: True, False or "never" (HF's)
 
     @property
     def greedy(self) -> bool:
@@ -133,7 +135,8 @@ def resolve_generation_params(
     max_new_tokens / max_length, 20 new tokens (capped by max_position_embeddings), as HF.
 
     Raises ``ValueError`` naming every argument the engine does not support (unknown keyword
-    arguments, or HF settings such as num_beams > 1 or penalty_alpha > 0).
+    arguments, or HF settings such as num_beam_groups > 1 or penalty_alpha > 0, and beam search
+    with a setting it does not support).
     """
     from transformers import GenerationConfig
 
@@ -147,7 +150,8 @@ def resolve_generation_params(
             "top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
             "no_repeat_ngram_size, sequence_bias, bad_words_ids, "
             "suppress_tokens, begin_suppress_tokens, min_new_tokens, min_length, "
-            "num_return_sequences, eos_token_id, pad_token_id, stop_strings (with tokenizer), "
+            "num_return_sequences, num_beams, length_penalty, early_stopping, eos_token_id, "
+            "pad_token_id, stop_strings (with tokenizer), "
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule."
@@ -174,7 +178,8 @@ def resolve_generation_params(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
             "temperature / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
             "logits processors of "
-            "llmkernels.processors, stop_strings, max_time and num_return_sequences only; use "
+            "llmkernels.processors, stop_strings, max_time, num_return_sequences and greedy beam "
+            "search only; use "
             "HF's model.generate for the others."
         )
 
@@ -254,11 +259,32 @@ def resolve_generation_params(
     num_return = 1 if num_return is None else num_return
     if isinstance(num_return, bool) or not isinstance(num_return, int) or num_return < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return!r}")
-    if num_return > 1 and not do_sample:  # transformers' GenerationConfig.validate, same rule
+    num_beams = eff.get("num_beams")
+    num_beams = 1 if num_beams is None else num_beams
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if num_return > 1 and not do_sample and num_beams == 1:  # transformers' rule too
         raise ValueError(
-            f"num_return_sequences={num_return} needs do_sample=True: greedy decoding would "
-            "return the same sequence each time (transformers raises too)"
+            f"num_return_sequences={num_return} needs do_sample=True or num_beams > 1: greedy "
+            "decoding would return the same sequence each time (transformers raises too)"
         )
+    if num_beams > 1 and num_return > num_beams:
+        raise ValueError(
+            f"num_return_sequences={num_return} must be <= num_beams={num_beams} (the "
+            "hypotheses kept per prompt), as in transformers"
+        )
+    length_penalty = eff.get("length_penalty")
+    length_penalty = 1.0 if length_penalty is None else length_penalty
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    early_stopping = eff.get("early_stopping")
+    early_stopping = False if early_stopping is None else early_stopping
+    if (
+        early_stopping not in (True, False, "never")
+        or isinstance(early_stopping, int)
+        and (not isinstance(early_stopping, bool))
+    ):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     stop_strings, max_time = check_stop_settings(eff.get("stop_strings"), eff.get("max_time"))
     eos = eff.get("eos_token_id")
     if isinstance(eos, torch.Tensor):
@@ -288,7 +314,7 @@ def resolve_generation_params(
             "num_assistant_tokens_schedule must be 'constant', 'heuristic' or "
             f"'heuristic_transient', got {schedule!r}"
         )
-    return GenerationParams(
+    params = GenerationParams(
         **speculative,
         num_assistant_tokens_schedule=schedule,
         max_new_tokens=int(max_new),
@@ -316,7 +342,41 @@ def resolve_generation_params(
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
         output_scores=bool(eff.get("output_scores")),
         output_logits=bool(eff.get("output_logits")),
+        num_beams=num_beams,
+        length_penalty=float(length_penalty),
+        early_stopping=early_stopping,
     )
+    if num_beams > 1:
+        _check_beam_settings(params)
+    return params
+
+
+def _check_beam_settings(p: GenerationParams) -> None:
+    """Beam search runs without logits processors or stopping criteria beyond EOS and the
+    length: raise naming every setting that would need one."""
+    used = {
+        "do_sample=True (beam sampling; pass do_sample=False for beam search)": p.do_sample,
+        "repetition_penalty": p.repetition_penalty != 1.0,
+        "no_repeat_ngram_size": p.no_repeat_ngram_size > 0,
+        "min_new_tokens / min_length": p.min_new_tokens > 0,
+        "sequence_bias": bool(p.sequence_bias),
+        "bad_words_ids": bool(p.bad_words_ids),
+        "suppress_tokens": bool(p.suppress_tokens),
+        "begin_suppress_tokens": bool(p.begin_suppress_tokens),
+        "forced_eos_token_id": bool(p.forced_eos_token_id),
+        "remove_invalid_values": p.remove_invalid_values,
+        "renormalize_logits": p.renormalize_logits,
+        "stop_strings": bool(p.stop_strings),
+        "max_time": p.max_time is not None,
+        "prompt_lookup_num_tokens": p.prompt_lookup_num_tokens > 0,
+        "return_dict_in_generate": p.return_dict_in_generate,
+    }
+    bad = [name for name, on in used.items() if on]
+    if bad:
+        raise ValueError(
+            f"num_beams={p.num_beams}: the engine's beam search does not support {', '.join(bad)} "
+            "(set here or in the model's generation_config); use HF's model.generate for those"
+        )
 
 
 def _id_list(value: Any, name: str) -> list[int] | None:

@@ -186,6 +186,28 @@ def test_generate_several_replies_prints_each(capsys):
 
 
 @needs_model
+def test_generate_num_beams_prints_the_best_hypotheses(capsys):
+    from llmkernels import Engine
+
+    prompt = "The capital of France is"
+    argv = ["generate", prompt, "--raw", "--max-new-tokens", "8", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *argv, "--num-beams", "3", "--num-return-sequences", "2")
+    assert code == 0, err
+    replies = out.split("--- reply ")[1:]
+    assert [r.split(" ---")[0] for r in replies] == ["1 of 2", "2 of 2"]
+    eng = Engine.from_pretrained("default", device="cpu", max_batch_size=3)
+    ids = eng.tokenizer(prompt, return_tensors="pt").input_ids
+    kw = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=8)
+    expected = eng.generate(ids, **kw)[:, ids.shape[1] :]
+    eos = eng.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    for reply, row in zip(replies, expected.tolist()):
+        row = row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
+        text = eng.tokenizer.decode(row, skip_special_tokens=True)
+        assert reply.split(" ---\n", 1)[1].rstrip("\n") == text
+
+
+@needs_model
 def test_generate_stop_ends_the_reply_where_the_engine_does(capsys, engine):
     tok = engine.tokenizer
     prompt = "Count to ten: one, two,"

@@ -458,7 +458,7 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(num_beams=2), "num_beams"),
+        (dict(num_beams=2, num_beam_groups=2), "num_beam_groups"),  # diverse beam search
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
         (dict(exponential_decay_length_penalty=(4, 1.5)), "exponential_decay_length_penalty"),
         (dict(top_h=0.4, do_sample=True), "top_h"),

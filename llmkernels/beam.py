@@ -1,0 +1,137 @@
+"""Beam search in the engine: HF ``generate(num_beams=n)`` (greedy beam search), token for token.
+
+The semantics are transformers' (``GenerationMixin._beam_search``, 5.x), restated here: each
+prompt row becomes ``n`` cache rows (prefilled alike). Per step every beam's next-token log
+probabilities are added to its running score, and of the ``n * V`` continuations the best
+``K = max(2, 1 + number of EOS ids) * n`` are kept. A continuation that ends in an EOS id, or
+reaches the length limit, is a finished hypothesis, scored ``score / generated_length **
+length_penalty`` and kept among the item's ``n`` best finished ones when it is among the top
+``n`` continuations; the best ``n`` continuations that do not end go on running, and the cache
+rows are reordered to follow them. An item stops improving when its ``n`` finished slots are
+full and its best running beam cannot beat their worst (``early_stopping`` False: at the length
+so far; ``"never"`` with ``length_penalty > 0``: at the maximum length); ``early_stopping=True``
+ends once every item has ``n`` finished hypotheses. The ``num_return_sequences`` best finished
+hypotheses of each item are returned, padded to the longest.
+
+No logits processors: settings that would need one (repetition penalty, n-gram bans, ...) are
+refused by :func:`llmkernels.settings.resolve_generation_params`, as is beam sampling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .generate import Engine
+    from .settings import GenerationParams
+
+__all__ = ["beam_search"]
+
+_NEG = -1.0e9  # transformers' "cannot be chosen" score
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j], ...]``: t ``[B, N, ...]``, index ``[B, M]`` -> ``[B, M, ...]``."""
+    while index.dim() < t.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(t, index, dim=1)
+
+
+@torch.inference_mode()
+def beam_search(
+    engine: Engine, ids: torch.Tensor, mask: torch.Tensor, params: GenerationParams
+) -> torch.Tensor:
+    """Beam search from the prompts ``ids [B, T]`` (left-padded; ``mask [B, T]`` bool) on the
+    engine's cache rows ``0..B * num_beams - 1``. Returns int64 ``[B * r, T + n]`` on the CPU,
+    ``r = num_return_sequences``: the prompt and the ``n`` new tokens of each item's ``r`` best
+    hypotheses, best first, padded as transformers pads them."""
+    beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
+    rows = batch * beams
+    max_len = prompt_len + params.max_new_tokens
+    eos = torch.tensor(params.eos_token_ids, dtype=torch.int64)
+    keep = max(2, 1 + len(params.eos_token_ids)) * beams
+    penalty, early = params.length_penalty, params.early_stopping
+    # transformers fills unused positions with `pad or eos[0]` when there is an EOS id, else -1
+    fill = -1 if not params.eos_token_ids else (params.pad_token_id or params.eos_token_ids[0])
+
+    beam_ids = ids.cpu().repeat_interleave(beams, dim=0)
+    beam_mask = mask.cpu().repeat_interleave(beams, dim=0)
+    real_lens = engine._check_capacity(beam_ids, beam_mask, [0] * rows, params)
+    model = engine.model
+    logits = engine._prefill(
+        beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
+    )
+
+    running = torch.full((batch, beams, max_len), fill, dtype=torch.int64)
+    running[:, :, :prompt_len] = ids.cpu()[:, None, :]
+    finished = running.clone()
+    running_scores = torch.zeros(batch, beams)
+    running_scores[:, 1:] = _NEG  # all beams start alike: only the first one's continuations
+    finished_scores = torch.full((batch, beams), _NEG)
+    finished_len = torch.zeros(batch, beams, dtype=torch.int64)  # new tokens, EOS included
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool)
+    improvable = torch.ones(batch, 1, dtype=torch.bool)
+    top_beams = torch.arange(keep) < beams  # only these continuations may finish
+    item_rows = torch.arange(batch)[:, None] * beams  # [B, 1] first cache row of each item
+    cur = prompt_len
+    while True:
+        log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)  # [rows, V]
+        vocab = log_probs.shape[-1]
+        totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+        top_scores, top_index = torch.topk(totals, keep)  # [B, K], best first
+        source = top_index // vocab  # the beam each continuation extends
+        token = top_index % vocab
+        candidates = _take(running, source)  # [B, K, max_len]
+        candidates[:, :, cur] = token
+        ends = torch.isin(token, eos) | (cur + 1 >= max_len)  # transformers' stopping criteria
+
+        # the best `beams` continuations that do not end run on
+        go_on = top_scores + ends.float() * _NEG
+        chosen = torch.topk(go_on, beams).indices  # [B, beams]
+        running = _take(candidates, chosen)
+        running_scores = _take(go_on, chosen)
+        parents = _take(source, chosen)
+
+        # the top `beams` continuations that end compete for the finished slots
+        just_finished = ends & top_beams[None, :]
+        scores = top_scores / float(cur + 1 - prompt_len) ** penalty
+        full = is_finished.all(dim=-1, keepdim=True) & (early is True)
+        scores = scores + full.float() * _NEG + (~improvable).float() * _NEG
+        scores = scores + (~just_finished).float() * _NEG
+        merged_scores = torch.cat((finished_scores, scores), dim=1)
+        best = torch.topk(merged_scores, beams).indices
+        finished = _take(torch.cat((finished, candidates), dim=1), best)
+        finished_scores = _take(merged_scores, best)
+        new_len = torch.full((batch, keep), cur + 1 - prompt_len, dtype=torch.int64)
+        finished_len = _take(torch.cat((finished_len, new_len), dim=1), best)
+        is_finished = _take(torch.cat((is_finished, just_finished), dim=1), best)
+
+        cur += 1
+        # can a running beam still beat the worst finished hypothesis?
+        if early == "never" and penalty > 0.0:
+            best_len = max_len - prompt_len
+        else:
+            best_len = cur - prompt_len
+        best_possible = running_scores[:, :1] / float(best_len) ** penalty
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+        improvable = improvable & (best_possible > worst).any(dim=-1, keepdim=True)
+        open_beams = not (bool(is_finished.all()) and early is True)
+        if not (bool(improvable.any()) and open_beams and not bool(ends.all())):
+            break
+
+        # the cache rows follow their beams; only rows whose parent is another row move
+        src = (item_rows + parents).flatten()  # [rows]
+        moved = torch.nonzero(src != torch.arange(rows)).flatten()
+        if moved.numel():
+            filled = int(model.cache_lens[:rows].max())
+            dst_d, src_d = moved.to(engine.device), src[moved].to(engine.device)
+            for cache in (model.k_cache, model.v_cache):  # [layers, rows, Hk, S, D]
+                cache[:, dst_d, :, :filled] = cache[:, src_d, :, :filled]
+            model.cache_lens[dst_d] = model.cache_lens[src_d]
+        logits = engine._decode(running[:, :, cur - 1].flatten().to(engine.device))
+
+    returned = params.num_return_sequences
+    generated = int(finished_len[:, :returned].max())
+    return finished[:, :returned, : prompt_len + generated].reshape(batch * returned, -1)

@@ -1,0 +1,131 @@
+"""Beam search (llmkernels.beam) against transformers' own ``generate(num_beams=n)``: random models
+of the families, ragged batches, EOS ids that end hypotheses early, length penalties, every
+``early_stopping`` mode, ``num_return_sequences``; the real SmolLM2 on chat prompts; and the
+settings it refuses. CPU, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import prompts, variant
+
+import llmkernels as lk
+
+
+def ragged(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row b has 2 b pad tokens (id 0)."""
+    ids = prompts(batch, length, seed=seed)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for b in range(batch):
+        ids[b, : 2 * b] = 0
+        mask[b, : 2 * b] = False
+    return ids, mask
+
+
+def frequent_token(hf, ids, mask, beams: int) -> int:
+    """A token beam search emits early: as EOS it ends some hypotheses and not others."""
+    with torch.no_grad():
+        out = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False
+        )
+    new = out[:, ids.shape[1] :]
+    return int(torch.mode(new[:, 2:].flatten()).values)
+
+
+SETTINGS = [
+    dict(num_beams=4),
+    dict(num_beams=4, length_penalty=2.0, num_return_sequences=2),
+    dict(num_beams=3, early_stopping=True, num_return_sequences=3),
+    dict(num_beams=3, early_stopping="never", length_penalty=0.0),
+    dict(num_beams=5, early_stopping="never", length_penalty=1.5, num_return_sequences=5),
+    dict(num_beams=2, length_penalty=-1.0),
+]
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3", "mistral-window"])
+@pytest.mark.parametrize(
+    "settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items())
+)
+def test_equals_transformers_with_eos(name, settings):
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=15, max_seq_len=64)
+    ids, mask = ragged(3, 9)
+    eos = frequent_token(hf, ids, mask, settings["num_beams"])
+    kw = dict(attention_mask=mask, max_new_tokens=14, do_sample=False, **settings)
+    kw.update(eos_token_id=[eos, 3], pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    out = eng.generate(ids, **kw)
+    assert torch.equal(out, expected)
+    # the test means something: an EOS id ended hypotheses, which shows in the output or in
+    # the beams that ran on (a length penalty > 0 may prefer the longer, unfinished ones)
+    without = eng.generate(ids, **{**kw, "eos_token_id": None})
+    ended = (out[:, ids.shape[1] :] == eos).any()
+    assert ended or without.shape != out.shape or not torch.equal(without, out)
+
+
+def test_equals_transformers_without_eos_and_in_a_batch_of_one():
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids = prompts(1, 6, seed=5)
+    kw = dict(max_new_tokens=20, do_sample=False, num_beams=4, eos_token_id=None)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    assert torch.equal(eng.generate(ids, **kw), expected)
+    # and then plain greedy decoding still works on the same engine (cache rows were reordered)
+    plain = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(eng.generate(ids, **plain), hf.generate(ids, **plain))
+
+
+def test_refused_settings_name_themselves():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids = prompts(1, 6)
+    with pytest.raises(ValueError, match="beam sampling"):
+        eng.generate(ids, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="repetition_penalty, no_repeat_ngram_size"):
+        eng.generate(ids, num_beams=2, repetition_penalty=1.2, no_repeat_ngram_size=2)
+    with pytest.raises(ValueError, match="must be <= num_beams=2"):
+        eng.generate(ids, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="early_stopping must be True, False or 'never'"):
+        eng.generate(ids, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="num_beams must be an int >= 1"):
+        eng.generate(ids, num_beams=0)
+    with pytest.raises(ValueError, match="no streamer"):
+        eng.generate(ids, num_beams=2, streamer=object())
+    with pytest.raises(ValueError, match="max_batch_size=4"):
+        eng.generate(prompts(3, 6), num_beams=2)  # 6 cache rows
+    with pytest.raises(
+        ValueError, match="num_return_sequences=2 needs do_sample=True or num_beams"
+    ):
+        eng.generate(ids, num_return_sequences=2)
+
+
+@pytest.mark.model
+def test_real_smollm2_chat_prompts_equal_transformers(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    eng = lk.Engine.from_pretrained(smollm2_dir, device="cpu", max_batch_size=8, max_seq_len=256)
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    tok = eng.tokenizer
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        for question in ("What is the capital of France?", "Name a prime number larger than 10.")
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    kw = dict(
+        attention_mask=enc.attention_mask,
+        max_new_tokens=24,
+        do_sample=False,
+        num_beams=4,
+        num_return_sequences=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.no_grad():
+        expected = hf.generate(enc.input_ids, **kw)
+    out = eng.generate(enc.input_ids, **kw)
+    assert torch.equal(out, expected), tok.batch_decode(out[:, enc.input_ids.shape[1] :])

@@ -13,12 +13,16 @@ so far; ``"never"`` with ``length_penalty > 0``: at the maximum length); ``early
 ends once every item has ``n`` finished hypotheses. The ``num_return_sequences`` best finished
 hypotheses of each item are returned, padded to the longest.
 
-No logits processors: settings that would need one (repetition penalty, n-gram bans, ...) are
-refused by :func:`llmkernels.settings.resolve_generation_params`, as is beam sampling.
+The logits processors (repetition penalty, n-gram bans, sequence bias, bad words, minimum
+lengths, forced EOS, suppressed tokens, invalid values, renormalization) are transformers' own
+classes, built in transformers' order and applied as it applies them here: to every beam's log
+probabilities, given the beam's padded text. Beam sampling, stop strings and max_time are
+refused by :func:`llmkernels.settings.resolve_generation_params`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +34,47 @@ if TYPE_CHECKING:
 __all__ = ["beam_search"]
 
 _NEG = -1.0e9  # transformers' "cannot be chosen" score
+
+
+def _processors(params: GenerationParams, prompt_len: int, max_len: int, beam_mask: torch.Tensor):
+    """transformers' logits processors for these settings, in the order its ``generate`` builds
+    them (public classes of ``transformers.generation.logits_process``); None when there are
+    none. ``beam_mask [B * n, T]``: the prompts' padding, which transformers 5.24's repetition
+    penalty skips (5.17's class takes no per-row lengths, and its generate passes none)."""
+    from transformers.generation import logits_process as lp
+
+    eos = params.eos_token_ids
+    procs = lp.LogitsProcessorList()
+    if params.sequence_bias:
+        procs.append(lp.SequenceBiasLogitsProcessor(sequence_bias=params.sequence_bias))
+    if params.repetition_penalty != 1.0:
+        ignore = inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters.get(
+            "prompt_ignore_length"
+        )
+        if ignore is not None and "Tensor" in str(ignore.annotation):
+            padding = (beam_mask != 0).int().argmax(dim=1)
+            procs.append(lp.RepetitionPenaltyLogitsProcessor(params.repetition_penalty, padding))
+        else:
+            procs.append(lp.RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.no_repeat_ngram_size > 0:
+        procs.append(lp.NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+    if params.bad_words_ids is not None:
+        procs.append(lp.NoBadWordsLogitsProcessor(params.bad_words_ids, eos or None))
+    if eos and params.min_new_tokens > 0:  # min_length is folded into min_new_tokens
+        procs.append(lp.MinNewTokensLengthLogitsProcessor(prompt_len, params.min_new_tokens, eos))
+    if params.forced_eos_token_id is not None:
+        procs.append(lp.ForcedEOSTokenLogitsProcessor(max_len, params.forced_eos_token_id))
+    if params.remove_invalid_values:
+        procs.append(lp.InfNanRemoveLogitsProcessor())
+    if params.suppress_tokens is not None:
+        procs.append(lp.SuppressTokensLogitsProcessor(params.suppress_tokens))
+    if params.begin_suppress_tokens is not None:
+        procs.append(
+            lp.SuppressTokensAtBeginLogitsProcessor(params.begin_suppress_tokens, prompt_len)
+        )
+    if params.renormalize_logits:
+        procs.append(lp.LogitNormalization())
+    return procs or None
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -63,6 +108,7 @@ def beam_search(
     logits = engine._prefill(
         beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
     )
+    processors = _processors(params, prompt_len, max_len, beam_mask)
 
     running = torch.full((batch, beams, max_len), fill, dtype=torch.int64)
     running[:, :, :prompt_len] = ids.cpu()[:, None, :]
@@ -78,6 +124,8 @@ def beam_search(
     cur = prompt_len
     while True:
         log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)  # [rows, V]
+        if processors is not None:
+            log_probs = processors(running[:, :, :cur].reshape(rows, cur), log_probs)
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         top_scores, top_index = torch.topk(totals, keep)  # [B, K], best first

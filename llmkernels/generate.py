@@ -718,8 +718,8 @@ class Engine:
         ``[B * n, T + new]``: each copy draws its own tokens.
 
         ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy, with
-        ``length_penalty``, ``early_stopping`` and ``num_return_sequences <= n``; no logits
-        processors or streamer), on ``B * n`` cache rows.
+        ``length_penalty``, ``early_stopping``, ``num_return_sequences <= n`` and the logits
+        processors above; no streamer), on ``B * n`` cache rows.
 
         Raises ``ValueError`` before any work for unsupported HF arguments (beam sampling,
         ``penalty_alpha``, unknown keywords, ...) and when a row's prompt plus

@@ -352,20 +352,10 @@ def resolve_generation_params(
 
 
 def _check_beam_settings(p: GenerationParams) -> None:
-    """Beam search runs without logits processors or stopping criteria beyond EOS and the
-    length: raise naming every setting that would need one."""
+    """Beam search is greedy and stops at EOS ids and the length only: raise naming every
+    setting that would need more."""
     used = {
         "do_sample=True (beam sampling; pass do_sample=False for beam search)": p.do_sample,
-        "repetition_penalty": p.repetition_penalty != 1.0,
-        "no_repeat_ngram_size": p.no_repeat_ngram_size > 0,
-        "min_new_tokens / min_length": p.min_new_tokens > 0,
-        "sequence_bias": bool(p.sequence_bias),
-        "bad_words_ids": bool(p.bad_words_ids),
-        "suppress_tokens": bool(p.suppress_tokens),
-        "begin_suppress_tokens": bool(p.begin_suppress_tokens),
-        "forced_eos_token_id": bool(p.forced_eos_token_id),
-        "remove_invalid_values": p.remove_invalid_values,
-        "renormalize_logits": p.renormalize_logits,
         "stop_strings": bool(p.stop_strings),
         "max_time": p.max_time is not None,
         "prompt_lookup_num_tokens": p.prompt_lookup_num_tokens > 0,

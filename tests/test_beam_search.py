@@ -64,6 +64,45 @@ def test_equals_transformers_with_eos(name, settings):
     assert ended or without.shape != out.shape or not torch.equal(without, out)
 
 
+PROCESSORS = [  # "T0", "T1", "T2": tokens the search without processors emits (see below)
+    dict(no_repeat_ngram_size=2, early_stopping=True),  # the "how to generate" tutorial's
+    dict(repetition_penalty=1.3, length_penalty=0.5),  # ragged: the padding as transformers has it
+    dict(min_new_tokens=6, num_return_sequences=2),
+    dict(sequence_bias=[[["T0"], -3.0], [["T1", "T2"], 2.0]], bad_words_ids=[["T2"]]),
+    dict(suppress_tokens=["T1"], begin_suppress_tokens=["T0"], forced_eos_token_id="T2"),
+    dict(renormalize_logits=True, remove_invalid_values=True, min_length=15),
+]
+
+
+def with_tokens(value, tokens: dict):
+    """value with every "T<i>" replaced by its token id."""
+    if isinstance(value, str) and value in tokens:
+        return tokens[value]
+    if isinstance(value, list):
+        return [with_tokens(v, tokens) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("settings", PROCESSORS, ids=lambda s: "-".join(s))
+def test_logits_processors_equal_transformers(settings):
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_batch_size=12, max_seq_len=64)
+    ids, mask = ragged(3, 9, seed=4)
+    eos = frequent_token(hf, ids, mask, 4)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=4)
+    kw.update(eos_token_id=[eos], pad_token_id=0)
+    plain = eng.generate(ids, **kw, num_return_sequences=settings.get("num_return_sequences", 1))
+    new = plain[:, ids.shape[1] :]
+    tokens = {"T0": int(new[0, 0]), "T1": int(new[1, 2]), "T2": int(new[2, 1])}
+    kw.update({k: with_tokens(v, tokens) for k, v in settings.items()})
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    out = eng.generate(ids, **kw)
+    assert torch.equal(out, expected)
+    # the processors change the search (else this test would not test them)
+    assert out.shape != plain.shape or not torch.equal(out, plain)
+
+
 def test_equals_transformers_without_eos_and_in_a_batch_of_one():
     hf = variant("qwen2")
     eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
@@ -84,8 +123,8 @@ def test_refused_settings_name_themselves():
     ids = prompts(1, 6)
     with pytest.raises(ValueError, match="beam sampling"):
         eng.generate(ids, num_beams=2, do_sample=True)
-    with pytest.raises(ValueError, match="repetition_penalty, no_repeat_ngram_size"):
-        eng.generate(ids, num_beams=2, repetition_penalty=1.2, no_repeat_ngram_size=2)
+    with pytest.raises(ValueError, match="stop_strings, max_time"):
+        eng.generate(ids, num_beams=2, stop_strings=["x"], max_time=3.0, tokenizer=object())
     with pytest.raises(ValueError, match="must be <= num_beams=2"):
         eng.generate(ids, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="early_stopping must be True, False or 'never'"):

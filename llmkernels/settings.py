@@ -279,11 +279,7 @@ def resolve_generation_params(
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     early_stopping = eff.get("early_stopping")
     early_stopping = False if early_stopping is None else early_stopping
-    if (
-        early_stopping not in (True, False, "never")
-        or isinstance(early_stopping, int)
-        and (not isinstance(early_stopping, bool))
-    ):
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     stop_strings, max_time = check_stop_settings(eff.get("stop_strings"), eff.get("max_time"))
     eos = eff.get("eos_token_id")

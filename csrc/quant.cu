@@ -113,6 +113,32 @@ __global__ __launch_bounds__(kWarps * 32) void int8_linear_kernel(
   }
 }
 
+// Calls launch(MAX_M tag, R tag) with the rows of x rounded up to 1, 2, 4 or 8 and R output
+// features per warp: R > 1 only where the activation loads would dominate (M > 2), and only as
+// far as the grid keeps about two blocks per SM of a 132-SM GPU (N = 8192 at R = 4: 256
+// blocks). The policy of both GEMVs; not yet tuned on a GPU.
+template <typename Launch>
+void launch_for_rows(int64_t m, int64_t n, Launch&& launch) {
+  auto with_features = [&](auto max_m_tag) {
+    if (m > 2 && n >= 8192) {
+      launch(max_m_tag, std::integral_constant<int, 4>{});
+    } else if (m > 2 && n >= 4096) {
+      launch(max_m_tag, std::integral_constant<int, 2>{});
+    } else {
+      launch(max_m_tag, std::integral_constant<int, 1>{});
+    }
+  };
+  if (m == 1) {
+    launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+  } else if (m == 2) {
+    launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 1>{});
+  } else if (m <= 4) {
+    with_features(std::integral_constant<int, 4>{});
+  } else {
+    with_features(std::integral_constant<int, 8>{});
+  }
+}
+
 void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                  const at::Tensor& scale) {
   LK_CHECK_CUDA(x);
@@ -175,27 +201,7 @@ void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
           static_cast<int>(k));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    // R > 1 only where the activation loads would dominate (M > 2), and only as far as the
-    // grid keeps about two blocks per SM of a 132-SM GPU (N = 8192 at R = 4: 256 blocks).
-    // Not yet tuned on a GPU.
-    auto with_features = [&](auto max_m_tag) {
-      if (m > 2 && n >= 8192) {
-        launch(max_m_tag, std::integral_constant<int, 4>{});
-      } else if (m > 2 && n >= 4096) {
-        launch(max_m_tag, std::integral_constant<int, 2>{});
-      } else {
-        launch(max_m_tag, std::integral_constant<int, 1>{});
-      }
-    };
-    if (m == 1) {
-      launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
-    } else if (m == 2) {
-      launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 1>{});
-    } else if (m <= 4) {
-      with_features(std::integral_constant<int, 4>{});
-    } else {
-      with_features(std::integral_constant<int, 8>{});
-    }
+    launch_for_rows(m, n, launch);
   });
 }
 
@@ -356,25 +362,7 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
           static_cast<int>(groups), group_shift);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    // The launch policy of int8_linear (not yet tuned on a GPU).
-    auto with_features = [&](auto max_m_tag) {
-      if (m > 2 && n >= 8192) {
-        launch(max_m_tag, std::integral_constant<int, 4>{});
-      } else if (m > 2 && n >= 4096) {
-        launch(max_m_tag, std::integral_constant<int, 2>{});
-      } else {
-        launch(max_m_tag, std::integral_constant<int, 1>{});
-      }
-    };
-    if (m == 1) {
-      launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
-    } else if (m == 2) {
-      launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 1>{});
-    } else if (m <= 4) {
-      with_features(std::integral_constant<int, 4>{});
-    } else {
-      with_features(std::integral_constant<int, 8>{});
-    }
+    launch_for_rows(m, n, launch);
   });
 }
 

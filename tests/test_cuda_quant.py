@@ -129,24 +129,29 @@ def test_int8_linear_opcheck():
     torch.library.opcheck(torch.ops.llmkernels.int8_linear.default, args)
 
 
-def test_int8_linear_cuda_graph_capture_and_replay():
-    k, n, dtype = 2048, 512, torch.bfloat16
+def assert_graph_replays(linear, *weights):
+    """``linear(x, *weights, out=out)`` captured in a CUDA graph (after a warm-up off the capture
+    stream) gives, replayed on new x, what an eager call gives."""
+    k, n, dtype = 2048, weights[0].shape[0], torch.bfloat16
     x = torch.randn(4, k, device="cuda").to(dtype)
-    weight, scale = _int8(n, k), _scale(n)
     out = torch.empty(4, n, device="cuda", dtype=dtype)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        lk.int8_linear(x, weight, scale, out=out)  # warm-up off the capture stream
+        linear(x, *weights, out=out)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lk.int8_linear(x, weight, scale, out=out)
+        linear(x, *weights, out=out)
     for _ in range(2):
         x.copy_(torch.randn(4, k, device="cuda").to(dtype))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, lk.int8_linear(x, weight, scale))
+        assert torch.equal(out, linear(x, *weights))
+
+
+def test_int8_linear_cuda_graph_capture_and_replay():
+    assert_graph_replays(lk.int8_linear, _int8(512, 2048), _scale(512))
 
 
 # ---- int4 ---------------------------------------------------------------------------------------
@@ -310,23 +315,7 @@ def test_int4_linear_opcheck():
 
 
 def test_int4_linear_cuda_graph_capture_and_replay():
-    k, n, dtype = 2048, 512, torch.bfloat16
-    x = torch.randn(4, k, device="cuda").to(dtype)
-    weight, scale_zero = _int4(n, k, 32)
-    out = torch.empty(4, n, device="cuda", dtype=dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        lk.int4_linear(x, weight, scale_zero, out=out)  # warm-up off the capture stream
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        lk.int4_linear(x, weight, scale_zero, out=out)
-    for _ in range(2):
-        x.copy_(torch.randn(4, k, device="cuda").to(dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, lk.int4_linear(x, weight, scale_zero))
+    assert_graph_replays(lk.int4_linear, *_int4(512, 2048, 32))
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9])

@@ -23,7 +23,7 @@ refused by :func:`llmkernels.settings.resolve_generation_params`.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .generate import Engine
     from .settings import GenerationParams
 
-__all__ = ["beam_search"]
+__all__ = ["beam_search", "BeamResult"]
 
 _NEG = -1.0e9  # transformers' "cannot be chosen" score
 
@@ -77,6 +77,17 @@ def _processors(params: GenerationParams, prompt_len: int, max_len: int, beam_ma
     return procs or None
 
 
+class BeamResult(NamedTuple):
+    """What transformers' beam search returns (its ``GenerateBeamDecoderOnlyOutput`` fields), on
+    the CPU: ``r = num_return_sequences`` hypotheses per prompt, best first."""
+
+    sequences: torch.Tensor  # [B * r, T + n] int64, the prompt and the new tokens, padded
+    sequences_scores: torch.Tensor  # [B * r] fp32, each hypothesis' length-penalized score
+    scores: tuple[torch.Tensor, ...]  # per step, [B * beams, V] fp32 processed log probs
+    logits: tuple[torch.Tensor, ...]  # per step, [B * beams, V] fp32 raw logits
+    beam_indices: torch.Tensor  # [B * r, n] int32, the cache row each new token came from
+
+
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[b, index[b, j], ...]``: t ``[B, N, ...]``, index ``[B, M]`` -> ``[B, M, ...]``."""
     while index.dim() < t.dim():
@@ -86,12 +97,16 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def beam_search(
-    engine: Engine, ids: torch.Tensor, mask: torch.Tensor, params: GenerationParams
-) -> torch.Tensor:
+    engine: Engine,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    params: GenerationParams,
+    record: bool = False,
+) -> BeamResult:
     """Beam search from the prompts ``ids [B, T]`` (left-padded; ``mask [B, T]`` bool) on the
-    engine's cache rows ``0..B * num_beams - 1``. Returns int64 ``[B * r, T + n]`` on the CPU,
-    ``r = num_return_sequences``: the prompt and the ``n`` new tokens of each item's ``r`` best
-    hypotheses, best first, padded as transformers pads them."""
+    engine's cache rows ``0..B * num_beams - 1``: each item's ``r = num_return_sequences`` best
+    hypotheses, best first, padded as transformers pads them (:class:`BeamResult`; ``scores``
+    and ``logits`` are recorded only when ``record``)."""
     beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
     rows = batch * beams
     max_len = prompt_len + params.max_new_tokens
@@ -116,16 +131,24 @@ def beam_search(
     running_scores = torch.zeros(batch, beams)
     running_scores[:, 1:] = _NEG  # all beams start alike: only the first one's continuations
     finished_scores = torch.full((batch, beams), _NEG)
-    finished_len = torch.zeros(batch, beams, dtype=torch.int64)  # new tokens, EOS included
+    # per new position, the cache row its token's beam came from (-1: not generated)
+    running_rows = torch.full((batch, beams, max_len - prompt_len), -1, dtype=torch.int32)
+    finished_rows = running_rows.clone()
+    scores_seen: list[torch.Tensor] = []
+    logits_seen: list[torch.Tensor] = []
     is_finished = torch.zeros(batch, beams, dtype=torch.bool)
     improvable = torch.ones(batch, 1, dtype=torch.bool)
     top_beams = torch.arange(keep) < beams  # only these continuations may finish
     item_rows = torch.arange(batch)[:, None] * beams  # [B, 1] first cache row of each item
     cur = prompt_len
     while True:
-        log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)  # [rows, V]
+        raw = logits.float().cpu()
+        log_probs = torch.log_softmax(raw, dim=-1)  # [rows, V]
         if processors is not None:
             log_probs = processors(running[:, :, :cur].reshape(rows, cur), log_probs)
+        if record:
+            logits_seen.append(raw)
+            scores_seen.append(log_probs.clone())
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         top_scores, top_index = torch.topk(totals, keep)  # [B, K], best first
@@ -133,6 +156,8 @@ def beam_search(
         token = top_index % vocab
         candidates = _take(running, source)  # [B, K, max_len]
         candidates[:, :, cur] = token
+        candidate_rows = _take(running_rows, source)
+        candidate_rows[:, :, cur - prompt_len] = (item_rows + source).int()
         ends = torch.isin(token, eos) | (cur + 1 >= max_len)  # transformers' stopping criteria
 
         # the best `beams` continuations that do not end run on
@@ -140,6 +165,7 @@ def beam_search(
         chosen = torch.topk(go_on, beams).indices  # [B, beams]
         running = _take(candidates, chosen)
         running_scores = _take(go_on, chosen)
+        running_rows = _take(candidate_rows, chosen)
         parents = _take(source, chosen)
 
         # the top `beams` continuations that end compete for the finished slots
@@ -152,8 +178,7 @@ def beam_search(
         best = torch.topk(merged_scores, beams).indices
         finished = _take(torch.cat((finished, candidates), dim=1), best)
         finished_scores = _take(merged_scores, best)
-        new_len = torch.full((batch, keep), cur + 1 - prompt_len, dtype=torch.int64)
-        finished_len = _take(torch.cat((finished_len, new_len), dim=1), best)
+        finished_rows = _take(torch.cat((finished_rows, candidate_rows), dim=1), best)
         is_finished = _take(torch.cat((is_finished, just_finished), dim=1), best)
 
         cur += 1
@@ -181,5 +206,12 @@ def beam_search(
         logits = engine._decode(running[:, :, cur - 1].flatten().to(engine.device))
 
     returned = params.num_return_sequences
-    generated = int(finished_len[:, :returned].max())
-    return finished[:, :returned, : prompt_len + generated].reshape(batch * returned, -1)
+    beam_rows = finished_rows[:, :returned].reshape(batch * returned, -1)
+    generated = int((beam_rows >= 0).sum(dim=1).max())  # the longest returned hypothesis
+    return BeamResult(
+        sequences=finished[:, :returned, : prompt_len + generated].reshape(batch * returned, -1),
+        sequences_scores=finished_scores[:, :returned].reshape(-1),
+        scores=tuple(scores_seen),
+        logits=tuple(logits_seen),
+        beam_indices=beam_rows[:, :generated],
+    )

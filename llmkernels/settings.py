@@ -355,7 +355,6 @@ def _check_beam_settings(p: GenerationParams) -> None:
         "stop_strings": bool(p.stop_strings),
         "max_time": p.max_time is not None,
         "prompt_lookup_num_tokens": p.prompt_lookup_num_tokens > 0,
-        "return_dict_in_generate": p.return_dict_in_generate,
     }
     bad = [name for name, on in used.items() if on]
     if bad:

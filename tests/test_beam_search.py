@@ -117,6 +117,36 @@ def test_equals_transformers_without_eos_and_in_a_batch_of_one():
         assert torch.equal(eng.generate(ids, **plain), hf.generate(ids, **plain))
 
 
+def test_return_dict_equals_transformers():
+    """return_dict_in_generate: HF's GenerateBeamDecoderOnlyOutput, with the same sequences and
+    beam indices, and scores / logits / sequence scores within fp32 rounding of transformers'
+    (the engine's logits are not bit-identical to HF's: fused projections)."""
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=9, max_seq_len=64)
+    ids, mask = ragged(3, 8, seed=2)
+    eos = frequent_token(hf, ids, mask, 3)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=3)
+    kw.update(eos_token_id=eos, pad_token_id=0, num_return_sequences=2, length_penalty=-1.0)
+    kw.update(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    out = eng.generate(ids, **kw)
+    assert type(out) is type(expected)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.equal(out.beam_indices, expected.beam_indices)
+    assert (out.beam_indices == -1).any()  # hypotheses of different lengths
+    torch.testing.assert_close(out.sequences_scores, expected.sequences_scores)
+    assert len(out.scores) == len(expected.scores) and len(out.logits) == len(expected.logits)
+    for ours, theirs in zip(out.scores + out.logits, expected.scores + expected.logits):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(ours), finite)
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+    # without output_scores / output_logits: sequences and beam indices only, as HF
+    bare = eng.generate(ids, **{**kw, "output_scores": False, "output_logits": False})
+    assert bare.scores is None and bare.logits is None and bare.sequences_scores is None
+    assert torch.equal(bare.beam_indices, expected.beam_indices)
+
+
 def test_refused_settings_name_themselves():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)

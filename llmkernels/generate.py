@@ -1199,6 +1199,8 @@ class Engine:
         with what cache row 0 holds (the previous prompt and its generated tokens) is not
         recomputed, so a follow-up turn prefills only its new tokens (``last_prefill_len``). The
         result equals recomputing from scratch. :meth:`generate` and :meth:`logits` clear it.
+        With ``num_beams > 1`` the reply is beam search's best hypothesis over the whole
+        conversation, and the kept cache is dropped.
         """
         tok = self._require_tokenizer()
         ids = self.chat_ids(messages)
@@ -1215,6 +1217,14 @@ class Engine:
                 "chat returns one reply's text: return_dict_in_generate / output_scores / "
                 "output_logits / num_return_sequences need generate (on eng.chat_ids(messages))"
             )
+        if params.num_beams > 1:  # the best hypothesis, from the whole conversation
+            if streamer is not None or assistant_model is not None:
+                raise ValueError("num_beams > 1 takes no streamer and no assistant_model")
+            self._cached_ids = []  # beam search reorders the cache rows
+            full = torch.tensor([ids], dtype=torch.int64)
+            found = beam_search(self, full, torch.ones_like(full, dtype=torch.bool), params)
+            generated = found.sequences[0, len(ids) :].tolist()
+            return tok.decode(_until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation
         stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
@@ -1240,17 +1250,17 @@ class Engine:
             )[0].tolist()
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]
-        eos = set(params.eos_token_ids)
-        reply = []
-        for t in generated:
-            if t in eos:
-                break
-            reply.append(t)
-        return tok.decode(reply, skip_special_tokens=True)
+        return tok.decode(_until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
 
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
         """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
+
+
+def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """The tokens before the first EOS id."""
+    eos = set(eos_ids)
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
 
 
 class ChatSession:

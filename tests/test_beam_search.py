@@ -198,3 +198,22 @@ def test_real_smollm2_chat_prompts_equal_transformers(smollm2_dir):
         expected = hf.generate(enc.input_ids, **kw)
     out = eng.generate(enc.input_ids, **kw)
     assert torch.equal(out, expected), tok.batch_decode(out[:, enc.input_ids.shape[1] :])
+
+
+@pytest.mark.model
+def test_chat_with_beams_replies_with_the_best_hypothesis(smollm2_dir):
+    eng = lk.Engine.from_pretrained(smollm2_dir, device="cpu", max_batch_size=3, max_seq_len=256)
+    tok = eng.tokenizer
+    messages = [{"role": "user", "content": "Give me a word that rhymes with cat."}]
+    kw = dict(max_new_tokens=16, do_sample=False)
+    plain_reply = eng.chat(messages, **kw)  # fills the chat cache, which beam search must drop
+    reply = eng.chat(messages, num_beams=3, **kw)
+    ids = torch.tensor([eng.chat_ids(messages)])
+    best = eng.generate(ids, num_beams=3, **kw)[0, ids.shape[1] :].tolist()
+    eos = eng.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    best = best[: next((i for i, t in enumerate(best) if t in eos), len(best))]
+    assert reply == tok.decode(best, skip_special_tokens=True)
+    assert eng.chat(messages, **kw) == plain_reply  # plain chat after beams: cache rebuilt
+    with pytest.raises(ValueError, match="no streamer"):
+        eng.chat(messages, num_beams=2, streamer=object(), **kw)

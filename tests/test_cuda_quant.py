@@ -28,18 +28,24 @@ def _scale(n):
     return torch.rand(n, device="cuda") / 64 + 1e-3
 
 
-def assert_matches_reference(out, x, weight, scale):
-    """Within half an ulp of the exact result plus the fp32 sum's rounding (order differs)."""
-    exact = (x.double() @ weight.double().t()) * scale.double()
-    magnitude = (x.double().abs() @ weight.double().abs().t()) * scale.double()
-    ulp = torch.finfo(x.dtype).eps * exact.abs()
-    bound = 0.5 * ulp + 1e-6 * magnitude + torch.finfo(x.dtype).tiny
+def assert_near_exact(out, x, w, reference):
+    """out = x @ w^T (w: the float64 weight) within half an ulp of the exact result plus the
+    fp32 sum's rounding (its order differs), and mostly equal to the reference's output."""
+    exact = x.double() @ w.t()
+    magnitude = x.double().abs() @ w.abs().t()
+    bound = 0.5 * torch.finfo(x.dtype).eps * exact.abs() + 1e-6 * magnitude
+    bound += torch.finfo(x.dtype).tiny
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), (
         f"max error {err.max().item():.3g}, bound there {bound.flatten()[err.argmax()].item():.3g}"
     )
-    differ = (out != ref.int8_linear(x, weight, scale)).sum().item()
+    differ = (out != reference).sum().item()
     assert differ <= max(1, out.numel() // 20)  # the reference rounds the same sums
+
+
+def assert_matches_reference(out, x, weight, scale):
+    w = weight.double() * scale.double()[:, None]
+    assert_near_exact(out, x, w, ref.int8_linear(x, weight, scale))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -174,18 +180,8 @@ def _dequantized(weight, scale_zero):
 
 
 def assert_int4_matches_reference(out, x, weight, scale_zero):
-    """Within half an ulp of the exact result plus the fp32 sum's rounding (order differs)."""
     w = _dequantized(weight, scale_zero)
-    exact = x.double() @ w.t()
-    magnitude = x.double().abs() @ w.abs().t()
-    bound = 0.5 * torch.finfo(x.dtype).eps * exact.abs() + 1e-6 * magnitude
-    bound += torch.finfo(x.dtype).tiny
-    err = (out.double() - exact).abs()
-    assert (err <= bound).all(), (
-        f"max error {err.max().item():.3g}, bound there {bound.flatten()[err.argmax()].item():.3g}"
-    )
-    differ = (out != ref.int4_linear(x, weight, scale_zero)).sum().item()
-    assert differ <= max(1, out.numel() // 20)  # the reference rounds the same sums
+    assert_near_exact(out, x, w, ref.int4_linear(x, weight, scale_zero))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

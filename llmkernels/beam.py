@@ -87,6 +87,22 @@ class BeamResult(NamedTuple):
     logits: tuple[torch.Tensor, ...]  # per step, [B * beams, V] fp32 raw logits
     beam_indices: torch.Tensor  # [B * r, n] int32, the cache row each new token came from
 
+    def hf_output(self, params: GenerationParams, device: torch.device):
+        """transformers' ``GenerateBeamDecoderOnlyOutput`` of these on ``device``: scores and
+        sequence scores with ``output_scores``, logits with ``output_logits``, as HF."""
+        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+        def steps(tensors: tuple[torch.Tensor, ...], wanted: bool) -> tuple | None:
+            return tuple(t.to(device) for t in tensors) if wanted else None
+
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=self.sequences.to(device),
+            sequences_scores=self.sequences_scores.to(device) if params.output_scores else None,
+            scores=steps(self.scores, params.output_scores),
+            logits=steps(self.logits, params.output_logits),
+            beam_indices=self.beam_indices.to(device),
+        )
+
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[b, index[b, j], ...]``: t ``[B, N, ...]``, index ``[B, M]`` -> ``[B, M, ...]``."""

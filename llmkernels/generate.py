@@ -751,20 +751,7 @@ class Engine:
             found = beam_search(self, ids, mask, params, record=recording)
             if not params.return_dict_in_generate:
                 return found.sequences.to(out_device)
-            from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
-
-            def steps(t: tuple, on: bool) -> tuple | None:
-                return tuple(x.to(out_device) for x in t) if on else None
-
-            return GenerateBeamDecoderOnlyOutput(
-                sequences=found.sequences.to(out_device),
-                sequences_scores=(
-                    found.sequences_scores.to(out_device) if params.output_scores else None
-                ),
-                scores=steps(found.scores, params.output_scores),
-                logits=steps(found.logits, params.output_logits),
-                beam_indices=found.beam_indices.to(out_device),
-            )
+            return found.hf_output(params, out_device)
         copies = params.num_return_sequences
         if copies > 1:  # as HF: each prompt row repeated, its copies next to each other
             if ids.shape[0] * copies > self.max_batch_size:

@@ -53,6 +53,26 @@ __device__ __forceinline__ void int8x4_to_float(uint32_t word, float* out) {
   }
 }
 
+// The warp's sums of each lane's partial dot products: out[row, first + r], times
+// scale[first + r] when a scale is given (int8), for the rows of x and the features below N.
+template <typename T, int MAX_M, int R>
+__device__ __forceinline__ void store_sums(const float (&acc)[MAX_M][R], T* __restrict__ out,
+                                           int64_t out_stride, int m, int n, int64_t first,
+                                           int lane, const float* __restrict__ scale) {
+#pragma unroll
+  for (int row = 0; row < MAX_M; ++row) {
+    if (row >= m) break;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float sum = warp_reduce_sum(acc[row][r]);
+      if (lane == 0 && first + r < n) {
+        const float value = scale != nullptr ? sum * scale[first + r] : sum;
+        out[row * out_stride + first + r] = from_float<T>(value);
+      }
+    }
+  }
+}
+
 template <typename T, int MAX_M, int R>
 __global__ __launch_bounds__(kWarps * 32) void int8_linear_kernel(
     T* __restrict__ out,                // [M, N], row stride out_stride
@@ -100,17 +120,7 @@ __global__ __launch_bounds__(kWarps * 32) void int8_linear_kernel(
     }
   }
 
-#pragma unroll
-  for (int row = 0; row < MAX_M; ++row) {
-    if (row >= m) break;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float sum = warp_reduce_sum(acc[row][r]);
-      if (lane == 0 && first + r < n) {
-        out[row * out_stride + first + r] = from_float<T>(sum * scale[first + r]);
-      }
-    }
-  }
+  store_sums(acc, out, out_stride, m, n, first, lane, scale);
 }
 
 // Calls launch(MAX_M tag, R tag) with the rows of x rounded up to 1, 2, 4 or 8 and R output
@@ -281,15 +291,7 @@ __global__ __launch_bounds__(kWarps * 32) void int4_linear_kernel(
     }
   }
 
-#pragma unroll
-  for (int row = 0; row < MAX_M; ++row) {
-    if (row >= m) break;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float sum = warp_reduce_sum(acc[row][r]);
-      if (lane == 0 && first + r < n) out[row * out_stride + first + r] = from_float<T>(sum);
-    }
-  }
+  store_sums(acc, out, out_stride, m, n, first, lane, nullptr);
 }
 
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

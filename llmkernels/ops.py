@@ -509,6 +509,17 @@ def gelu_tanh_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch
 INT8_LINEAR_MAX_ROWS = 8  # the kernel's decode batch; prefill takes a dense GEMM (llmkernels.quant)
 
 
+def _linear_out(out, x: torch.Tensor, n: int, *weights: tuple[str, torch.Tensor]) -> torch.Tensor:
+    """The ``[M, N]`` output of a weight-only matmul of ``x [M, K]``: allocated in x's dtype when
+    None, else checked (shape, dtype, device, last dim contiguous, no overlap with the inputs)."""
+    if out is None:
+        return torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _check_out(out, "out", (x.shape[0], n), x.dtype, x.device)
+    _last_dim_contiguous(out, "out")
+    _no_overlap(("out", out), ("x", x), *weights)
+    return out
+
+
 def int8_linear_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`int8_linear` runs its CUDA kernel on these (else the reference): CUDA
     fp16/bf16 x ``[M, K]`` with M <= 8, last dim contiguous, row stride a multiple of 8, K a
@@ -541,19 +552,14 @@ def int8_linear(
     _tensor(weight, "weight", (torch.int8,), ndim=2)
     _tensor(scale, "scale", (torch.float32,), ndim=1)
     _same_device(("x", x), ("weight", weight), ("scale", scale))
-    (m, k), n = x.shape, weight.shape[0]
+    k, n = x.shape[1], weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"weight must be [N, {k}] (x is [M, {k}]), got {tuple(weight.shape)}")
     if scale.shape[0] != n:
         raise ValueError(f"scale must be [{n}] (one per row of weight), got {tuple(scale.shape)}")
     if not weight.is_contiguous() or not scale.is_contiguous():
         raise ValueError("weight and scale must be contiguous")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        _check_out(out, "out", (m, n), x.dtype, x.device)
-        _last_dim_contiguous(out, "out")
-        _no_overlap(("out", out), ("x", x), ("weight", weight), ("scale", scale))
+    out = _linear_out(out, x, n, ("weight", weight), ("scale", scale))
     if int8_linear_supported(x, weight):
         torch.ops.llmkernels.int8_linear(out, x, weight, scale)
     else:
@@ -594,7 +600,7 @@ def int4_linear(
     _tensor(weight, "weight", (torch.uint8,), ndim=2)
     _tensor(scale_zero, "scale_zero", (torch.float32, torch.bfloat16), ndim=3)
     _same_device(("x", x), ("weight", weight), ("scale_zero", scale_zero))
-    (m, k), n = x.shape, weight.shape[0]
+    k, n = x.shape[1], weight.shape[0]
     if k % 32 or k == 0:
         raise ValueError(f"x's last dim (K) must be a positive multiple of 32, got {k}")
     if weight.shape[1] * 2 != k:
@@ -614,12 +620,7 @@ def int4_linear(
         )
     if not weight.is_contiguous() or not scale_zero.is_contiguous():
         raise ValueError("weight and scale_zero must be contiguous")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        _check_out(out, "out", (m, n), x.dtype, x.device)
-        _last_dim_contiguous(out, "out")
-        _no_overlap(("out", out), ("x", x), ("weight", weight), ("scale_zero", scale_zero))
+    out = _linear_out(out, x, n, ("weight", weight), ("scale_zero", scale_zero))
     if int4_linear_supported(x, weight, scale_zero):
         torch.ops.llmkernels.int4_linear(out, x, weight, scale_zero)
     else:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_ms": round(prefill_ms, 2),
         "step_ms": round(step_ms, 3),
         "verify_ms": {w: round(ms, 3) for w, ms in verify_ms.items()},
-        "packed_verify_gemms": speculative.packed_gemms_state(engine),
+        "packed_gemms": speculative.packed_gemms_state(engine),
     }
     for kind in sorted({r["kind"] for r in rows}):
         picked = [r["predicted_speedup"] for r in rows if r["kind"] == kind]

@@ -35,7 +35,7 @@ from . import ops
 from . import reference as ref
 from .beam import beam_search
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
-from .model import ModelConfig, Transformer, input_major_weights
+from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .processors import LogitsProcessors, ProcessorKey
 from .quant import quantize_model_weights
@@ -106,6 +106,11 @@ class Engine:
                 "compile_decode is for a single-process CPU engine (on CUDA the decode step is a "
                 "CUDA graph of the kernels: use_cuda_graph)"
             )
+        if self.compile_decode and model.packed_weights:
+            raise ValueError(
+                "compile_decode needs a model without oneDNN-packed weights (inductor takes them "
+                "only as constants): build it with from_pretrained / from_hf(compile_decode=True)"
+            )
         self._compiled_decode = None  # torch.compile(model.decode), made at the first step
         self.host_sync_interval = int(host_sync_interval)
         self.last_prefill_len = 0
@@ -175,6 +180,11 @@ class Engine:
         the same tokens. compile_decode: on CPU, run the decode step as one ``torch.compile``
         graph (:meth:`_decode`; 1.3-1.5x the eager engine's decode speed for the default model,
         after compilations of minutes on a small host).
+
+        On CPU (fp32, bf16) the projections and the LM head are packed for oneDNN's GEMM where
+        that times faster on the host (:mod:`llmkernels.packed_gemm`; not with compile_decode or
+        tensor_parallel): the packs replace the weights, but a tied LM head becomes a packed
+        copy of the embedding.
         """
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
@@ -196,6 +206,7 @@ class Engine:
             (quantize, group_size, quantize_lm_head),
             tp,
             sharded=tp is not None,
+            allow_packs=not compile_decode,
         )
         return cls(
             model,
@@ -207,17 +218,28 @@ class Engine:
 
     @classmethod
     def _build_model(
-        cls, config, weights, max_batch_size, max_seq_len, quantization, tp, sharded=False
+        cls,
+        config,
+        weights,
+        max_batch_size,
+        max_seq_len,
+        quantization,
+        tp,
+        sharded=False,
+        allow_packs=True,
     ) -> Transformer:
         """The Transformer of ``config`` (the full model's): on a tensor-parallel rank (``tp``)
         the weights are sharded first unless they already are (``sharded``); then quantized
-        as ``quantization = (quantize, group_size, quantize_lm_head)`` asks."""
+        as ``quantization = (quantize, group_size, quantize_lm_head)`` asks; then, on CPU, laid
+        out for the GEMMs (:func:`~llmkernels.model.cpu_gemm_weights`: oneDNN packs where
+        ``allow_packs`` and they time faster, not on tensor-parallel ranks, which must all
+        compute bit-identical logits whatever each one's timing says)."""
         if tp is not None:
             if not sharded:
                 weights = shard_weights(weights, config, tp.rank, tp.world_size)
             config = shard_config(config, tp.world_size)
         weights = cls._quantized(weights, config, *quantization)
-        weights = input_major_weights(weights, config.num_layers)  # CPU fp32 only
+        weights = cpu_gemm_weights(weights, config, allow_packs and tp is None)
         return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
 
     @classmethod
@@ -243,10 +265,10 @@ class Engine:
         is ``layers * ((Hq + 2 Hk) D + 2 I) * hidden`` elements (``extra_weight_bytes``), plus
         the KV cache (``model.cache_bytes``). SmolLM2-135M (134.5 M params, 30 layers): 69.7 M
         extra elements, +52% of the weights (139 MB in bf16); a Llama-3-8B shape needs +57%.
-        On CPU in fp32 the O / down projections and the LM head (a tied model's embedding) are
-        input-major copies too (:func:`~llmkernels.model.input_major_weights`: faster GEMMs at
-        2-32 rows), SmolLM2-135M +100%. Later in-place changes to the HF weights that were copied
-        are not seen by the engine.
+        On CPU (fp32, bf16) every projection and the LM head are copies instead, packed for
+        oneDNN (:mod:`llmkernels.packed_gemm`; where packs time slower here, fp32 weights are
+        input-major copies, :func:`~llmkernels.model.input_major_weights`): SmolLM2-135M +100%.
+        Later in-place changes to the HF weights that were copied are not seen by the engine.
         """
         config = ModelConfig.from_hf(hf_model.config)
         state = hf_model.state_dict()
@@ -261,7 +283,9 @@ class Engine:
         seq = cls._default_seq_len(config, max_seq_len)
         tp = tensor_parallel_group() if tensor_parallel else None
         quantization = (quantize, group_size, quantize_lm_head)
-        model = cls._build_model(config, weights, max_batch_size, seq, quantization, tp)
+        model = cls._build_model(
+            config, weights, max_batch_size, seq, quantization, tp, allow_packs=not compile_decode
+        )
         generation_config = copy.deepcopy(getattr(hf_model, "generation_config", None))
         engine = cls(
             model,
@@ -274,7 +298,7 @@ class Engine:
         engine.extra_weight_bytes = sum(
             w.numel() * w.element_size()
             for w in model.weight_tensors()
-            if w.untyped_storage().data_ptr() not in shared
+            if w.is_mkldnn or w.untyped_storage().data_ptr() not in shared  # a pack: a copy
         )
         return engine
 
@@ -700,9 +724,7 @@ class Engine:
         (``num_assistant_tokens``, default 20, adapted per ``num_assistant_tokens_schedule``,
         default "heuristic"). Greedy output equals plain greedy decoding; sampled tokens have the
         target's distribution exactly. Rows of a batch may accept different numbers of guesses;
-        ``last_acceptance`` holds (guesses accepted, guesses proposed) of the call. On CPU in
-        fp32 the first speculative call packs the weights for MKL's verify GEMMs once
-        (:meth:`Transformer.pack_for_verify`: one more copy of the projections and LM head).
+        ``last_acceptance`` holds (guesses accepted, guesses proposed) of the call.
 
         ``repetition_penalty`` (also from the model's generation config, as HF) penalizes the
         scores of every id in the row's text so far (:mod:`llmkernels.penalties`);
@@ -1061,8 +1083,6 @@ class Engine:
         if streamer is not None and batch != 1:
             raise ValueError("streaming with speculative decoding takes one row (batch size 1)")
         max_new, greedy = params.max_new_tokens, params.greedy
-        if self.device.type == "cpu":
-            self.model.pack_for_verify()  # once per engine: faster verify GEMMs (fp32 only)
         self._start_sampling(batch, params, seed)
         self._processors.start(params, histories)
         if streamer is not None:

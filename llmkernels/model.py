@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .cpu import first_is_faster
-from .packed_gemm import PackedGemms
+from .packed_gemm import PackedWeight, packable, use_packs
 from .quant import PROJECTIONS, QuantizedWeight
 from .reference import rope_parameters
 
@@ -293,6 +293,7 @@ def input_major_weights(
     """``weights`` with each layer's projections (``INPUT_MAJOR_PROJECTIONS``) and the LM head
     re-laid out input-major when they are fp32 CPU tensors: the same ``[out, in]`` values, stored
     as the transpose of a contiguous ``[in, out]`` matrix (a copy; others are passed through).
+    The CPU layout where oneDNN packs are not used (:func:`cpu_gemm_weights`).
     A tied model's embedding is the LM head, so it is re-laid out too and its lookup gathers
     columns (2048 tokens: 5.7 ms instead of 0.2, next to seconds of prefill).
 
@@ -316,11 +317,50 @@ def input_major_weights(
     return out
 
 
+def packed_weights(
+    weights: Mapping[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor | PackedWeight]:
+    """``weights`` with each layer's projections and the LM head replaced by oneDNN packs
+    (:class:`llmkernels.packed_gemm.PackedWeight`) where they are fp32 / bf16 CPU tensors; others
+    (quantized, CUDA) are passed through. A tied model's LM head becomes a pack of its embedding
+    under ``"lm_head"`` (one more copy of that matrix), the embedding staying a plain table for
+    the lookup. The packs replace the tensors: a caller that keeps no other reference to them
+    frees them."""
+    out = dict(weights)
+    names = [f"layers.{i}.{name}" for i in range(num_layers) for name in PROJECTIONS]
+    for key in names:
+        if packable(out[key]):
+            out[key] = PackedWeight(out[key])
+    head = out.get("lm_head", out["embed"])
+    if packable(head):
+        out["lm_head"] = PackedWeight(head)
+    return out
+
+
+def cpu_gemm_weights(
+    weights: Mapping[str, torch.Tensor], config: ModelConfig, allow_packs: bool
+) -> dict[str, torch.Tensor | PackedWeight]:
+    """The layout the GEMM weights run in on CPU: oneDNN packs (:func:`packed_weights`) when
+    ``allow_packs`` and :func:`llmkernels.packed_gemm.use_packs` says so for the shapes of the
+    first layer's packable projections (or the LM head's, when the projections are quantized),
+    else fp32 input-major (:func:`input_major_weights`; other dtypes as given). Quantized
+    weights and weights on other devices pass through either way."""
+    if allow_packs:
+        first = [weights.get(f"layers.0.{name}") for name in PROJECTIONS]
+        timed = [w for w in first if packable(w)] or [weights.get("lm_head", weights["embed"])]
+        if packable(timed[0]) and use_packs([tuple(w.shape) for w in timed], timed[0].dtype):
+            return packed_weights(weights, config.num_layers)
+    return input_major_weights(weights, config.num_layers)
+
+
 def linear(
-    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight | PackedWeight,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight^T + bias``: x ``[N, in]``, weight ``[out, in]`` (or a quantized stand-in,
-    :class:`llmkernels.quant.QuantizedWeight`), bias ``[out]`` or None → ``[N, out]``.
+    """``x @ weight^T + bias``: x ``[N, in]``, weight ``[out, in]`` (or a stand-in: quantized,
+    :class:`llmkernels.quant.QuantizedWeight`, or packed for oneDNN,
+    :class:`llmkernels.packed_gemm.PackedWeight`), bias ``[out]`` or None → ``[N, out]``.
 
     On CPU with at most ``CPU_GEMV_MAX_ROWS`` rows (decode), some BLAS builds run the GEMV on one
     thread at a third of the memory bandwidth (measured on one 2-core AVX-512 host: 9-15 GB/s),
@@ -330,6 +370,8 @@ def linear(
     faster (see ``_blocked_gemv_faster``). Results match ``F.linear`` to float rounding. An
     input-major weight (:func:`input_major_weights`) goes to ``F.linear`` directly.
     """
+    if isinstance(weight, PackedWeight):
+        return weight.linear(x, bias)
     if isinstance(weight, QuantizedWeight):
         y = weight.matmul(x)
         return y if bias is None else y.add_(bias)
@@ -542,8 +584,6 @@ class Transformer:
         self.attn_scale = c.attn_scale if c.attn_scale is not None else c.head_dim**-0.5
         self._workspaces: dict[int, torch.Tensor] = {}
         self.decode_kernel = self._decode_attention_supported()
-        # MKL-packed weights for verify forwards on CPU (pack_for_verify); None until built
-        self.packed_gemms: PackedGemms | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:
@@ -559,7 +599,7 @@ class Transformer:
             elif isinstance(value, (list, tuple)):
                 for item in value:
                     visit(item)
-            elif isinstance(value, (Layer, QuantizedWeight)):
+            elif isinstance(value, (Layer, QuantizedWeight, PackedWeight)):
                 for item in vars(value).values():
                     visit(item)
 
@@ -569,7 +609,7 @@ class Transformer:
 
     def weight_tensors(self) -> list[torch.Tensor]:
         """Every weight tensor the model reads (the tied lm_head counted once when shared;
-        a quantized weight as its codes, scales and zeros)."""
+        a quantized weight as its codes, scales and zeros; a packed one as its pack)."""
         weights = [self.embed, self.norm]
         if self.lm_head is not self.embed:
             weights.append(self.lm_head)
@@ -588,9 +628,18 @@ class Transformer:
         for w in weights:
             if isinstance(w, QuantizedWeight):
                 tensors += [t for t in (w.qweight, w.scales, w.zeros) if t is not None]
+            elif isinstance(w, PackedWeight):  # an opaque oneDNN tensor (no storage)
+                tensors.append(w.pack)
             else:
                 tensors.append(w)
         return tensors
+
+    @property
+    def packed_weights(self) -> bool:
+        """Whether the GEMMs run from oneDNN-packed weights (:mod:`llmkernels.packed_gemm`)."""
+        return isinstance(self.lm_head, PackedWeight) or any(
+            isinstance(layer.wqkv, PackedWeight) for layer in self.layers
+        )
 
     @property
     def cache_bytes(self) -> int:
@@ -609,37 +658,7 @@ class Transformer:
             torch.tensor(lens, dtype=torch.int32), non_blocking=False
         )
 
-    def pack_for_verify(self) -> bool:
-        """Build MKL-packed copies of the projections and LM head for forwards of 8-12 rows (a
-        speculative verify) on CPU in fp32, once (:mod:`llmkernels.packed_gemm`: +100% of those
-        weights; verify forwards of 9-12 tokens 10-16% faster). Returns whether packed GEMMs are
-        in use; not on other devices or dtypes, with tensor parallelism, or where packing
-        measured no faster."""
-        if self.packed_gemms is None:
-            weights = []
-            if self.device.type == "cpu" and self.tensor_parallel is None:
-                weights = [self.lm_head] + [
-                    w
-                    for layer in self.layers
-                    for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
-                ]
-            self.packed_gemms = PackedGemms(weights)  # skips quantized and non-fp32 weights
-        return self.packed_gemms.enabled
-
     # ---- shared pieces --------------------------------------------------------------------------
-    def _linear(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | QuantizedWeight,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:func:`linear`, from the weight's MKL pack when it has one for x's row count."""
-        if self.packed_gemms is not None and not torch.compiler.is_compiling():
-            y = self.packed_gemms.linear(x, weight, bias)
-            if y is not None:
-                return y
-        return linear(x, weight, bias)
-
     def _qkv(
         self, x: torch.Tensor, i: int, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -647,7 +666,7 @@ class Transformer:
         q and k normalized per head where the family does (Qwen3, Gemma 3) and rotated."""
         c, layer, cos_sin = self.config, self.layers[i], self.layer_cos_sin[i]
         n, d = x.shape[0], c.head_dim
-        qkv = self._linear(x, layer.wqkv, layer.bqkv)  # [N, (Hq + 2 Hk) * D]
+        qkv = linear(x, layer.wqkv, layer.bqkv)  # [N, (Hq + 2 Hk) * D]
         q_end, k_end = c.num_heads * d, (c.num_heads + c.num_kv_heads) * d
         q = qkv[:, :q_end].view(n, c.num_heads, d)  # [N, Hq, D] strided view
         k = qkv[:, q_end:k_end].view(n, c.num_kv_heads, d)  # [N, Hk, D]
@@ -667,10 +686,10 @@ class Transformer:
         return q, k, v
 
     def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
-        gate_up = self._linear(x, layer.w_gate_up)  # [N, 2I]
+        gate_up = linear(x, layer.w_gate_up)  # [N, 2I]
         if self.config.activation == "gelu_tanh":
-            return self._linear(ops.gelu_tanh_and_mul(gate_up), layer.w_down)  # [N, hidden]
-        return self._linear(ops.silu_and_mul(gate_up), layer.w_down)  # [N, hidden]
+            return linear(ops.gelu_tanh_and_mul(gate_up), layer.w_down)  # [N, hidden]
+        return linear(ops.silu_and_mul(gate_up), layer.w_down)  # [N, hidden]
 
     def _run_layers(self, tokens: torch.Tensor, attend) -> torch.Tensor:
         """Embedding -> layers -> final norm for flat ``tokens [N]``; ``attend(i, x) -> [N, Hq D]``
@@ -684,7 +703,7 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             if i > 0:
                 ops.fused_add_rms_norm(x, residual, layer.attn_norm, eps, unit_offset=offset)
-            x = self._row_parallel(self._linear(attend(i, x), layer.wo))  # [N, hidden]
+            x = self._row_parallel(linear(attend(i, x), layer.wo))  # [N, hidden]
             if c.post_norms:
                 ops.rms_norm(x, layer.post_attn_norm, eps, out=x, unit_offset=offset)
             ops.fused_add_rms_norm(x, residual, layer.mlp_norm, eps, unit_offset=offset)
@@ -705,7 +724,7 @@ class Transformer:
             # talking): one fixed kernel, not linear()'s per-process timed choice on CPU
             logits = F.linear(x, self.lm_head)
         else:
-            logits = self._linear(x, self.lm_head)
+            logits = linear(x, self.lm_head)
         cap = self.config.final_logit_softcap
         if cap is not None:  # cap * tanh(logits / cap), in the logits' dtype as HF
             logits = logits.div_(cap).tanh_().mul_(cap)

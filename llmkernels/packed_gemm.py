@@ -1,139 +1,155 @@
-"""MKL-packed copies of fp32 CPU weights for the GEMMs of a speculative verify forward.
+"""oneDNN-packed weights for the CPU engine's GEMMs (fp32 and bf16).
 
-A verify forward multiplies 8-12 rows (the pending token and up to 11 guesses) by every weight.
-MKL's ``sgemm`` re-packs its ``B`` operand on each such call, so at these row counts it runs at
-about half the rate of the one-row GEMV, while a weight packed once (``cblas_sgemm_pack``) is
-read as it is. Measured on a 2-core AVX-512 host, SmolLM2-135M's 121 projections and LM head
-(input-major, :func:`llmkernels.model.input_major_weights`), in ms:
+At a few rows, MKL's ``sgemm`` (what ``F.linear`` runs on CPU) reads its weight far below the
+rate of its one-row GEMV: it re-packs the weight on every call. On a 2-core AMD EPYC host
+(AVX-512) a batch-4 decode step of SmolLM2-135M took 2.3x a batch-1 step, and the 49152 x 576
+LM head took 5.0 ms for one row but 21 ms for 4. A weight packed once into oneDNN's blocked
+layout is read as it is, at any row count. Measured there, SmolLM2-135M's 120 projections and
+LM head (one call each, ms; plain = the engine's input-major fp32 weights through ``F.linear``):
 
-- plain GEMM at 7 / 8 / 9 / 10 / 11 / 12 rows: 35.3 / 38.5 / 42.2 / 43.4 / 43.5 / 44.3; packed
-  for 12 rows: 33.1;
-- whole verify forward of 9 / 11 / 12 tokens: 61.0 / 61.4 / 63.8 -> 55.2 / 53.8 / 53.3, with
-  bit-identical logits;
-- from 7 rows down the plain GEMM is about as fast, so fewer rows are not sent here.
+======  ====  ====  ====  ====  =====  ======
+rows       1     2     4     8     12     128
+======  ====  ====  ====  ====  =====  ======
+plain   33.7  51.4  74.6  70.5   75.2   249.6
+packed  28.8  30.6  25.8  29.5   32.2   174.6
+======  ====  ====  ====  ====  =====  ======
 
-A pack is made for a row count ``m`` (``cblas_sgemm_pack``'s argument); ``_mkl_linear`` uses it
-only for exactly that many rows (else it falls back to ``F.linear``), and MKL does not document
-its use with another count. So a forward of ``MIN_ROWS..PACK_ROWS`` rows is zero-padded to
-``PACK_ROWS``; each output row is its own dot products, so padding changes no value.
+Greedy decoding in the engine: batch 1 22 -> 26 steps/s, batch 4 10 -> 27 steps/s (HF: 11.5).
 
-torch exposes the pack only through the private ``torch.ops.mkl`` ops that inductor uses when it
-freezes weights. :func:`ops_available` checks their schemas, and the engine falls back to the
-plain GEMM when they are missing or changed; ``tests/test_packed_gemm.py`` then fails loudly on
-any torch built with MKL. The packs cost one more copy of the packed weights (+100% of them),
-built on the first speculative ``generate`` on CPU in fp32 (SmolLM2: +555 MB, 0.7 s with the
-speed check, which drops them where they time slower than the plain GEMM).
+torch exposes this only through the private ops inductor uses when it freezes CPU weights:
+``mkldnn::_reorder_linear_weight`` packs a ``[out, in]`` weight (an opaque tensor without
+storage) and ``mkldnn::_linear_pointwise`` multiplies by it, bias fused. :func:`ops_available`
+checks their schemas, so a torch that changed them gets the plain GEMMs, and
+``tests/test_packed_gemm.py`` fails loudly on any torch built with oneDNN.
+
+Row ``i`` of a packed GEMM of ``N`` rows is bit-identical to the one-row GEMM of that row
+(tested), so a speculative verify forward computes each token's projections exactly as decode
+steps do. The packs replace the weights they are made from (:func:`llmkernels.model.packed_weights`);
+:func:`use_packs` decides once per process and shape set, by timing (see there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .cpu import first_is_faster
 
-__all__ = ["PackedGemms", "ops_available", "PACK_ROWS", "MIN_ROWS"]
+__all__ = ["PackedWeight", "ops_available", "packable", "use_packs", "ENV_VAR"]
 
-PACK_ROWS = 12  # rows each weight is packed for: verify forwards of up to 11 guesses
-MIN_ROWS = 8  # fewer rows keep the plain GEMM (about as fast from 7 down, measured above)
+# "1": pack wherever the ops exist; "0": never; unset or "auto": pack where it times faster
+ENV_VAR = "LLMKERNELS_CPU_PACKED_GEMM"
+TIMED_ROWS = (1, 8)  # a decode step at batch 1, and batched decode / speculative verify
 
 _EXPECTED_SCHEMAS = {
-    "_mkl_reorder_linear_weight": "mkl::_mkl_reorder_linear_weight(Tensor X, int batch_size) -> Tensor",
-    "_mkl_linear": "mkl::_mkl_linear(Tensor X, Tensor MKL_W, Tensor ORI_W, Tensor? B, int batch_size) -> Tensor",
+    "_reorder_linear_weight": "mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
+    "_linear_pointwise": "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor Y",
 }
+_DTYPES = (torch.float32, torch.bfloat16)
+# (shapes, dtype, threads) -> whether the packed GEMMs timed faster at every TIMED_ROWS
+_FASTER: dict[tuple, bool] = {}
 
 
 def ops_schemas() -> dict[str, str]:
-    """The installed torch's schema of each ``torch.ops.mkl`` op used here ("missing" if absent)."""
+    """The installed torch's schema of each ``torch.ops.mkldnn`` op used here ("missing" if
+    absent)."""
     found = {}
     for name in _EXPECTED_SCHEMAS:
         try:
-            found[name] = str(getattr(torch.ops.mkl, name).default._schema)
+            found[name] = str(getattr(torch.ops.mkldnn, name).default._schema)
         except (AttributeError, RuntimeError):
             found[name] = "missing"
     return found
 
 
 def ops_available() -> bool:
-    """Whether this torch has MKL and its pack ops with the schemas this module was written for."""
-    return bool(torch._C.has_mkl) and ops_schemas() == _EXPECTED_SCHEMAS
+    """Whether this torch has oneDNN and its packing ops with the schemas this module expects."""
+    return torch.backends.mkldnn.is_available() and ops_schemas() == _EXPECTED_SCHEMAS
 
 
-class PackedGemms:
-    """``x @ W^T`` for ``MIN_ROWS..PACK_ROWS`` rows of x from an MKL-packed copy of each weight.
+class PackedWeight:
+    """A ``[out, in]`` CPU weight in oneDNN's packed layout, standing in for it in ``x @ W^T``
+    (:func:`llmkernels.model.linear`). Holds only the pack, not the weight it was made from."""
 
-    weights: fp32 CPU ``[out, in]`` tensors (any strides); others are skipped. A weight is found
-    again by identity, so pass the tensors the model multiplies by. With ``check_speed`` the
-    packed GEMMs of all the weights are timed against ``F.linear``, and the packs are dropped
-    where they are slower (:attr:`enabled` says which; see :func:`_packs_are_faster`).
-    """
-
-    def __init__(self, weights: Iterable[torch.Tensor], check_speed: bool = True):
-        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (weight, pack)
-        self.calls = 0  # GEMMs served from a pack (tests read it)
-        candidates = [
-            w
-            for w in weights
-            if isinstance(w, torch.Tensor)
-            and w.device.type == "cpu"
-            and w.dtype == torch.float32
-            and w.dim() == 2
-        ]
-        if not candidates or not ops_available():
-            return
-        packs = {}
-        for w in candidates:
-            if id(w) not in packs:
-                packs[id(w)] = (w, _pack(w))
-        if check_speed and not _packs_are_faster(list(packs.values())):
-            return
-        self._packs = packs
+    def __init__(self, weight: torch.Tensor):
+        if not packable(weight):
+            raise ValueError(
+                f"weight must be a 2-D fp32 or bf16 CPU tensor, got {weight.dtype} "
+                f"{tuple(weight.shape)} on {weight.device}"
+            )
+        self.shape = tuple(weight.shape)  # (out_features, in_features)
+        self.dtype, self.device = weight.dtype, weight.device
+        self.pack = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())  # opaque
 
     @property
-    def enabled(self) -> bool:
-        return bool(self._packs)
+    def nbytes(self) -> int:
+        return self.pack.numel() * self.pack.element_size()
 
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """``x @ weight^T + bias`` (x ``[N, in]`` → ``[N, out]``) from weight's pack, or None when
-        weight has none or N is outside ``MIN_ROWS..PACK_ROWS`` (the caller runs its own GEMM)."""
-        rows = x.shape[0]
-        entry = self._packs.get(id(weight))
-        if entry is None or entry[0] is not weight or not MIN_ROWS <= rows <= PACK_ROWS:
-            return None
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            return None
-        padded = x.new_zeros(PACK_ROWS, x.shape[1])  # [PACK_ROWS, in]
-        padded[:rows] = x
-        self.calls += 1
-        y = torch.ops.mkl._mkl_linear(padded, entry[1], weight, None, PACK_ROWS)[:rows]
-        return y if bias is None else y.add_(bias)
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T + bias``: x ``[N, in]`` in the weight's dtype (any strides), bias ``[out]``
+        or None → ``[N, out]`` contiguous."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.pack, bias, "none", [], "")
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[out, in]`` packed by MKL for GEMMs of ``PACK_ROWS`` rows (an opaque tensor)."""
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+def packable(weight) -> bool:
+    """Whether ``weight`` is a tensor :class:`PackedWeight` takes: 2-D, fp32 or bf16, on CPU."""
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.device.type == "cpu"
+        and weight.dtype in _DTYPES
+        and weight.dim() == 2
+    )
 
 
-def _packs_are_faster(packs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether the packed GEMMs time faster than ``F.linear`` at ``PACK_ROWS`` rows here, summed
-    over every ``(weight, pack)`` (the forward's own mix), by any margin: the check only keeps
-    packs off a host where they are slower. Asking for 10% had been noise here: the packs' gain
-    in a timing loop is about that (SmolLM2 in the engine's process, 12 rows: 41 vs 45.5 ms;
-    best-of-3 ratios 0.85-0.97), while verify forwards of 9-11 tokens take 54 ms with the packs
-    and 60-63 without. With the LM head alone against ``F.linear`` at ``MIN_ROWS`` rows and a
-    10% margin, about one cold process in four had kept no packs."""
-    x = {n: torch.ones(PACK_ROWS, n) for n in {w.shape[1] for w, _ in packs}}  # not randn: RNG
+def use_packs(shapes: list[tuple[int, int]], dtype: torch.dtype) -> bool:
+    """Whether the engine should pack its CPU GEMM weights of these ``[out, in]`` shapes (one
+    layer's projections) and dtype: never without the ops or for other dtypes; otherwise as
+    ``LLMKERNELS_CPU_PACKED_GEMM`` says ("1" / "0"), or, unset, when the packed GEMMs of those
+    shapes time faster than the plain ones at each of ``TIMED_ROWS`` rows here (once per
+    process; :func:`_packs_are_faster`)."""
+    if dtype not in _DTYPES or not ops_available():
+        return False
+    setting = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting != "auto":
+        raise ValueError(f"{ENV_VAR} must be 0, 1 or auto, got {setting!r}")
+    key = (tuple(shapes), dtype, torch.get_num_threads())
+    if key not in _FASTER:
+        _FASTER[key] = _packs_are_faster(shapes, dtype)
+    return _FASTER[key]
 
-    def packed() -> None:
-        for w, pack in packs:
-            torch.ops.mkl._mkl_linear(x[w.shape[1]], pack, w, None, PACK_ROWS)
 
-    def plain() -> None:
-        for w, _ in packs:
-            F.linear(x[w.shape[1]], w)
+def _packs_are_faster(shapes: list[tuple[int, int]], dtype: torch.dtype) -> bool:
+    """Time one call of each shape's GEMM, packed against what the engine runs otherwise
+    (``F.linear`` on the fp32 input-major layout, or the row-major bf16 one), on stand-in weights
+    (constant values: no RNG, and a GEMM's speed does not depend on them). Packs are kept only
+    if faster at every row count of ``TIMED_ROWS``, by any margin (the default stays what the
+    engine ran before them where the host says otherwise)."""
+    plain_weights = []
+    packed_weights = []
+    for out_features, in_features in shapes:
+        weight = torch.full((out_features, in_features), 0.01, dtype=dtype)
+        packed_weights.append(PackedWeight(weight))
+        if dtype == torch.float32:
+            weight = weight.t().contiguous().t()
+        plain_weights.append(weight)
 
-    return first_is_faster(packed, plain, margin=1.0)
+    def packed(inputs: dict[int, torch.Tensor]) -> None:
+        for w in packed_weights:
+            w.linear(inputs[w.shape[1]])
+
+    def plain(inputs: dict[int, torch.Tensor]) -> None:
+        for w in plain_weights:
+            F.linear(inputs[w.shape[1]], w)
+
+    for rows in TIMED_ROWS:
+        inputs = {n: torch.full((rows, n), 0.5, dtype=dtype) for _, n in shapes}
+        if not first_is_faster(
+            functools.partial(packed, inputs), functools.partial(plain, inputs), margin=1.0
+        ):
+            return False
+    return True

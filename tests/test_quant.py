@@ -207,7 +207,7 @@ def test_gguf_int4_blocks_bad_input():
 
 
 @pytest.mark.model
-def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir):
+def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir, monkeypatch):
     """The embedded SmolLM2 GGUF stores every projection as Q4_1: quantize="int4" maps those
     blocks (q / k rows un-permuted), so each int4 weight dequantizes to exactly the fp32 weight
     that transformers' GGUF loader made of the same file; greedy output matches the fp32 engine
@@ -215,7 +215,7 @@ def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir):
     import json
 
     import llmkernels as lk
-    from llmkernels import loading
+    from llmkernels import loading, packed_gemm
     from llmkernels.model import ModelConfig
 
     try:  # a cached conversion can outlive the package that holds the GGUF
@@ -225,6 +225,7 @@ def test_default_model_int4_comes_straight_from_its_q4_1_blocks(smollm2_dir):
     config = ModelConfig.from_hf(json.loads((smollm2_dir / "config.json").read_text()))
     mapped = loading.source_int4_projections("default", config, torch.device("cpu"))
     assert len(mapped) == 4 * config.num_layers
+    monkeypatch.setenv(packed_gemm.ENV_VAR, "0")  # the fp32 weights as tensors, not oneDNN packs
     exact = lk.Engine.from_pretrained("default", device="cpu", max_seq_len=128)
     for i in (0, config.num_layers - 1):
         for name in ("wqkv", "wo", "w_gate_up", "w_down"):

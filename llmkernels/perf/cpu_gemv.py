@@ -7,10 +7,12 @@ as the real step does; a single matrix timed in a loop sits in the last-level ca
 up to twice as fast). Formulations:
 
   fp32            ``F.linear`` on ``[out, in]`` weights (MKL)
-  fp32-in-major   ``x @ W`` on ``[in, out]`` weights (the engine's O / down layout on CPU)
+  fp32-in-major   ``x @ W`` on ``[in, out]`` weights (the engine's fp32 CPU layout without packs)
+  fp32-onednn     oneDNN's packed fp32 linear (:class:`llmkernels.packed_gemm.PackedWeight`:
+                  ``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, what
+                  inductor emits for frozen weights; the engine's CPU layout where it times faster)
   bf16            ``F.linear`` with bf16 weights and activations
-  bf16-onednn     oneDNN's packed bf16 linear (``torch.ops.mkldnn._reorder_linear_weight`` +
-                  ``_linear_pointwise``, what inductor emits for frozen bf16 weights)
+  bf16-onednn     the same packs in bf16
   int8, int4      :class:`llmkernels.quant.QuantizedWeight` (ATen's packed weight-only kernels)
 
 Reported: ms per sweep (median), MB of weights read, GB/s, % of the copy bandwidth measured in
@@ -30,12 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..packed_gemm import PackedWeight
 from . import timing
 from .generate import CONFIGS
 
 __all__ = ["FORMULATIONS", "projection_shapes", "sweep", "run", "main"]
 
-FORMULATIONS = ("fp32", "fp32-in-major", "bf16", "bf16-onednn", "int8", "int4")
+FORMULATIONS = ("fp32", "fp32-in-major", "fp32-onednn", "bf16", "bf16-onednn", "int8", "int4")
 
 
 def projection_shapes(config: str) -> list[tuple[int, int]]:
@@ -65,12 +68,11 @@ def _matmul(formulation: str, weight: torch.Tensor) -> tuple[Callable, int]:
     if formulation == "bf16":
         w = weight.bfloat16()
         return (lambda x: F.linear(x.bfloat16(), w)), w.numel() * 2
+    if formulation == "fp32-onednn":
+        return PackedWeight(weight).linear, weight.numel() * 4
     if formulation == "bf16-onednn":
-        w = weight.bfloat16()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        return (
-            lambda x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
-        ), w.numel() * 2
+        packed = PackedWeight(weight.bfloat16())
+        return (lambda x: packed.linear(x.bfloat16())), weight.numel() * 2
     q = quantize_weight(weight, formulation, 32)  # packed for the kernel
     scales = q.kernel_scales if formulation == "int8" else q.scale_and_zero
     return q.matmul, sum(t.numel() * t.element_size() for t in (q.packed, scales))

@@ -233,7 +233,7 @@ def run(
             "prompts": prompts,
             "new_tokens": new_tokens,
             "dtype": str(engine.dtype),
-            "packed_verify_gemms": packed_gemms_state(engine),
+            "packed_gemms": packed_gemms_state(engine),
             **summary,
         }
         write_results("speculative", rows, out_dir, extra=extra, columns=COLUMNS)
@@ -292,10 +292,8 @@ def replay(
 
 
 def packed_gemms_state(engine) -> str:
-    """Whether the engine's verify forwards ran from MKL-packed weights (CPU fp32): "on", "off"
-    (the speed check or the ops said no) or "not built" (no speculative call on this engine)."""
-    packs = engine.model.packed_gemms
-    return "not built" if packs is None else ("on" if packs.enabled else "off")
+    """Whether the engine's GEMMs run from oneDNN-packed weights (CPU): "on" or "off"."""
+    return "on" if engine.model.packed_weights else "off"
 
 
 def verify_costs(
@@ -320,8 +318,6 @@ def verify_costs(
 
     prefill_ms = per_call_ms(prefill, calls=3)
     engine.model.set_cache_lens([context])
-    if device.type == "cpu":
-        engine.model.pack_for_verify()  # as the first speculative generate does
     costs = {}
     for width in widths:
         tokens = torch.randint(0, vocab, (1, width), generator=gen).to(device)

@@ -1,20 +1,21 @@
 """oneDNN-packed weights for the CPU engine's GEMMs (fp32 and bf16).
 
 At a few rows, MKL's ``sgemm`` (what ``F.linear`` runs on CPU) reads its weight far below the
-rate of its one-row GEMV: it re-packs the weight on every call. On a 2-core AMD EPYC host
-(AVX-512) a batch-4 decode step of SmolLM2-135M took 2.3x a batch-1 step, and the 49152 x 576
-LM head took 5.0 ms for one row but 21 ms for 4. A weight packed once into oneDNN's blocked
-layout is read as it is, at any row count. Measured there, SmolLM2-135M's 120 projections and
-LM head (one call each, ms; plain = the engine's input-major fp32 weights through ``F.linear``):
+rate of its one-row GEMV: it re-packs the weight on every call. A weight packed once into
+oneDNN's blocked layout is read as it is, at any row count. On a 2-core AMD EPYC host (AVX-512),
+SmolLM2-135M's 120 projections and LM head in fp32, ms per sweep (``benchmarks/bench_cpu_gemv.py``,
+``benchmarks/results/cpu-2026-12-01/smollm2-gemv-onednn/``; input-major is what the engine ran
+before, and runs where packs time slower):
 
-======  ====  ====  ====  ====  =====  ======
-rows       1     2     4     8     12     128
-======  ====  ====  ====  ====  =====  ======
-plain   33.7  51.4  74.6  70.5   75.2   249.6
-packed  28.8  30.6  25.8  29.5   32.2   174.6
-======  ====  ====  ====  ====  =====  ======
+============  ====  ====  ====
+rows             1     4     8
+============  ====  ====  ====
+input-major   33.3  72.3  66.3
+packed        26.4  23.3  27.7
+============  ====  ====  ====
 
-Greedy decoding in the engine: batch 1 22 -> 26 steps/s, batch 4 10 -> 27 steps/s (HF: 11.5).
+Greedy decoding there, tokens/s: batch 1 24.7 -> 25.7, batch 4 44.8 -> 101.7 (HF 42-47),
+batch 8 90.1 -> 162.0.
 
 torch exposes this only through the private ops inductor uses when it freezes CPU weights:
 ``mkldnn::_reorder_linear_weight`` packs a ``[out, in]`` weight (an opaque tensor without

@@ -25,8 +25,9 @@ checks their schemas, so a torch that changed them gets the plain GEMMs, and
 
 Row ``i`` of a packed GEMM of ``N`` rows is bit-identical to the one-row GEMM of that row
 (tested), so a speculative verify forward computes each token's projections exactly as decode
-steps do. The packs replace the weights they are made from (:func:`llmkernels.model.packed_weights`);
-:func:`use_packs` decides once per process and shape set, by timing (see there).
+steps do. The packs replace the weights they are made from
+(:func:`llmkernels.model.packed_weights`); :func:`use_packs` decides once per process and shape
+set, by timing (see there).
 """
 
 from __future__ import annotations
@@ -85,10 +86,6 @@ class PackedWeight:
         self.dtype, self.device = weight.dtype, weight.device
         self.pack = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())  # opaque
 
-    @property
-    def nbytes(self) -> int:
-        return self.pack.numel() * self.pack.element_size()
-
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias``: x ``[N, in]`` in the weight's dtype (any strides), bias ``[out]``
         or None → ``[N, out]`` contiguous."""
@@ -106,11 +103,11 @@ def packable(weight) -> bool:
 
 
 def use_packs(shapes: list[tuple[int, int]], dtype: torch.dtype) -> bool:
-    """Whether the engine should pack its CPU GEMM weights of these ``[out, in]`` shapes (one
-    layer's projections) and dtype: never without the ops or for other dtypes; otherwise as
-    ``LLMKERNELS_CPU_PACKED_GEMM`` says ("1" / "0"), or, unset, when the packed GEMMs of those
-    shapes time faster than the plain ones at each of ``TIMED_ROWS`` rows here (once per
-    process; :func:`_packs_are_faster`)."""
+    """Whether the engine should pack its CPU GEMM weights, timed on these ``[out, in]`` shapes
+    (the first layer's projections, or the LM head's) in this dtype: never without the ops or
+    for other dtypes; otherwise as ``LLMKERNELS_CPU_PACKED_GEMM`` says ("1" / "0"), or, unset,
+    when the packed GEMMs of those shapes time faster than the plain ones at each of
+    ``TIMED_ROWS`` rows here (once per process; :func:`_packs_are_faster`)."""
     if dtype not in _DTYPES or not ops_available():
         return False
     setting = os.environ.get(ENV_VAR, "auto").strip().lower()

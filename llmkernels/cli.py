@@ -279,11 +279,12 @@ def cmd_generate(args) -> int:
     )
     elapsed = time.perf_counter() - t0
     if rank0 and (replies > 1 or beams > 1):
+        from .generate import until_eos
+
         eos = engine.generation_config.eos_token_id
-        eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
         for i, row in enumerate(out[:, input_ids.shape[1] :].tolist()):
-            end = next((j for j, t in enumerate(row) if t in eos), len(row))
-            text = engine.tokenizer.decode(row[:end], skip_special_tokens=True)
+            text = engine.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True)
             print(f"--- reply {i + 1} of {replies} ---\n{text}")
     new_tokens = out.shape[1] - input_ids.shape[1]  # per reply (the longest; rows decode together)
     accepted = ""

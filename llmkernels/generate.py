@@ -239,7 +239,7 @@ class Engine:
                 weights = shard_weights(weights, config, tp.rank, tp.world_size)
             config = shard_config(config, tp.world_size)
         weights = cls._quantized(weights, config, *quantization)
-        weights = cpu_gemm_weights(weights, config, allow_packs and tp is None)
+        weights = cpu_gemm_weights(weights, config.num_layers, allow_packs and tp is None)
         return Transformer(config, weights, max_batch_size, max_seq_len, tensor_parallel=tp)
 
     @classmethod
@@ -1231,7 +1231,7 @@ class Engine:
             full = torch.tensor([ids], dtype=torch.int64)
             found = beam_search(self, full, torch.ones_like(full, dtype=torch.bool), params)
             generated = found.sequences[0, len(ids) :].tolist()
-            return tok.decode(_until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
+            return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation
         stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
@@ -1257,14 +1257,14 @@ class Engine:
             )[0].tolist()
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]
-        return tok.decode(_until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
+        return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
 
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
         """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
 
 
-def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     """The tokens before the first EOS id."""
     eos = set(eos_ids)
     return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)

@@ -276,6 +276,11 @@ _BLOCKED_GEMV_FASTER: dict[tuple, bool] = {}
 INPUT_MAJOR_PROJECTIONS = PROJECTIONS
 
 
+def _projection_names(num_layers: int) -> list[str]:
+    """The weight names of every layer's GEMM projections (``INPUT_MAJOR_PROJECTIONS``)."""
+    return [f"layers.{i}.{name}" for i in range(num_layers) for name in INPUT_MAJOR_PROJECTIONS]
+
+
 def _input_major(w) -> bool:
     """Whether ``w`` is a weight :func:`input_major_weights` re-lays out: a contiguous fp32
     CPU tensor (not a quantized stand-in, not another dtype or device)."""
@@ -309,7 +314,7 @@ def input_major_weights(
     bf16 measured no faster, so it keeps its layout.
     """
     out = dict(weights)
-    names = [f"layers.{i}.{name}" for i in range(num_layers) for name in INPUT_MAJOR_PROJECTIONS]
+    names = _projection_names(num_layers)
     names.append("lm_head" if "lm_head" in out else "embed")  # a quantized head: skipped below
     for key in names:
         if _input_major(out[key]):
@@ -327,8 +332,7 @@ def packed_weights(
     the lookup. The packs replace the tensors: a caller that keeps no other reference to them
     frees them."""
     out = dict(weights)
-    names = [f"layers.{i}.{name}" for i in range(num_layers) for name in PROJECTIONS]
-    for key in names:
+    for key in _projection_names(num_layers):
         if packable(out[key]):
             out[key] = PackedWeight(out[key])
     head = out.get("lm_head", out["embed"])
@@ -338,7 +342,7 @@ def packed_weights(
 
 
 def cpu_gemm_weights(
-    weights: Mapping[str, torch.Tensor], config: ModelConfig, allow_packs: bool
+    weights: Mapping[str, torch.Tensor], num_layers: int, allow_packs: bool
 ) -> dict[str, torch.Tensor | PackedWeight]:
     """The layout the GEMM weights run in on CPU: oneDNN packs (:func:`packed_weights`) when
     ``allow_packs`` and :func:`llmkernels.packed_gemm.use_packs` says so for the shapes of the
@@ -349,8 +353,8 @@ def cpu_gemm_weights(
         first = [weights.get(f"layers.0.{name}") for name in PROJECTIONS]
         timed = [w for w in first if packable(w)] or [weights.get("lm_head", weights["embed"])]
         if packable(timed[0]) and use_packs([tuple(w.shape) for w in timed], timed[0].dtype):
-            return packed_weights(weights, config.num_layers)
-    return input_major_weights(weights, config.num_layers)
+            return packed_weights(weights, num_layers)
+    return input_major_weights(weights, num_layers)
 
 
 def linear(

@@ -215,10 +215,7 @@ def beam_search(
         moved = torch.nonzero(src != torch.arange(rows)).flatten()
         if moved.numel():
             filled = int(model.cache_lens[:rows].max())
-            dst_d, src_d = moved.to(engine.device), src[moved].to(engine.device)
-            for cache in (model.k_cache, model.v_cache):  # [layers, rows, Hk, S, D]
-                cache[:, dst_d, :, :filled] = cache[:, src_d, :, :filled]
-            model.cache_lens[dst_d] = model.cache_lens[src_d]
+            model.copy_cache_rows(src[moved], moved, filled)
         logits = engine._decode(running[:, :, cur - 1].flatten().to(engine.device))
 
     returned = params.num_return_sequences

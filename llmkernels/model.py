@@ -663,6 +663,16 @@ class Transformer:
         )
 
     # ---- shared pieces --------------------------------------------------------------------------
+    def copy_cache_rows(self, src, dst, filled: int) -> None:
+        """Cache rows ``dst`` take the first ``filled`` K/V slots and the lengths of rows
+        ``src`` (ints, or int64 tensors ``[N]``). Every source is read before any row is
+        written, so the two may overlap (beam search's reorder)."""
+        src = torch.as_tensor(src, dtype=torch.int64, device=self.device)
+        dst = torch.as_tensor(dst, dtype=torch.int64, device=self.device)
+        for cache in (self.k_cache, self.v_cache):  # [layers, max_batch, Hk, max_seq, D]
+            cache[:, dst, :, :filled] = cache[:, src, :, :filled]
+        self.cache_lens[dst] = self.cache_lens[src]
+
     def _qkv(
         self, x: torch.Tensor, i: int, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -237,6 +237,56 @@ def test_cpu_prefill_in_row_groups_equals_one_batch(hf_gqa, eng_gqa, monkeypatch
     torch.testing.assert_close(logits[real], one_group_logits[real], rtol=1e-5, atol=1e-5)
 
 
+def test_equal_rows_are_prefilled_once(hf_gqa, eng_gqa, monkeypatch):
+    """Rows with the same tokens under the same mask (here rows 0 and 2, left-padded) are
+    prefilled once and the first one's cache is copied: the other rows' tokens and logits are
+    what they are alone and in HF's batch, and ``last_prefill_len`` counts the distinct rows."""
+    width = 9
+    a, b = prompts(1, 6, seed=30)[0], prompts(1, 9, seed=31)[0]
+    b_other = b.clone()
+    b_other[-1] = (b[-1] + 1) % VOCAB  # differs in its last token only
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, row in enumerate([a, b, a, b_other]):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    prefilled = []
+    prefill = eng_gqa.model.prefill
+    monkeypatch.setattr(
+        eng_gqa.model,
+        "prefill",
+        lambda t, *a, **k: prefilled.append(t.shape[0]) or prefill(t, *a, **k),
+    )
+    batched = eng_gqa.generate(ids, attention_mask=mask, **kw)
+    assert prefilled == [3]
+    assert eng_gqa.last_prefill_len == 6 + 9 + 9
+    torch.testing.assert_close(batched, hf_generate(hf_gqa, ids, attention_mask=mask, **kw))
+    for i, row in enumerate([a, b, a, b_other]):
+        alone = eng_gqa.generate(row[None], **kw)
+        assert batched[i, width:].tolist() == alone[0, len(row) :].tolist(), f"row {i}"
+    logits = eng_gqa.logits(ids, attention_mask=mask)
+    assert torch.equal(logits[0], logits[2])
+    with torch.no_grad():
+        expected = hf_gqa(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_first_equal_rows():
+    from llmkernels.generate import _first_equal_rows
+
+    ids = torch.tensor([[5, 6, 7], [1, 6, 7], [5, 6, 7], [1, 6, 7], [9, 9, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    # rows 1 and 3: the same ids, but row 1's first one is padding
+    assert _first_equal_rows(ids, mask) == [0, 1, 0, 3, 4]
+    assert _first_equal_rows(ids[:2], mask[:2]) is None  # all distinct
+    assert _first_equal_rows(ids[:1], mask[:1]) is None
+    padded = ids.clone()
+    padded[1, 0] = 2  # a pad's id does not matter
+    assert _first_equal_rows(padded, mask) == [0, 1, 0, 3, 4]
+
+
 def test_eos_stops_rows_and_pads(hf_gqa, eng_gqa):
     ids = prompts(2, 6, seed=5)
     free = hf_generate(hf_gqa, ids, max_new_tokens=12, do_sample=False, eos_token_id=None)

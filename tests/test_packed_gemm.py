@@ -105,6 +105,33 @@ def test_use_packs_follows_the_setting_then_the_timing(monkeypatch):
     assert not packed_gemm.use_packs(shapes, torch.float32)
 
 
+def test_first_is_faster_warms_up_and_times_in_turns(monkeypatch):
+    """The timing that chooses packs, on a fake clock. A candidate 1.5x faster wins although its
+    first four calls are 10x slower (a fresh process's first calls of a shape); an equal one
+    does not win when the host slows down after the first four calls (a neighbour's load,
+    landing on both in turn, not on the baseline alone)."""
+    from llmkernels import cpu
+
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
+
+    def timed(cost: float, cold_calls: int = 0, slow_after: int | None = None):
+        own = [0]
+
+        def run() -> None:
+            own[0] += 1
+            calls[0] += 1
+            loaded = slow_after is not None and calls[0] > slow_after
+            clock[0] += cost * (10.0 if own[0] <= cold_calls else 1.0) * (3.0 if loaded else 1.0)
+
+        return run
+
+    assert cpu.first_is_faster(timed(1.0, cold_calls=4), timed(1.5), margin=1.0)
+    calls[0] = 0
+    assert not cpu.first_is_faster(timed(1.0, slow_after=4), timed(1.0, slow_after=4), 1.0)
+    assert not cpu.first_is_faster(timed(1.9), timed(2.0))  # not under the 0.9 margin
+
+
 @needs_onednn
 def test_timing_the_packs_leaves_the_global_rng_alone():
     """An engine built after torch.manual_seed must sample as if no timing had run."""

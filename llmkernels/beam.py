@@ -1,9 +1,10 @@
-"""Beam search in the engine: HF ``generate(num_beams=n)`` (greedy beam search), token for token.
+"""Beam search in the engine: HF ``generate(num_beams=n)``, token for token, greedy or sampled.
 
 The semantics are transformers' (``GenerationMixin._beam_search``, 5.x), restated here: each
 prompt row becomes ``n`` cache rows (prefilled alike). Per step every beam's next-token log
 probabilities are added to its running score, and of the ``n * V`` continuations the best
-``K = max(2, 1 + number of EOS ids) * n`` are kept. A continuation that ends in an EOS id, or
+``K = max(2, 1 + number of EOS ids) * n`` are kept (beam sampling, ``do_sample=True``: ``K``
+drawn without replacement from the softmax of those running scores, then sorted). A continuation that ends in an EOS id, or
 reaches the length limit, is a finished hypothesis, scored ``score / generated_length **
 length_penalty`` and kept among the item's ``n`` best finished ones when it is among the top
 ``n`` continuations; the best ``n`` continuations that do not end go on running, and the cache
@@ -16,8 +17,12 @@ hypotheses of each item are returned, padded to the longest.
 The logits processors (repetition penalty, n-gram bans, sequence bias, bad words, minimum
 lengths, forced EOS, suppressed tokens, invalid values, renormalization) are transformers' own
 classes, built in transformers' order and applied as it applies them here: to every beam's log
-probabilities, given the beam's padded text. Beam sampling, stop strings and max_time are
-refused by :func:`llmkernels.settings.resolve_generation_params`.
+probabilities, given the beam's padded text; when sampling, transformers' warpers follow
+(temperature, top-k, top-p, min-p, typical, epsilon, eta, each keeping at least ``K / n`` tokens
+per beam), as in its beam sampling. The draws are ``torch.multinomial``'s on the CPU, from a
+generator seeded by ``seed`` or, when None, torch's default CPU generator: after
+``torch.manual_seed(s)`` the engine and transformers on a CPU model draw alike. Stop strings and
+max_time are refused by :func:`llmkernels.settings.resolve_generation_params`.
 """
 
 from __future__ import annotations
@@ -72,6 +77,22 @@ def _processors(params: GenerationParams, prompt_len: int, max_len: int, beam_ma
         procs.append(
             lp.SuppressTokensAtBeginLogitsProcessor(params.begin_suppress_tokens, prompt_len)
         )
+    if not params.greedy:  # beam sampling: the warpers, each keeping the K / n a beam may need
+        keep = max(2, 1 + len(eos))
+        if params.temperature != 1.0:
+            procs.append(lp.TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            procs.append(lp.TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=keep))
+        if params.top_p < 1.0:
+            procs.append(lp.TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=keep))
+        if params.min_p > 0:
+            procs.append(lp.MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=keep))
+        if params.typical_p < 1.0:
+            procs.append(lp.TypicalLogitsWarper(mass=params.typical_p, min_tokens_to_keep=keep))
+        if params.epsilon_cutoff > 0:
+            procs.append(lp.EpsilonLogitsWarper(params.epsilon_cutoff, min_tokens_to_keep=keep))
+        if params.eta_cutoff > 0:
+            procs.append(lp.EtaLogitsWarper(params.eta_cutoff, min_tokens_to_keep=keep))
     if params.renormalize_logits:
         procs.append(lp.LogitNormalization())
     return procs or None
@@ -104,6 +125,21 @@ class BeamResult(NamedTuple):
         )
 
 
+def _draw(totals: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` indices per row of ``totals [B, n * V]`` (running scores) drawn without
+    replacement from their softmax, as transformers' beam sampling draws; a clear error where
+    the warpers left fewer candidates than that."""
+    probs = torch.softmax(totals, dim=-1)
+    short = int((probs > 0).sum(dim=-1).min())
+    if short < count:
+        raise ValueError(
+            f"beam sampling needs {count} candidates per prompt (max(2, 1 + EOS ids) x num_beams) "
+            f"with a probability above 0, but the sampling settings (top_k, top_p, min_p, ...) "
+            f"left {short}; loosen them or use fewer beams"
+        )
+    return torch.multinomial(probs, count, generator=generator)
+
+
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[b, index[b, j], ...]``: t ``[B, N, ...]``, index ``[B, M]`` -> ``[B, M, ...]``."""
     while index.dim() < t.dim():
@@ -118,11 +154,13 @@ def beam_search(
     mask: torch.Tensor,
     params: GenerationParams,
     record: bool = False,
+    seed: int | None = None,
 ) -> BeamResult:
     """Beam search from the prompts ``ids [B, T]`` (left-padded; ``mask [B, T]`` bool) on the
     engine's cache rows ``0..B * num_beams - 1``: each item's ``r = num_return_sequences`` best
     hypotheses, best first, padded as transformers pads them (:class:`BeamResult`; ``scores``
-    and ``logits`` are recorded only when ``record``)."""
+    and ``logits`` are recorded only when ``record``). Beam sampling draws from a CPU generator
+    seeded by ``seed`` (None: torch's default CPU generator)."""
     beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
     rows = batch * beams
     max_len = prompt_len + params.max_new_tokens
@@ -140,6 +178,8 @@ def beam_search(
         beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
     )
     processors = _processors(params, prompt_len, max_len, beam_mask)
+    sampling = not params.greedy
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     running = torch.full((batch, beams, max_len), fill, dtype=torch.int64)
     running[:, :, :prompt_len] = ids.cpu()[:, None, :]
@@ -167,7 +207,12 @@ def beam_search(
             scores_seen.append(log_probs.clone())
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        top_scores, top_index = torch.topk(totals, keep)  # [B, K], best first
+        if sampling:  # K continuations drawn without replacement, then best first
+            top_index = _draw(totals, keep, generator)
+            top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
+            top_index = top_index.gather(1, order)
+        else:
+            top_scores, top_index = torch.topk(totals, keep)  # [B, K], best first
         source = top_index // vocab  # the beam each continuation extends
         token = top_index % vocab
         candidates = _take(running, source)  # [B, K, max_len]

@@ -266,7 +266,7 @@ def cmd_generate(args) -> int:
         else None
     )
     speculative = _speculative_kwargs(args, engine)
-    # beam search is greedy here unless a sampling flag asks otherwise (the engine refuses that)
+    # beam search is greedy here unless a sampling flag asks for beam sampling
     beam = dict(num_beams=beams, do_sample=False) if beams > 1 else {}
     t0 = time.perf_counter()
     out = engine.generate(
@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="beam search with N beams (transformers' num_beams; printed at the end, not streamed)",
+        help="beam search with N beams (transformers' num_beams; with a sampling flag, beam sampling; "
+        "printed at the end, not streamed)",
     )
     model_args(g)
 

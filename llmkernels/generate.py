@@ -769,12 +769,14 @@ class Engine:
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
-        ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy, with
-        ``length_penalty``, ``early_stopping``, ``num_return_sequences <= n`` and the logits
-        processors above; no streamer), on ``B * n`` cache rows.
+        ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy or, with
+        ``do_sample``, beam sampling, whose draws come from a CPU generator seeded by ``seed``
+        or torch's default one; with ``length_penalty``, ``early_stopping``,
+        ``num_return_sequences <= n`` and the logits processors above; no streamer), on
+        ``B * n`` cache rows.
 
-        Raises ``ValueError`` before any work for unsupported HF arguments (beam sampling,
-        ``penalty_alpha``, unknown keywords, ...) and when a row's prompt plus
+        Raises ``ValueError`` before any work for unsupported HF arguments (stop strings with
+        beams, ``penalty_alpha``, unknown keywords, ...) and when a row's prompt plus
         ``max_new_tokens`` exceeds ``max_seq_len`` or ``B * n > max_batch_size``.
         """
         if input_ids is None:  # HF names its first argument `inputs`
@@ -800,7 +802,7 @@ class Engine:
                 )
             self._cached_ids = []
             recording = params.output_scores or params.output_logits
-            found = beam_search(self, ids, mask, params, record=recording)
+            found = beam_search(self, ids, mask, params, record=recording, seed=seed)
             if not params.return_dict_in_generate:
                 return found.sequences.to(out_device)
             return found.hf_output(params, out_device)
@@ -1259,7 +1261,9 @@ class Engine:
                 raise ValueError("num_beams > 1 takes no streamer and no assistant_model")
             self._cached_ids = []  # beam search reorders the cache rows
             full = torch.tensor([ids], dtype=torch.int64)
-            found = beam_search(self, full, torch.ones_like(full, dtype=torch.bool), params)
+            found = beam_search(
+                self, full, torch.ones_like(full, dtype=torch.bool), params, seed=seed
+            )
             generated = found.sequences[0, len(ids) :].tolist()
             return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
         proposer = self._proposer(params, assistant_model)

@@ -178,8 +178,8 @@ def resolve_generation_params(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
             "temperature / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
             "logits processors of "
-            "llmkernels.processors, stop_strings, max_time, num_return_sequences and greedy beam "
-            "search only; use "
+            "llmkernels.processors, stop_strings, max_time, num_return_sequences, beam search "
+            "and beam sampling only; use "
             "HF's model.generate for the others."
         )
 
@@ -348,10 +348,9 @@ def resolve_generation_params(
 
 
 def _check_beam_settings(p: GenerationParams) -> None:
-    """Beam search is greedy and stops at EOS ids and the length only: raise naming every
-    setting that would need more."""
+    """Beam search stops at EOS ids and the length only: raise naming every setting that would
+    need more."""
     used = {
-        "do_sample=True (beam sampling; pass do_sample=False for beam search)": p.do_sample,
         "stop_strings": bool(p.stop_strings),
         "max_time": p.max_time is not None,
         "prompt_lookup_num_tokens": p.prompt_lookup_num_tokens > 0,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from test_families import prompts, variant
 
 import llmkernels as lk
@@ -147,12 +149,78 @@ def test_return_dict_equals_transformers():
     assert torch.equal(bare.beam_indices, expected.beam_indices)
 
 
+SAMPLING = [
+    dict(num_beams=4, temperature=0.8, top_k=20),
+    dict(num_beams=3, top_p=0.9, num_return_sequences=2, length_penalty=0.5),
+    dict(num_beams=4, temperature=1.5, min_p=0.05, repetition_penalty=1.2),
+    dict(num_beams=2, typical_p=0.9, early_stopping=True),
+    dict(num_beams=3, epsilon_cutoff=3e-4, no_repeat_ngram_size=2),
+    dict(num_beams=3, eta_cutoff=1e-3, top_k=0),
+]
+
+
+# Before 5.24 transformers' beam sampling kept its drawn candidates in draw order, so the first
+# n drawn, not the n best, could finish; 5.24 sorts them, and the engine does as 5.24 does.
+sorts_draws = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.24.0"),
+    reason="transformers < 5.24 ranks beam sampling's drawn candidates in draw order",
+)
+
+
+@sorts_draws
+@pytest.mark.parametrize("name", ["mistral", "qwen3"])
+@pytest.mark.parametrize(
+    "settings", SAMPLING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items())
+)
+def test_beam_sampling_equals_transformers(name, settings):
+    """Beam sampling draws as transformers' does: after torch.manual_seed(s), or with seed=s,
+    the same hypotheses; other seeds draw others (the test can fail)."""
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=12, max_seq_len=64)
+    ids, mask = ragged(3, 9)
+    eos = frequent_token(hf, ids, mask, settings["num_beams"])
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, **settings)
+    kw.update(eos_token_id=[eos, 3], pad_token_id=0)
+    outs = {}
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            expected = hf.generate(ids, **kw)
+        torch.manual_seed(seed)
+        assert torch.equal(eng.generate(ids, **kw), expected), f"seed {seed}, global generator"
+        torch.manual_seed(seed + 100)  # the engine's own generator, not the global one
+        assert torch.equal(eng.generate(ids, seed=seed, **kw), expected), f"seed={seed}"
+        outs[seed] = expected
+    assert not (torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]))
+
+
+@sorts_draws
+def test_beam_sampling_scores_equal_transformers():
+    """output_scores in beam sampling: each step's warped log probabilities, as transformers'."""
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=6, max_seq_len=64)
+    ids, mask = ragged(2, 7)
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=True, top_k=10)
+    kw.update(temperature=0.7, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw)
+    out = eng.generate(ids, seed=5, **kw)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.equal(out.beam_indices, expected.beam_indices)
+    torch.testing.assert_close(out.sequences_scores, expected.sequences_scores)
+    for ours, theirs in zip(out.scores, expected.scores, strict=True):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(ours), finite)  # the same tokens warped away
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
 def test_refused_settings_name_themselves():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
     ids = prompts(1, 6)
-    with pytest.raises(ValueError, match="beam sampling"):
-        eng.generate(ids, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="beam sampling needs 8 candidates .* left 3"):
+        eng.generate(ids, num_beams=4, do_sample=True, top_k=3)  # transformers: a RuntimeError
     with pytest.raises(ValueError, match="stop_strings, max_time"):
         eng.generate(ids, num_beams=2, stop_strings=["x"], max_time=3.0, tokenizer=object())
     with pytest.raises(ValueError, match="must be <= num_beams=2"):

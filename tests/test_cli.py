@@ -198,13 +198,24 @@ def test_generate_num_beams_prints_the_best_hypotheses(capsys):
     eng = Engine.from_pretrained("default", device="cpu", max_batch_size=3)
     ids = eng.tokenizer(prompt, return_tensors="pt").input_ids
     kw = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=8)
-    expected = eng.generate(ids, **kw)[:, ids.shape[1] :]
     eos = eng.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
-    for reply, row in zip(replies, expected.tolist()):
-        row = row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
-        text = eng.tokenizer.decode(row, skip_special_tokens=True)
-        assert reply.split(" ---\n", 1)[1].rstrip("\n") == text
+
+    def check(replies: list[str], expected: torch.Tensor) -> None:
+        for reply, row in zip(replies, expected[:, ids.shape[1] :].tolist(), strict=True):
+            row = row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
+            text = eng.tokenizer.decode(row, skip_special_tokens=True)
+            assert reply.split(" ---\n", 1)[1].rstrip("\n") == text
+
+    check(replies, eng.generate(ids, **kw))
+    # a sampling flag makes it beam sampling, seeded
+    sampling = ("--temperature", "0.7", "--seed", "1")
+    code, out, err = run_cli(
+        capsys, *argv, "--num-beams", "3", "--num-return-sequences", "2", *sampling
+    )
+    assert code == 0, err
+    expected = eng.generate(ids, **{**kw, "do_sample": True, "temperature": 0.7, "seed": 1})
+    check(out.split("--- reply ")[1:], expected)
 
 
 @needs_model

@@ -549,6 +549,17 @@ def test_beam_search_on_cuda():
     kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, num_beams=4)
     kw.update(num_return_sequences=2, eos_token_id=None, pad_token_id=0)
     assert torch.equal(eng32.generate(ids, **kw), hf32.generate(ids, **kw))
+    # beam sampling: the draws come from a CPU generator (HF's from the CUDA one), so the
+    # same seed gives the same hypotheses, valid ones
+    sampled = dict(kw, do_sample=True, top_k=20, temperature=0.8)
+    c, d = eng32.generate(ids, seed=3, **sampled), eng32.generate(ids, seed=3, **sampled)
+    assert torch.equal(c, d) and ((c >= 0) & (c < VOCAB)).all()
+    # equal rows prefilled once, their cache row copied on the device
+    twice = dict(attention_mask=mask.repeat(2, 1), max_new_tokens=8, do_sample=False)
+    twice.update(eos_token_id=None, pad_token_id=0)
+    assert torch.equal(
+        eng32.generate(ids.repeat(2, 1), **twice), hf32.generate(ids.repeat(2, 1), **twice)
+    )
     eng16 = lk.Engine.from_hf(hf_model(torch.bfloat16), max_batch_size=8, max_seq_len=96)
     a, b = eng16.generate(ids, **kw), eng16.generate(ids, **kw)
     assert a.shape == (4, 26) and torch.equal(a, b)

@@ -149,45 +149,56 @@ void launch_for_rows(int64_t m, int64_t n, Launch&& launch) {
   }
 }
 
-void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                 const at::Tensor& scale) {
+// What int8_linear and int4_linear ask alike of out [M, N], x [M, K] and weight [N, *]: CUDA
+// tensors on one device; x fp16/bf16, at most kMaxRows rows (decode), a contiguous last dimension
+// and a row stride that keeps its 16-byte loads aligned; out of x's dtype with a contiguous last
+// dimension, overlapping nothing. name: the op's; weight_shape: weight's expected shape (messages).
+void check_gemv_operands(const char* name, const at::Tensor& out, const at::Tensor& x,
+                         const at::Tensor& weight, const char* weight_shape) {
   LK_CHECK_CUDA(x);
   LK_CHECK_CUDA(out);
   LK_CHECK_CUDA(weight);
-  LK_CHECK_CUDA(scale);
   LK_CHECK_SAME_DEVICE(x, out);
   LK_CHECK_SAME_DEVICE(x, weight);
-  LK_CHECK_SAME_DEVICE(x, scale);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "int8_linear: x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "int8_linear: x must be 2-D [M, K], got ", lk_shape(x));
-  TORCH_CHECK(weight.dim() == 2, "int8_linear: weight must be 2-D [N, K], got ", lk_shape(weight));
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, name,
+              ": x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, name, ": x must be 2-D [M, K], got ", lk_shape(x));
+  TORCH_CHECK(weight.dim() == 2, name, ": weight must be 2-D ", weight_shape, ", got ",
+              lk_shape(weight));
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(m <= kMaxRows, "int8_linear: x may have at most ", lk_num(kMaxRows),
-              " rows (decode), got ", lk_num(m));
+  TORCH_CHECK(m <= kMaxRows, name, ": x may have at most ", lk_num(kMaxRows), " rows (decode), got ",
+              lk_num(m));
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, name, ": out must be [",
+              lk_num(m), ", ", lk_num(n), "], got ", lk_shape(out));
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), name, ": out must have x's dtype");
+  TORCH_CHECK(n <= 1 || out.stride(1) == 1, name, ": out must have a contiguous last dimension");
+  TORCH_CHECK(k <= 1 || x.stride(1) == 1, name, ": x must have a contiguous last dimension");
+  TORCH_CHECK(m <= 1 || x.stride(0) % 8 == 0, name, ": x's row stride must be a multiple of 8");
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, x);
+  at::assert_no_overlap(out, weight);
+}
+
+void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                 const at::Tensor& scale) {
+  check_gemv_operands("int8_linear", out, x, weight, "[N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   LK_CHECK_DTYPE(weight, at::kChar);
   TORCH_CHECK(weight.size(1) == k, "int8_linear: weight must be [N, ", lk_num(k), "], got ",
               lk_shape(weight));
   LK_CHECK_CONTIGUOUS(weight);
+  LK_CHECK_CUDA(scale);
+  LK_CHECK_SAME_DEVICE(x, scale);
   LK_CHECK_DTYPE(scale, at::kFloat);
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n, "int8_linear: scale must be [",
               lk_num(n), "], got ", lk_shape(scale));
   LK_CHECK_CONTIGUOUS(scale);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n,
-              "int8_linear: out must be [", lk_num(m), ", ", lk_num(n), "], got ", lk_shape(out));
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "int8_linear: out must have x's dtype");
-  TORCH_CHECK(n <= 1 || out.stride(1) == 1, "int8_linear: out must have a contiguous last dimension");
+  at::assert_no_overlap(out, scale);
   // 16-byte loads of 16 weights and 2 x 8 activations per lane.
   TORCH_CHECK(k % kChunk == 0, "int8_linear: K must be a multiple of ", lk_num(kChunk), ", got ",
               lk_num(k));
-  TORCH_CHECK(k <= 1 || x.stride(1) == 1, "int8_linear: x must have a contiguous last dimension");
-  TORCH_CHECK(m <= 1 || x.stride(0) % 8 == 0, "int8_linear: x's row stride must be a multiple of 8");
   // The K loop steps by 32 lanes x 16 in int.
   TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX - 32 * kChunk, "int8_linear: N or K too large");
-  at::assert_no_internal_overlap(out);
-  at::assert_no_overlap(out, x);
-  at::assert_no_overlap(out, weight);
-  at::assert_no_overlap(out, scale);
   if (m == 0 || n == 0) return;
   if (k == 0) {  // an empty sum
     out.zero_();
@@ -296,26 +307,15 @@ __global__ __launch_bounds__(kWarps * 32) void int4_linear_kernel(
 
 void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                  const at::Tensor& scale_zero) {
-  LK_CHECK_CUDA(x);
-  LK_CHECK_CUDA(out);
-  LK_CHECK_CUDA(weight);
-  LK_CHECK_CUDA(scale_zero);
-  LK_CHECK_SAME_DEVICE(x, out);
-  LK_CHECK_SAME_DEVICE(x, weight);
-  LK_CHECK_SAME_DEVICE(x, scale_zero);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "int4_linear: x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be 2-D [M, K], got ", lk_shape(x));
-  TORCH_CHECK(weight.dim() == 2, "int4_linear: weight must be 2-D [N, K / 2], got ",
-              lk_shape(weight));
+  check_gemv_operands("int4_linear", out, x, weight, "[N, K / 2]");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(m <= kMaxRows, "int4_linear: x may have at most ", lk_num(kMaxRows),
-              " rows (decode), got ", lk_num(m));
   LK_CHECK_DTYPE(weight, at::kByte);
   TORCH_CHECK(k % 32 == 0, "int4_linear: K must be a multiple of 32, got ", lk_num(k));
   TORCH_CHECK(weight.size(1) * 2 == k, "int4_linear: weight must be [N, ", lk_num(k / 2),
               "] (two codes per byte), got ", lk_shape(weight));
   LK_CHECK_CONTIGUOUS(weight);
+  LK_CHECK_CUDA(scale_zero);
+  LK_CHECK_SAME_DEVICE(x, scale_zero);
   LK_CHECK_DTYPE(scale_zero, at::kBFloat16);
   TORCH_CHECK(scale_zero.dim() == 3 && scale_zero.size(0) == n && scale_zero.size(2) == 2,
               "int4_linear: scale_zero must be [", lk_num(n), ", K / group_size, 2], got ",
@@ -331,18 +331,9 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
   while ((int64_t{1} << group_shift) < group_size) ++group_shift;
   if ((int64_t{1} << group_shift) != group_size) group_shift = -1;  // not a power of two
   LK_CHECK_CONTIGUOUS(scale_zero);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n,
-              "int4_linear: out must be [", lk_num(m), ", ", lk_num(n), "], got ", lk_shape(out));
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "int4_linear: out must have x's dtype");
-  TORCH_CHECK(n <= 1 || out.stride(1) == 1, "int4_linear: out must have a contiguous last dimension");
-  TORCH_CHECK(x.stride(1) == 1, "int4_linear: x must have a contiguous last dimension");
-  TORCH_CHECK(m <= 1 || x.stride(0) % 8 == 0, "int4_linear: x's row stride must be a multiple of 8");
+  at::assert_no_overlap(out, scale_zero);
   // The K loop steps by 32 lanes x 32 in int.
   TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX - 32 * 32, "int4_linear: N or K too large");
-  at::assert_no_internal_overlap(out);
-  at::assert_no_overlap(out, x);
-  at::assert_no_overlap(out, weight);
-  at::assert_no_overlap(out, scale_zero);
   if (m == 0 || n == 0) return;
   TORCH_CHECK(is_16b_aligned(x.data_ptr()) && is_16b_aligned(weight.data_ptr()) &&
                   reinterpret_cast<uintptr_t>(scale_zero.data_ptr()) % 4 == 0,

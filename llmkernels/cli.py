@@ -280,9 +280,9 @@ def cmd_generate(args) -> int:
     elapsed = time.perf_counter() - t0
     if rank0 and (replies > 1 or beams > 1):
         from .generate import until_eos
+        from .settings import eos_id_list
 
-        eos = engine.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        eos = eos_id_list(engine.generation_config.eos_token_id)
         for i, row in enumerate(out[:, input_ids.shape[1] :].tolist()):
             text = engine.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True)
             print(f"--- reply {i + 1} of {replies} ---\n{text}")

@@ -282,10 +282,7 @@ def resolve_generation_params(
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     stop_strings, max_time = check_stop_settings(eff.get("stop_strings"), eff.get("max_time"))
-    eos = eff.get("eos_token_id")
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    eos_ids = eos_id_list(eff.get("eos_token_id"))
     pad = eff.get("pad_token_id")
     if isinstance(pad, torch.Tensor):
         pad = int(pad)
@@ -361,6 +358,13 @@ def _check_beam_settings(p: GenerationParams) -> None:
             f"num_beams={p.num_beams}: the engine's beam search does not support {', '.join(bad)} "
             "(set here or in the model's generation_config); use HF's model.generate for those"
         )
+
+
+def eos_id_list(eos: Any) -> list[int]:
+    """An ``eos_token_id`` setting (None, an id, a list or a tensor of ids) as a list of ids."""
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
 
 
 def _id_list(value: Any, name: str) -> list[int] | None:

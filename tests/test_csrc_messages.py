@@ -13,7 +13,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ALLOWED = [
     re.compile(r'^((#\w+|"([^"\\]|\\.)*")\s*)+$'),  # string literals, #t stringification
     re.compile(r"^lk_(num|shape)\(.*\)$", re.S),  # formatted with std::to_string
-    re.compile(r"^(name|NAME)$"),  # const char* names
+    re.compile(r"^(name|NAME|weight_shape)$"),  # const char* names
     re.compile(r"^(DTYPE|dtype|\(?\w+\)?\.scalar_type\(\))$"),  # ScalarType prints as a name
 ]
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .callbacks import as_callables
+
 if TYPE_CHECKING:
     from .generate import Engine
     from .settings import GenerationParams
@@ -41,11 +43,19 @@ __all__ = ["beam_search", "BeamResult"]
 _NEG = -1.0e9  # transformers' "cannot be chosen" score
 
 
-def _processors(params: GenerationParams, prompt_len: int, max_len: int, beam_mask: torch.Tensor):
+def _processors(
+    params: GenerationParams,
+    prompt_len: int,
+    max_len: int,
+    beam_mask: torch.Tensor,
+    custom: list | None = None,
+):
     """transformers' logits processors for these settings, in the order its ``generate`` builds
-    them (public classes of ``transformers.generation.logits_process``); None when there are
-    none. ``beam_mask [B * n, T]``: the prompts' padding, which transformers 5.24's repetition
-    penalty skips (5.17's class takes no per-row lengths, and its generate passes none)."""
+    them (public classes of ``transformers.generation.logits_process``), the caller's ``custom``
+    ones after them and before the sampling warpers, where transformers merges a custom list;
+    None when there are none. ``beam_mask [B * n, T]``: the prompts' padding, which transformers
+    5.24's repetition penalty skips (5.17's class takes no per-row lengths, and its generate
+    passes none)."""
     from transformers.generation import logits_process as lp
 
     eos = params.eos_token_ids
@@ -77,6 +87,7 @@ def _processors(params: GenerationParams, prompt_len: int, max_len: int, beam_ma
         procs.append(
             lp.SuppressTokensAtBeginLogitsProcessor(params.begin_suppress_tokens, prompt_len)
         )
+    procs.extend(custom or [])
     if not params.greedy:  # beam sampling: the warpers, each keeping the K / n a beam may need
         keep = max(2, 1 + len(eos))
         if params.temperature != 1.0:
@@ -155,12 +166,18 @@ def beam_search(
     params: GenerationParams,
     record: bool = False,
     seed: int | None = None,
+    logits_processor=None,
+    stopping_criteria=None,
 ) -> BeamResult:
     """Beam search from the prompts ``ids [B, T]`` (left-padded; ``mask [B, T]`` bool) on the
     engine's cache rows ``0..B * num_beams - 1``: each item's ``r = num_return_sequences`` best
     hypotheses, best first, padded as transformers pads them (:class:`BeamResult`; ``scores``
     and ``logits`` are recorded only when ``record``). Beam sampling draws from a CPU generator
-    seeded by ``seed`` (None: torch's default CPU generator)."""
+    seeded by ``seed`` (None: torch's default CPU generator). ``logits_processor`` /
+    ``stopping_criteria``: the caller's own (:mod:`llmkernels.callbacks`), given what
+    transformers' beam search gives them: a processor each beam's padded text ``[B * n, cur]``
+    and its scores; a criterion the top continuations' texts ``[B * K, cur + 1]`` and None for
+    the scores (transformers passes its recorded scores, or None when not recording)."""
     beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
     rows = batch * beams
     max_len = prompt_len + params.max_new_tokens
@@ -177,7 +194,9 @@ def beam_search(
     logits = engine._prefill(
         beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
     )
-    processors = _processors(params, prompt_len, max_len, beam_mask)
+    custom = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
+    custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
+    processors = _processors(params, prompt_len, max_len, beam_mask, custom)
     sampling = not params.greedy
     generator = None if seed is None else torch.Generator().manual_seed(seed)
 
@@ -220,6 +239,11 @@ def beam_search(
         candidate_rows = _take(running_rows, source)
         candidate_rows[:, :, cur - prompt_len] = (item_rows + source).int()
         ends = torch.isin(token, eos) | (cur + 1 >= max_len)  # transformers' stopping criteria
+        if custom_criteria:
+            texts = candidates[:, :, : cur + 1].reshape(-1, cur + 1)  # [B * K, cur + 1]
+            for criterion in custom_criteria:
+                hit = torch.as_tensor(criterion(texts, None), dtype=torch.bool).reshape(-1)
+                ends |= hit.expand(texts.shape[0]).view(batch, keep)
 
         # the best `beams` continuations that do not end run on
         go_on = top_scores + ends.float() * _NEG

@@ -34,6 +34,7 @@ import torch
 from . import ops
 from . import reference as ref
 from .beam import beam_search
+from .callbacks import GenerateCallbacks
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -133,6 +134,9 @@ class Engine:
         # output_scores / output_logits: (scores, logits, HF's warpers for sampled scores); the
         # sampling steps append to the lists (None: not recorded). Recording runs steps eagerly.
         self._record: tuple[list | None, list | None, Any, bool] | None = None
+        # the call's own logits_processor / stopping_criteria (llmkernels.callbacks): while set,
+        # steps run eagerly and the host reads each token before the next step
+        self._callbacks: GenerateCallbacks | None = None
         # _step_key() -> the captured decode step, its logits
         self._graphs: dict[StepKey, Any] = {}
         self._graph_logits: dict[StepKey, torch.Tensor] = {}
@@ -530,7 +534,8 @@ class Engine:
         """One decode step for rows ``0..batch-1``: reads ``_tokens[:batch]``, writes the next
         tokens there, advances cache lengths (and the RNG state when sampling). Returns logits."""
         logits = self._decode(self._tokens[:batch])  # [B, V]
-        self._sample_into_tokens(logits, greedy, check_values=False)  # inside graphs: no sync
+        # inside graphs: no sync (callbacks' steps run eagerly: their scores are checked)
+        self._sample_into_tokens(logits, greedy, check_values=self._callbacks is not None)
         return logits
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -569,6 +574,8 @@ class Engine:
         tokens = self._tokens[:batch]
         raw = logits
         logits = self._processors.apply(logits, first)
+        if self._callbacks is not None:
+            logits = self._callbacks.process(logits)
         if self._record is not None:
             self._record_step(raw, logits, greedy)
         if greedy:
@@ -614,7 +621,7 @@ class Engine:
         return self.device.type == "cuda" and self.use_cuda_graph and ops.cuda_kernels_available()
 
     def _step_fn(self, batch: int, greedy: bool) -> Callable[[], Any]:
-        if not self._graphs_enabled() or self._record is not None:
+        if not self._graphs_enabled() or self._record is not None or self._callbacks is not None:
             return lambda: self._step(batch, greedy)
         key = self._step_key(batch, greedy)
         if key not in self._graphs:
@@ -726,6 +733,8 @@ class Engine:
         seed: int | None = None,
         generation_config=None,
         assistant_model=None,
+        logits_processor=None,
+        stopping_criteria=None,
         **kwargs: Any,
     ) -> torch.LongTensor:
         """Generate like HF ``model.generate`` (greedy or sampling): returns ``[B, T + n]`` int64
@@ -769,6 +778,12 @@ class Engine:
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
+        ``logits_processor`` / ``stopping_criteria``: the caller's own (transformers'
+        ``LogitsProcessorList`` / ``StoppingCriteriaList`` or lists of callables), given the
+        input_ids and scores transformers gives them, the processors after the engine's own and
+        before temperature / top-k / top-p (:mod:`llmkernels.callbacks`; the steps then run
+        eagerly; not with speculative decoding).
+
         ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy or, with
         ``do_sample``, beam sampling, whose draws come from a CPU generator seeded by ``seed``
         or torch's default one; with ``length_penalty``, ``early_stopping``,
@@ -802,7 +817,16 @@ class Engine:
                 )
             self._cached_ids = []
             recording = params.output_scores or params.output_logits
-            found = beam_search(self, ids, mask, params, record=recording, seed=seed)
+            found = beam_search(
+                self,
+                ids,
+                mask,
+                params,
+                record=recording,
+                seed=seed,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+            )
             if not params.return_dict_in_generate:
                 return found.sequences.to(out_device)
             return found.hf_output(params, out_device)
@@ -817,6 +841,10 @@ class Engine:
             ids = ids.repeat_interleave(copies, dim=0)
             mask = mask.repeat_interleave(copies, dim=0)
         self._cached_ids = []
+        callbacks = GenerateCallbacks.of(
+            logits_processor, stopping_criteria, ids, params.max_new_tokens
+        )
+        _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         rows = [row[m].tolist() for row, m in zip(ids, mask)]
         stops = Stops(params.stop_strings, params.max_time, tokenizer, rows)
@@ -830,6 +858,7 @@ class Engine:
             )
         if recording:
             self._start_recording(params)
+        self._callbacks = callbacks
         try:
             if proposer is not None:
                 new = self._speculative(
@@ -850,6 +879,7 @@ class Engine:
                 )
         finally:
             record, self._record = self._record, None
+            self._callbacks = None
         sequences = torch.cat([ids.cpu(), new], dim=1).to(out_device)
         if not params.return_dict_in_generate:
             return sequences
@@ -976,14 +1006,16 @@ class Engine:
         host = (
             torch.empty(max_new, batch, dtype=torch.int64, pin_memory=True) if on_cuda else history
         )
+        callbacks = self._callbacks  # the caller's processors need each token before the next step
         watch_eos = bool(params.eos_token_ids)
-        watch = watch_eos or stops.active  # rows can finish before max_new_tokens
+        # rows can finish before max_new_tokens
+        watch = watch_eos or stops.active or (callbacks is not None and bool(callbacks.criteria))
         interval = (
             1
-            if streamer is not None or (watch and not on_cuda)
+            if streamer is not None or callbacks is not None or (watch and not on_cuda)
             else (max(1, self.host_sync_interval) if watch else max_new)
         )
-        lag = 1 if on_cuda else 0  # chunks queued ahead of the one being read
+        lag = 1 if on_cuda and callbacks is None else 0  # chunks queued ahead of the one read
         step = self._step_fn(batch, greedy) if max_new > 1 else None
         pending: deque = deque()
 
@@ -1008,9 +1040,14 @@ class Engine:
             if streamer is not None:
                 streamer.put(torch.tensor(row, dtype=torch.int64))
             out.append(row)
+            if callbacks is not None:
+                callbacks.append(row)
             if watch:
                 live = {b: t for b, t in enumerate(row) if not finished[b]}
-                for b in stops.push(live) | {b for b, t in live.items() if t in eos}:
+                hits = stops.push(live) | {b for b, t in live.items() if t in eos}
+                if callbacks is not None and callbacks.criteria:
+                    hits |= callbacks.stopped() & live.keys()
+                for b in hits:
                     finished[b] = True
                 return all(finished) or stops.timed_out()
             return False
@@ -1018,7 +1055,9 @@ class Engine:
         enqueue_copy(0, 1)
         produced, all_done = 1, False
         while not all_done:
-            if produced < max_new:
+            # with no chunk queued ahead (CPU, callbacks), the last tokens are read first: no
+            # step runs past the first token's EOS, and callbacks see every token
+            if produced < max_new and (lag or not pending):
                 stop = min(produced + interval, max_new)
                 for s in range(produced, stop):
                     step()
@@ -1245,6 +1284,8 @@ class Engine:
         ids = self.chat_ids(messages)
         assistant_model = gen_kwargs.pop("assistant_model", None)
         tokenizer = gen_kwargs.pop("tokenizer", None) or tok
+        logits_processor = gen_kwargs.pop("logits_processor", None)
+        stopping_criteria = gen_kwargs.pop("stopping_criteria", None)
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
         if (
             params.return_dict_in_generate
@@ -1262,10 +1303,21 @@ class Engine:
             self._cached_ids = []  # beam search reorders the cache rows
             full = torch.tensor([ids], dtype=torch.int64)
             found = beam_search(
-                self, full, torch.ones_like(full, dtype=torch.bool), params, seed=seed
+                self,
+                full,
+                torch.ones_like(full, dtype=torch.bool),
+                params,
+                seed=seed,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
             )
             generated = found.sequences[0, len(ids) :].tolist()
             return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
+        conversation = torch.tensor([ids], dtype=torch.int64, device=self.device)  # HF's input_ids
+        callbacks = GenerateCallbacks.of(
+            logits_processor, stopping_criteria, conversation, params.max_new_tokens
+        )
+        _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation
         stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
@@ -1286,9 +1338,13 @@ class Engine:
                 new_ids, mask, [reuse], histories, params, proposer, streamer, seed, full, stops
             )[0].tolist()
         else:
-            generated = self._generate(
-                new_ids, mask, [reuse], histories, params, streamer, seed, full, stops
-            )[0].tolist()
+            self._callbacks = callbacks
+            try:
+                generated = self._generate(
+                    new_ids, mask, [reuse], histories, params, streamer, seed, full, stops
+                )[0].tolist()
+            finally:
+                self._callbacks = None
         # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = ids + generated[:-1]
         return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
@@ -1296,6 +1352,17 @@ class Engine:
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
         """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
+
+
+def _refuse_speculative_callbacks(callbacks, params: GenerationParams, assistant_model) -> None:
+    """The caller's processors and criteria run on plain decoding steps and beam search only."""
+    if callbacks is not None and (
+        params.prompt_lookup_num_tokens > 0 or assistant_model is not None
+    ):
+        raise ValueError(
+            "logits_processor / stopping_criteria do not run with speculative decoding "
+            "(prompt_lookup_num_tokens, assistant_model) in the engine; drop one or the other"
+        )
 
 
 def _first_equal_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[int] | None:

@@ -154,7 +154,8 @@ def resolve_generation_params(
             "pad_token_id, stop_strings (with tokenizer), "
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
-            "num_assistant_tokens, num_assistant_tokens_schedule."
+            "num_assistant_tokens, num_assistant_tokens_schedule, logits_processor, "
+            "stopping_criteria."
         )
     model_set = _set_fields(model_generation_config)
     given_set = _set_fields(generation_config)

@@ -564,3 +564,43 @@ def test_beam_search_on_cuda():
     a, b = eng16.generate(ids, **kw), eng16.generate(ids, **kw)
     assert a.shape == (4, 26) and torch.equal(a, b)
     assert ((a >= 0) & (a < VOCAB)).all() and torch.equal(a[:, :10], ids.repeat_interleave(2, 0))
+
+
+# ---- the caller's logits processors and stopping criteria ---------------------------------------
+@torch.inference_mode()
+def test_callbacks_on_cuda():
+    """fp32 (SDPA decode): a logits processor and a stopping criterion see transformers'
+    input_ids and give its tokens, the steps eager instead of graphed; bf16 (the decode kernel):
+    the processor's ban holds and the same output twice."""
+    from test_callbacks import StopAtToken
+
+    class BanNext:
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(input_ids.clone())
+            scores = scores.clone()
+            scores[torch.arange(scores.shape[0]), (input_ids[:, -1] + 1) % VOCAB] = -float("inf")
+            return scores
+
+    hf32 = hf_model(torch.float32)
+    eng32 = lk.Engine.from_hf(hf32, max_batch_size=4, max_seq_len=96)
+    ids = prompts(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    kw["pad_token_id"] = 0
+    plain = hf32.generate(ids, **kw)
+    theirs, ours = BanNext(), BanNext()
+    criteria = dict(stopping_criteria=[StopAtToken(int(plain[0, 14]), 99)])
+    expected = hf32.generate(ids, logits_processor=[theirs], **criteria, **kw)
+    actual = eng32.generate(ids, logits_processor=[ours], **criteria, **kw)
+    assert torch.equal(actual, expected)
+    assert len(ours.seen) == len(theirs.seen)
+    assert all(torch.equal(a, b) for a, b in zip(ours.seen, theirs.seen))
+    eng16 = lk.Engine.from_hf(hf_model(torch.bfloat16), max_batch_size=4, max_seq_len=96)
+    a = eng16.generate(ids, logits_processor=[BanNext()], **kw)
+    b = eng16.generate(ids, logits_processor=[BanNext()], **kw)
+    assert torch.equal(a, b)
+    assert not (a[:, 10:] == (a[:, 9:-1] + 1) % VOCAB).any()  # no token is its predecessor + 1

@@ -1,0 +1,218 @@
+"""The caller's own logits processors and stopping criteria (llmkernels.callbacks): HF generate's
+``logits_processor=`` / ``stopping_criteria=`` against transformers' own generate with the same
+objects. Spies record the input_ids each call gets, so the tests compare those too: the padded
+prompt, the tokens so far, pad ids in place of finished rows' tokens. CPU, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_beam_search import sorts_draws  # transformers < 5.24 draws unsorted
+from test_families import VOCAB, prompts, variant
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
+import llmkernels as lk
+
+
+class Steer(LogitsProcessor):
+    """Bans the token after each row's last one and boosts (last * 7) % V: scores that depend
+    on the whole input_ids, so a wrong text shows in the output. Records its input_ids."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(input_ids.clone())
+        rows = torch.arange(scores.shape[0])
+        last = input_ids[:, -1]
+        scores = scores.clone()
+        scores[rows, (last + 1) % VOCAB] = -float("inf")
+        scores[rows, (last * 7) % VOCAB] += 2.0 + 0.1 * input_ids.shape[1]
+        return scores
+
+
+class OnlyOne(LogitsProcessor):
+    """Leaves one token per row, chosen from its text: sampling must then draw it."""
+
+    def __call__(self, input_ids, scores):
+        keep = (input_ids.sum(dim=1) * 31 + input_ids.shape[1]) % VOCAB
+        masked = torch.full_like(scores, -float("inf"))
+        rows = torch.arange(scores.shape[0])
+        masked[rows, keep] = scores[rows, keep]
+        return masked
+
+
+class StopAtToken(StoppingCriteria):
+    """A row stops once it emits ``token`` or its text reaches ``length``. Records its input_ids."""
+
+    def __init__(self, token: int, length: int):
+        self.token, self.length = token, length
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(input_ids.clone())
+        return (input_ids[:, -1] == self.token) | (input_ids.shape[1] >= self.length)
+
+
+def ragged(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row b has 2 b pad tokens (id 0)."""
+    ids = prompts(batch, length, seed=seed)
+    mask = torch.ones_like(ids)
+    for b in range(batch):
+        ids[b, : 2 * b] = 0
+        mask[b, : 2 * b] = 0
+    return ids, mask
+
+
+def both(hf, eng, ids, make, **kw):
+    """HF's and the engine's output with fresh callbacks from ``make()`` each, and the callbacks."""
+    theirs, ours = make(), make()
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw, **theirs)
+    actual = eng.generate(ids, **kw, **ours)
+    return expected, actual, theirs, ours
+
+
+def assert_same_calls(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> None:
+    assert len(ours) == len(theirs)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), f"call {step}: input_ids differ"
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3"])
+def test_logits_processor_equals_transformers(name):
+    hf = variant(name)
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids, mask = ragged(3, 9)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = hf.generate(ids, **kw)
+    eos = int(plain[1, 9 + 4])  # an EOS id row 1 meets (with the processor the text changes)
+    kw["eos_token_id"] = eos
+
+    def make():
+        return dict(logits_processor=LogitsProcessorList([Steer()]))
+
+    expected, actual, theirs, ours = both(hf, eng, ids, make, **kw)
+    assert torch.equal(actual, expected)
+    assert not torch.equal(expected, hf.generate(ids, **kw))  # the processor changed the text
+    assert_same_calls(theirs["logits_processor"][0].seen, ours["logits_processor"][0].seen)
+
+
+def test_sampling_draws_what_the_processor_leaves():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids, mask = ragged(2, 7)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=5, pad_token_id=0)
+    kw["eos_token_id"] = None
+    expected, actual, _, _ = both(hf, eng, ids, lambda: dict(logits_processor=[OnlyOne()]), **kw)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_stopping_criteria_equal_transformers(eos):
+    """A criterion stops rows one by one; with an EOS id their later tokens are pads (and the
+    criterion sees them), without one they run on, as in transformers."""
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids, mask = ragged(3, 8)
+    kw = dict(attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = hf.generate(ids, **kw, eos_token_id=None)
+    token = int(plain[0, 8 + 3])  # row 0 stops at its 4th token, the others later or at 8 + 10
+    kw["eos_token_id"] = int(plain[2, 8 + 6]) if eos else None
+
+    def make():
+        return dict(stopping_criteria=[StopAtToken(token, 8 + 10)])
+
+    expected, actual, theirs, ours = both(hf, eng, ids, make, **kw)
+    assert torch.equal(actual, expected)
+    assert expected.shape[1] < 8 + 14  # the criterion ended the call
+    assert_same_calls(theirs["stopping_criteria"][0].seen, ours["stopping_criteria"][0].seen)
+
+
+def test_num_return_sequences_gives_the_repeated_prompt():
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids = prompts(2, 6)
+    kw = dict(max_new_tokens=6, do_sample=True, num_return_sequences=2, eos_token_id=None)
+    ours = Steer()
+    out = eng.generate(ids, logits_processor=[ours, OnlyOne()], **kw)
+    with torch.no_grad():
+        expected = hf.generate(ids, logits_processor=[Steer(), OnlyOne()], **kw)
+    assert torch.equal(out, expected)
+    assert torch.equal(ours.seen[0], ids.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize(
+    "sample", [False, pytest.param(True, marks=sorts_draws)], ids=["beams", "beam-sampling"]
+)
+def test_beam_search_runs_them_as_transformers(sample):
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=9, max_seq_len=64)
+    ids, mask = ragged(3, 7)
+    kw = dict(attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=sample)
+    kw.update(pad_token_id=0, eos_token_id=None, num_return_sequences=2)
+    with torch.no_grad():
+        plain = hf.generate(ids, **{**kw, "do_sample": False})
+    token = int(plain[0, 7 + 4])
+
+    def make():
+        return dict(logits_processor=[Steer()], stopping_criteria=[StopAtToken(token, 99)])
+
+    torch.manual_seed(0)
+    theirs = make()
+    with torch.no_grad():
+        expected = hf.generate(ids, **kw, **theirs)
+    torch.manual_seed(0)
+    ours = make()
+    actual = eng.generate(ids, **kw, **ours)
+    assert torch.equal(actual, expected)
+    assert_same_calls(theirs["logits_processor"][0].seen, ours["logits_processor"][0].seen)
+    assert_same_calls(theirs["stopping_criteria"][0].seen, ours["stopping_criteria"][0].seen)
+
+
+def test_refused():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+    ids = prompts(1, 6)
+    with pytest.raises(ValueError, match="do not run with speculative decoding"):
+        eng.generate(ids, logits_processor=[Steer()], prompt_lookup_num_tokens=3)
+    with pytest.raises(TypeError, match="logits_processor must be a LogitsProcessorList"):
+        eng.generate(ids, logits_processor=[1])
+    with pytest.raises(TypeError, match="stopping_criteria must be a StoppingCriteriaList"):
+        eng.generate(ids, stopping_criteria="eos")
+    nan = lambda input_ids, scores: scores * float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="NaN"):
+        eng.generate(ids, logits_processor=[nan], max_new_tokens=3)
+    # a plain callable works, and an empty list is none
+    out = eng.generate(ids, logits_processor=[lambda i, s: s], max_new_tokens=3, eos_token_id=None)
+    assert torch.equal(
+        out, eng.generate(ids, logits_processor=[], max_new_tokens=3, eos_token_id=None)
+    )
+
+
+@pytest.mark.model
+def test_chat_runs_them_on_the_whole_conversation(smollm2_dir):
+    """chat(): the processor sees the whole conversation as input_ids (HF's, from the chat
+    template), also on a follow-up turn that prefills only its new tokens; the reply is what
+    generate gives on those ids."""
+    eng = lk.Engine.from_pretrained(smollm2_dir)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    kw = dict(max_new_tokens=8, do_sample=False)
+    spy = Steer()
+    reply = eng.chat(messages, logits_processor=[spy], **kw)
+    ids = torch.tensor([eng.chat_ids(messages)])
+    assert torch.equal(spy.seen[0], ids)
+    follow = messages + [{"role": "assistant", "content": reply}]
+    follow.append({"role": "user", "content": "Another."})
+    spy = Steer()
+    eng.chat(follow, logits_processor=[spy], **kw)
+    assert eng.last_prefill_len < len(eng.chat_ids(follow))
+    assert torch.equal(spy.seen[0], torch.tensor([eng.chat_ids(follow)]))
+    expected = eng.generate(ids, logits_processor=[Steer()], **kw)[0, ids.shape[1] :]
+    eos = lk.settings.eos_id_list(eng.generation_config.eos_token_id)
+    text = eng.tokenizer.decode(
+        lk.generate.until_eos(expected.tolist(), eos), skip_special_tokens=True
+    )
+    assert reply == text

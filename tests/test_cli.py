@@ -370,6 +370,26 @@ def test_engine_contender_gets_the_prompt_hf_gets_even_with_pad_ids_in_it():
     assert not torch.equal(masked, outputs[0])  # the case this test is about does differ
 
 
+def test_bench_beam_contenders_give_the_same_hypotheses():
+    """--num-beams: HF's and the engine's contenders run the same beam search (every hypothesis
+    new_tokens long), so their outputs are equal; llama.cpp refuses it."""
+    from test_engine import make_hf, tiny_config
+
+    from llmkernels.perf import generate
+
+    model = make_hf(tiny_config())
+    model.generation_config.eos_token_id = 5
+    ids = torch.tensor([[5, 7, 9, 11, 7, 13], [3, 4, 9, 1, 2, 8]])
+    outputs = []
+    for name in ("hf-sdpa", "lk-eager"):
+        run, done = generate.make_runner(name, model, 2, 32, num_beams=3)
+        outputs.append(run(ids, 8))
+        done()
+    assert outputs[0].shape == (2, 6 + 8) and torch.equal(outputs[1], outputs[0])
+    with pytest.raises(ValueError, match="no beam search"):
+        generate.make_runner("llama.cpp", None, 1, 64, source="default", num_beams=2)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

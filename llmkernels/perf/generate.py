@@ -165,6 +165,7 @@ RESULT_COLUMNS = [
     "contender",
     "batch",
     "prompt",
+    "num_beams",
     "prefill_ms",
     "decode_tok_s",
     "per_seq_tok_s",
@@ -262,11 +263,18 @@ def llama_cpp_runner(gguf: Path, max_batch: int, max_seq: int):
     return run, done
 
 
-def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | None = None):
+def make_runner(
+    name: str, model, max_batch: int, max_seq: int, source: str | None = None, num_beams: int = 1
+):
     """Return (generate(input_ids, new_tokens) -> LongTensor, cleanup()) for a contender.
-    ``source``: the --model given (llama.cpp needs an embedded model's GGUF)."""
+    ``source``: the --model given (llama.cpp needs an embedded model's GGUF). ``num_beams > 1``:
+    beam search, every hypothesis ``new_tokens`` long (EOS masked, as HF's contenders always
+    have it)."""
     import llmkernels as lk
 
+    if num_beams > 1 and name == "llama.cpp":
+        raise ValueError("llama.cpp runs no beam search here (llama-cpp-python has none)")
+    beams = dict(num_beams=num_beams) if num_beams > 1 else {}
     if name == "llama.cpp":
         from ..loading import EMBEDDED_MODELS, embedded_gguf_path
 
@@ -276,7 +284,7 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
 
     if name.startswith("hf-"):
         _set_attn(model, "eager" if name == "hf-eager" else "sdpa")
-        kwargs = dict(do_sample=False, pad_token_id=0)
+        kwargs = dict(do_sample=False, pad_token_id=0, **beams)
         cleanup = []
         if name == "hf-static-compile":
             # transformers' own recipe: with a static cache, generate compiles the decode step
@@ -311,7 +319,7 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
     quantize = {"lk-int8": "int8", "lk-int4": "int4", "lk-int4-compile": "int4"}.get(name)
     engine = lk.Engine.from_hf(
         model,
-        max_batch_size=max_batch,
+        max_batch_size=max_batch * num_beams,
         max_seq_len=max_seq,
         use_cuda_graph=name in ("lk-graph", "lk-int8", "lk-int4"),
         quantize=quantize,
@@ -323,7 +331,9 @@ def make_runner(name: str, model, max_batch: int, max_seq: int, source: str | No
         # the mask HF's contenders get: without one, generate would infer padding wherever a
         # random prompt holds the pad token id (HF's rule) and prefill a shorter, masked prompt
         mask = torch.ones_like(input_ids)
-        return engine.generate(input_ids, mask, max_new_tokens=new_tokens, do_sample=False)
+        if beams:  # no hypothesis may end early, or the contenders would time different work
+            beams["min_new_tokens"] = new_tokens
+        return engine.generate(input_ids, mask, max_new_tokens=new_tokens, do_sample=False, **beams)
 
     def done():
         nonlocal engine
@@ -351,12 +361,13 @@ def bench_contender(
     progress=None,
     repeats=2,
     source=None,
+    num_beams=1,
 ):
     rows = []
     max_batch, max_seq = max(batches), max(prompts) + new_tokens
     t0 = time.perf_counter()
     try:
-        run, done = make_runner(name, model, max_batch, max_seq, source)
+        run, done = make_runner(name, model, max_batch, max_seq, source, num_beams)
     except Exception as exc:  # a contender that cannot run here is reported, not fatal
         return [{"contender": name, "error": f"{type(exc).__name__}: {exc}"}]
     setup_s = time.perf_counter() - t0
@@ -389,7 +400,7 @@ def bench_contender(
                 decode_s = max(total_s - prefill_s, 1e-9)
                 steps_per_s = (new_tokens - 1) / decode_s
                 gbytes = weight_bytes + kv_bytes_per_step(
-                    model.config, batch, prompt + new_tokens / 2, model.dtype
+                    model.config, batch * num_beams, prompt + new_tokens / 2, model.dtype
                 )
                 new = out[:, prompt:].cpu()
                 key = (batch, prompt)
@@ -405,6 +416,7 @@ def bench_contender(
                     "batch": batch,
                     "prompt": prompt,
                     "new_tokens": new_tokens,
+                    "num_beams": num_beams,
                     "prefill_ms": prefill_s * 1e3,
                     "decode_tok_s": batch * steps_per_s,
                     "per_seq_tok_s": steps_per_s,
@@ -483,6 +495,7 @@ def run(
     out_dir,
     model_path=None,
     show_progress=True,
+    num_beams=1,
 ) -> list[dict]:
     copy_gbps = copy_bandwidth_gbps(device)
     rows: list[dict] = []
@@ -526,6 +539,7 @@ def run(
                         reference_tokens,
                         progress,
                         source=config_name if model_path is not None else None,
+                        num_beams=num_beams,
                     ):
                         cell = dict(config=config_name, batch=batch, prompt=prompt)
                         rows.append({**cell, "weight_GB": weight_bytes / 1e9, **row})
@@ -562,6 +576,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt", nargs="+", type=int, default=None, help="default 128 2048 (CUDA), 16 (CPU)"
     )
     p.add_argument("--new-tokens", type=int, default=None, help="default 256 (CUDA), 8 (CPU)")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        metavar="N",
+        help="beam search with N beams (decode tok/s counts each prompt's tokens, not each beam's)",
+    )
     p.add_argument("--contenders", nargs="+", default=None, choices=ALL_CONTENDERS)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -614,10 +635,24 @@ def main_from_cli(args, device: torch.device) -> int:
     out_dir = Path(args.out) if args.out else results_dir(device=device)
     print(
         f"[bench] {environment(device)['device']}: configs {configs}, batches {batches}, prompts {prompts}, "
-        f"{new_tokens} new tokens, {str(dtype).replace('torch.', '')}; results -> {out_dir}",
+        f"{new_tokens} new tokens{f', {args.num_beams} beams' if args.num_beams > 1 else ''}, "
+        f"{str(dtype).replace('torch.', '')}; results -> {out_dir}",
         file=sys.stderr,
     )
-    rows = run(configs, batches, prompts, new_tokens, contenders, device, dtype, out_dir, model_dir)
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
+    rows = run(
+        configs,
+        batches,
+        prompts,
+        new_tokens,
+        contenders,
+        device,
+        dtype,
+        out_dir,
+        model_dir,
+        num_beams=args.num_beams,
+    )
     if args.kernels:
         if not cuda:
             print("[bench] --kernels needs a CUDA device; skipped", file=sys.stderr)

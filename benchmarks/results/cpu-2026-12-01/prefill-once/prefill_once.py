@@ -36,6 +36,8 @@ for plen in (128, 512):
                     seqs[mode] = seq[:, plen:].tolist()
             key = f"{name}_prompt{plen}_new{new}"
             out[key] = {"s": best, "same_tokens": seqs["once"] == seqs["every_row"]}
-            print(key, {m: round(t, 3) for m, t in best.items()}, out[key]["same_tokens"], flush=True)
+            print(
+                key, {m: round(t, 3) for m, t in best.items()}, out[key]["same_tokens"], flush=True
+            )
 G._first_equal_rows = modes["once"]
 Path(sys.argv[1]).write_text(json.dumps(out, indent=1))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .callbacks import as_callables
+from .callbacks import as_callables, refuse_twins
 
 if TYPE_CHECKING:
     from .generate import Engine
@@ -138,17 +138,10 @@ class BeamResult(NamedTuple):
 
 def _draw(totals: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """``count`` indices per row of ``totals [B, n * V]`` (running scores) drawn without
-    replacement from their softmax, as transformers' beam sampling draws; a clear error where
-    the warpers left fewer candidates than that."""
-    probs = torch.softmax(totals, dim=-1)
-    short = int((probs > 0).sum(dim=-1).min())
-    if short < count:
-        raise ValueError(
-            f"beam sampling needs {count} candidates per prompt (max(2, 1 + EOS ids) x num_beams) "
-            f"with a probability above 0, but the sampling settings (top_k, top_p, min_p, ...) "
-            f"left {short}; loosen them or use fewer beams"
-        )
-    return torch.multinomial(probs, count, generator=generator)
+    replacement from their softmax, as transformers' beam sampling draws them (once the
+    candidates with a probability run out, ``torch.multinomial`` takes zero-probability ones, as
+    there)."""
+    return torch.multinomial(torch.softmax(totals, dim=-1), count, generator=generator)
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -175,9 +168,10 @@ def beam_search(
     and ``logits`` are recorded only when ``record``). Beam sampling draws from a CPU generator
     seeded by ``seed`` (None: torch's default CPU generator). ``logits_processor`` /
     ``stopping_criteria``: the caller's own (:mod:`llmkernels.callbacks`), given what
-    transformers' beam search gives them: a processor each beam's padded text ``[B * n, cur]``
-    and its scores; a criterion the top continuations' texts ``[B * K, cur + 1]`` and None for
-    the scores (transformers passes its recorded scores, or None when not recording)."""
+    transformers' beam search gives them, on the CPU (where the bookkeeping runs): a processor
+    each beam's padded text ``[B * n, cur]`` and its scores; a criterion the top continuations'
+    texts ``[B * K, cur + 1]`` and the scores recorded so far (a tuple; None unless
+    ``return_dict_in_generate`` and ``output_scores``)."""
     beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
     rows = batch * beams
     max_len = prompt_len + params.max_new_tokens
@@ -196,6 +190,7 @@ def beam_search(
     )
     custom = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
     custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
+    refuse_twins(custom, custom_criteria, params)
     processors = _processors(params, prompt_len, max_len, beam_mask, custom)
     sampling = not params.greedy
     generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -241,8 +236,13 @@ def beam_search(
         ends = torch.isin(token, eos) | (cur + 1 >= max_len)  # transformers' stopping criteria
         if custom_criteria:
             texts = candidates[:, :, : cur + 1].reshape(-1, cur + 1)  # [B * K, cur + 1]
+            seen = (
+                tuple(scores_seen)
+                if params.return_dict_in_generate and params.output_scores
+                else None
+            )
             for criterion in custom_criteria:
-                hit = torch.as_tensor(criterion(texts, None), dtype=torch.bool).reshape(-1)
+                hit = torch.as_tensor(criterion(texts, seen), dtype=torch.bool).reshape(-1)
                 ends |= hit.expand(texts.shape[0]).view(batch, keep)
 
         # the best `beams` continuations that do not end run on

@@ -10,14 +10,21 @@ They run on the host's side of each step, where transformers runs them:
   place transformers gives a custom list (merged after its processors, before its warpers); the
   engine samples from what the last one returns;
 - a criterion gets ``(input_ids [B, cur], scores)`` once the step's token is appended and returns
-  a bool per row (or one for every row); a row it stops is finished, as at an EOS id.
+  a bool per row (or one for every row); a row it stops is finished, as at an EOS id. ``scores``
+  is what transformers passes: the tuple of scores recorded so far with
+  ``return_dict_in_generate`` and ``output_scores``, else None.
 
 ``input_ids`` are what transformers passes: the prompt as given (left padding included; with
 ``num_return_sequences`` each row repeated) followed by the tokens so far, the pad id in place of
-a finished row's tokens. The ``scores`` a criterion gets are the step's, after the processors.
+a finished row's tokens.
 
-With callbacks every decode step runs eagerly (no CUDA graph), its scores are checked for NaN,
-and the host reads its token before the next step: a processor needs the text so far.
+transformers puts a custom processor or criterion in place of one of the same type that the
+settings build (a ``RepetitionPenaltyLogitsProcessor`` with ``repetition_penalty``, an
+``EosTokenCriteria``, ...). The engine builds those in its own graphs, so such a twin raises,
+naming the setting to use instead (:func:`refuse_twins`).
+
+With callbacks every decode step runs eagerly (no CUDA graph) and the host reads its token
+before the next step: a processor needs the text so far.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenerateCallbacks", "as_callables"]
+__all__ = ["GenerateCallbacks", "as_callables", "refuse_twins"]
 
 
 def as_callables(value: Any, name: str, hf_list: str) -> list[Callable]:
@@ -41,6 +48,54 @@ def as_callables(value: Any, name: str, hf_list: str) -> list[Callable]:
     return list(value)
 
 
+def refuse_twins(processors: list, criteria: list, params) -> None:
+    """``ValueError`` for a processor or criterion of a type that these settings (a
+    GenerationParams) make transformers build too: transformers would use the caller's in its
+    place, the engine cannot (its own run inside its graphs)."""
+    from transformers.generation import logits_process as lp
+    from transformers.generation import stopping_criteria as sc
+
+    eos = bool(params.eos_token_ids)
+    built = {  # transformers' class -> the setting that builds it (None: always built)
+        lp.SequenceBiasLogitsProcessor: "sequence_bias" if params.sequence_bias else "",
+        lp.RepetitionPenaltyLogitsProcessor: "repetition_penalty"
+        if params.repetition_penalty != 1.0
+        else "",
+        lp.NoRepeatNGramLogitsProcessor: "no_repeat_ngram_size"
+        if params.no_repeat_ngram_size > 0
+        else "",
+        lp.NoBadWordsLogitsProcessor: "bad_words_ids" if params.bad_words_ids is not None else "",
+        lp.MinLengthLogitsProcessor: "min_length" if eos and params.min_new_tokens > 0 else "",
+        lp.MinNewTokensLengthLogitsProcessor: "min_new_tokens"
+        if eos and params.min_new_tokens > 0
+        else "",
+        lp.ForcedEOSTokenLogitsProcessor: "forced_eos_token_id"
+        if params.forced_eos_token_id is not None
+        else "",
+        lp.InfNanRemoveLogitsProcessor: "remove_invalid_values"
+        if params.remove_invalid_values
+        else "",
+        lp.SuppressTokensLogitsProcessor: "suppress_tokens"
+        if params.suppress_tokens is not None
+        else "",
+        lp.SuppressTokensAtBeginLogitsProcessor: "begin_suppress_tokens"
+        if params.begin_suppress_tokens is not None
+        else "",
+        sc.MaxLengthCriteria: "max_new_tokens / max_length",
+        sc.EosTokenCriteria: "eos_token_id",
+        sc.MaxTimeCriteria: "max_time" if params.max_time is not None else "",
+        sc.StopStringCriteria: "stop_strings" if params.stop_strings else "",
+    }
+    for given in (*processors, *criteria):
+        setting = built.get(type(given))
+        if setting:
+            raise ValueError(
+                f"{type(given).__name__} given in logits_processor / stopping_criteria while the "
+                f"settings build one too ({setting}): transformers would use yours in its place, "
+                f"the engine runs its own in its graphs; set {setting} instead, or drop it"
+            )
+
+
 class GenerateCallbacks:
     """The callbacks of one generate call, with the ``input_ids`` they are given:
     ``prompt [B, T]`` (as transformers has it) and up to ``max_new_tokens`` more."""
@@ -51,19 +106,20 @@ class GenerateCallbacks:
         self.ids = torch.empty(batch, width + max_new, dtype=torch.int64, device=prompt.device)
         self.ids[:, :width] = prompt
         self.length = width  # valid columns of ids
-        self.scores: torch.Tensor | None = None  # the last step's processed scores
 
     @classmethod
     def of(
-        cls, logits_processor, stopping_criteria, prompt: torch.Tensor, max_new_tokens: int
+        cls, logits_processor, stopping_criteria, prompt: torch.Tensor, params
     ) -> GenerateCallbacks | None:
-        """The callbacks for these arguments, or None when there are none (``TypeError`` for
-        anything but callables)."""
+        """The callbacks for these arguments and settings (a GenerationParams), or None when
+        there are none (``TypeError`` for anything but callables, ``ValueError`` for twins of
+        what the settings build)."""
         processors = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
         criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
         if not processors and not criteria:
             return None
-        return cls(processors, criteria, prompt, max_new_tokens)
+        refuse_twins(processors, criteria, params)
+        return cls(processors, criteria, prompt, params.max_new_tokens)
 
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         """The processors over this step's ``scores [B, V]`` (in fp32, as transformers' are)."""
@@ -71,7 +127,6 @@ class GenerateCallbacks:
         ids = self.ids[:, : self.length]
         for processor in self.processors:
             scores = processor(ids, scores)
-        self.scores = scores
         return scores
 
     def append(self, tokens: list[int]) -> None:
@@ -79,12 +134,12 @@ class GenerateCallbacks:
         self.ids[:, self.length] = torch.tensor(tokens, dtype=torch.int64)
         self.length += 1
 
-    def stopped(self) -> set[int]:
-        """The rows a criterion stops, given input_ids so far and the last step's scores."""
+    def stopped(self, scores: tuple[torch.Tensor, ...] | None) -> set[int]:
+        """The rows a criterion stops, given input_ids so far and ``scores`` (see above)."""
         batch = self.ids.shape[0]
         done = torch.zeros(batch, dtype=torch.bool)
         ids = self.ids[:, : self.length]
         for criterion in self.criteria:
-            result = criterion(ids, self.scores)
+            result = criterion(ids, scores)
             done |= torch.as_tensor(result, dtype=torch.bool).cpu().reshape(-1).expand(batch)
         return set(torch.nonzero(done).flatten().tolist())

@@ -534,8 +534,7 @@ class Engine:
         """One decode step for rows ``0..batch-1``: reads ``_tokens[:batch]``, writes the next
         tokens there, advances cache lengths (and the RNG state when sampling). Returns logits."""
         logits = self._decode(self._tokens[:batch])  # [B, V]
-        # inside graphs: no sync (callbacks' steps run eagerly: their scores are checked)
-        self._sample_into_tokens(logits, greedy, check_values=self._callbacks is not None)
+        self._sample_into_tokens(logits, greedy, check_values=False)  # inside graphs: no sync
         return logits
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -841,9 +840,7 @@ class Engine:
             ids = ids.repeat_interleave(copies, dim=0)
             mask = mask.repeat_interleave(copies, dim=0)
         self._cached_ids = []
-        callbacks = GenerateCallbacks.of(
-            logits_processor, stopping_criteria, ids, params.max_new_tokens
-        )
+        callbacks = GenerateCallbacks.of(logits_processor, stopping_criteria, ids, params)
         _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         rows = [row[m].tolist() for row, m in zip(ids, mask)]
@@ -1032,6 +1029,13 @@ class Engine:
         finished = [False] * batch
         out: list[list[int]] = []
 
+        def recorded_scores() -> tuple[torch.Tensor, ...] | None:
+            """What transformers hands stopping criteria as scores: those recorded so far."""
+            recorded = self._record[0] if self._record is not None else None
+            if recorded is None or not params.return_dict_in_generate:
+                return None
+            return tuple(recorded)
+
         def consume(row: list[int]) -> bool:
             """HF's per-step bookkeeping; True once every row has finished. As HF, finished rows
             get pad tokens only when EOS is watched (else they go on until all have finished)."""
@@ -1046,7 +1050,7 @@ class Engine:
                 live = {b: t for b, t in enumerate(row) if not finished[b]}
                 hits = stops.push(live) | {b for b, t in live.items() if t in eos}
                 if callbacks is not None and callbacks.criteria:
-                    hits |= callbacks.stopped() & live.keys()
+                    hits |= callbacks.stopped(recorded_scores()) & live.keys()
                 for b in hits:
                     finished[b] = True
                 return all(finished) or stops.timed_out()
@@ -1314,9 +1318,7 @@ class Engine:
             generated = found.sequences[0, len(ids) :].tolist()
             return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
         conversation = torch.tensor([ids], dtype=torch.int64, device=self.device)  # HF's input_ids
-        callbacks = GenerateCallbacks.of(
-            logits_processor, stopping_criteria, conversation, params.max_new_tokens
-        )
+        callbacks = GenerateCallbacks.of(logits_processor, stopping_criteria, conversation, params)
         _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation

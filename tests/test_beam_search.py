@@ -156,7 +156,12 @@ SAMPLING = [
     dict(num_beams=2, typical_p=0.9, early_stopping=True),
     dict(num_beams=3, epsilon_cutoff=3e-4, no_repeat_ngram_size=2),
     dict(num_beams=3, eta_cutoff=1e-3, top_k=0),
+    # fewer candidates than K = 2n with a probability: torch.multinomial draws zero-probability
+    # ones too, in transformers as in the engine (so peaked that seeds may draw alike)
+    dict(num_beams=4, top_k=3),
+    dict(num_beams=2, top_p=0.5, temperature=0.2),
 ]
+FEW_CANDIDATES = SAMPLING[-2:]
 
 
 # Before 5.24 transformers' beam sampling kept its drawn candidates in draw order, so the first
@@ -174,7 +179,8 @@ sorts_draws = pytest.mark.skipif(
 )
 def test_beam_sampling_equals_transformers(name, settings):
     """Beam sampling draws as transformers' does: after torch.manual_seed(s), or with seed=s,
-    the same hypotheses; other seeds draw others (the test can fail)."""
+    the same hypotheses; other seeds draw others (the test can fail), but where the settings
+    leave fewer candidates than the draw takes."""
     hf = variant(name)
     eng = lk.Engine.from_hf(hf, max_batch_size=12, max_seq_len=64)
     ids, mask = ragged(3, 9)
@@ -191,7 +197,8 @@ def test_beam_sampling_equals_transformers(name, settings):
         torch.manual_seed(seed + 100)  # the engine's own generator, not the global one
         assert torch.equal(eng.generate(ids, seed=seed, **kw), expected), f"seed={seed}"
         outs[seed] = expected
-    assert not (torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]))
+    if settings not in FEW_CANDIDATES:
+        assert not (torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]))
 
 
 @sorts_draws
@@ -219,8 +226,6 @@ def test_refused_settings_name_themselves():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
     ids = prompts(1, 6)
-    with pytest.raises(ValueError, match="beam sampling needs 8 candidates .* left 3"):
-        eng.generate(ids, num_beams=4, do_sample=True, top_k=3)  # transformers: a RuntimeError
     with pytest.raises(ValueError, match="stop_strings, max_time"):
         eng.generate(ids, num_beams=2, stop_strings=["x"], max_time=3.0, tokenizer=object())
     with pytest.raises(ValueError, match="must be <= num_beams=2"):

@@ -9,7 +9,14 @@ import pytest
 import torch
 from test_beam_search import sorts_draws  # transformers < 5.24 draws unsorted
 from test_families import VOCAB, prompts, variant
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers import (
+    EosTokenCriteria,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+)
 
 import llmkernels as lk
 
@@ -43,14 +50,17 @@ class OnlyOne(LogitsProcessor):
 
 
 class StopAtToken(StoppingCriteria):
-    """A row stops once it emits ``token`` or its text reaches ``length``. Records its input_ids."""
+    """A row stops once it emits ``token`` or its text reaches ``length``. Records its input_ids
+    and what it was given as scores (None, or how many steps' scores)."""
 
     def __init__(self, token: int, length: int):
         self.token, self.length = token, length
         self.seen: list[torch.Tensor] = []
+        self.scores: list[int | None] = []
 
     def __call__(self, input_ids, scores, **kwargs):
         self.seen.append(input_ids.clone())
+        self.scores.append(None if scores is None else len(scores))
         return (input_ids[:, -1] == self.token) | (input_ids.shape[1] >= self.length)
 
 
@@ -99,6 +109,18 @@ def test_logits_processor_equals_transformers(name):
     assert_same_calls(theirs["logits_processor"][0].seen, ours["logits_processor"][0].seen)
 
 
+def test_a_builtin_type_without_its_setting_runs_as_in_transformers():
+    """A RepetitionPenaltyLogitsProcessor with no repetition_penalty set is just a custom one."""
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+    ids = prompts(2, 7)
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)
+    make = lambda: dict(logits_processor=[RepetitionPenaltyLogitsProcessor(4.0)])  # noqa: E731
+    expected, actual, _, _ = both(hf, eng, ids, make, **kw)
+    assert torch.equal(actual, expected)
+    assert not torch.equal(expected, eng.generate(ids, **kw))
+
+
 def test_sampling_draws_what_the_processor_leaves():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
@@ -129,6 +151,13 @@ def test_stopping_criteria_equal_transformers(eos):
     assert torch.equal(actual, expected)
     assert expected.shape[1] < 8 + 14  # the criterion ended the call
     assert_same_calls(theirs["stopping_criteria"][0].seen, ours["stopping_criteria"][0].seen)
+    assert ours["stopping_criteria"][0].scores == theirs["stopping_criteria"][0].scores  # None
+    # recording scores: the criterion gets the steps' scores so far, as in transformers
+    kw.update(return_dict_in_generate=True, output_scores=True)
+    expected, actual, theirs, ours = both(hf, eng, ids, make, **kw)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert ours["stopping_criteria"][0].scores == theirs["stopping_criteria"][0].scores
+    assert theirs["stopping_criteria"][0].scores[:2] == [1, 2]
 
 
 def test_num_return_sequences_gives_the_repeated_prompt():
@@ -182,6 +211,17 @@ def test_refused():
         eng.generate(ids, logits_processor=[1])
     with pytest.raises(TypeError, match="stopping_criteria must be a StoppingCriteriaList"):
         eng.generate(ids, stopping_criteria="eos")
+    # twins of what the settings build: transformers would use the caller's in their place
+    with pytest.raises(
+        ValueError, match=r"RepetitionPenaltyLogitsProcessor .*\(repetition_penalty\)"
+    ):
+        eng.generate(
+            ids, logits_processor=[RepetitionPenaltyLogitsProcessor(1.3)], repetition_penalty=1.2
+        )
+    with pytest.raises(ValueError, match=r"MaxLengthCriteria .*\(max_new_tokens / max_length\)"):
+        eng.generate(ids, stopping_criteria=[MaxLengthCriteria(10)])
+    with pytest.raises(ValueError, match=r"EosTokenCriteria .*\(eos_token_id\)"):
+        eng.generate(ids, num_beams=2, stopping_criteria=[EosTokenCriteria(5)])
     nan = lambda input_ids, scores: scores * float("nan")  # noqa: E731
     with pytest.raises(ValueError, match="NaN"):
         eng.generate(ids, logits_processor=[nan], max_new_tokens=3)

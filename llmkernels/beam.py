@@ -4,10 +4,10 @@ The semantics are transformers' (``GenerationMixin._beam_search``, 5.x), restate
 prompt row becomes ``n`` cache rows (prefilled alike). Per step every beam's next-token log
 probabilities are added to its running score, and of the ``n * V`` continuations the best
 ``K = max(2, 1 + number of EOS ids) * n`` are kept (beam sampling, ``do_sample=True``: ``K``
-drawn without replacement from the softmax of those running scores, then sorted). A continuation that ends in an EOS id, or
-reaches the length limit, is a finished hypothesis, scored ``score / generated_length **
-length_penalty`` and kept among the item's ``n`` best finished ones when it is among the top
-``n`` continuations; the best ``n`` continuations that do not end go on running, and the cache
+drawn without replacement from the softmax of those running scores, then sorted). A
+continuation that ends in an EOS id, or reaches the length limit, is a finished hypothesis,
+scored ``score / generated_length ** length_penalty`` and kept among the item's ``n`` best
+finished ones when it is among the top ``n`` continuations; the best ``n`` continuations that do not end go on running, and the cache
 rows are reordered to follow them. An item stops improving when its ``n`` finished slots are
 full and its best running beam cannot beat their worst (``early_stopping`` False: at the length
 so far; ``"never"`` with ``length_penalty > 0``: at the maximum length); ``early_stopping=True``
@@ -136,14 +136,6 @@ class BeamResult(NamedTuple):
         )
 
 
-def _draw(totals: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``count`` indices per row of ``totals [B, n * V]`` (running scores) drawn without
-    replacement from their softmax, as transformers' beam sampling draws them (once the
-    candidates with a probability run out, ``torch.multinomial`` takes zero-probability ones, as
-    there)."""
-    return torch.multinomial(torch.softmax(totals, dim=-1), count, generator=generator)
-
-
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[b, index[b, j], ...]``: t ``[B, N, ...]``, index ``[B, M]`` -> ``[B, M, ...]``."""
     while index.dim() < t.dim():
@@ -181,6 +173,9 @@ def beam_search(
     # transformers fills unused positions with `pad or eos[0]` when there is an EOS id, else -1
     fill = -1 if not params.eos_token_ids else (params.pad_token_id or params.eos_token_ids[0])
 
+    custom = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
+    custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
+    refuse_twins(custom, custom_criteria, params)
     beam_ids = ids.cpu().repeat_interleave(beams, dim=0)
     beam_mask = mask.cpu().repeat_interleave(beams, dim=0)
     real_lens = engine._check_capacity(beam_ids, beam_mask, [0] * rows, params)
@@ -188,9 +183,6 @@ def beam_search(
     logits = engine._prefill(
         beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
     )
-    custom = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
-    custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
-    refuse_twins(custom, custom_criteria, params)
     processors = _processors(params, prompt_len, max_len, beam_mask, custom)
     sampling = not params.greedy
     generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -221,8 +213,9 @@ def beam_search(
             scores_seen.append(log_probs.clone())
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        if sampling:  # K continuations drawn without replacement, then best first
-            top_index = _draw(totals, keep, generator)
+        if sampling:  # K continuations drawn without replacement, then best first; once the
+            # ones with a probability run out, multinomial takes zero-probability ones, as in HF
+            top_index = torch.multinomial(torch.softmax(totals, dim=-1), keep, generator=generator)
             top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
             top_index = top_index.gather(1, order)
         else:

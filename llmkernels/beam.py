@@ -7,8 +7,8 @@ probabilities are added to its running score, and of the ``n * V`` continuations
 drawn without replacement from the softmax of those running scores, then sorted). A
 continuation that ends in an EOS id, or reaches the length limit, is a finished hypothesis,
 scored ``score / generated_length ** length_penalty`` and kept among the item's ``n`` best
-finished ones when it is among the top ``n`` continuations; the best ``n`` continuations that do not end go on running, and the cache
-rows are reordered to follow them. An item stops improving when its ``n`` finished slots are
+finished ones when it is among the top ``n`` continuations; the best ``n`` continuations that
+do not end go on running, and the cache rows are reordered to follow them. An item stops improving when its ``n`` finished slots are
 full and its best running beam cannot beat their worst (``early_stopping`` False: at the length
 so far; ``"never"`` with ``length_penalty > 0``: at the maximum length); ``early_stopping=True``
 ends once every item has ``n`` finished hypotheses. The ``num_return_sequences`` best finished

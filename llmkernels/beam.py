@@ -2,17 +2,18 @@
 
 The semantics are transformers' (``GenerationMixin._beam_search``, 5.x), restated here: each
 prompt row becomes ``n`` cache rows (prefilled alike). Per step every beam's next-token log
-probabilities are added to its running score, and of the ``n * V`` continuations the best
-``K = max(2, 1 + number of EOS ids) * n`` are kept (beam sampling, ``do_sample=True``: ``K``
-drawn without replacement from the softmax of those running scores, then sorted). A
-continuation that ends in an EOS id, or reaches the length limit, is a finished hypothesis,
-scored ``score / generated_length ** length_penalty`` and kept among the item's ``n`` best
-finished ones when it is among the top ``n`` continuations; the best ``n`` continuations that
-do not end go on running, and the cache rows are reordered to follow them. An item stops improving when its ``n`` finished slots are
-full and its best running beam cannot beat their worst (``early_stopping`` False: at the length
-so far; ``"never"`` with ``length_penalty > 0``: at the maximum length); ``early_stopping=True``
-ends once every item has ``n`` finished hypotheses. The ``num_return_sequences`` best finished
-hypotheses of each item are returned, padded to the longest.
+probabilities are added to its running score, and of the ``n * V`` continuations the best ``K =
+max(2, 1 + number of EOS ids) * n`` are kept (beam sampling, ``do_sample=True``: ``K`` drawn
+without replacement from the softmax of those running scores, then sorted). A continuation that
+ends in an EOS id, or reaches the length limit, is a finished hypothesis, scored ``score /
+generated_length ** length_penalty`` and kept among the item's ``n`` best finished ones when it is
+among the top ``n`` continuations; the best ``n`` continuations that do not end go on running, and
+the cache rows are reordered to follow them. An item stops improving when its ``n`` finished slots
+are full and its best running beam cannot beat their worst (``early_stopping`` False: at the
+length so far; ``"never"`` with ``length_penalty > 0``: at the maximum length);
+``early_stopping=True`` ends once every item has ``n`` finished hypotheses. The
+``num_return_sequences`` best finished hypotheses of each item are returned, padded to the
+longest.
 
 The logits processors (repetition penalty, n-gram bans, sequence bias, bad words, minimum
 lengths, forced EOS, suppressed tokens, invalid values, renormalization) are transformers' own

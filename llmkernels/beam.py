@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .callbacks import as_callables, refuse_twins
+from .settings import transformers_warpers
 
 if TYPE_CHECKING:
     from .generate import Engine
@@ -90,21 +91,7 @@ def _processors(
         )
     procs.extend(custom or [])
     if not params.greedy:  # beam sampling: the warpers, each keeping the K / n a beam may need
-        keep = max(2, 1 + len(eos))
-        if params.temperature != 1.0:
-            procs.append(lp.TemperatureLogitsWarper(params.temperature))
-        if params.top_k:
-            procs.append(lp.TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=keep))
-        if params.top_p < 1.0:
-            procs.append(lp.TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=keep))
-        if params.min_p > 0:
-            procs.append(lp.MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=keep))
-        if params.typical_p < 1.0:
-            procs.append(lp.TypicalLogitsWarper(mass=params.typical_p, min_tokens_to_keep=keep))
-        if params.epsilon_cutoff > 0:
-            procs.append(lp.EpsilonLogitsWarper(params.epsilon_cutoff, min_tokens_to_keep=keep))
-        if params.eta_cutoff > 0:
-            procs.append(lp.EtaLogitsWarper(params.eta_cutoff, min_tokens_to_keep=keep))
+        procs.extend(transformers_warpers(params, min_tokens_to_keep=max(2, 1 + len(eos))))
     if params.renormalize_logits:
         procs.append(lp.LogitNormalization())
     return procs or None

@@ -55,40 +55,35 @@ def refuse_twins(processors: list, criteria: list, params) -> None:
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
 
-    eos = bool(params.eos_token_ids)
-    built = {  # transformers' class -> the setting that builds it (None: always built)
-        lp.SequenceBiasLogitsProcessor: "sequence_bias" if params.sequence_bias else "",
-        lp.RepetitionPenaltyLogitsProcessor: "repetition_penalty"
-        if params.repetition_penalty != 1.0
-        else "",
-        lp.NoRepeatNGramLogitsProcessor: "no_repeat_ngram_size"
-        if params.no_repeat_ngram_size > 0
-        else "",
-        lp.NoBadWordsLogitsProcessor: "bad_words_ids" if params.bad_words_ids is not None else "",
-        lp.MinLengthLogitsProcessor: "min_length" if eos and params.min_new_tokens > 0 else "",
-        lp.MinNewTokensLengthLogitsProcessor: "min_new_tokens"
-        if eos and params.min_new_tokens > 0
-        else "",
-        lp.ForcedEOSTokenLogitsProcessor: "forced_eos_token_id"
-        if params.forced_eos_token_id is not None
-        else "",
-        lp.InfNanRemoveLogitsProcessor: "remove_invalid_values"
-        if params.remove_invalid_values
-        else "",
-        lp.SuppressTokensLogitsProcessor: "suppress_tokens"
-        if params.suppress_tokens is not None
-        else "",
-        lp.SuppressTokensAtBeginLogitsProcessor: "begin_suppress_tokens"
-        if params.begin_suppress_tokens is not None
-        else "",
-        sc.MaxLengthCriteria: "max_new_tokens / max_length",
-        sc.EosTokenCriteria: "eos_token_id",
-        sc.MaxTimeCriteria: "max_time" if params.max_time is not None else "",
-        sc.StopStringCriteria: "stop_strings" if params.stop_strings else "",
-    }
+    eos, min_new = bool(params.eos_token_ids), params.min_new_tokens > 0
+    built = [  # (transformers' class, the setting that builds it, whether these settings do)
+        (lp.SequenceBiasLogitsProcessor, "sequence_bias", bool(params.sequence_bias)),
+        (lp.RepetitionPenaltyLogitsProcessor, "repetition_penalty", params.repetition_penalty != 1),
+        (lp.NoRepeatNGramLogitsProcessor, "no_repeat_ngram_size", params.no_repeat_ngram_size > 0),
+        (lp.NoBadWordsLogitsProcessor, "bad_words_ids", params.bad_words_ids is not None),
+        (lp.MinLengthLogitsProcessor, "min_length", eos and min_new),
+        (lp.MinNewTokensLengthLogitsProcessor, "min_new_tokens", eos and min_new),
+        (
+            lp.ForcedEOSTokenLogitsProcessor,
+            "forced_eos_token_id",
+            params.forced_eos_token_id is not None,
+        ),
+        (lp.InfNanRemoveLogitsProcessor, "remove_invalid_values", params.remove_invalid_values),
+        (lp.SuppressTokensLogitsProcessor, "suppress_tokens", params.suppress_tokens is not None),
+        (
+            lp.SuppressTokensAtBeginLogitsProcessor,
+            "begin_suppress_tokens",
+            params.begin_suppress_tokens is not None,
+        ),
+        (sc.MaxLengthCriteria, "max_new_tokens / max_length", True),
+        (sc.EosTokenCriteria, "eos_token_id", True),
+        (sc.MaxTimeCriteria, "max_time", params.max_time is not None),
+        (sc.StopStringCriteria, "stop_strings", bool(params.stop_strings)),
+    ]
+    twins = {cls: setting for cls, setting, on in built if on}
     for given in (*processors, *criteria):
-        setting = built.get(type(given))
-        if setting:
+        setting = twins.get(type(given))
+        if setting is not None:
             raise ValueError(
                 f"{type(given).__name__} given in logits_processor / stopping_criteria while the "
                 f"settings build one too ({setting}): transformers would use yours in its place, "

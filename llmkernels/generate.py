@@ -40,7 +40,7 @@ from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .processors import LogitsProcessors, ProcessorKey
 from .quant import quantize_model_weights
-from .settings import GenerationParams, resolve_generation_params
+from .settings import GenerationParams, resolve_generation_params, transformers_warpers
 from .speculative import (
     MAX_SPECULATIVE_TOKENS,
     DraftModel,
@@ -894,32 +894,7 @@ class Engine:
         """Record each step's scores / logits for HF's ``output_scores`` / ``output_logits``
         (the decode steps then run eagerly, not as CUDA graphs). Sampled scores go through
         transformers' own warpers, in its order, so they are what HF would report."""
-        from transformers.generation.logits_process import (
-            EpsilonLogitsWarper,
-            EtaLogitsWarper,
-            LogitsProcessorList,
-            MinPLogitsWarper,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-            TypicalLogitsWarper,
-        )
-
-        warpers = LogitsProcessorList()
-        if params.temperature not in (0.0, 1.0):
-            warpers.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k:
-            warpers.append(TopKLogitsWarper(top_k=params.top_k))
-        if params.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=params.top_p))
-        if params.min_p > 0:
-            warpers.append(MinPLogitsWarper(min_p=params.min_p))
-        if params.typical_p < 1:
-            warpers.append(TypicalLogitsWarper(mass=params.typical_p))
-        if params.epsilon_cutoff > 0:
-            warpers.append(EpsilonLogitsWarper(epsilon=params.epsilon_cutoff))
-        if params.eta_cutoff > 0:
-            warpers.append(EtaLogitsWarper(epsilon=params.eta_cutoff, device=self.device))
+        warpers = transformers_warpers(params, device=self.device)
         scores = [] if params.output_scores else None
         logits = [] if params.output_logits else None
         self._record = (scores, logits, warpers, params.renormalize_logits)

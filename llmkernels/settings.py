@@ -361,6 +361,36 @@ def _check_beam_settings(p: GenerationParams) -> None:
         )
 
 
+def transformers_warpers(
+    params: GenerationParams, min_tokens_to_keep: int = 1, device: Any = "cpu"
+):
+    """transformers' sampling warpers for these settings, in the order its ``generate`` builds
+    them (temperature, top-k, top-p, min-p, typical, epsilon, eta), each keeping at least
+    ``min_tokens_to_keep`` tokens (beam sampling keeps what a beam may need); a
+    ``LogitsProcessorList``, empty when none is on."""
+    from transformers.generation import logits_process as lp
+
+    keep = min_tokens_to_keep
+    warpers = lp.LogitsProcessorList()
+    if params.temperature not in (0.0, 1.0):  # 0: greedy, for which nothing is warped
+        warpers.append(lp.TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        warpers.append(lp.TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=keep))
+    if params.top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=keep))
+    if params.min_p > 0:
+        warpers.append(lp.MinPLogitsWarper(min_p=params.min_p, min_tokens_to_keep=keep))
+    if params.typical_p < 1.0:
+        warpers.append(lp.TypicalLogitsWarper(mass=params.typical_p, min_tokens_to_keep=keep))
+    if params.epsilon_cutoff > 0:
+        warpers.append(lp.EpsilonLogitsWarper(params.epsilon_cutoff, min_tokens_to_keep=keep))
+    if params.eta_cutoff > 0:
+        warpers.append(
+            lp.EtaLogitsWarper(params.eta_cutoff, min_tokens_to_keep=keep, device=device)
+        )
+    return warpers
+
+
 def eos_id_list(eos: Any) -> list[int]:
     """An ``eos_token_id`` setting (None, an id, a list or a tensor of ids) as a list of ids."""
     if isinstance(eos, torch.Tensor):

@@ -569,10 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # we never download at run time
     try:
         code = COMMANDS[args.command](args) or 0
-        from .parallel import leave_torchrun_group
+        from .parallel import exit_rank, leave_torchrun_group
 
         leave_torchrun_group()  # only on success: a rank that failed alone would hang the rest
-        return code
+        return exit_rank(code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:

@@ -91,17 +91,38 @@ def join_torchrun_group(device: torch.device, timeout_minutes: float = 2.0) -> N
     )
 
 
+_left_a_group = False  # set by leave_torchrun_group: exit_rank then skips finalization
+
+
 def leave_torchrun_group() -> None:
     """Every rank leaves the process group together (a barrier, then teardown); nothing when no
     group is joined. A rank exiting while its peer still tears down gloo connections can abort
-    the peer: seen in the tensor-parallel bench, and once (SIGABRT, torch 2.13) after a
-    successful `generate --tensor-parallel`. Call it only when every rank got here: a rank that
-    failed alone would leave the others waiting at the barrier."""
+    the peer. Call it only when every rank got here: a rank that failed alone would leave the
+    others waiting at the barrier. End the process with :func:`exit_rank` afterwards."""
+    global _left_a_group
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _left_a_group = True
+
+
+def exit_rank(code: int) -> int:
+    """End a process that left a torchrun group at once, with exit status ``code``, after flushing
+    stdout and stderr: ``os._exit`` skips interpreter finalization, where gloo's C++ state is
+    destroyed after its threads; that aborted about one rank exit in ten on CPU ("terminate called
+    without an active exception", SIGABRT, with every output already written; torch 2.11-2.15),
+    which failed a whole torchrun. Returns ``code`` when this process never left a group (plain
+    runs, and the tests that call ``cli.main`` in-process)."""
+    import os
+    import sys
+
+    if not _left_a_group:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def shard_config(config: ModelConfig, world_size: int) -> ModelConfig:

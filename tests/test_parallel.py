@@ -272,9 +272,11 @@ def _torchrun(*argv: str, stdin: str | None = None) -> subprocess.CompletedProce
     cmd += list(argv)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, input=stdin)
-    if done.returncode:  # keep what the ranks wrote: torchrun's own report follows it
-        cut = done.stderr.find("distributed/elastic/")
-        done.stderr = done.stderr[:cut] if cut > 0 else done.stderr
+    if done.returncode:  # keep what the ranks wrote and torchrun's root cause (rank, exit code),
+        # not its own traceback between them
+        cut, root = done.stderr.find("distributed/elastic/"), done.stderr.find("Root Cause")
+        if cut > 0:
+            done.stderr = done.stderr[:cut] + (done.stderr[root:] if root > cut else "")
     return done
 
 
@@ -379,6 +381,30 @@ def test_bench_tp_under_torchrun_reports_one_and_two_ranks(tmp_path):
     rows = json.loads((tmp_path / "tensor_parallel.json").read_text())["rows"]
     assert [r["ranks"] for r in rows] == [1, WORLD]
     assert all(r["ms_per_token"] > 0 for r in rows)
+
+
+def test_a_rank_that_left_its_group_exits_at_once_with_its_output_and_status():
+    # parallel.exit_rank ends the process with os._exit (interpreter finalization aborted about
+    # one rank in ten): what the rank printed, still in its buffers, must come out, and the exit
+    # status must be the command's
+    script = "\n".join(
+        [
+            "import sys",
+            "from llmkernels import parallel",
+            "assert parallel.exit_rank(5) == 5  # never in a group: a plain return",
+            "parallel._left_a_group = True",
+            "print('to stdout', end='')",
+            "print('to stderr', end='', file=sys.stderr)",
+            "parallel.exit_rank(3)",
+            "print('not reached')",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "to stdout"
+    assert done.stderr.endswith("to stderr")
 
 
 def test_a_rank_without_a_gpu_is_refused_clearly(monkeypatch):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .callbacks import as_callables, refuse_twins
+from .callbacks import as_callables, prefix_constraint, refuse_twins
 from .settings import transformers_warpers
 
 if TYPE_CHECKING:
@@ -51,13 +51,14 @@ def _processors(
     max_len: int,
     beam_mask: torch.Tensor,
     custom: list | None = None,
+    constraint=None,
 ):
     """transformers' logits processors for these settings, in the order its ``generate`` builds
-    them (public classes of ``transformers.generation.logits_process``), the caller's ``custom``
-    ones after them and before the sampling warpers, where transformers merges a custom list;
-    None when there are none. ``beam_mask [B * n, T]``: the prompts' padding, which transformers
-    5.24's repetition penalty skips (5.17's class takes no per-row lengths, and its generate
-    passes none)."""
+    them (public classes of ``transformers.generation.logits_process``; ``constraint``: the
+    ``prefix_allowed_tokens_fn`` one), the caller's ``custom`` ones after them and before the
+    sampling warpers, where transformers merges a custom list; None when there are none.
+    ``beam_mask [B * n, T]``: the prompts' padding, which transformers 5.24's repetition penalty
+    skips (5.17's class takes no per-row lengths, and its generate passes none)."""
     from transformers.generation import logits_process as lp
 
     eos = params.eos_token_ids
@@ -79,6 +80,8 @@ def _processors(
         procs.append(lp.NoBadWordsLogitsProcessor(params.bad_words_ids, eos or None))
     if eos and params.min_new_tokens > 0:  # min_length is folded into min_new_tokens
         procs.append(lp.MinNewTokensLengthLogitsProcessor(prompt_len, params.min_new_tokens, eos))
+    if constraint is not None:
+        procs.append(constraint)
     if params.forced_eos_token_id is not None:
         procs.append(lp.ForcedEOSTokenLogitsProcessor(max_len, params.forced_eos_token_id))
     if params.remove_invalid_values:
@@ -141,6 +144,7 @@ def beam_search(
     seed: int | None = None,
     logits_processor=None,
     stopping_criteria=None,
+    prefix_allowed_tokens_fn=None,
 ) -> BeamResult:
     """Beam search from the prompts ``ids [B, T]`` (left-padded; ``mask [B, T]`` bool) on the
     engine's cache rows ``0..B * num_beams - 1``: each item's ``r = num_return_sequences`` best
@@ -151,7 +155,8 @@ def beam_search(
     transformers' beam search gives them, on the CPU (where the bookkeeping runs): a processor
     each beam's padded text ``[B * n, cur]`` and its scores; a criterion the top continuations'
     texts ``[B * K, cur + 1]`` and the scores recorded so far (a tuple; None unless
-    ``return_dict_in_generate`` and ``output_scores``)."""
+    ``return_dict_in_generate`` and ``output_scores``); ``prefix_allowed_tokens_fn`` as
+    transformers builds it (:func:`llmkernels.callbacks.prefix_constraint`)."""
     beams, batch, prompt_len = params.num_beams, ids.shape[0], ids.shape[1]
     rows = batch * beams
     max_len = prompt_len + params.max_new_tokens
@@ -163,7 +168,8 @@ def beam_search(
 
     custom = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
     custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
-    refuse_twins(custom, custom_criteria, params)
+    constraint = prefix_constraint(prefix_allowed_tokens_fn, params)
+    refuse_twins(custom, custom_criteria, params, constrained=constraint is not None)
     beam_ids = ids.cpu().repeat_interleave(beams, dim=0)
     beam_mask = mask.cpu().repeat_interleave(beams, dim=0)
     real_lens = engine._check_capacity(beam_ids, beam_mask, [0] * rows, params)
@@ -171,7 +177,7 @@ def beam_search(
     logits = engine._prefill(
         beam_ids.to(engine.device), beam_mask.to(engine.device), [0] * rows, real_lens, False
     )
-    processors = _processors(params, prompt_len, max_len, beam_mask, custom)
+    processors = _processors(params, prompt_len, max_len, beam_mask, custom, constraint)
     sampling = not params.greedy
     generator = None if seed is None else torch.Generator().manual_seed(seed)
 

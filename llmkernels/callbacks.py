@@ -23,6 +23,13 @@ settings build (a ``RepetitionPenaltyLogitsProcessor`` with ``repetition_penalty
 ``EosTokenCriteria``, ...). The engine builds those in its own graphs, so such a twin raises,
 naming the setting to use instead (:func:`refuse_twins`).
 
+``prefix_allowed_tokens_fn(batch_id, input_ids [cur]) -> list[int]`` (constrained decoding:
+lm-format-enforcer, entity constraints, ...) runs as transformers' own
+``PrefixConstrainedLogitsProcessor``, in its place among the processors: after the EOS block of
+``min_new_tokens`` and before ``forced_eos_token_id``, ``remove_invalid_values`` and the
+suppressed tokens (:func:`prefix_constraint`). ``batch_id`` is the prompt row with transformers
+>= 5.24 (its beams and ``num_return_sequences`` copies share it), the row of input_ids before.
+
 With callbacks every decode step runs eagerly (no CUDA graph) and the host reads its token
 before the next step: a processor needs the text so far.
 """
@@ -34,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenerateCallbacks", "as_callables", "refuse_twins"]
+__all__ = ["GenerateCallbacks", "as_callables", "prefix_constraint", "refuse_twins"]
 
 
 def as_callables(value: Any, name: str, hf_list: str) -> list[Callable]:
@@ -48,15 +55,39 @@ def as_callables(value: Any, name: str, hf_list: str) -> list[Callable]:
     return list(value)
 
 
-def refuse_twins(processors: list, criteria: list, params) -> None:
+def prefix_constraint(prefix_allowed_tokens_fn: Any, params):
+    """transformers' ``PrefixConstrainedLogitsProcessor`` for ``prefix_allowed_tokens_fn`` and
+    these settings (a GenerationParams), built as the installed transformers' ``generate`` builds
+    it; None for None. ``TypeError`` for anything but a callable."""
+    if prefix_allowed_tokens_fn is None:
+        return None
+    if not callable(prefix_allowed_tokens_fn):
+        raise TypeError(
+            "prefix_allowed_tokens_fn must be a callable (batch_id: int, input_ids: Tensor [cur]) "
+            f"-> list[int], got {prefix_allowed_tokens_fn!r}"
+        )
+    import transformers
+    from packaging.version import Version
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    # rows per batch_id: transformers 5.24 counts num_return_sequences copies too
+    group = params.num_beams
+    if Version(transformers.__version__).release >= (5, 24):
+        group = max(params.num_beams, params.num_return_sequences)
+    return PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, group)
+
+
+def refuse_twins(processors: list, criteria: list, params, constrained: bool = False) -> None:
     """``ValueError`` for a processor or criterion of a type that these settings (a
-    GenerationParams) make transformers build too: transformers would use the caller's in its
-    place, the engine cannot (its own run inside its graphs)."""
+    GenerationParams; ``constrained``: with a ``prefix_allowed_tokens_fn``) make transformers
+    build too: transformers would use the caller's in its place, the engine cannot (its own run
+    inside its graphs)."""
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
 
     eos, min_new = bool(params.eos_token_ids), params.min_new_tokens > 0
     built = [  # (transformers' class, the setting that builds it, whether these settings do)
+        (lp.PrefixConstrainedLogitsProcessor, "prefix_allowed_tokens_fn", constrained),
         (lp.SequenceBiasLogitsProcessor, "sequence_bias", bool(params.sequence_bias)),
         (lp.RepetitionPenaltyLogitsProcessor, "repetition_penalty", params.repetition_penalty != 1),
         (lp.NoRepeatNGramLogitsProcessor, "no_repeat_ngram_size", params.no_repeat_ngram_size > 0),
@@ -95,8 +126,15 @@ class GenerateCallbacks:
     """The callbacks of one generate call, with the ``input_ids`` they are given:
     ``prompt [B, T]`` (as transformers has it) and up to ``max_new_tokens`` more."""
 
-    def __init__(self, processors: list[Callable], criteria: list[Callable], prompt, max_new):
-        self.processors, self.criteria = processors, criteria
+    def __init__(
+        self,
+        processors: list[Callable],
+        criteria: list[Callable],
+        prompt,
+        max_new,
+        constraint: Callable | None = None,
+    ):
+        self.processors, self.criteria, self.constraint = processors, criteria, constraint
         batch, width = prompt.shape
         self.ids = torch.empty(batch, width + max_new, dtype=torch.int64, device=prompt.device)
         self.ids[:, :width] = prompt
@@ -104,17 +142,28 @@ class GenerateCallbacks:
 
     @classmethod
     def of(
-        cls, logits_processor, stopping_criteria, prompt: torch.Tensor, params
+        cls,
+        logits_processor,
+        stopping_criteria,
+        prompt: torch.Tensor,
+        params,
+        prefix_allowed_tokens_fn=None,
     ) -> GenerateCallbacks | None:
         """The callbacks for these arguments and settings (a GenerationParams), or None when
         there are none (``TypeError`` for anything but callables, ``ValueError`` for twins of
         what the settings build)."""
         processors = as_callables(logits_processor, "logits_processor", "LogitsProcessorList")
         criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
-        if not processors and not criteria:
+        constraint = prefix_constraint(prefix_allowed_tokens_fn, params)
+        if not processors and not criteria and constraint is None:
             return None
-        refuse_twins(processors, criteria, params)
-        return cls(processors, criteria, prompt, params.max_new_tokens)
+        refuse_twins(processors, criteria, params, constrained=constraint is not None)
+        return cls(processors, criteria, prompt, params.max_new_tokens, constraint)
+
+    def constrain(self, scores: torch.Tensor) -> torch.Tensor:
+        """``prefix_allowed_tokens_fn``'s mask over this step's ``scores [B, V]`` (fp32); the
+        engine's processors call it in transformers' place for it."""
+        return self.constraint(self.ids[:, : self.length], scores.float())
 
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         """The processors over this step's ``scores [B, V]`` (in fp32, as transformers' are)."""

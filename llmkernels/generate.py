@@ -572,9 +572,11 @@ class Engine:
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
         raw = logits
-        logits = self._processors.apply(logits, first)
-        if self._callbacks is not None:
-            logits = self._callbacks.process(logits)
+        callbacks = self._callbacks
+        constrain = callbacks.constrain if callbacks and callbacks.constraint else None
+        logits = self._processors.apply(logits, first, constrain)
+        if callbacks is not None:
+            logits = callbacks.process(logits)
         if self._record is not None:
             self._record_step(raw, logits, greedy)
         if greedy:
@@ -734,6 +736,7 @@ class Engine:
         assistant_model=None,
         logits_processor=None,
         stopping_criteria=None,
+        prefix_allowed_tokens_fn=None,
         **kwargs: Any,
     ) -> torch.LongTensor:
         """Generate like HF ``model.generate`` (greedy or sampling): returns ``[B, T + n]`` int64
@@ -781,7 +784,9 @@ class Engine:
         ``LogitsProcessorList`` / ``StoppingCriteriaList`` or lists of callables), given the
         input_ids and scores transformers gives them, the processors after the engine's own and
         before temperature / top-k / top-p (:mod:`llmkernels.callbacks`; the steps then run
-        eagerly; not with speculative decoding).
+        eagerly; not with speculative decoding). ``prefix_allowed_tokens_fn(batch_id,
+        input_ids [cur]) -> list[int]``: the ids allowed next (constrained decoding), as
+        transformers' ``PrefixConstrainedLogitsProcessor``, in its place among the processors.
 
         ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy or, with
         ``do_sample``, beam sampling, whose draws come from a CPU generator seeded by ``seed``
@@ -825,6 +830,7 @@ class Engine:
                 seed=seed,
                 logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria,
+                prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             )
             if not params.return_dict_in_generate:
                 return found.sequences.to(out_device)
@@ -840,7 +846,9 @@ class Engine:
             ids = ids.repeat_interleave(copies, dim=0)
             mask = mask.repeat_interleave(copies, dim=0)
         self._cached_ids = []
-        callbacks = GenerateCallbacks.of(logits_processor, stopping_criteria, ids, params)
+        callbacks = GenerateCallbacks.of(
+            logits_processor, stopping_criteria, ids, params, prefix_allowed_tokens_fn
+        )
         _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         rows = [row[m].tolist() for row, m in zip(ids, mask)]
@@ -1265,6 +1273,7 @@ class Engine:
         tokenizer = gen_kwargs.pop("tokenizer", None) or tok
         logits_processor = gen_kwargs.pop("logits_processor", None)
         stopping_criteria = gen_kwargs.pop("stopping_criteria", None)
+        prefix_allowed_tokens_fn = gen_kwargs.pop("prefix_allowed_tokens_fn", None)
         params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
         if (
             params.return_dict_in_generate
@@ -1289,11 +1298,14 @@ class Engine:
                 seed=seed,
                 logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria,
+                prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             )
             generated = found.sequences[0, len(ids) :].tolist()
             return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
         conversation = torch.tensor([ids], dtype=torch.int64, device=self.device)  # HF's input_ids
-        callbacks = GenerateCallbacks.of(logits_processor, stopping_criteria, conversation, params)
+        callbacks = GenerateCallbacks.of(
+            logits_processor, stopping_criteria, conversation, params, prefix_allowed_tokens_fn
+        )
         _refuse_speculative_callbacks(callbacks, params, assistant_model)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation
@@ -1337,7 +1349,8 @@ def _refuse_speculative_callbacks(callbacks, params: GenerationParams, assistant
         params.prompt_lookup_num_tokens > 0 or assistant_model is not None
     ):
         raise ValueError(
-            "logits_processor / stopping_criteria do not run with speculative decoding "
+            "logits_processor / stopping_criteria / prefix_allowed_tokens_fn do not run with "
+            "speculative decoding "
             "(prompt_lookup_num_tokens, assistant_model) in the engine; drop one or the other"
         )
 

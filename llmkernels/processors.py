@@ -10,7 +10,8 @@ CUDA graph per setting:
    (:func:`~llmkernels.penalties.ngram_bans`);
 4. ``bad_words_ids``: the same rules with bias -inf (transformers' ``NoBadWordsLogitsProcessor``);
 5. ``min_length`` / ``min_new_tokens``: the EOS ids masked out while a per-row count of new
-   tokens still to come is above zero; ``forced_eos_token_id``: the last new token (when
+   tokens still to come is above zero; the caller's ``prefix_allowed_tokens_fn``, when given
+   (host-side, :mod:`llmkernels.callbacks`); ``forced_eos_token_id``: the last new token (when
    ``max_new_tokens`` is reached) must be one of those ids;
 6. ``remove_invalid_values``: NaN scores become 0, +-inf the largest finite values;
 7. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
@@ -201,10 +202,11 @@ class LogitsProcessors:
         return out
 
     # ---- one position per row: prefill and decode ------------------------------------------------
-    def apply(self, logits: torch.Tensor, first: bool = False) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, first: bool = False, constrain=None) -> torch.Tensor:
         """Scores of rows ``0..B-1``'s next tokens from ``logits [B, V]``: fp32 when any
         processor is on (transformers upcasts first), else ``logits`` itself. ``first``: the
-        first new token (begin_suppress_tokens)."""
+        first new token (begin_suppress_tokens). ``constrain``: ``scores [B, V] -> scores``, the
+        caller's ``prefix_allowed_tokens_fn`` mask (run eagerly, in transformers' place for it)."""
         batch = logits.shape[0]
         lens = self.text_len[:batch]
         tails = self._tails(self.text[:batch], lens, 1)[:, 0] if self.tail else None
@@ -214,7 +216,7 @@ class LogitsProcessors:
         if self.no_repeat:
             banned = ngram_bans(self.text[:batch], lens, self.no_repeat, self.vocab)[:, 0]
         seen = self.seen[:batch] if self.penalized else None
-        return self._apply(logits, tails, seen, banned, early, forced, first)
+        return self._apply(logits, tails, seen, banned, early, forced, first, constrain)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Rows ``0..B-1`` emitted ``tokens [B]``: count down, mark seen, extend the text."""
@@ -281,9 +283,12 @@ class LogitsProcessors:
             self._append(torch.tensor(rows, device=self.device), counts)
 
     # ---- shared ------------------------------------------------------------------------------------
-    def _apply(self, logits, tails, seen, banned, early, forced, first: bool) -> torch.Tensor:
+    def _apply(
+        self, logits, tails, seen, banned, early, forced, first: bool, constrain=None
+    ) -> torch.Tensor:
         """transformers' order; tails ``[B, P, T]`` (P positions) or None, the others the shape
-        of ``logits [B, (P,) V]`` (early and forced ``[B, (P,) 1]``)."""
+        of ``logits [B, (P,) V]`` (early and forced ``[B, (P,) 1]``); ``constrain`` as in
+        :meth:`apply` (one position)."""
         scores = logits
         if self.sequence_bias is not None:
             scores = self._per_position(self.sequence_bias, tails, scores)
@@ -295,6 +300,8 @@ class LogitsProcessors:
             scores = self._per_position(self.bad_words, tails, scores)
         if early is not None:
             scores = scores.float().masked_fill(early & self.eos_mask, float("-inf"))
+        if constrain is not None:  # prefix_allowed_tokens_fn: here in transformers' list
+            scores = constrain(scores.float())
         if forced is not None:  # all -inf but the forced ids, which score 0 (as transformers)
             only = torch.where(self.forced_mask, 0.0, float("-inf"))
             scores = torch.where(forced, only, scores.float())

@@ -155,7 +155,7 @@ def resolve_generation_params(
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule, logits_processor, "
-            "stopping_criteria."
+            "stopping_criteria, prefix_allowed_tokens_fn."
         )
     model_set = _set_fields(model_generation_config)
     given_set = _set_fields(generation_config)

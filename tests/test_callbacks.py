@@ -14,6 +14,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
 )
@@ -62,6 +63,24 @@ class StopAtToken(StoppingCriteria):
         self.seen.append(input_ids.clone())
         self.scores.append(None if scores is None else len(scores))
         return (input_ids[:, -1] == self.token) | (input_ids.shape[1] >= self.length)
+
+
+class Allowed:
+    """A ``prefix_allowed_tokens_fn``: ``width`` ids that depend on ``batch_id`` and the text's
+    last token (so a wrong batch_id or text shows in the output), plus ``eos``; only ``eos`` once
+    the text is ``eos_only_at`` long. Records its calls."""
+
+    def __init__(self, eos: int | None = None, eos_only_at: int = -1, width: int = 4):
+        self.eos, self.eos_only_at, self.width = eos, eos_only_at, width
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        self.calls.append((batch_id, input_ids.clone()))
+        if input_ids.shape[0] == self.eos_only_at:
+            return [self.eos]
+        start = int(input_ids[-1]) * 5 + 37 * batch_id
+        allowed = [(start + 3 * k) % VOCAB for k in range(self.width)]
+        return allowed + ([self.eos] if self.eos is not None else [])
 
 
 def ragged(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +220,74 @@ def test_beam_search_runs_them_as_transformers(sample):
     assert_same_calls(theirs["stopping_criteria"][0].seen, ours["stopping_criteria"][0].seen)
 
 
+def assert_same_prefix_calls(theirs: Allowed, ours: Allowed) -> None:
+    assert len(ours.calls) == len(theirs.calls)
+    for step, ((b1, t1), (b2, t2)) in enumerate(zip(ours.calls, theirs.calls)):
+        assert b1 == b2 and torch.equal(t1, t2), f"call {step}: (batch_id, input_ids) differ"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "greedy-eos-blocked",  # min_new_tokens masks EOS before the constraint
+        "forced-eos",  # forced_eos_token_id overrides the constraint at the last token
+        # batch_id of num_return_sequences copies (as the installed transformers has it); one
+        # id allowed, so the engine's sampler and transformers' draw the same
+        "sampling-copies",
+        "beams",
+        pytest.param("beam-sampling", marks=sorts_draws),
+    ],
+)
+def test_prefix_allowed_tokens_fn_equals_transformers(case):
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=9, max_seq_len=64)
+    ids, mask = ragged(3, 7)
+    kw = dict(attention_mask=mask, max_new_tokens=9, pad_token_id=0, do_sample=False)
+    eos, allowed = 5, dict()
+    if case == "greedy-eos-blocked":
+        # row texts reach 7 + 2 tokens at the third new one: only EOS is allowed there, which
+        # min_new_tokens=4 masks: transformers then allows it anyway (>= 5.18) or gives -inf
+        kw.update(eos_token_id=eos, min_new_tokens=4)
+        allowed = dict(eos=eos, eos_only_at=7 + 2)
+    elif case == "forced-eos":
+        kw.update(eos_token_id=None, forced_eos_token_id=eos)
+    elif case == "sampling-copies":
+        kw.update(do_sample=True, num_return_sequences=2, eos_token_id=None)
+        allowed = dict(width=1)
+    else:
+        kw.update(num_beams=3, num_return_sequences=2, eos_token_id=eos, do_sample=case != "beams")
+        allowed = dict(eos=eos)
+    theirs, ours = Allowed(**allowed), Allowed(**allowed)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = hf.generate(ids, prefix_allowed_tokens_fn=theirs, **kw)
+    torch.manual_seed(0)
+    actual = eng.generate(ids, prefix_allowed_tokens_fn=ours, **kw)
+    assert torch.equal(actual, expected)
+    assert_same_prefix_calls(theirs, ours)
+    if case == "forced-eos":
+        assert (expected[:, -1] == eos).all()  # not one of the allowed ids
+    if case == "greedy-eos-blocked":
+        assert expected.shape[1] < 7 + 9  # every row stopped at the EOS-only step
+    with torch.no_grad():
+        assert not torch.equal(expected, hf.generate(ids, **kw))  # the constraint mattered
+
+
+def test_prefix_allowed_tokens_fn_runs_before_the_callers_processors():
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
+    ids = prompts(2, 6)
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
+    theirs, ours = Steer(), Steer()
+    with torch.no_grad():
+        expected = hf.generate(
+            ids, prefix_allowed_tokens_fn=Allowed(), logits_processor=[theirs], **kw
+        )
+    actual = eng.generate(ids, prefix_allowed_tokens_fn=Allowed(), logits_processor=[ours], **kw)
+    assert torch.equal(actual, expected)
+    assert_same_calls(theirs.seen, ours.seen)
+
+
 def test_refused():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
@@ -222,6 +309,17 @@ def test_refused():
         eng.generate(ids, stopping_criteria=[MaxLengthCriteria(10)])
     with pytest.raises(ValueError, match=r"EosTokenCriteria .*\(eos_token_id\)"):
         eng.generate(ids, num_beams=2, stopping_criteria=[EosTokenCriteria(5)])
+    with pytest.raises(ValueError, match="do not run with speculative decoding"):
+        eng.generate(ids, prefix_allowed_tokens_fn=Allowed(), prompt_lookup_num_tokens=3)
+    with pytest.raises(TypeError, match="prefix_allowed_tokens_fn must be a callable"):
+        eng.generate(ids, prefix_allowed_tokens_fn=[1, 2])
+    twin = PrefixConstrainedLogitsProcessor(Allowed(), 1)
+    with pytest.raises(
+        ValueError, match=r"PrefixConstrainedLogitsProcessor .*\(prefix_allowed_tokens_fn\)"
+    ):
+        eng.generate(ids, prefix_allowed_tokens_fn=Allowed(), logits_processor=[twin])
+    with pytest.raises(ValueError, match="returned an empty list"):  # transformers' own error
+        eng.generate(ids, prefix_allowed_tokens_fn=lambda batch_id, input_ids: [])
     nan = lambda input_ids, scores: scores * float("nan")  # noqa: E731
     with pytest.raises(ValueError, match="NaN"):
         eng.generate(ids, logits_processor=[nan], max_new_tokens=3)
@@ -256,3 +354,26 @@ def test_chat_runs_them_on_the_whole_conversation(smollm2_dir):
         lk.generate.until_eos(expected.tolist(), eos), skip_special_tokens=True
     )
     assert reply == text
+
+
+@pytest.mark.model
+def test_chat_takes_prefix_allowed_tokens_fn(smollm2_dir):
+    """A constrained reply: only the allowed ids (and EOS), given the whole conversation."""
+    eng = lk.Engine.from_pretrained(smollm2_dir)
+    messages = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    words = eng.tokenizer(" yes no Yes No", add_special_tokens=False).input_ids
+    eos = lk.settings.eos_id_list(eng.generation_config.eos_token_id)
+    lengths = []
+
+    def allowed(batch_id, input_ids):
+        lengths.append(input_ids.shape[0])
+        return words + eos
+
+    kw = dict(max_new_tokens=6, do_sample=False, prefix_allowed_tokens_fn=allowed)
+    reply = eng.chat(messages, **kw)
+    ids = torch.tensor([eng.chat_ids(messages)])
+    assert lengths[0] == ids.shape[1]
+    out = eng.generate(ids, **kw)[0, ids.shape[1] :].tolist()
+    new = lk.generate.until_eos(out, eos)
+    assert new and set(new) <= set(words)
+    assert reply == eng.tokenizer.decode(new, skip_special_tokens=True)

@@ -513,7 +513,6 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
         (dict(exponential_decay_length_penalty=(4, 1.5)), "exponential_decay_length_penalty"),
         (dict(top_h=0.4, do_sample=True), "top_h"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
-        (dict(prefix_allowed_tokens_fn=lambda b, ids: [1]), "prefix_allowed_tokens_fn"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported
         (dict(not_an_hf_argument=1), "not_an_hf_argument"),
     ],

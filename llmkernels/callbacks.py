@@ -32,6 +32,11 @@ suppressed tokens (:func:`prefix_constraint`). ``batch_id`` is the prompt row wi
 
 With callbacks every decode step runs eagerly (no CUDA graph) and the host reads its token
 before the next step: a processor needs the text so far.
+
+With speculative decoding (one row, as transformers' assisted generation), a verify round gives
+the processors each position's text: the text so far and the guesses before that position
+(:class:`GuessPositions`), and a criterion sees each kept token, so the output is what plain
+decoding with the callbacks gives.
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenerateCallbacks", "as_callables", "prefix_constraint", "refuse_twins"]
+__all__ = [
+    "GenerateCallbacks",
+    "GuessPositions",
+    "as_callables",
+    "prefix_constraint",
+    "refuse_twins",
+]
 
 
 def as_callables(value: Any, name: str, hf_list: str) -> list[Callable]:
@@ -165,10 +176,11 @@ class GenerateCallbacks:
         engine's processors call it in transformers' place for it."""
         return self.constraint(self.ids[:, : self.length], scores.float())
 
-    def process(self, scores: torch.Tensor) -> torch.Tensor:
-        """The processors over this step's ``scores [B, V]`` (in fp32, as transformers' are)."""
+    def process(self, scores: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The processors over this step's ``scores [B, V]`` (in fp32, as transformers' are),
+        given ``ids`` (default: the input_ids so far)."""
         scores = scores.float()
-        ids = self.ids[:, : self.length]
+        ids = self.ids[:, : self.length] if ids is None else ids
         for processor in self.processors:
             scores = processor(ids, scores)
         return scores
@@ -187,3 +199,39 @@ class GenerateCallbacks:
             result = criterion(ids, scores)
             done |= torch.as_tensor(result, dtype=torch.bool).cpu().reshape(-1).expand(batch)
         return set(torch.nonzero(done).flatten().tolist())
+
+
+class GuessPositions:
+    """A speculative verify round's positions, for the callbacks of a one-row call: position j
+    continues the text so far with the first j of ``drafts [1, K]`` (``count`` of them real).
+
+    A guess that the callbacks rule out at its position (score -inf) would be rejected there,
+    so the positions after it are not given to them (a constraint may have no continuation for
+    such a text: transformers' ``PrefixConstrainedLogitsProcessor`` raises on an empty list);
+    ``count`` then drops to that guess's index: the round verifies only the guesses before it,
+    and the acceptance never reads the later positions."""
+
+    def __init__(self, callbacks: GenerateCallbacks, drafts: torch.Tensor, count: int):
+        self.callbacks, self.count = callbacks, count
+        so_far = callbacks.ids[:, : callbacks.length]
+        self.text = torch.cat([so_far, drafts.to(so_far.device)], dim=1)  # [1, length + K]
+        self.start = callbacks.length
+
+    def _each(self, fn: Callable, scores: torch.Tensor) -> torch.Tensor:
+        """``fn(input_ids, scores [1, V])`` at positions ``0..count`` of ``scores [1, P, V]``."""
+        scores = scores.float().clone()
+        for j in range(self.count + 1):
+            scores[:, j] = fn(self.text[:, : self.start + j], scores[:, j])
+            if j < self.count and bool(scores[0, j, self.text[0, self.start + j]].isneginf()):
+                self.count = j
+                break
+        return scores
+
+    def constrain(self, scores: torch.Tensor) -> torch.Tensor:
+        """``prefix_allowed_tokens_fn``'s mask at each position (see
+        :meth:`GenerateCallbacks.constrain`)."""
+        return self._each(self.callbacks.constraint, scores)
+
+    def process(self, scores: torch.Tensor) -> torch.Tensor:
+        """The caller's processors at each position."""
+        return self._each(lambda ids, s: self.callbacks.process(s, ids), scores)

@@ -34,7 +34,7 @@ import torch
 from . import ops
 from . import reference as ref
 from .beam import beam_search
-from .callbacks import GenerateCallbacks
+from .callbacks import GenerateCallbacks, GuessPositions
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -784,7 +784,8 @@ class Engine:
         ``LogitsProcessorList`` / ``StoppingCriteriaList`` or lists of callables), given the
         input_ids and scores transformers gives them, the processors after the engine's own and
         before temperature / top-k / top-p (:mod:`llmkernels.callbacks`; the steps then run
-        eagerly; not with speculative decoding). ``prefix_allowed_tokens_fn(batch_id,
+        eagerly; with speculative decoding one row only, each verify position given its own
+        text). ``prefix_allowed_tokens_fn(batch_id,
         input_ids [cur]) -> list[int]``: the ids allowed next (constrained decoding), as
         transformers' ``PrefixConstrainedLogitsProcessor``, in its place among the processors.
 
@@ -849,7 +850,7 @@ class Engine:
         callbacks = GenerateCallbacks.of(
             logits_processor, stopping_criteria, ids, params, prefix_allowed_tokens_fn
         )
-        _refuse_speculative_callbacks(callbacks, params, assistant_model)
+        _refuse_speculative_callbacks(callbacks, params, assistant_model, ids.shape[0])
         proposer = self._proposer(params, assistant_model)
         rows = [row[m].tolist() for row, m in zip(ids, mask)]
         stops = Stops(params.stop_strings, params.max_time, tokenizer, rows)
@@ -1012,13 +1013,6 @@ class Engine:
         finished = [False] * batch
         out: list[list[int]] = []
 
-        def recorded_scores() -> tuple[torch.Tensor, ...] | None:
-            """What transformers hands stopping criteria as scores: those recorded so far."""
-            recorded = self._record[0] if self._record is not None else None
-            if recorded is None or not params.return_dict_in_generate:
-                return None
-            return tuple(recorded)
-
         def consume(row: list[int]) -> bool:
             """HF's per-step bookkeeping; True once every row has finished. As HF, finished rows
             get pad tokens only when EOS is watched (else they go on until all have finished)."""
@@ -1033,7 +1027,7 @@ class Engine:
                 live = {b: t for b, t in enumerate(row) if not finished[b]}
                 hits = stops.push(live) | {b for b, t in live.items() if t in eos}
                 if callbacks is not None and callbacks.criteria:
-                    hits |= callbacks.stopped(recorded_scores()) & live.keys()
+                    hits |= callbacks.stopped(self._recorded_scores(params)) & live.keys()
                 for b in hits:
                     finished[b] = True
                 return all(finished) or stops.timed_out()
@@ -1120,6 +1114,13 @@ class Engine:
             )
         return draft
 
+    def _recorded_scores(self, params: GenerationParams) -> tuple[torch.Tensor, ...] | None:
+        """What transformers hands stopping criteria as scores: those recorded so far."""
+        recorded = self._record[0] if self._record is not None else None
+        if recorded is None or not params.return_dict_in_generate:
+            return None
+        return tuple(recorded)
+
     def _speculative(
         self,
         ids: torch.Tensor,
@@ -1147,13 +1148,24 @@ class Engine:
             streamer.put(stream_prompt.cpu())
         eos, pad = set(params.eos_token_ids), params.pad_token_id
 
+        callbacks = self._callbacks  # one row (refused otherwise): each kept token in turn
+
+        def ends(b: int, token: int) -> bool:
+            """Row b's next token is ``token``: does it end the row (EOS, a stop string, a
+            criterion of the caller's)?"""
+            if callbacks is not None:
+                callbacks.append([token])
+            hit = token in eos or bool(stops.push({b: token}))
+            if not hit and callbacks is not None and callbacks.criteria:
+                hit = bool(callbacks.stopped(self._recorded_scores(params)))
+            return hit
+
         logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
         self._sample_into_tokens(logits, greedy, check_values=True, first=True)
         first = self._tokens[:batch].tolist()
         histories = [h + [t] for h, t in zip(histories, first)]
         out = [[t] for t in first]
-        stopped = stops.push(dict(enumerate(first)))
-        finished = [t in eos or b in stopped for b, t in enumerate(first)]
+        finished = [ends(b, t) for b, t in enumerate(first)]
         stored = [s + n for s, n in zip(start, real_lens)]  # tokens in each cache row
         if streamer is not None:
             streamer.put(torch.tensor(first, dtype=torch.int64))
@@ -1181,9 +1193,19 @@ class Engine:
                 tokens = torch.cat([pending.to(self.device)[:, None], proposal.drafts], dim=1)
                 logits = self._verify_logits(tokens, max(stored) + width + 1)  # [B, K + 1, V]
                 raw = logits
+                counts = list(proposal.lengths)  # the guesses this round verifies
+                positions = None
+                if callbacks is not None:
+                    positions = GuessPositions(callbacks, proposal.drafts, counts[0])
+                constrain = positions.constrain if positions and callbacks.constraint else None
                 # each position continues the text with the guesses before it
-                logits = self._processors.apply_verify(logits, tokens, [len(o) for o in out])
-                num_drafts = torch.tensor(proposal.lengths, device=self.device)
+                logits = self._processors.apply_verify(
+                    logits, tokens, [len(o) for o in out], constrain
+                )
+                if positions is not None:
+                    logits = positions.process(logits)
+                    counts[0] = positions.count  # none after a guess they rule out
+                num_drafts = torch.tensor(counts, device=self.device)
                 uniforms = None
                 if not greedy:
                     uniforms = torch.rand(batch, width, generator=uniform_gen).to(self.device)
@@ -1206,7 +1228,9 @@ class Engine:
                 emitted = (guesses[b][: accepted[b]] if width else []) + [next_tokens[b]]
                 emitted = emitted[: max_new - len(out[b])]
                 for i, t in enumerate(emitted):
-                    if t in eos or stops.push({b: t}):  # a row ending in a stop string ends
+                    if self._record is not None and width:  # one row: a step per kept token
+                        self._record_step(raw[:, i], logits[:, i], greedy)
+                    if ends(b, t):
                         emitted = emitted[: i + 1]
                         finished[b] = True
                         break
@@ -1219,9 +1243,6 @@ class Engine:
                 if streamer is not None:
                     for t in emitted:
                         streamer.put(torch.tensor([t], dtype=torch.int64))
-            if self._record is not None and width:  # one row: a step per token it kept
-                for j in range(len(round_tokens[0])):
-                    self._record_step(raw[:, j], logits[:, j], greedy)
             self.model.set_cache_lens(stored)
             proposer.update(accepted, proposal)
             if width:  # the processors take a verify round's tokens in (a plain step did)
@@ -1306,7 +1327,7 @@ class Engine:
         callbacks = GenerateCallbacks.of(
             logits_processor, stopping_criteria, conversation, params, prefix_allowed_tokens_fn
         )
-        _refuse_speculative_callbacks(callbacks, params, assistant_model)
+        _refuse_speculative_callbacks(callbacks, params, assistant_model, 1)
         proposer = self._proposer(params, assistant_model)
         histories = [list(ids)]  # the whole conversation
         stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
@@ -1343,15 +1364,16 @@ class Engine:
         return ChatSession(self, messages, **gen_kwargs)
 
 
-def _refuse_speculative_callbacks(callbacks, params: GenerationParams, assistant_model) -> None:
-    """The caller's processors and criteria run on plain decoding steps and beam search only."""
-    if callbacks is not None and (
-        params.prompt_lookup_num_tokens > 0 or assistant_model is not None
-    ):
+def _refuse_speculative_callbacks(
+    callbacks, params: GenerationParams, assistant_model, rows: int
+) -> None:
+    """The caller's processors and criteria run with speculative decoding on one row only."""
+    speculative = params.prompt_lookup_num_tokens > 0 or assistant_model is not None
+    if callbacks is not None and speculative and rows > 1:
         raise ValueError(
-            "logits_processor / stopping_criteria / prefix_allowed_tokens_fn do not run with "
-            "speculative decoding "
-            "(prompt_lookup_num_tokens, assistant_model) in the engine; drop one or the other"
+            "logits_processor / stopping_criteria / prefix_allowed_tokens_fn with speculative "
+            "decoding (prompt_lookup_num_tokens, assistant_model) need a batch of one row, as "
+            f"transformers' assisted generation; got {rows} rows"
         )
 
 

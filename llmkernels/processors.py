@@ -242,11 +242,12 @@ class LogitsProcessors:
 
     # ---- speculative verify: several positions per row -------------------------------------------
     def apply_verify(
-        self, logits: torch.Tensor, tokens: torch.Tensor, new_tokens: list[int]
+        self, logits: torch.Tensor, tokens: torch.Tensor, new_tokens: list[int], constrain=None
     ) -> torch.Tensor:
         """Scores ``[B, K + 1, V]`` of a verify's positions: ``tokens [B, K + 1]`` are each row's
         pending token and K guesses, position j continues the text with the guesses before it;
-        ``new_tokens[b]``: tokens row b has emitted so far (position j would be its next + j)."""
+        ``new_tokens[b]``: tokens row b has emitted so far (position j would be its next + j).
+        ``constrain``: as in :meth:`apply`, over ``[B, K + 1, V]``."""
         batch, positions = tokens.shape
         drafts = tokens[:, 1:]
         seen = early = forced = banned = tails = None
@@ -266,7 +267,7 @@ class LogitsProcessors:
         if self.forced:
             forced = [[n + j == self.max_new - 1 for j in range(positions)] for n in new_tokens]
             forced = torch.tensor(forced, device=self.device)[:, :, None]  # [B, K + 1, 1]
-        return self._apply(logits, tails, seen, banned, early, forced, first=False)
+        return self._apply(logits, tails, seen, banned, early, forced, False, constrain)
 
     def advance_round(self, emitted: list[list[int]], last: list[int]) -> None:
         """Rows ``0..B-1`` emitted the tokens ``emitted[b]`` (may be empty) in a verify round;
@@ -288,7 +289,7 @@ class LogitsProcessors:
     ) -> torch.Tensor:
         """transformers' order; tails ``[B, P, T]`` (P positions) or None, the others the shape
         of ``logits [B, (P,) V]`` (early and forced ``[B, (P,) 1]``); ``constrain`` as in
-        :meth:`apply` (one position)."""
+        :meth:`apply`, over scores of the shape of ``logits``."""
         scores = logits
         if self.sequence_bias is not None:
             scores = self._per_position(self.sequence_bias, tails, scores)

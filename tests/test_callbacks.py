@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_beam_search import sorts_draws  # transformers < 5.24 draws unsorted
 from test_families import VOCAB, prompts, variant
+from test_speculative import repetitive_prompts
 from transformers import (
     EosTokenCriteria,
     LogitsProcessor,
@@ -292,8 +293,8 @@ def test_refused():
     hf = variant("mistral")
     eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=64)
     ids = prompts(1, 6)
-    with pytest.raises(ValueError, match="do not run with speculative decoding"):
-        eng.generate(ids, logits_processor=[Steer()], prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="with speculative decoding .* one row"):
+        eng.generate(prompts(2, 6), logits_processor=[Steer()], prompt_lookup_num_tokens=3)
     with pytest.raises(TypeError, match="logits_processor must be a LogitsProcessorList"):
         eng.generate(ids, logits_processor=[1])
     with pytest.raises(TypeError, match="stopping_criteria must be a StoppingCriteriaList"):
@@ -309,8 +310,15 @@ def test_refused():
         eng.generate(ids, stopping_criteria=[MaxLengthCriteria(10)])
     with pytest.raises(ValueError, match=r"EosTokenCriteria .*\(eos_token_id\)"):
         eng.generate(ids, num_beams=2, stopping_criteria=[EosTokenCriteria(5)])
-    with pytest.raises(ValueError, match="do not run with speculative decoding"):
-        eng.generate(ids, prefix_allowed_tokens_fn=Allowed(), prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="with speculative decoding .* one row"):
+        eng.generate(
+            ids,
+            prefix_allowed_tokens_fn=Allowed(),
+            prompt_lookup_num_tokens=3,
+            num_beams=1,
+            do_sample=True,
+            num_return_sequences=2,
+        )
     with pytest.raises(TypeError, match="prefix_allowed_tokens_fn must be a callable"):
         eng.generate(ids, prefix_allowed_tokens_fn=[1, 2])
     twin = PrefixConstrainedLogitsProcessor(Allowed(), 1)
@@ -377,3 +385,88 @@ def test_chat_takes_prefix_allowed_tokens_fn(smollm2_dir):
     new = lk.generate.until_eos(out, eos)
     assert new and set(new) <= set(words)
     assert reply == eng.tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ---- with speculative decoding (one row) ----------------------------------------------------------
+def follows(last: int) -> list[int]:
+    """The ids a strict grammar allows after ``last``: 120 of the 320."""
+    return [(last * 5 + 7 * k) % VOCAB for k in range(120)]
+
+
+class Grammar:
+    """A ``prefix_allowed_tokens_fn`` that, like a real grammar, has no continuation for a text
+    it rules out: it fails if given one (a rejected guess must not reach it)."""
+
+    def __init__(self, prompt_len: int):
+        self.prompt_len = prompt_len
+
+    def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        text = input_ids.tolist()
+        for p in range(self.prompt_len, len(text)):
+            assert text[p] in follows(text[p - 1]), f"given a text it rules out (at {p})"
+        return follows(text[-1])
+
+
+def speculation(how: str, hf) -> dict:
+    """prompt lookup, or the target as its own draft (guesses it would make unconstrained)."""
+    if how == "lookup":
+        return dict(prompt_lookup_num_tokens=6)
+    return dict(assistant_model=lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=160))
+
+
+@pytest.mark.parametrize("how", ["lookup", "draft"])
+def test_speculative_with_a_prefix_constraint_equals_plain_decoding(how):
+    """Greedy: the tokens of plain decoding with the constraint (transformers' too); guesses the
+    constraint rules out are rejected without the positions after them reaching it."""
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=160)
+    ids = repetitive_prompts(1)
+    kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = hf.generate(ids, prefix_allowed_tokens_fn=Grammar(ids.shape[1]), **kw)
+    assert torch.equal(
+        eng.generate(ids, prefix_allowed_tokens_fn=Grammar(ids.shape[1]), **kw), expected
+    )
+    grammar = Grammar(ids.shape[1])
+    actual = eng.generate(ids, prefix_allowed_tokens_fn=grammar, **kw, **speculation(how, hf))
+    assert torch.equal(actual, expected)
+    accepted, proposed = eng.last_acceptance
+    assert 0 < accepted < proposed  # guesses kept, and guesses ruled out
+
+
+def test_speculative_sampling_draws_what_the_constraint_leaves():
+    hf = variant("mistral")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=160)
+    ids = repetitive_prompts(1)
+    kw = dict(max_new_tokens=24, do_sample=True, eos_token_id=None)
+    one = lambda: Allowed(width=1)  # noqa: E731
+    expected = eng.generate(ids, prefix_allowed_tokens_fn=one(), **kw)
+    actual = eng.generate(ids, prefix_allowed_tokens_fn=one(), prompt_lookup_num_tokens=5, **kw)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("how", ["lookup", "draft"])
+def test_speculative_with_processors_and_criteria_equals_plain_decoding(how):
+    """The processor sees each position's text, the criterion each kept token (and the scores
+    recorded so far), as in plain decoding: transformers' output and criterion calls."""
+    hf = variant("qwen3")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=160)
+    ids = repetitive_prompts(1)
+    kw = dict(max_new_tokens=30, do_sample=False, eos_token_id=None)
+    kw.update(return_dict_in_generate=True, output_scores=True)
+
+    def make():  # the text repeats itself from its 7th token: the criterion ends it at 21
+        stop = StopAtToken(-1, ids.shape[1] + 21)
+        return dict(logits_processor=[Steer()], stopping_criteria=[stop])
+
+    expected, _, theirs, _ = both(hf, eng, ids, make, **kw)
+    ours = make()
+    actual = eng.generate(ids, **kw, **ours, **speculation(how, hf))
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert actual.sequences.shape[1] < ids.shape[1] + 30  # the criterion ended the call
+    assert eng.last_acceptance[0] > 0
+    assert_same_calls(theirs["stopping_criteria"][0].seen, ours["stopping_criteria"][0].seen)
+    assert ours["stopping_criteria"][0].scores == theirs["stopping_criteria"][0].scores
+    # the processor was given every text plain decoding gave it (and the rejected guesses')
+    given = {tuple(t[0].tolist()) for t in ours["logits_processor"][0].seen}
+    assert all(tuple(t[0].tolist()) in given for t in theirs["logits_processor"][0].seen)

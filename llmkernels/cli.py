@@ -33,6 +33,18 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got {text!r}")
+    return value
+
+
 def _top_p(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -199,7 +211,9 @@ def _sampling_kwargs(args) -> dict:
     return kwargs
 
 
-def _prompt_ids(engine, prompt: str, raw: bool, system: str | None):
+def _prompt_ids(engine, prompt: str, raw: bool, system: str | None, template_kwargs=None):
+    import torch
+
     tok = engine.tokenizer
     if tok is None:
         raise UserError(
@@ -210,8 +224,8 @@ def _prompt_ids(engine, prompt: str, raw: bool, system: str | None):
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    return ids if not isinstance(ids, dict) and not hasattr(ids, "input_ids") else ids["input_ids"]
+    ids = engine.chat_ids(messages, chat_template_kwargs=template_kwargs)
+    return torch.tensor([ids], dtype=torch.int64)
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -258,7 +272,9 @@ def cmd_generate(args) -> int:
     # raises when the settings are greedy
     replies, beams = args.num_return_sequences, args.num_beams
     engine = _load_engine(args, max_batch_size=max(replies, beams))
-    input_ids = _prompt_ids(engine, args.prompt, args.raw, args.system).to(engine.device)
+    input_ids = _prompt_ids(
+        engine, args.prompt, args.raw, args.system, args.chat_template_kwargs
+    ).to(engine.device)
     rank0 = _is_rank0(args)  # under torchrun every rank generates, rank 0 prints
     streamer = (  # several replies are printed at the end, one after the other
         TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -325,6 +341,7 @@ def cmd_chat(args) -> int:
         print("Chat with the model. /reset clears the history, /exit quits.", file=sys.stderr)
     gen = dict(
         max_new_tokens=args.max_new_tokens,
+        chat_template_kwargs=args.chat_template_kwargs,
         **_sampling_kwargs(args),
         **_speculative_kwargs(args, engine),
     )
@@ -356,7 +373,9 @@ def cmd_next_token(args) -> int:
     from llmkernels import reference
 
     engine = _load_engine(args)
-    input_ids = _prompt_ids(engine, args.prompt, args.raw, None).to(engine.device)
+    input_ids = _prompt_ids(engine, args.prompt, args.raw, None, args.chat_template_kwargs).to(
+        engine.device
+    )
     logits = engine.logits(input_ids)[:, -1].float()  # [1, V], our forward on our ops
     if not _is_rank0(args):
         return 0
@@ -448,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--quantize-lm-head",
             action="store_true",
             help="with --quantize: the LM head too, int8 per output channel (faster, bf16 logits)",
+        )
+        p.add_argument(
+            "--chat-template-kwargs",
+            type=_json_object,
+            default=None,
+            metavar="JSON",
+            help="the chat template's own variables, e.g. '{\"enable_thinking\": false}' (Qwen3)",
         )
         p.add_argument(
             "--tensor-parallel",

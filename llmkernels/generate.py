@@ -1266,20 +1266,49 @@ class Engine:
             )
         return self.tokenizer
 
-    def chat_ids(self, messages) -> list[int]:
-        """The prompt token ids of ``messages`` under the tokenizer's chat template, with the
-        assistant generation prompt appended."""
+    def chat_ids(
+        self,
+        messages,
+        tools: list | None = None,
+        documents: list | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[int]:
+        """The prompt token ids of ``messages`` under the tokenizer's chat template, as
+        transformers' ``apply_chat_template`` renders them: with the assistant generation prompt
+        appended, or with ``continue_final_message`` the last message left open (the reply
+        continues it: an assistant turn started by hand). ``tools`` (JSON schemas or Python
+        functions) and ``documents`` go to templates that take them; ``chat_template_kwargs``
+        are the template's own variables (Qwen3's ``{"enable_thinking": False}``, ...)."""
         tok = self._require_tokenizer()
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        extra = dict(chat_template_kwargs or {})
+        taken = sorted(set(extra) & _CHAT_TEMPLATE_ARGUMENTS)
+        if taken:
+            raise ValueError(
+                f"chat_template_kwargs sets {taken}: these are chat arguments of their own "
+                "(tools=, documents=, continue_final_message=) or set by the engine"
+            )
+        text = tok.apply_chat_template(
+            list(messages),
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **extra,
+        )
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
     def chat(self, messages, streamer=None, seed: int | None = None, **gen_kwargs: Any) -> str:
         """Answer a conversation: ``messages`` (list of ``{"role", "content"}`` dicts, or one user
         string) through the chat template; returns the assistant's text (special tokens
-        skipped). ``gen_kwargs`` as :meth:`generate`.
+        skipped). ``tools``, ``documents``, ``continue_final_message`` and
+        ``chat_template_kwargs`` shape the prompt as in :meth:`chat_ids` (with
+        ``continue_final_message`` the text returned is the continuation); the other
+        ``gen_kwargs`` as :meth:`generate`.
 
         The K/V cache of the previous chat call is kept: the prompt's longest common token prefix
         with what cache row 0 holds (the previous prompt and its generated tokens) is not
@@ -1289,7 +1318,8 @@ class Engine:
         conversation, and the kept cache is dropped.
         """
         tok = self._require_tokenizer()
-        ids = self.chat_ids(messages)
+        template = {k: gen_kwargs.pop(k) for k in _CHAT_PROMPT_ARGUMENTS if k in gen_kwargs}
+        ids = self.chat_ids(messages, **template)
         assistant_model = gen_kwargs.pop("assistant_model", None)
         tokenizer = gen_kwargs.pop("tokenizer", None) or tok
         logits_processor = gen_kwargs.pop("logits_processor", None)
@@ -1362,6 +1392,25 @@ class Engine:
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
         """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
+
+
+# chat()'s arguments that shape the prompt (chat_ids), not the generation
+_CHAT_PROMPT_ARGUMENTS = ("tools", "documents", "continue_final_message", "chat_template_kwargs")
+# apply_chat_template's arguments that chat_template_kwargs may not set
+_CHAT_TEMPLATE_ARGUMENTS = {
+    "conversation",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "padding",
+    "truncation",
+    "max_length",
+}
 
 
 def _refuse_speculative_callbacks(

@@ -274,6 +274,29 @@ def test_chat_from_piped_stdin(capsys):
     assert "[history cleared]" in err
 
 
+@needs_model
+def test_chat_template_kwargs_reach_the_template(capsys, monkeypatch):
+    from llmkernels import Engine
+
+    given = []
+    original = Engine.chat_ids
+
+    def spy(self, messages, **kwargs):
+        given.append(kwargs.get("chat_template_kwargs"))
+        return original(self, messages, **kwargs)
+
+    monkeypatch.setattr(Engine, "chat_ids", spy)
+    flags = ["--device", "cpu", "--max-new-tokens", "2", "--temperature", "0"]
+    flags += ["--chat-template-kwargs", '{"enable_thinking": false}']
+    assert run_cli(capsys, "generate", "hi", *flags)[0] == 0
+    assert run_cli(capsys, "chat", *flags, stdin="hi\n")[0] == 0
+    assert given == [{"enable_thinking": False}] * 2
+    code, _, err = run_cli(
+        capsys, "generate", "hi", "--device", "cpu", "--chat-template-kwargs", '{"tokenize": 1}'
+    )
+    assert code == cli.EXIT_USER_ERROR and "chat_template_kwargs sets ['tokenize']" in err
+
+
 def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
     code, out, err = run_cli(
         capsys,
@@ -413,7 +436,14 @@ def test_user_errors_are_one_line(capsys, argv, message):
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("--top-p", "1.5"), ("--min-p", "1.5"), ("--temperature", "-1"), ("--max-new-tokens", "0")],
+    [
+        ("--top-p", "1.5"),
+        ("--min-p", "1.5"),
+        ("--temperature", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--chat-template-kwargs", "[1]"),
+        ("--chat-template-kwargs", "{enable_thinking: false}"),
+    ],
 )
 def test_bad_flag_values_exit_nonzero(capsys, flag, value):
     code, _, err = run_cli(capsys, "generate", "hi", flag, value)

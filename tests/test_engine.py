@@ -790,6 +790,83 @@ def test_chat_errors(eng_gqa):
         eng_gqa.chat([{"role": "user", "content": "hi"}])
 
 
+# a Qwen3-like template: tools and documents before the turns, an empty think block when
+# enable_thinking is false
+TEMPLATE = (
+    "{%- if tools %}<tools>{{ tools | tojson }}</tools>\n{%- endif %}"
+    "{%- for d in documents or [] %}<doc>{{ d.title }}: {{ d.text }}</doc>\n{%- endfor %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{%- endif %}{%- endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def templated(chat_models, smol_tokenizer):
+    import copy
+
+    hf, _ = chat_models
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = TEMPLATE
+    return hf, lk.Engine.from_hf(hf, tokenizer=tok, max_seq_len=256), tok
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(chat_template_kwargs={"enable_thinking": False}),
+        dict(tools=[WEATHER]),
+        dict(documents=[{"title": "Sky", "text": "The sky is blue."}]),
+        dict(continue_final_message=True),
+    ],
+    ids=["template-variable", "tools", "documents", "continue-final-message"],
+)
+def test_chat_template_arguments_render_as_transformers(templated, args):
+    """chat_ids / chat with the template's arguments: transformers' own rendering and HF
+    greedy's reply on it (with continue_final_message, the continuation of the last message)."""
+    hf, eng, tok = templated
+    messages = [{"role": "user", "content": "Name a colour."}]
+    if args.get("continue_final_message"):
+        messages.append({"role": "assistant", "content": "My favourite colour is"})
+    theirs = {k: v for k, v in args.items() if k != "chat_template_kwargs"}
+    expected = tok.apply_chat_template(
+        messages,
+        add_generation_prompt=not args.get("continue_final_message", False),
+        return_dict=True,
+        **theirs,
+        **args.get("chat_template_kwargs", {}),
+    )["input_ids"]
+    assert eng.chat_ids(messages, **args) == list(expected)
+    assert eng.chat_ids(messages) != list(expected)  # the argument changed the prompt
+    kw = dict(max_new_tokens=6, do_sample=False)
+    new = hf_generate(hf, torch.tensor([expected]), **kw)[0, len(expected) :].tolist()
+    eos = tok.eos_token_id
+    new = new[: new.index(eos)] if eos in new else new
+    assert eng.chat(messages, **args, **kw) == tok.decode(new, skip_special_tokens=True)
+
+
+def test_chat_template_arguments_in_a_session_and_refused_keys(templated):
+    _, eng, _ = templated
+    kw = dict(max_new_tokens=5, do_sample=False)
+    thinking_off = dict(chat_template_kwargs={"enable_thinking": False})
+    session = eng.chat_session(**thinking_off, **kw)
+    reply = session.send("Name a colour.")
+    eng.reset()
+    assert reply == eng.chat([{"role": "user", "content": "Name a colour."}], **thinking_off, **kw)
+    for key in ("add_generation_prompt", "tokenize", "tools"):
+        with pytest.raises(ValueError, match=rf"chat_template_kwargs sets \['{key}'\]"):
+            eng.chat("hi", chat_template_kwargs={key: False}, **kw)
+
+
 # ---- the embedded SmolLM2-135M-Instruct ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from test_beam_search import sorts_draws  # transformers < 5.24 draws unsorted
 from test_families import VOCAB, prompts, variant
 from test_speculative import repetitive_prompts
@@ -268,8 +270,9 @@ def test_prefix_allowed_tokens_fn_equals_transformers(case):
     assert_same_prefix_calls(theirs, ours)
     if case == "forced-eos":
         assert (expected[:, -1] == eos).all()  # not one of the allowed ids
-    if case == "greedy-eos-blocked":
-        assert expected.shape[1] < 7 + 9  # every row stopped at the EOS-only step
+    if case == "greedy-eos-blocked" and Version(transformers.__version__) >= Version("5.18"):
+        # 5.18 gives the constraint's ids back when it left none: every row ends at that step
+        assert expected.shape[1] < 7 + 9
     with torch.no_grad():
         assert not torch.equal(expected, hf.generate(ids, **kw))  # the constraint mattered
 

@@ -134,6 +134,24 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, index, dim=1)
 
 
+def _on_device(fn, device: torch.device):
+    """``fn(input_ids, scores)`` (a processor, or a criterion whose scores are a tuple or None)
+    called with its tensors on ``device``, as transformers calls it there, and its result
+    brought back to the CPU, where beam search keeps its books; ``fn`` itself on the CPU."""
+    if device.type == "cpu":
+        return fn
+
+    def on_device(input_ids: torch.Tensor, scores):
+        if isinstance(scores, torch.Tensor):
+            scores = scores.to(device)
+        elif scores is not None:
+            scores = tuple(s.to(device) for s in scores)
+        out = fn(input_ids.to(device), scores)
+        return out.cpu() if isinstance(out, torch.Tensor) else out
+
+    return on_device
+
+
 @torch.inference_mode()
 def beam_search(
     engine: Engine,
@@ -152,7 +170,8 @@ def beam_search(
     and ``logits`` are recorded only when ``record``). Beam sampling draws from a CPU generator
     seeded by ``seed`` (None: torch's default CPU generator). ``logits_processor`` /
     ``stopping_criteria``: the caller's own (:mod:`llmkernels.callbacks`), given what
-    transformers' beam search gives them, on the CPU (where the bookkeeping runs): a processor
+    transformers' beam search gives them, on the model's device (the bookkeeping runs on the
+    CPU; :func:`_on_device` moves their tensors there and the results back): a processor
     each beam's padded text ``[B * n, cur]`` and its scores; a criterion the top continuations'
     texts ``[B * K, cur + 1]`` and the scores recorded so far (a tuple; None unless
     ``return_dict_in_generate`` and ``output_scores``); ``prefix_allowed_tokens_fn`` as
@@ -170,6 +189,10 @@ def beam_search(
     custom_criteria = as_callables(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
     constraint = prefix_constraint(prefix_allowed_tokens_fn, params)
     refuse_twins(custom, custom_criteria, params, constrained=constraint is not None)
+    # the caller's callables get tensors on the model's device, as in transformers
+    custom = [_on_device(f, engine.device) for f in custom]
+    custom_criteria = [_on_device(f, engine.device) for f in custom_criteria]
+    constraint = constraint and _on_device(constraint, engine.device)
     beam_ids = ids.cpu().repeat_interleave(beams, dim=0)
     beam_mask = mask.cpu().repeat_interleave(beams, dim=0)
     real_lens = engine._check_capacity(beam_ids, beam_mask, [0] * rows, params)

@@ -473,3 +473,25 @@ def test_speculative_with_processors_and_criteria_equals_plain_decoding(how):
     # the processor was given every text plain decoding gave it (and the rejected guesses')
     given = {tuple(t[0].tolist()) for t in ours["logits_processor"][0].seen}
     assert all(tuple(t[0].tolist()) in given for t in theirs["logits_processor"][0].seen)
+
+
+def test_beam_search_hands_the_callbacks_tensors_on_the_models_device():
+    """beam._on_device, whose books are on the CPU (a GPU engine: tests/test_engine_cuda.py):
+    input_ids and scores (a tensor, a tuple of them, or None) go to the device; a CPU engine
+    calls the callable itself."""
+    from llmkernels.beam import _on_device
+
+    given = []
+
+    def fn(input_ids, scores):
+        kinds = scores if scores is None or isinstance(scores, tuple) else (scores,)
+        given.append((input_ids.device.type, [s.device.type for s in kinds or ()]))
+        return torch.ones(2, dtype=torch.bool)
+
+    assert _on_device(fn, torch.device("cpu")) is fn
+    on_meta = _on_device(fn, torch.device("meta"))
+    ids, scores = torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 5)
+    assert on_meta(ids, scores).device.type == "cpu"
+    on_meta(ids, (scores, scores))
+    on_meta(ids, None)
+    assert given == [("meta", ["meta"]), ("meta", ["meta", "meta"]), ("meta", [])]

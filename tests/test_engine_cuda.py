@@ -604,3 +604,38 @@ def test_callbacks_on_cuda():
     b = eng16.generate(ids, logits_processor=[BanNext()], **kw)
     assert torch.equal(a, b)
     assert not (a[:, 10:] == (a[:, 9:-1] + 1) % VOCAB).any()  # no token is its predecessor + 1
+
+
+def test_callbacks_get_tensors_on_the_gpu_in_plain_and_beam_search():
+    """As in transformers, the caller's processors, criteria and prefix function are given
+    tensors on the model's device, also in beam search (whose books are kept on the CPU); with
+    callbacks that change nothing, the same tokens as without them."""
+    hf = hf_model()
+    eng = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=64)
+    ids = prompts(2, 6, seed=3)
+    seen = []
+
+    def processor(input_ids, scores):
+        seen.append(("processor", input_ids.device.type, scores.device.type))
+        return scores
+
+    def criterion(input_ids, scores):
+        seen.append(("criterion", input_ids.device.type, input_ids.device.type))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def allowed(batch_id, input_ids):
+        seen.append(("prefix", input_ids.device.type, input_ids.device.type))
+        return list(range(VOCAB))
+
+    callbacks = dict(
+        logits_processor=[processor],
+        stopping_criteria=[criterion],
+        prefix_allowed_tokens_fn=allowed,
+    )
+    for beams in (1, 2):
+        kw = dict(max_new_tokens=5, do_sample=False, num_beams=beams)
+        seen.clear()
+        out = eng.generate(ids, **kw, **callbacks)
+        assert {kind for kind, _, _ in seen} == {"processor", "criterion", "prefix"}
+        assert all(a == "cuda" and b == "cuda" for _, a, b in seen), seen
+        assert torch.equal(out, eng.generate(ids, **kw))

@@ -27,8 +27,9 @@ naming the setting to use instead (:func:`refuse_twins`).
 lm-format-enforcer, entity constraints, ...) runs as transformers' own
 ``PrefixConstrainedLogitsProcessor``, in its place among the processors: after the EOS block of
 ``min_new_tokens`` and before ``forced_eos_token_id``, ``remove_invalid_values`` and the
-suppressed tokens (:func:`prefix_constraint`). ``batch_id`` is the prompt row with transformers
->= 5.24 (its beams and ``num_return_sequences`` copies share it), the row of input_ids before.
+suppressed tokens (:func:`prefix_constraint`). ``batch_id`` is the prompt row: a prompt's beams
+share it, and with transformers >= 5.24 its ``num_return_sequences`` copies too (before, each
+copy had its own).
 
 With callbacks every decode step runs eagerly (no CUDA graph) and the host reads its token
 before the next step: a processor needs the text so far.

@@ -785,9 +785,9 @@ class Engine:
         input_ids and scores transformers gives them, the processors after the engine's own and
         before temperature / top-k / top-p (:mod:`llmkernels.callbacks`; the steps then run
         eagerly; with speculative decoding one row only, each verify position given its own
-        text). ``prefix_allowed_tokens_fn(batch_id,
-        input_ids [cur]) -> list[int]``: the ids allowed next (constrained decoding), as
-        transformers' ``PrefixConstrainedLogitsProcessor``, in its place among the processors.
+        text). ``prefix_allowed_tokens_fn(batch_id, input_ids [cur]) -> list[int]``: the ids
+        allowed next (constrained decoding), as transformers' ``PrefixConstrainedLogitsProcessor``,
+        in its place among the processors.
 
         ``num_beams=n > 1``: beam search as transformers' (:mod:`llmkernels.beam`; greedy or, with
         ``do_sample``, beam sampling, whose draws come from a CPU generator seeded by ``seed``

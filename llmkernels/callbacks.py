@@ -78,13 +78,13 @@ def prefix_constraint(prefix_allowed_tokens_fn: Any, params):
             "prefix_allowed_tokens_fn must be a callable (batch_id: int, input_ids: Tensor [cur]) "
             f"-> list[int], got {prefix_allowed_tokens_fn!r}"
         )
-    import transformers
-    from packaging.version import Version
     from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    from .hf import _release, _transformers_version
 
     # rows per batch_id: transformers 5.24 counts num_return_sequences copies too
     group = params.num_beams
-    if Version(transformers.__version__).release >= (5, 24):
+    if _release(_transformers_version()) >= (5, 24):
         group = max(params.num_beams, params.num_return_sequences)
     return PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, group)
 

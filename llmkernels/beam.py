@@ -86,6 +86,9 @@ def _processors(
         procs.append(lp.ForcedEOSTokenLogitsProcessor(max_len, params.forced_eos_token_id))
     if params.remove_invalid_values:
         procs.append(lp.InfNanRemoveLogitsProcessor())
+    if params.exponential_decay_length_penalty is not None:
+        decay = params.exponential_decay_length_penalty
+        procs.append(lp.ExponentialDecayLengthPenalty(decay, eos, prompt_len))
     if params.suppress_tokens is not None:
         procs.append(lp.SuppressTokensLogitsProcessor(params.suppress_tokens))
     if params.begin_suppress_tokens is not None:

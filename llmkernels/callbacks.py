@@ -112,6 +112,11 @@ def refuse_twins(processors: list, criteria: list, params, constrained: bool = F
             params.forced_eos_token_id is not None,
         ),
         (lp.InfNanRemoveLogitsProcessor, "remove_invalid_values", params.remove_invalid_values),
+        (
+            lp.ExponentialDecayLengthPenalty,
+            "exponential_decay_length_penalty",
+            params.exponential_decay_length_penalty is not None,
+        ),
         (lp.SuppressTokensLogitsProcessor, "suppress_tokens", params.suppress_tokens is not None),
         (
             lp.SuppressTokensAtBeginLogitsProcessor,

@@ -59,6 +59,13 @@ def _min_p(text: str) -> float:
     return value
 
 
+def _top_h(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
@@ -200,6 +207,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["top_p"] = args.top_p
     if args.min_p is not None:
         kwargs["min_p"] = args.min_p
+    if args.top_h is not None:
+        kwargs["top_h"] = args.top_h
     if args.repetition_penalty is not None:
         kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
@@ -380,13 +389,19 @@ def cmd_next_token(args) -> int:
     if not _is_rank0(args):
         return 0
     probs = reference.sampling_probs(
-        logits, args.temperature, args.top_k or 0, args.top_p or 1.0, args.min_p or 0.0
+        logits,
+        args.temperature,
+        args.top_k or 0,
+        args.top_p or 1.0,
+        args.min_p or 0.0,
+        top_h=args.top_h or 0.0,
     )[0]
     top = torch.topk(probs, min(args.top, probs.numel()))
     tok = engine.tokenizer
     print(
         f"next-token distribution (temperature {args.temperature}, top_k {args.top_k or 'off'}, "
-        f"top_p {args.top_p or 'off'}, min_p {args.min_p or 'off'}) after {input_ids.shape[1]} "
+        f"top_p {args.top_p or 'off'}, min_p {args.min_p or 'off'}, top_h {args.top_h or 'off'}) "
+        f"after {input_ids.shape[1]} "
         "prompt tokens:"
     )
     print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
@@ -500,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="HF's: after top-p, drop tokens below min_p x the top probability; 0 = off",
             )
             p.add_argument(
+                "--top-h",
+                type=_top_h,
+                default=None,
+                help="HF's top-h: after temperature, keep the most likely tokens whose summed "
+                "entropy stays within top_h x the entropy of the top 100",
+            )
+            p.add_argument(
                 "--repetition-penalty",
                 type=_positive_float,
                 default=None,
@@ -566,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--top-k", type=_non_negative_int, default=None)
     n.add_argument("--top-p", type=_top_p, default=None)
     n.add_argument("--min-p", type=_min_p, default=None)
+    n.add_argument("--top-h", type=_top_h, default=None)
     n.add_argument(
         "--raw", action="store_true", help="score the prompt as plain text (no chat template)"
     )

@@ -63,7 +63,7 @@ class StepKey(NamedTuple):
 
     batch: int
     greedy: bool
-    warped: bool  # min_p / typical_p / epsilon / eta on (sampling only)
+    warped: bool  # min_p / typical_p / epsilon / eta / top_h on (sampling only)
     processors: ProcessorKey  # the logits processors on
 
 
@@ -121,10 +121,10 @@ class Engine:
         self._temperature = torch.ones(n, dtype=torch.float32, device=dev)
         self._top_k = torch.zeros(n, dtype=torch.int32, device=dev)
         self._top_p = torch.ones(n, dtype=torch.float32, device=dev)
-        # min_p, typical_p, epsilon_cutoff, eta_cutoff: the fused sampler has none of these
-        # filters, so with one on the reference computes the warped distribution and the sampler
-        # draws from it (a decode graph per setting)
-        self._warps = torch.zeros(4, n, dtype=torch.float32, device=dev)  # in that order
+        # min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h: the fused sampler has none of
+        # these filters, so with one on the reference computes the warped distribution and the
+        # sampler draws from it (a decode graph per setting)
+        self._warps = torch.zeros(5, n, dtype=torch.float32, device=dev)  # in that order
         self._warped = False
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
         # repetition penalty, no_repeat_ngram_size, min_new_tokens, ... (a decode graph per
@@ -599,8 +599,8 @@ class Engine:
 
     def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Rows ``0..B-1``'s sampling settings, as :func:`reference.sampling_probs` takes them:
-        (temperature, top_k, top_p), then min_p, typical_p, epsilon and eta when this call
-        warps."""
+        (temperature, top_k, top_p), then min_p, typical_p, epsilon, eta and top_h when this
+        call warps."""
         rows = (self._temperature[:batch], self._top_k[:batch], self._top_p[:batch])
         return rows + tuple(self._warps[:, :batch]) if self._warped else rows
 
@@ -773,10 +773,12 @@ class Engine:
         (``min_length``: while the padded prompt plus the new tokens are shorter, as HF);
         ``no_repeat_ngram_size=n`` bans each id that would complete an n-gram already in the
         row's text (HF's ``NoRepeatNGramLogitsProcessor``, :func:`llmkernels.penalties.ngram_bans`);
-        ``sequence_bias``, ``bad_words_ids``, ``suppress_tokens`` and ``begin_suppress_tokens``
+        ``sequence_bias``, ``bad_words_ids``, ``forced_eos_token_id``,
+        ``exponential_decay_length_penalty``, ``suppress_tokens`` and ``begin_suppress_tokens``
         as HF's processors (:mod:`llmkernels.processors`, in transformers' order);
         ``min_p`` (sampling) drops the tokens less likely than ``min_p`` times the most likely
-        one after top-p (HF's ``MinPLogitsWarper``). ``num_return_sequences=n`` (sampling only,
+        one after top-p (HF's ``MinPLogitsWarper``), ``top_h`` keeps an entropy-bounded head
+        after temperature (HF's ``TopHLogitsWarper``). ``num_return_sequences=n`` (sampling only,
         as HF) repeats each prompt row n times, the copies next to each other, and returns
         ``[B * n, T + new]``: each copy draws its own tokens.
 
@@ -938,7 +940,8 @@ class Engine:
         as transformers' assistant does)."""
         self._processors.reset()
         warps = (params.min_p, params.typical_p, params.epsilon_cutoff, params.eta_cutoff)
-        self._warped = not params.greedy and warps != (0.0, 1.0, 0.0, 0.0)
+        warps += (params.top_h,)
+        self._warped = not params.greedy and warps != (0.0, 1.0, 0.0, 0.0, 0.0)
         if not params.greedy:
             self._temperature[:batch].fill_(params.temperature)
             self._top_k[:batch].fill_(params.top_k)

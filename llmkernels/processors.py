@@ -14,7 +14,9 @@ CUDA graph per setting:
    (host-side, :mod:`llmkernels.callbacks`); ``forced_eos_token_id``: the last new token (when
    ``max_new_tokens`` is reached) must be one of those ids;
 6. ``remove_invalid_values``: NaN scores become 0, +-inf the largest finite values;
-7. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
+7. ``exponential_decay_length_penalty``: the EOS scores raised (or lowered) from a given new
+   token on, by a factor per token (a per-row count of new tokens and a table of factors);
+8. ``suppress_tokens`` (every step) and ``begin_suppress_tokens`` (the first new token only).
 
 Each row's text is its own, without left padding: a padded row gives what it gives alone.
 A speculative verify applies them at each of its positions with the guesses before it in place
@@ -42,6 +44,7 @@ class ProcessorKey(NamedTuple):
     sequence_bias: tuple  # the rules (a graph reads their tensors), () when off
     bad_words: tuple
     remove_invalid: bool  # remove_invalid_values
+    decayed: bool  # exponential_decay_length_penalty
     suppressed: bool  # suppress_tokens (a static mask)
 
 
@@ -66,6 +69,11 @@ class LogitsProcessors:
         self.forced_left = torch.zeros(n, dtype=torch.int32, device=device)  # tokens before it
         self.text: torch.Tensor | None = None  # [n, text_size] int64, allocated on first use
         self.text_len = torch.zeros(n, dtype=torch.int64, device=device)
+        # exponential_decay_length_penalty: [text_size] fp32 factors by new-token index, the EOS
+        # ids it moves [V] bool, and each row's new tokens so far
+        self.decay_table: torch.Tensor | None = None
+        self.decay_mask: torch.Tensor | None = None
+        self.decay_at = torch.zeros(n, dtype=torch.int64, device=device)
         self.suppress_mask: torch.Tensor | None = None  # [V] bool
         self.begin_mask: torch.Tensor | None = None  # [V] bool
         # rule set -> its tensors, kept: a captured step reads the tensors it was captured with
@@ -81,6 +89,7 @@ class LogitsProcessors:
         self.forced = False
         self.max_new = 0  # the forced token is new token max_new - 1
         self.remove_invalid = False
+        self.decayed = False
         self.sequence_bias: SequenceRules | None = None
         self.bad_words: SequenceRules | None = None
         self.tail = 0  # last tokens of the text they read
@@ -124,6 +133,8 @@ class LogitsProcessors:
             self.text[:batch, :longest].copy_(context)
             self.text_len[:batch].copy_(real.sum(1))
         self.remove_invalid = bool(params.remove_invalid_values)
+        if params.exponential_decay_length_penalty is not None and eos:
+            self._start_decay(*params.exponential_decay_length_penalty, eos, batch)
         suppressed = self._token_ids(params.suppress_tokens, "suppress_tokens")
         if suppressed:
             self.suppress_mask = self._static_mask(self.suppress_mask, suppressed)
@@ -151,6 +162,24 @@ class LogitsProcessors:
                 self.bad_words = self._kept(rules, "bad_words_ids")
         used = [r for r in (self.sequence_bias, self.bad_words) if r is not None]
         self.tail = max((r.longest for r in used), default=0)
+
+    def _start_decay(self, start: int, factor: float, eos: list[int], batch: int) -> None:
+        """transformers' ``ExponentialDecayLengthPenalty``: at new token n > ``start`` each EOS
+        score s becomes ``s + |s| * (factor ** (n - start) - 1)`` (0 for a non-finite s, as from
+        5.24; 5.17 gave NaN there). The factors are Python floats rounded to fp32, as the scalar
+        transformers multiplies by; one past the double range is inf."""
+        factors = []
+        for n in range(self.text_size):
+            try:
+                factors.append(factor ** (n - start) - 1.0 if n > start else 0.0)
+            except OverflowError:
+                factors.append(float("inf"))
+        if self.decay_table is None:
+            self.decay_table = torch.zeros(self.text_size, dtype=torch.float32, device=self.device)
+        self.decay_table.copy_(torch.tensor(factors, dtype=torch.float32))
+        self.decay_mask = self._static_mask(self.decay_mask, eos)
+        self.decay_at[:batch].zero_()
+        self.decayed = True
 
     def _kept(self, rules: dict[tuple[int, ...], float], name: str) -> SequenceRules:
         """The rules' tensors, built once per rule set (in order: it sets the summation order)."""
@@ -185,6 +214,7 @@ class LogitsProcessors:
             self.sequence_bias.signature if self.sequence_bias is not None else (),
             self.bad_words.signature if self.bad_words is not None else (),
             self.remove_invalid,
+            self.decayed,
             self.suppressed,
         )
 
@@ -199,6 +229,8 @@ class LogitsProcessors:
             out.append(self.forced_left)
         if self.text is not None and (self.no_repeat or self.tail):
             out.append(self.text_len)
+        if self.decayed:
+            out.append(self.decay_at)
         return out
 
     # ---- one position per row: prefill and decode ------------------------------------------------
@@ -216,7 +248,8 @@ class LogitsProcessors:
         if self.no_repeat:
             banned = ngram_bans(self.text[:batch], lens, self.no_repeat, self.vocab)[:, 0]
         seen = self.seen[:batch] if self.penalized else None
-        return self._apply(logits, tails, seen, banned, early, forced, first, constrain)
+        decay = self._decay_factors(self.decay_at[:batch])[:, None] if self.decayed else None
+        return self._apply(logits, tails, seen, banned, early, forced, decay, first, constrain)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Rows ``0..B-1`` emitted ``tokens [B]``: count down, mark seen, extend the text."""
@@ -225,6 +258,8 @@ class LogitsProcessors:
             self.min_left[:batch].sub_(1)
         if self.forced:
             self.forced_left[:batch].sub_(1)
+        if self.decayed:
+            self.decay_at[:batch].add_(1)
         if self.penalized:
             mark_seen(self.seen[:batch], tokens[:, None])
         if self.no_repeat or self.tail:
@@ -239,6 +274,8 @@ class LogitsProcessors:
         if self.forced:
             left = torch.tensor([self.max_new - 1 - n for n in new_tokens], dtype=torch.int32)
             self.forced_left[: len(new_tokens)].copy_(left)
+        if self.decayed:
+            self.decay_at[: len(new_tokens)].copy_(torch.tensor(new_tokens))
 
     # ---- speculative verify: several positions per row -------------------------------------------
     def apply_verify(
@@ -250,7 +287,7 @@ class LogitsProcessors:
         ``constrain``: as in :meth:`apply`, over ``[B, K + 1, V]``."""
         batch, positions = tokens.shape
         drafts = tokens[:, 1:]
-        seen = early = forced = banned = tails = None
+        seen = early = forced = banned = tails = decay = None
         if self.penalized:
             seen = verify_seen(self.seen[:batch], tokens[:, 0], drafts)
         if self.no_repeat or self.tail:  # the text with the guesses in place
@@ -267,7 +304,10 @@ class LogitsProcessors:
         if self.forced:
             forced = [[n + j == self.max_new - 1 for j in range(positions)] for n in new_tokens]
             forced = torch.tensor(forced, device=self.device)[:, :, None]  # [B, K + 1, 1]
-        return self._apply(logits, tails, seen, banned, early, forced, False, constrain)
+        if self.decayed:
+            at = torch.tensor([[n + j for j in range(positions)] for n in new_tokens])
+            decay = self._decay_factors(at.to(self.device))[:, :, None]  # [B, K + 1, 1]
+        return self._apply(logits, tails, seen, banned, early, forced, decay, False, constrain)
 
     def advance_round(self, emitted: list[list[int]], last: list[int]) -> None:
         """Rows ``0..B-1`` emitted the tokens ``emitted[b]`` (may be empty) in a verify round;
@@ -284,11 +324,16 @@ class LogitsProcessors:
             self._append(torch.tensor(rows, device=self.device), counts)
 
     # ---- shared ------------------------------------------------------------------------------------
+    def _decay_factors(self, new_index: torch.Tensor) -> torch.Tensor:
+        """The decay factors ``factor ** (n - start) - 1`` (0 up to start) at new-token indices
+        ``new_index`` (any shape, int64)."""
+        return self.decay_table[new_index.clamp(max=self.text_size - 1)]
+
     def _apply(
-        self, logits, tails, seen, banned, early, forced, first: bool, constrain=None
+        self, logits, tails, seen, banned, early, forced, decay, first: bool, constrain=None
     ) -> torch.Tensor:
         """transformers' order; tails ``[B, P, T]`` (P positions) or None, the others the shape
-        of ``logits [B, (P,) V]`` (early and forced ``[B, (P,) 1]``); ``constrain`` as in
+        of ``logits [B, (P,) V]`` (early, forced and decay ``[B, (P,) 1]``); ``constrain`` as in
         :meth:`apply`, over scores of the shape of ``logits``."""
         scores = logits
         if self.sequence_bias is not None:
@@ -312,6 +357,10 @@ class LogitsProcessors:
             fixed = torch.where(scores != scores, 0.0, scores)
             fixed = torch.where(scores == float("inf"), largest, fixed)
             scores = torch.where(scores == float("-inf"), -largest, fixed)
+        if decay is not None:  # as transformers' ExponentialDecayLengthPenalty (5.24)
+            scores = scores.float()
+            penalty = torch.where(scores.isfinite(), scores.abs() * decay, 0.0)
+            scores = torch.where(self.decay_mask, scores + penalty, scores)
         if self.suppressed:
             scores = scores.float().masked_fill(self.suppress_mask, float("-inf"))
         if first and self.begin_suppressed:

@@ -359,11 +359,16 @@ def sampling_probs(
     typical_p: float | torch.Tensor = 1.0,
     epsilon_cutoff: float | torch.Tensor = 0.0,
     eta_cutoff: float | torch.Tensor = 0.0,
+    top_h: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """The exact distribution :func:`sample` draws from, ``[B, V]`` fp32 (HF filter order).
 
     1. temperature: ``p = softmax(logits / T)``; rows with ``T = 0`` are greedy: all mass on the
        argmax (lowest index among ties).
+       Then top-h (``0`` is off; HF's ``TopHLogitsWarper``) on the scaled logits: over the
+       ``n = min(100, V)`` largest, ``q = softmax`` and ``H = -sum q log q``; keep the most
+       probable token and every token whose running ``-sum q log q`` (in descending order) is
+       ``<= top_h * H``; every token outside those n is removed too.
     2. top-k (``k = 0`` or ``k >= V`` is off): keep token t iff fewer than k tokens have a strictly
        larger logit (ties at the k-th value are kept, as HF's ``TopKLogitsWarper``).
     3. top-p over the top-k-renormalized p: keep token t iff the mass of tokens strictly more
@@ -381,7 +386,8 @@ def sampling_probs(
        ``min(eta, sqrt(eta) * exp(-H))``.
 
     logits: ``[B, V]``; temperature, top_p and the others: float or ``[B]``; top_k: int or
-    ``[B]``. A float setting at its off value leaves p bit-identical (no work).
+    ``[B]``. A float setting at its off value leaves p bit-identical (no work). The settings'
+    positions follow the order they were added in, not the filter order.
     """
     batch, vocab = logits.shape
     device = logits.device
@@ -392,6 +398,8 @@ def sampling_probs(
 
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if isinstance(top_h, torch.Tensor) or top_h != 0:
+        scaled = _top_h(scaled, _per_row(top_h, batch, torch.float32, device))
 
     # top-k: threshold at the k-th largest value
     k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
@@ -432,6 +440,26 @@ def sampling_probs(
     # no `if greedy.any()`: a host sync, which a CUDA-graph capture of the decode step refuses
     one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
     return torch.where(greedy[:, None], one_hot, probs)
+
+
+TOP_H_CANDIDATES = 100  # transformers' TopHLogitsWarper.top_n: the tokens top-h looks at
+
+
+def _top_h(scores: torch.Tensor, top_h: torch.Tensor) -> torch.Tensor:
+    """Top-h of :func:`sampling_probs` on scaled logits ``scores [B, V]`` (``top_h [B]``; rows
+    with 0 unchanged), in the operations of transformers' ``TopHLogitsWarper`` (its
+    ``Categorical`` spelled out: that class checks its arguments on the host)."""
+    n = min(TOP_H_CANDIDATES, scores.shape[-1])
+    top_logits, top_index = torch.topk(scores, n, dim=-1, largest=True, sorted=True)
+    log_q = top_logits - top_logits.logsumexp(dim=-1, keepdim=True)
+    q = torch.softmax(log_q, dim=-1)
+    entropy = -(log_q.clamp(min=torch.finfo(log_q.dtype).min) * q).sum(-1)
+    running = torch.cumsum(-q * torch.log(q), dim=-1)  # NaN from the first -inf logit on
+    chosen = running <= (entropy * top_h)[:, None]
+    chosen[:, 0] = True
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top_index, chosen)
+    keep |= (top_h <= 0)[:, None]
+    return scores.masked_fill(~keep, float("-inf"))
 
 
 def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ engine does not implement raise unless they hold a value that leaves HF's output
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +37,8 @@ _NEUTRAL: dict[str, tuple] = {
     "encoder_no_repeat_ngram_size": (None, 0),
     "force_words_ids": (None,),
     "constraints": (None,),
-    "top_h": (None,),
     "diversity_penalty": (None, 0.0),
     "forced_bos_token_id": (None,),
-    "exponential_decay_length_penalty": (None,),
     "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
     "token_healing": (None, False),
@@ -77,6 +76,7 @@ class GenerationParams:
     typical_p: float = 1.0  # HF's locally typical sampling mass (1 = off)
     epsilon_cutoff: float = 0.0  # HF's: drop tokens with p < epsilon (0 = off)
     eta_cutoff: float = 0.0  # HF's: drop tokens with p < min(eta, sqrt(eta) exp(-H)) (0 = off)
+    top_h: float = 0.0  # HF's entropy-bounded top-h, after temperature (0 = off)
     repetition_penalty: float = 1.0  # HF's: context tokens' scores / p (>= 0) or * p (< 0)
     min_new_tokens: int = 0  # EOS ids cannot be sampled before this many new tokens
     no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size occurs twice in a row's text
@@ -88,6 +88,8 @@ class GenerationParams:
     begin_suppress_tokens: list | None = None  # HF's: ids never the first new token
     max_time: float | None = None  # seconds after which every row ends (HF's)
     forced_eos_token_id: list[int] | None = None  # HF's: the last new token is one of these
+    # HF's (start, factor): EOS scores s += |s| * (factor ** (n - start) - 1) at new token n > start
+    exponential_decay_length_penalty: tuple[int, float] | None = None
     remove_invalid_values: bool = False  # HF's: NaN scores 0, +-inf the largest finite values
     renormalize_logits: bool = False  # HF's: output_scores log-softmaxed (sampling unchanged)
     return_dict_in_generate: bool = False  # HF's GenerateDecoderOnlyOutput instead of a tensor
@@ -147,9 +149,10 @@ def resolve_generation_params(
         raise ValueError(
             f"generate() got arguments the llmkernels engine does not support: {unknown}. It supports "
             "input_ids, attention_mask, max_new_tokens, max_length, do_sample, temperature, top_k, "
-            "top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
+            "top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, top_h, repetition_penalty, "
             "no_repeat_ngram_size, sequence_bias, bad_words_ids, "
             "suppress_tokens, begin_suppress_tokens, min_new_tokens, min_length, "
+            "forced_eos_token_id, exponential_decay_length_penalty, remove_invalid_values, "
             "num_return_sequences, num_beams, length_penalty, early_stopping, eos_token_id, "
             "pad_token_id, stop_strings (with tokenizer), "
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
@@ -177,7 +180,7 @@ def resolve_generation_params(
         detail = ", ".join(f"{k}={v!r} (from the {source[k]})" for k, v in bad.items())
         raise ValueError(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
-            "temperature / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
+            "temperature / top-h / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
             "logits processors of "
             "llmkernels.processors, stop_strings, max_time, num_return_sequences, beam search "
             "and beam sampling only; use "
@@ -234,6 +237,11 @@ def resolve_generation_params(
             span = "(0, 1] (1 = off)" if low_open else "[0, 1) (0 = off)"
             raise ValueError(f"{name} must be a number in {span}, got {value!r}")
         warps[name] = float(value)
+    top_h = eff.get("top_h")
+    if top_h is None or not do_sample:  # HF warps only when sampling
+        top_h = 0.0
+    elif isinstance(top_h, bool) or not isinstance(top_h, (int, float)) or not 0 < top_h <= 1:
+        raise ValueError(f"top_h must be a number in (0, 1] (None = off), got {top_h!r}")
     penalty = eff.get("repetition_penalty")
     penalty = 1.0 if penalty is None else penalty
     if (
@@ -318,6 +326,7 @@ def resolve_generation_params(
         top_p=top_p,
         min_p=float(min_p),
         **warps,
+        top_h=float(top_h),
         eos_token_ids=eos_ids,
         pad_token_id=None if pad is None else int(pad),
         repetition_penalty=float(penalty),
@@ -331,6 +340,9 @@ def resolve_generation_params(
         suppress_tokens=eff.get("suppress_tokens"),
         begin_suppress_tokens=eff.get("begin_suppress_tokens"),
         forced_eos_token_id=_id_list(eff.get("forced_eos_token_id"), "forced_eos_token_id"),
+        exponential_decay_length_penalty=_decay(
+            eff.get("exponential_decay_length_penalty"), eos_ids
+        ),
         remove_invalid_values=bool(eff.get("remove_invalid_values")),
         renormalize_logits=bool(eff.get("renormalize_logits")),
         return_dict_in_generate=bool(eff.get("return_dict_in_generate")),
@@ -365,7 +377,7 @@ def transformers_warpers(
     params: GenerationParams, min_tokens_to_keep: int = 1, device: Any = "cpu"
 ):
     """transformers' sampling warpers for these settings, in the order its ``generate`` builds
-    them (temperature, top-k, top-p, min-p, typical, epsilon, eta), each keeping at least
+    them (temperature, top-h, top-k, top-p, min-p, typical, epsilon, eta), each keeping at least
     ``min_tokens_to_keep`` tokens (beam sampling keeps what a beam may need); a
     ``LogitsProcessorList``, empty when none is on."""
     from transformers.generation import logits_process as lp
@@ -374,6 +386,8 @@ def transformers_warpers(
     warpers = lp.LogitsProcessorList()
     if params.temperature not in (0.0, 1.0):  # 0: greedy, for which nothing is warped
         warpers.append(lp.TemperatureLogitsWarper(params.temperature))
+    if params.top_h > 0:
+        warpers.append(lp.TopHLogitsWarper(top_h=params.top_h))
     if params.top_k:
         warpers.append(lp.TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=keep))
     if params.top_p < 1.0:
@@ -412,3 +426,25 @@ def _id_list(value: Any, name: str) -> list[int] | None:
     ):
         raise ValueError(f"{name} must be a token id or a list of them (>= 0), got {value!r}")
     return list(ids)
+
+
+def _decay(value: Any, eos_ids: list[int]) -> tuple[int, float] | None:
+    """``exponential_decay_length_penalty`` checked: None or ``(start >= 0, finite factor)``,
+    and only with EOS ids (the penalty moves their scores; transformers fails without them)."""
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    start, factor = value if ok else (None, None)
+    ok = ok and isinstance(start, int) and not isinstance(start, bool) and start >= 0
+    ok = ok and isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    if not ok or not math.isfinite(factor):
+        raise ValueError(
+            "exponential_decay_length_penalty must be (start_index, decay_factor): an int >= 0 "
+            f"and a finite number, got {value!r}"
+        )
+    if not eos_ids:
+        raise ValueError(
+            "exponential_decay_length_penalty raises the EOS scores, but there is no "
+            "eos_token_id: set one"
+        )
+    return int(start), float(factor)

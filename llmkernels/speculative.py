@@ -99,7 +99,7 @@ def accept(
     ``[B, K]`` int64 (entries at and after ``num_drafts[b]`` are padding); num_drafts ``[B]``.
     Greedy: guesses equal to the argmax are kept. Sampling: ``sampling``, each row's settings as
     :func:`reference.sampling_probs` takes them (``[B]`` each: temperature, top_k, top_p, then
-    min_p, typical_p, epsilon and eta when the call warps), ``draft_probs [B, K, V]`` the
+    min_p, typical_p, epsilon, eta and top_h when the call warps), ``draft_probs [B, K, V]`` the
     proposer's distributions (None: one-hot guesses, prompt lookup), ``uniforms [B, K]`` in
     [0, 1), and ``rng_state`` for the sampler; see the module docstring for the rule. Row b emits ``drafts[b, :accepted[b]]`` then
     ``next_token[b]``.

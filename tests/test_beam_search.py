@@ -73,6 +73,7 @@ PROCESSORS = [  # "T0", "T1", "T2": tokens the search without processors emits (
     dict(sequence_bias=[[["T0"], -3.0], [["T1", "T2"], 2.0]], bad_words_ids=[["T2"]]),
     dict(suppress_tokens=["T1"], begin_suppress_tokens=["T0"], forced_eos_token_id="T2"),
     dict(renormalize_logits=True, remove_invalid_values=True, min_length=15),
+    dict(exponential_decay_length_penalty=(2, 1.6)),
 ]
 
 
@@ -156,6 +157,7 @@ SAMPLING = [
     dict(num_beams=2, typical_p=0.9, early_stopping=True),
     dict(num_beams=3, epsilon_cutoff=3e-4, no_repeat_ngram_size=2),
     dict(num_beams=3, eta_cutoff=1e-3, top_k=0),
+    dict(num_beams=3, temperature=1.3, top_h=0.7, top_k=0),
     # fewer candidates than K = 2n with a probability: torch.multinomial draws zero-probability
     # ones too, in transformers as in the engine (so peaked that seeds may draw alike)
     dict(num_beams=4, top_k=3),

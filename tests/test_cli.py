@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmkernels import cli
+from llmkernels import reference as ref
 
 
 def has_default_model() -> bool:
@@ -253,6 +254,16 @@ def test_next_token_table_matches_engine_logits(capsys, engine):
     assert [int(r[1]) for r in rows] == top.indices.tolist()
     for r, p in zip(rows, top.values.tolist()):
         assert abs(float(r[2]) - p) < 1e-4
+    # with a filter, the law the engine samples from (reference.sampling_probs)
+    argv = ("next-token", prompt, "--raw", "--top", "8", "--device", "cpu", "--top-h", "0.3")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:]]
+    law = ref.sampling_probs(engine.logits(ids)[:, -1].float(), 1.0, top_h=0.3)[0]
+    kept = int((law > 0).sum())
+    assert 1 <= kept < 8 and [float(r[2]) for r in rows[kept:]] == [0.0] * (8 - kept)
+    for r, p in zip(rows[:kept], law.topk(kept).values.tolist()):
+        assert abs(float(r[2]) - p) < 1e-4
 
 
 @needs_model
@@ -439,6 +450,7 @@ def test_user_errors_are_one_line(capsys, argv, message):
     [
         ("--top-p", "1.5"),
         ("--min-p", "1.5"),
+        ("--top-h", "0"),
         ("--temperature", "-1"),
         ("--max-new-tokens", "0"),
         ("--chat-template-kwargs", "[1]"),

@@ -458,6 +458,31 @@ def test_min_new_tokens_in_graphs_equals_eager():
 
 
 @torch.inference_mode()
+def test_top_h_and_length_decay_in_graphs_equal_eager():
+    """top_h (the reference's warped law: topk, cumsum and scatter, no host sync) and
+    exponential_decay_length_penalty (a per-row count of new tokens and a static table of
+    factors) inside captured decode steps: graphs give what eager steps give."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=6)
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.3, top_h=0.5, seed=3)
+    assert torch.equal(graphed.generate(ids, **kw), eager.generate(ids, **kw))
+    assert any(key.warped and key.batch == 2 for key in graphed._graphs)
+    free = graphed.generate(ids, max_new_tokens=24, do_sample=False)
+    eos = int(free[0, 30])  # new token 20 of row 0
+    kw = dict(max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    plain = graphed.generate(ids, **kw)
+    kw["exponential_decay_length_penalty"] = (3, 1.6)
+    decayed = graphed.generate(ids, **kw)
+    assert any(key.greedy and key.processors.decayed for key in graphed._graphs)
+    assert torch.equal(decayed, eager.generate(ids, **kw))
+    assert decayed.shape != plain.shape or not torch.equal(decayed, plain)  # it acts
+    sample = dict(kw, do_sample=True, temperature=1.1, seed=4)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+
+
+@torch.inference_mode()
 def test_no_repeat_ngram_in_graphs_equals_eager():
     """The rows' text and its lengths are static buffers the captured decode step reads and
     appends to: graphs give what eager steps give, greedy and sampled, and with prompt lookup

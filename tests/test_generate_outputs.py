@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -61,7 +62,7 @@ def test_greedy_scores_and_logits_match_transformers(name):
     torch.testing.assert_close(transition, picked)
 
 
-@pytest.mark.parametrize("family", ["min_p", "typical"])
+@pytest.mark.parametrize("family", ["min_p", "typical", "top_h"])
 def test_sampled_scores_are_transformers_warpers_on_the_same_text(family):
     """Sampled tokens differ from transformers' (another RNG), so each step's scores are checked
     against transformers' processors and warpers on its forward over the engine's own text, and
@@ -77,6 +78,9 @@ def test_sampled_scores_are_transformers_warpers_on_the_same_text(family):
             TopPLogitsWarper(0.9),
             MinPLogitsWarper(0.05),
         ]
+    elif family == "top_h":  # HF's TopHLogitsWarper, between temperature and top-k
+        settings = dict(temperature=0.8, top_h=0.6, top_k=30)
+        warpers = [TemperatureLogitsWarper(0.8), TopHLogitsWarper(0.6), TopKLogitsWarper(30)]
     else:
         settings = dict(top_k=0, typical_p=0.8, epsilon_cutoff=2e-3, eta_cutoff=2e-3)
         warpers = [TypicalLogitsWarper(0.8), EpsilonLogitsWarper(2e-3), EtaLogitsWarper(2e-3)]

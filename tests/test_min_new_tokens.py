@@ -152,3 +152,90 @@ def test_speculative_rounds_keep_the_count_for_plain_steps():
         assert torch.equal(eng.generate(ids, prompt_lookup_num_tokens=4, **kw), plain), m
         checked += 1
     assert checked >= 5
+
+
+DECAYS = [(2, 1.5), (0, 1.2), (5, 0.8)]  # EOS raised from new token 3 / 1 on; lowered after 5
+
+
+def test_exponential_decay_length_penalty_as_transformers():
+    """HF's ExponentialDecayLengthPenalty: from new token start + 1 on, EOS scores s become
+    s + |s| * (factor ** (n - start) - 1): the same tokens as transformers' generate on a
+    ragged batch (EOS sooner, or later with a factor < 1), and with prompt lookup and a draft
+    what plain decoding gives."""
+    hf = variant("qwen2")
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    ids = prompts(2, 10)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    free = eng.generate(ids, **kw)
+    kw["eos_token_id"] = eos = int(free[0, 22])  # row 0 emits it as new token 12
+    plain = eng.generate(ids, **kw)
+    for decay in DECAYS:
+        with torch.no_grad():
+            expected = hf.generate(ids, exponential_decay_length_penalty=decay, **kw)
+        out = eng.generate(ids, exponential_decay_length_penalty=decay, **kw)
+        assert torch.equal(out, expected), decay
+        assert out.shape != plain.shape or not torch.equal(out, plain), decay  # it acts
+    base = prompts(2, 12, seed=5)
+    grounded = torch.cat([base, base, base[:, :4]], dim=1)
+    kw = dict(max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    kw["exponential_decay_length_penalty"] = (4, 1.4)
+    plain = eng.generate(grounded, **kw)
+    with torch.no_grad():
+        assert torch.equal(plain, hf.generate(grounded, **kw))
+    assert torch.equal(eng.generate(grounded, prompt_lookup_num_tokens=8, **kw), plain)
+    draft = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=128)
+    assert torch.equal(eng.generate(grounded, assistant_model=draft, **kw), plain)
+    assert eng.last_acceptance[0] > 0  # guesses were kept: the verify positions were decayed
+
+
+@pytest.mark.parametrize("n", [0, 2, 3, 7, 60])
+def test_decayed_scores_equal_transformers_processor(n):
+    """The processor on crafted scores, bit for bit, at new token n (start 2): finite EOS scores
+    of both signs, a second EOS id, and a non-finite EOS score, which keeps its value (5.24's
+    rule; 5.17 made it NaN)."""
+    from transformers.generation.logits_process import ExponentialDecayLengthPenalty
+
+    eng = lk.Engine.from_hf(variant("qwen2"), max_batch_size=3, max_seq_len=96)
+    eos = [7, 11]
+    kw = dict(max_new_tokens=80, eos_token_id=eos, exponential_decay_length_penalty=(2, 1.7))
+    params = eng._params(4, None, kw)
+    eng._processors.start(params, [[5, 6, 7, 8]] * 3)
+    eng._processors.set_counts([n] * 3)
+    scores = torch.randn(3, 320, generator=torch.Generator().manual_seed(n)) * 4
+    scores[0, 7], scores[1, 7], scores[2, 11] = 3.0, -2.5, float("-inf")
+    hf_scores = scores.clone()
+    hf_scores[2, 11] = 0.0  # transformers 5.17 would give NaN for -inf: compared separately
+    theirs = ExponentialDecayLengthPenalty((2, 1.7), eos, 4)(torch.zeros(3, 4 + n), hf_scores)
+    ours = eng._processors.apply(scores)
+    assert torch.equal(ours[:, :11], theirs[:, :11]) and torch.equal(ours[:, 12:], theirs[:, 12:])
+    assert torch.equal(ours[:2, 11], theirs[:2, 11]) and ours[2, 11] == float("-inf")
+    assert torch.equal(ours[0, 7] > 3.0, torch.tensor(n > 2))  # it acts from new token 3 on
+
+
+def test_sampling_with_a_steep_decay_ends_at_the_first_decayed_token():
+    """A huge factor makes EOS all but certain from new token start + 1: every sampled row ends
+    there (or earlier, at an EOS drawn before), plain and with prompt lookup."""
+    eng = lk.Engine.from_hf(variant("qwen3"), max_batch_size=4, max_seq_len=64)
+    ids = prompts(4, 6)
+    eos = 9
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=1.0, eos_token_id=eos)
+    kw.update(pad_token_id=0, exponential_decay_length_penalty=(4, 1e6))
+    for extra in ({}, dict(prompt_lookup_num_tokens=3)):
+        for seed in range(3):
+            out = eng.generate(ids[:1] if extra else ids, seed=seed, **kw, **extra)
+            assert out.shape[1] <= 6 + 6, extra  # new token 5 (0-based) is the sixth
+            assert (out[:, 6:] == eos).any(dim=1).all(), extra
+
+
+@pytest.mark.parametrize(
+    "value", [(-1, 1.5), (2,), (2, float("inf")), (2, "1.5"), "2, 1.5", (True, 1.5)]
+)
+def test_bad_exponential_decay_length_penalty_is_refused_by_name(value):
+    eng = lk.Engine.from_hf(variant("qwen2"), max_seq_len=32)
+    kw = dict(max_new_tokens=2, eos_token_id=3)
+    with pytest.raises(ValueError, match="exponential_decay_length_penalty must be"):
+        eng.generate(prompts(1, 4), exponential_decay_length_penalty=value, **kw)
+    with pytest.raises(ValueError, match="there is no eos_token_id"):
+        eng.generate(prompts(1, 4), max_new_tokens=2, exponential_decay_length_penalty=(1, 1.5))

@@ -1,6 +1,6 @@
 """min_p in the engine (HF's MinPLogitsWarper: after temperature, top-k and top-p, drop the tokens
 whose probability is below min_p times the largest), and HF's typical_p / epsilon_cutoff /
-eta_cutoff after it. The fused sampler has none of these filters: with one on, the reference
+eta_cutoff after it and top_h before top-k. The fused sampler has none of these filters: with one on, the reference
 computes the warped distribution and the sampler draws from it. Checked
 here on CPU against that law (chi-square over the joint of two sampled tokens, a prefill sample
 and a decode step's), against greedy decoding at min_p = 1, and for seeded reproducibility. The
@@ -25,6 +25,7 @@ from llmkernels import reference as ref
         dict(typical_p=0.6),  # HF's other warpers take the same path (reference law + sampler)
         dict(epsilon_cutoff=0.04),
         dict(eta_cutoff=0.1),
+        dict(top_h=0.5),  # HF's TopHLogitsWarper, after temperature
     ],
 )
 def test_sampled_tokens_follow_the_warped_law(warp):
@@ -41,7 +42,7 @@ def test_sampled_tokens_follow_the_warped_law(warp):
 
     def joint(**w) -> torch.Tensor:
         warps = (w.get("min_p", 0.0), w.get("typical_p", 1.0))
-        warps += (w.get("epsilon_cutoff", 0.0), w.get("eta_cutoff", 0.0))
+        warps += (w.get("epsilon_cutoff", 0.0), w.get("eta_cutoff", 0.0), w.get("top_h", 0.0))
         p1 = ref.sampling_probs(first, *law, *warps)[0]
         p2 = ref.sampling_probs(second, *law, *warps)
         return (p1[:, None] * p2).flatten()
@@ -89,6 +90,9 @@ def test_seeded_min_p_sampling_is_reproducible_plain_and_speculative():
         ("epsilon_cutoff", 1.0, r"\[0, 1\)"),
         ("eta_cutoff", -0.1, r"\[0, 1\)"),
         ("eta_cutoff", "0.1", r"\[0, 1\)"),
+        ("top_h", 0.0, r"\(0, 1\]"),
+        ("top_h", 1.5, r"\(0, 1\]"),
+        ("top_h", "0.5", r"\(0, 1\]"),
     ],
 )
 def test_bad_warp_values_are_refused_by_name(name, value, span):

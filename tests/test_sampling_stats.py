@@ -208,6 +208,36 @@ def test_reference_filter_matches_hf_warpers(setting):
     assert removed >= 3 or (typical, epsilon, eta) == (1.0, 0.0, 0.0), removed
 
 
+@pytest.mark.parametrize("top_h", [0.1, 0.4, 0.9, 1.0])
+@pytest.mark.parametrize("vocab", [60, 100, 1000, 49152])
+def test_reference_top_h_equals_hf_warper_bit_for_bit(top_h, vocab):
+    """top-h after temperature (HF's TopHLogitsWarper; vocabularies below, at and above its 100
+    candidates), then top-k / top-p over what it kept; rows with top_h 0 are left alone."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopHLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=gen) * 3
+    logits[3, ::4] = float("-inf")  # tokens a processor removed
+    scaled = TemperatureLogitsWarper(0.7)(None, logits.clone())
+    expected = TopHLogitsWarper(top_h)(None, scaled.clone())
+    rows = torch.full((4,), top_h)
+    assert torch.equal(ref._top_h(logits / torch.tensor(0.7), rows), expected)
+    if top_h < 1 or vocab > 100:  # the test has power: top-h removed tokens
+        assert (expected == float("-inf")).sum() > (logits == float("-inf")).sum()
+    off = ref._top_h(logits, torch.tensor([0.0, top_h, 0.0, top_h]))
+    assert torch.equal(off[[0, 2]], logits[[0, 2]])
+    # the whole law: softmax of HF's warped scores (top-k 20 and top-p 0.9 after top-h)
+    hf = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(20)(None, expected.clone()))
+    ours = ref.sampling_probs(logits, 0.7, 20, 0.9, 0.0, 1.0, 0.0, 0.0, top_h)
+    assert torch.equal(ours > 0, hf.softmax(-1) > 0)
+    torch.testing.assert_close(ours, hf.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
 # ---- errors name the bad argument --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, exc, name",

@@ -52,6 +52,7 @@ __all__ = [
     "GuessPositions",
     "as_callables",
     "prefix_constraint",
+    "refuse_speculative",
     "refuse_twins",
 ]
 
@@ -137,6 +138,19 @@ def refuse_twins(processors: list, criteria: list, params, constrained: bool = F
                 f"settings build one too ({setting}): transformers would use yours in its place, "
                 f"the engine runs its own in its graphs; set {setting} instead, or drop it"
             )
+
+
+def refuse_speculative(callbacks, params, assistant_model, rows: int) -> None:
+    """``ValueError`` for callbacks (a :class:`GenerateCallbacks` or None) with speculative
+    decoding on more than one row: they run on one row only, as transformers' assisted
+    generation."""
+    speculative = params.prompt_lookup_num_tokens > 0 or assistant_model is not None
+    if callbacks is not None and speculative and rows > 1:
+        raise ValueError(
+            "logits_processor / stopping_criteria / prefix_allowed_tokens_fn with speculative "
+            "decoding (prompt_lookup_num_tokens, assistant_model) need a batch of one row, as "
+            f"transformers' assisted generation; got {rows} rows"
+        )
 
 
 class GenerateCallbacks:

@@ -304,7 +304,7 @@ def cmd_generate(args) -> int:
     )
     elapsed = time.perf_counter() - t0
     if rank0 and (replies > 1 or beams > 1):
-        from .generate import until_eos
+        from .chat import until_eos
         from .settings import eos_id_list
 
         eos = eos_id_list(engine.generation_config.eos_token_id)

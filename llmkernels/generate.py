@@ -1,4 +1,5 @@
-"""The generate engine: prefill, a CUDA-graph decode step, sampling, streaming, chat.
+"""The generate engine: prefill, a CUDA-graph decode step, sampling, streaming; chat replies
+(:mod:`llmkernels.chat`) build on it.
 
     import llmkernels as lk
     eng = lk.Engine.from_pretrained("default")                 # SmolLM2-135M-Instruct
@@ -34,7 +35,8 @@ import torch
 from . import ops
 from . import reference as ref
 from .beam import beam_search
-from .callbacks import GenerateCallbacks, GuessPositions
+from .callbacks import GenerateCallbacks, GuessPositions, refuse_speculative
+from .chat import ChatSession, prompt_ids, reply
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -852,7 +854,7 @@ class Engine:
         callbacks = GenerateCallbacks.of(
             logits_processor, stopping_criteria, ids, params, prefix_allowed_tokens_fn
         )
-        _refuse_speculative_callbacks(callbacks, params, assistant_model, ids.shape[0])
+        refuse_speculative(callbacks, params, assistant_model, ids.shape[0])
         proposer = self._proposer(params, assistant_model)
         rows = [row[m].tolist() for row, m in zip(ids, mask)]
         stops = Stops(params.stop_strings, params.max_time, tokenizer, rows)
@@ -1257,18 +1259,7 @@ class Engine:
         rows = [o + [pad if pad is not None else o[-1]] * (length - len(o)) for o in out]
         return torch.tensor(rows, dtype=torch.int64).reshape(batch, length)
 
-    # ---- chat ---------------------------------------------------------------------------------------
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError(
-                "chat needs a tokenizer: pass tokenizer= to Engine.from_hf, or load a folder with one"
-            )
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template (tokenizer.chat_template is empty)"
-            )
-        return self.tokenizer
-
+    # ---- chat (llmkernels.chat) ------------------------------------------------------------------
     def chat_ids(
         self,
         messages,
@@ -1283,28 +1274,10 @@ class Engine:
         continues it: an assistant turn started by hand). ``tools`` (JSON schemas or Python
         functions) and ``documents`` go to templates that take them; ``chat_template_kwargs``
         are the template's own variables (Qwen3's ``{"enable_thinking": False}``, ...)."""
-        tok = self._require_tokenizer()
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        extra = dict(chat_template_kwargs or {})
-        taken = sorted(set(extra) & _CHAT_TEMPLATE_ARGUMENTS)
-        if taken:
-            raise ValueError(
-                f"chat_template_kwargs sets {taken}: these are chat arguments of their own "
-                "(tools=, documents=, continue_final_message=) or set by the engine"
-            )
-        text = tok.apply_chat_template(
-            list(messages),
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=not continue_final_message,
-            continue_final_message=continue_final_message,
-            tokenize=False,
-            **extra,
+        return prompt_ids(
+            self, messages, tools, documents, continue_final_message, chat_template_kwargs
         )
-        return list(tok(text, add_special_tokens=False)["input_ids"])
 
-    @torch.inference_mode()
     def chat(self, messages, streamer=None, seed: int | None = None, **gen_kwargs: Any) -> str:
         """Answer a conversation: ``messages`` (list of ``{"role", "content"}`` dicts, or one user
         string) through the chat template; returns the assistant's text (special tokens
@@ -1320,113 +1293,11 @@ class Engine:
         With ``num_beams > 1`` the reply is beam search's best hypothesis over the whole
         conversation, and the kept cache is dropped.
         """
-        tok = self._require_tokenizer()
-        template = {k: gen_kwargs.pop(k) for k in _CHAT_PROMPT_ARGUMENTS if k in gen_kwargs}
-        ids = self.chat_ids(messages, **template)
-        assistant_model = gen_kwargs.pop("assistant_model", None)
-        tokenizer = gen_kwargs.pop("tokenizer", None) or tok
-        logits_processor = gen_kwargs.pop("logits_processor", None)
-        stopping_criteria = gen_kwargs.pop("stopping_criteria", None)
-        prefix_allowed_tokens_fn = gen_kwargs.pop("prefix_allowed_tokens_fn", None)
-        params = self._params(len(ids), gen_kwargs.pop("generation_config", None), gen_kwargs)
-        if (
-            params.return_dict_in_generate
-            or params.output_scores
-            or params.output_logits
-            or params.num_return_sequences > 1
-        ):
-            raise ValueError(
-                "chat returns one reply's text: return_dict_in_generate / output_scores / "
-                "output_logits / num_return_sequences need generate (on eng.chat_ids(messages))"
-            )
-        if params.num_beams > 1:  # the best hypothesis, from the whole conversation
-            if streamer is not None or assistant_model is not None:
-                raise ValueError("num_beams > 1 takes no streamer and no assistant_model")
-            self._cached_ids = []  # beam search reorders the cache rows
-            full = torch.tensor([ids], dtype=torch.int64)
-            found = beam_search(
-                self,
-                full,
-                torch.ones_like(full, dtype=torch.bool),
-                params,
-                seed=seed,
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
-            )
-            generated = found.sequences[0, len(ids) :].tolist()
-            return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
-        conversation = torch.tensor([ids], dtype=torch.int64, device=self.device)  # HF's input_ids
-        callbacks = GenerateCallbacks.of(
-            logits_processor, stopping_criteria, conversation, params, prefix_allowed_tokens_fn
-        )
-        _refuse_speculative_callbacks(callbacks, params, assistant_model, 1)
-        proposer = self._proposer(params, assistant_model)
-        histories = [list(ids)]  # the whole conversation
-        stops = Stops(params.stop_strings, params.max_time, tokenizer, histories)
-        reuse = 0
-        for a, b in zip(self._cached_ids, ids):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(
-            reuse, len(ids) - 1
-        )  # at least one token to prefill (its logits start decoding)
-        new_ids = torch.tensor([ids[reuse:]], dtype=torch.int64, device=self.device)
-        mask = torch.ones_like(new_ids, dtype=torch.bool)
-        self._cached_ids = []  # invalid until this call completes
-        full = torch.tensor([ids], dtype=torch.int64)
-        if proposer is not None:  # guesses may come from the whole conversation
-            generated = self._speculative(
-                new_ids, mask, [reuse], histories, params, proposer, streamer, seed, full, stops
-            )[0].tolist()
-        else:
-            self._callbacks = callbacks
-            try:
-                generated = self._generate(
-                    new_ids, mask, [reuse], histories, params, streamer, seed, full, stops
-                )[0].tolist()
-            finally:
-                self._callbacks = None
-        # Cache row 0 now holds the prompt and every generated token but the last (never fed back).
-        self._cached_ids = ids + generated[:-1]
-        return tok.decode(until_eos(generated, params.eos_token_ids), skip_special_tokens=True)
+        return reply(self, messages, streamer, seed, **gen_kwargs)
 
     def chat_session(self, messages: list[dict] | None = None, **gen_kwargs: Any) -> ChatSession:
-        """A multi-turn conversation on this engine (see :class:`ChatSession`)."""
+        """A multi-turn conversation on this engine (see :class:`~llmkernels.chat.ChatSession`)."""
         return ChatSession(self, messages, **gen_kwargs)
-
-
-# chat()'s arguments that shape the prompt (chat_ids), not the generation
-_CHAT_PROMPT_ARGUMENTS = ("tools", "documents", "continue_final_message", "chat_template_kwargs")
-# apply_chat_template's arguments that chat_template_kwargs may not set
-_CHAT_TEMPLATE_ARGUMENTS = {
-    "conversation",
-    "tools",
-    "documents",
-    "add_generation_prompt",
-    "continue_final_message",
-    "tokenize",
-    "return_tensors",
-    "return_dict",
-    "return_assistant_tokens_mask",
-    "padding",
-    "truncation",
-    "max_length",
-}
-
-
-def _refuse_speculative_callbacks(
-    callbacks, params: GenerationParams, assistant_model, rows: int
-) -> None:
-    """The caller's processors and criteria run with speculative decoding on one row only."""
-    speculative = params.prompt_lookup_num_tokens > 0 or assistant_model is not None
-    if callbacks is not None and speculative and rows > 1:
-        raise ValueError(
-            "logits_processor / stopping_criteria / prefix_allowed_tokens_fn with speculative "
-            "decoding (prompt_lookup_num_tokens, assistant_model) need a batch of one row, as "
-            f"transformers' assisted generation; got {rows} rows"
-        )
 
 
 def _first_equal_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[int] | None:
@@ -1439,42 +1310,3 @@ def _first_equal_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[int] | None
         seen.setdefault(tuple(row), b) for b, row in enumerate(ids.masked_fill(~mask, -1).tolist())
     ]
     return None if len(seen) == len(first) else first
-
-
-def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
-    """The tokens before the first EOS id."""
-    eos = set(eos_ids)
-    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
-
-
-class ChatSession:
-    """A conversation: ``send(text)`` appends the user turn, answers with :meth:`Engine.chat`
-    (reusing the K/V cache of the previous turns), appends the reply and returns it.
-
-    ``messages`` holds the conversation (start it with a system message if wanted);
-    ``gen_kwargs`` are defaults for every turn; ``last_prefill_len`` is the number of prompt
-    tokens the last turn had to prefill.
-    """
-
-    def __init__(self, engine: Engine, messages: list[dict] | None = None, **gen_kwargs: Any):
-        self.engine = engine
-        self.messages: list[dict] = list(messages or [])
-        self.gen_kwargs = gen_kwargs
-
-    def send(self, content: str, **gen_kwargs: Any) -> str:
-        self.messages.append({"role": "user", "content": content})
-        try:
-            reply = self.engine.chat(self.messages, **{**self.gen_kwargs, **gen_kwargs})
-        except Exception:
-            self.messages.pop()
-            raise
-        self.messages.append({"role": "assistant", "content": reply})
-        return reply
-
-    @property
-    def last_prefill_len(self) -> int:
-        return self.engine.last_prefill_len
-
-    def reset(self, messages: list[dict] | None = None) -> None:
-        self.messages = list(messages or [])
-        self.engine.reset()

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 import llmkernels as lk
+from llmkernels.chat import until_eos
 
 
 class Steer(LogitsProcessor):
@@ -361,9 +362,7 @@ def test_chat_runs_them_on_the_whole_conversation(smollm2_dir):
     assert torch.equal(spy.seen[0], torch.tensor([eng.chat_ids(follow)]))
     expected = eng.generate(ids, logits_processor=[Steer()], **kw)[0, ids.shape[1] :]
     eos = lk.settings.eos_id_list(eng.generation_config.eos_token_id)
-    text = eng.tokenizer.decode(
-        lk.generate.until_eos(expected.tolist(), eos), skip_special_tokens=True
-    )
+    text = eng.tokenizer.decode(until_eos(expected.tolist(), eos), skip_special_tokens=True)
     assert reply == text
 
 
@@ -385,7 +384,7 @@ def test_chat_takes_prefix_allowed_tokens_fn(smollm2_dir):
     ids = torch.tensor([eng.chat_ids(messages)])
     assert lengths[0] == ids.shape[1]
     out = eng.generate(ids, **kw)[0, ids.shape[1] :].tolist()
-    new = lk.generate.until_eos(out, eos)
+    new = until_eos(out, eos)
     assert new and set(new) <= set(words)
     assert reply == eng.tokenizer.decode(new, skip_special_tokens=True)
 

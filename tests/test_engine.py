@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import llmkernels as lk
 from llmkernels import model as model_module
-from llmkernels.generate import ChatSession
+from llmkernels.chat import ChatSession
 from llmkernels.model import CPU_GEMV_MAX_ROWS, ModelConfig, linear
 
 VOCAB = 320

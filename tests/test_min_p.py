@@ -145,3 +145,8 @@ def test_sampling_probs_traces_without_a_host_sync():
     torch.testing.assert_close(
         traced(logits, *rows, min_p), ref.sampling_probs(logits, *rows, min_p)
     )
+    warps = (min_p, torch.tensor([0.9, 1.0, 1.0]), torch.zeros(3), torch.tensor([0.0, 0.1, 0.0]))
+    warps += (torch.tensor([0.5, 0.0, 1.0]),)  # top_h
+    torch.testing.assert_close(
+        traced(logits, *rows, *warps), ref.sampling_probs(logits, *rows, *warps)
+    )

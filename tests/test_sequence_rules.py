@@ -179,6 +179,7 @@ def test_processors_trace_without_a_host_sync():
         begin_suppress_tokens=[13],
         forced_eos_token_id=[11, 14],
         remove_invalid_values=True,
+        exponential_decay_length_penalty=(1, 1.3),
     )
     processors = eng._processors
     processors.start(params, [list(range(3, 11)), list(range(20, 25))])

@@ -101,6 +101,11 @@ def refuse_twins(processors: list, criteria: list, params, constrained: bool = F
     eos, min_new = bool(params.eos_token_ids), params.min_new_tokens > 0
     built = [  # (transformers' class, the setting that builds it, whether these settings do)
         (lp.PrefixConstrainedLogitsProcessor, "prefix_allowed_tokens_fn", constrained),
+        (
+            lp.UnbatchedClassifierFreeGuidanceLogitsProcessor,
+            "guidance_scale",
+            params.guidance_scale != 1.0,
+        ),
         (lp.SequenceBiasLogitsProcessor, "sequence_bias", bool(params.sequence_bias)),
         (lp.RepetitionPenaltyLogitsProcessor, "repetition_penalty", params.repetition_penalty != 1),
         (lp.NoRepeatNGramLogitsProcessor, "no_repeat_ngram_size", params.no_repeat_ngram_size > 0),

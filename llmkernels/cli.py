@@ -7,6 +7,7 @@ one clear ``error:`` line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -63,6 +64,13 @@ def _top_h(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -209,6 +217,8 @@ def _sampling_kwargs(args) -> dict:
         kwargs["min_p"] = args.min_p
     if args.top_h is not None:
         kwargs["top_h"] = args.top_h
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
     if args.repetition_penalty is not None:
         kwargs["repetition_penalty"] = args.repetition_penalty
     if args.seed is not None:
@@ -280,7 +290,8 @@ def cmd_generate(args) -> int:
     # several replies need sampling, which a model's generation_config may turn on: generate
     # raises when the settings are greedy
     replies, beams = args.num_return_sequences, args.num_beams
-    engine = _load_engine(args, max_batch_size=max(replies, beams))
+    twins = 2 if args.guidance_scale not in (None, 1.0) else 1  # guidance: a row per reply
+    engine = _load_engine(args, max_batch_size=max(replies * twins, beams))
     input_ids = _prompt_ids(
         engine, args.prompt, args.raw, args.system, args.chat_template_kwargs
     ).to(engine.device)
@@ -340,7 +351,7 @@ def _read_line(rank0: bool, tensor_parallel: bool) -> str:
 
 
 def cmd_chat(args) -> int:
-    engine = _load_engine(args)
+    engine = _load_engine(args, max_batch_size=2 if args.guidance_scale not in (None, 1.0) else 1)
     tensor_parallel = getattr(args, "tensor_parallel", False)
     rank0 = _is_rank0(args)
     initial = [{"role": "system", "content": args.system}] if args.system else None
@@ -520,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="HF's top-h: after temperature, keep the most likely tokens whose summed "
                 "entropy stays within top_h x the entropy of the top 100",
+            )
+            p.add_argument(
+                "--guidance-scale",
+                type=_finite_float,
+                default=None,
+                metavar="G",
+                help="HF's classifier-free guidance against the prompt's last token alone "
+                "(1 = off; a second cache row per reply)",
             )
             p.add_argument(
                 "--repetition-penalty",

@@ -37,6 +37,7 @@ from . import reference as ref
 from .beam import beam_search
 from .callbacks import GenerateCallbacks, GuessPositions, refuse_speculative
 from .chat import ChatSession, prompt_ids, reply
+from .guidance import guided_scores, stack_rows, unconditional_rows
 from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -66,6 +67,7 @@ class StepKey(NamedTuple):
     batch: int
     greedy: bool
     warped: bool  # min_p / typical_p / epsilon / eta / top_h on (sampling only)
+    guided: bool  # classifier-free guidance: 2 x batch cache rows (llmkernels.guidance)
     processors: ProcessorKey  # the logits processors on
 
 
@@ -128,6 +130,9 @@ class Engine:
         # sampler draws from it (a decode graph per setting)
         self._warps = torch.zeros(5, n, dtype=torch.float32, device=dev)  # in that order
         self._warped = False
+        # guidance_scale: rows B..2B-1 of a call's step are rows 0..B-1's unconditional twins
+        self._guided = False
+        self._guidance_scale = torch.ones(1, dtype=torch.float32, device=dev)
         self._rng = ops.new_rng_state(dev, seed=0)  # (seed, offset), advanced by the sampler
         # repetition penalty, no_repeat_ngram_size, min_new_tokens, ... (a decode graph per
         # setting); the rows' text has room for a verify's guesses
@@ -534,8 +539,10 @@ class Engine:
     # ---- the decode step ----------------------------------------------------------------------------
     def _step(self, batch: int, greedy: bool) -> torch.Tensor:
         """One decode step for rows ``0..batch-1``: reads ``_tokens[:batch]``, writes the next
-        tokens there, advances cache lengths (and the RNG state when sampling). Returns logits."""
-        logits = self._decode(self._tokens[:batch])  # [B, V]
+        tokens there, advances cache lengths (and the RNG state when sampling). Returns logits
+        (guided: ``2 * batch`` rows, the twins' too)."""
+        rows = 2 * batch if self._guided else batch
+        logits = self._decode(self._tokens[:rows])  # [rows, V]
         self._sample_into_tokens(logits, greedy, check_values=False)  # inside graphs: no sync
         return logits
 
@@ -570,10 +577,14 @@ class Engine:
         """Next tokens of rows ``0..B-1`` from ``logits [B, V]`` into ``_tokens[:B]``, with the
         per-row sampling settings and the on-device RNG state (advanced by the sampler), from
         the scores of this call's logits processors (:mod:`llmkernels.processors`, which then
-        take the new tokens in). ``first``: the first new token of the call."""
+        take the new tokens in). ``first``: the first new token of the call. Guided, ``logits``
+        holds ``2B`` rows: rows ``B..2B-1`` are the unconditional twins, fed the same tokens."""
+        raw = logits
+        if self._guided:  # transformers' first processor (llmkernels.guidance)
+            raw = logits[: logits.shape[0] // 2]
+            logits = guided_scores(logits, self._guidance_scale)
         batch = logits.shape[0]
         tokens = self._tokens[:batch]
-        raw = logits
         callbacks = self._callbacks
         constrain = callbacks.constrain if callbacks and callbacks.constraint else None
         logits = self._processors.apply(logits, first, constrain)
@@ -597,6 +608,8 @@ class Engine:
                 check_values=check_values,
                 out=tokens,
             )
+        if self._guided:
+            self._tokens[batch : 2 * batch].copy_(tokens)
         self._processors.advance(tokens)
 
     def _sampling_rows(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -643,7 +656,8 @@ class Engine:
 
     def _step_key(self, batch: int, greedy: bool) -> StepKey:
         """The captured decode step this call replays: one per batch size and setting."""
-        return StepKey(batch, greedy, self._warped and not greedy, self._processors.key())
+        warped = self._warped and not greedy
+        return StepKey(batch, greedy, warped, self._guided, self._processors.key())
 
     def _capture(self, fn: Callable[[], Any], state: list[torch.Tensor]):
         """Capture ``fn()`` in a CUDA graph: ``(graph, fn's output)``. Two eager warm-up calls
@@ -708,6 +722,7 @@ class Engine:
         if not 1 <= batch_size <= self.max_batch_size:
             raise ValueError(f"batch_size must be in [1, {self.max_batch_size}], got {batch_size}")
         self._cached_ids = []  # the steps append tokens chat() does not know about
+        self._guided = False  # the steps decode these rows alone
         with torch.inference_mode():
             step = self._step_fn(batch_size, not do_sample)
 
@@ -812,6 +827,8 @@ class Engine:
         )
         ids = self._as_ids(input_ids)
         tokenizer = kwargs.pop("tokenizer", None) or self.tokenizer  # HF's: for stop_strings
+        negative_ids = kwargs.pop("negative_prompt_ids", None)  # HF's, for guidance_scale
+        negative_mask = kwargs.pop("negative_prompt_attention_mask", None)
         params = self._params(ids.shape[1], generation_config, kwargs)
         if attention_mask is None and params.pad_token_id is not None:
             # HF infers the mask from pad tokens when they are not also EOS tokens
@@ -850,6 +867,10 @@ class Engine:
                 )
             ids = ids.repeat_interleave(copies, dim=0)
             mask = mask.repeat_interleave(copies, dim=0)
+        negative = None
+        if negative_ids is not None and params.guidance_scale != 1.0:
+            negative = self._negative_rows(negative_ids, negative_mask, ids.shape[0] // copies)
+            negative = [row for row in negative for _ in range(copies)]
         self._cached_ids = []
         callbacks = GenerateCallbacks.of(
             logits_processor, stopping_criteria, ids, params, prefix_allowed_tokens_fn
@@ -885,7 +906,16 @@ class Engine:
                 )
             else:
                 new = self._generate(
-                    ids, mask, [0] * ids.shape[0], rows, params, streamer, seed, ids, stops
+                    ids,
+                    mask,
+                    [0] * ids.shape[0],
+                    rows,
+                    params,
+                    streamer,
+                    seed,
+                    ids,
+                    stops,
+                    negative,
                 )
         finally:
             record, self._record = self._record, None
@@ -902,6 +932,18 @@ class Engine:
             scores=None if scores is None else tuple(t.to(out_device) for t in scores[:steps]),
             logits=None if logits is None else tuple(t.to(out_device) for t in logits[:steps]),
         )
+
+    def _negative_rows(self, negative_ids, negative_mask, batch: int) -> list[list[int]]:
+        """``negative_prompt_ids [B, T']`` (left-padded under ``negative_prompt_attention_mask``)
+        as each prompt row's negative prompt tokens."""
+        ids = self._as_ids(negative_ids)
+        mask = self._as_mask(ids, negative_mask)
+        self._check_ids(ids, mask)
+        if ids.shape[0] != batch:
+            raise ValueError(
+                f"negative_prompt_ids must have a row per prompt row ({batch}), got {ids.shape[0]}"
+            )
+        return [row[m].tolist() for row, m in zip(ids, mask)]
 
     def _start_recording(self, params: GenerationParams) -> None:
         """Record each step's scores / logits for HF's ``output_scores`` / ``output_logits``
@@ -937,10 +979,12 @@ class Engine:
         return real_lens
 
     def _start_sampling(self, batch: int, params: GenerationParams, seed: int | None) -> None:
-        """Per-row sampling settings and the RNG state for this call (nothing when greedy). No
-        logits processors (``_processors.start`` turns them on: a draft proposes without them,
-        as transformers' assistant does)."""
+        """Per-row sampling settings, guidance and the RNG state for this call. No logits
+        processors (``_processors.start`` turns them on: a draft proposes without them, as
+        transformers' assistant does)."""
         self._processors.reset()
+        self._guided = params.guidance_scale != 1.0
+        self._guidance_scale.fill_(params.guidance_scale)
         warps = (params.min_p, params.typical_p, params.epsilon_cutoff, params.eta_cutoff)
         warps += (params.top_h,)
         self._warped = not params.greedy and warps != (0.0, 1.0, 0.0, 0.0, 0.0)
@@ -963,13 +1007,24 @@ class Engine:
         seed: int | None,
         stream_prompt: torch.Tensor,
         stops: Stops,
+        negative: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Prefill + decode loop. Returns the new tokens ``[B, n]`` int64 on the CPU.
         ``histories``: each row's whole text before the new tokens, without padding (the logits
         processors' context); ``stream_prompt [B, T]``: the streamer's prompt; ``stops``: stop
-        strings and max_time (:mod:`llmkernels.stopping`)."""
+        strings and max_time (:mod:`llmkernels.stopping`); ``negative``: with guidance, each
+        row's negative prompt tokens (default: its last token)."""
         batch = ids.shape[0]
-        real_lens = self._check_capacity(ids, mask, start, params)
+        prefill = (ids, mask, start)
+        if params.guidance_scale != 1.0:  # each row's unconditional twin in cache row B + b
+            if 2 * batch > self.max_batch_size:
+                raise ValueError(
+                    f"guidance_scale gives each of the {batch} rows an unconditional twin in a "
+                    f"cache row of its own: {2 * batch} rows exceed max_batch_size="
+                    f"{self.max_batch_size}; build the engine with a larger max_batch_size"
+                )
+            prefill = stack_rows(ids, mask, start, unconditional_rows(histories, negative))
+        real_lens = self._check_capacity(*prefill, params)
         max_new = params.max_new_tokens
         greedy = params.greedy
         self._start_sampling(batch, params, seed)
@@ -978,7 +1033,7 @@ class Engine:
             streamer.put(stream_prompt.cpu())
 
         # prefill and the first token
-        logits = self._prefill(ids, mask, start, real_lens, all_logits=False)  # [B, V]
+        logits = self._prefill(*prefill, real_lens, all_logits=False)  # [B (guided: 2B), V]
         # NaN/inf check: one sync
         self._sample_into_tokens(logits, greedy, check_values=True, first=True)
         tokens = self._tokens[:batch]
@@ -1142,6 +1197,11 @@ class Engine:
         """Prefill, then rounds of guess -> verify -> accept (:mod:`llmkernels.speculative`).
         ``histories``: each row's whole text so far (cached tokens and prompt). Returns the new
         tokens ``[B, n]`` int64 on the CPU, as :meth:`_generate`."""
+        if params.guidance_scale != 1.0:
+            raise ValueError(  # its processor takes one new token per step
+                "guidance_scale with speculative decoding (prompt_lookup_num_tokens, "
+                "assistant_model) is not supported: transformers' guidance feeds one token per step"
+            )
         batch = ids.shape[0]
         real_lens = self._check_capacity(ids, mask, start, params)
         if streamer is not None and batch != 1:

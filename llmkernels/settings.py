@@ -39,7 +39,6 @@ _NEUTRAL: dict[str, tuple] = {
     "constraints": (None,),
     "diversity_penalty": (None, 0.0),
     "forced_bos_token_id": (None,),
-    "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
     "token_healing": (None, False),
     "dola_layers": (None,),
@@ -102,6 +101,7 @@ class GenerationParams:
     num_beams: int = 1  # beam search (llmkernels.beam) when > 1
     length_penalty: float = 1.0  # beam search: finished scores / generated length ** this
     early_stopping: bool | str = False  # beam search: True, False or "never" (HF's)
+    guidance_scale: float = 1.0  # classifier-free guidance (llmkernels.guidance; 1 = off)
 
     @property
     def greedy(self) -> bool:
@@ -158,7 +158,8 @@ def resolve_generation_params(
             "max_time, streamer, seed, return_dict_in_generate, output_scores, output_logits, generation_config, "
             "prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, "
             "num_assistant_tokens, num_assistant_tokens_schedule, logits_processor, "
-            "stopping_criteria, prefix_allowed_tokens_fn."
+            "stopping_criteria, prefix_allowed_tokens_fn, guidance_scale, negative_prompt_ids, "
+            "negative_prompt_attention_mask."
         )
     model_set = _set_fields(model_generation_config)
     given_set = _set_fields(generation_config)
@@ -182,8 +183,8 @@ def resolve_generation_params(
             f"unsupported generation settings: {detail}. The llmkernels engine does greedy and "
             "temperature / top-h / top-k / top-p / min-p / typical / epsilon / eta sampling with the "
             "logits processors of "
-            "llmkernels.processors, stop_strings, max_time, num_return_sequences, beam search "
-            "and beam sampling only; use "
+            "llmkernels.processors, classifier-free guidance, stop_strings, max_time, "
+            "num_return_sequences, beam search and beam sampling only; use "
             "HF's model.generate for the others."
         )
 
@@ -316,6 +317,14 @@ def resolve_generation_params(
             "num_assistant_tokens_schedule must be 'constant', 'heuristic' or "
             f"'heuristic_transient', got {schedule!r}"
         )
+    guidance = eff.get("guidance_scale")
+    guidance = 1.0 if guidance is None else guidance
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)
+    ):
+        raise ValueError(f"guidance_scale must be a finite number (1 = off), got {guidance!r}")
     params = GenerationParams(
         **speculative,
         num_assistant_tokens_schedule=schedule,
@@ -351,6 +360,7 @@ def resolve_generation_params(
         num_beams=num_beams,
         length_penalty=float(length_penalty),
         early_stopping=early_stopping,
+        guidance_scale=float(guidance),
     )
     if num_beams > 1:
         _check_beam_settings(params)
@@ -364,6 +374,7 @@ def _check_beam_settings(p: GenerationParams) -> None:
         "stop_strings": bool(p.stop_strings),
         "max_time": p.max_time is not None,
         "prompt_lookup_num_tokens": p.prompt_lookup_num_tokens > 0,
+        "guidance_scale": p.guidance_scale != 1.0,
     }
     bad = [name for name, on in used.items() if on]
     if bad:

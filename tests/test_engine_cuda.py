@@ -483,6 +483,28 @@ def test_top_h_and_length_decay_in_graphs_equal_eager():
 
 
 @torch.inference_mode()
+def test_guidance_in_graphs_equals_eager_and_transformers():
+    """Classifier-free guidance runs the twins as rows B..2B-1 of the captured step (the scale a
+    device buffer): graphs give what eager steps give, greedy and sampled; in fp32 the greedy
+    tokens are transformers' own (its processor runs the model a second time)."""
+    hf = hf_model()
+    graphed = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=128)
+    eager = lk.Engine.from_hf(hf, max_batch_size=4, max_seq_len=128, use_cuda_graph=False)
+    ids = prompts(2, 10, seed=6)
+    kw = dict(max_new_tokens=24, do_sample=False, guidance_scale=2.0)
+    a = graphed.generate(ids, **kw)
+    assert any(key.guided and key.batch == 2 for key in graphed._graphs)
+    assert torch.equal(a, eager.generate(ids, **kw))
+    assert not torch.equal(a, graphed.generate(ids, max_new_tokens=24, do_sample=False))
+    sample = dict(kw, do_sample=True, temperature=1.1, seed=4)
+    assert torch.equal(graphed.generate(ids, **sample), eager.generate(ids, **sample))
+    hf32 = hf_model(torch.float32)
+    eng32 = lk.Engine.from_hf(hf32, max_batch_size=4, max_seq_len=128)
+    expected = hf32.generate(ids, pad_token_id=0, **kw)
+    assert torch.equal(eng32.generate(ids, pad_token_id=0, **kw), expected)
+
+
+@torch.inference_mode()
 def test_no_repeat_ngram_in_graphs_equals_eager():
     """The rows' text and its lengths are static buffers the captured decode step reads and
     appends to: graphs give what eager steps give, greedy and sampled, and with prompt lookup

@@ -510,7 +510,7 @@ def test_a_setting_given_as_none_is_none_as_in_transformers():
     [
         (dict(num_beams=2, num_beam_groups=2), "num_beam_groups"),  # diverse beam search
         (dict(encoder_repetition_penalty=1.3), "encoder_repetition_penalty"),
-        (dict(guidance_scale=1.5), "guidance_scale"),  # classifier-free guidance
+        (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(forced_bos_token_id=1), "forced_bos_token_id"),
         (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(assistant_early_exit=2), "assistant_early_exit"),  # self-speculation: not supported

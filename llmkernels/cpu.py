@@ -213,3 +213,64 @@ def decode_attention(
     if min(lens) <= 0:
         out = out.masked_fill((seq_lens <= 0)[:, None, None], 0.0)
     return out
+
+
+def sampling_probs(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    typical_p: float | torch.Tensor = 1.0,
+    epsilon_cutoff: float | torch.Tensor = 0.0,
+    eta_cutoff: float | torch.Tensor = 0.0,
+    top_h: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """:func:`reference.sampling_probs`, bit for bit, without its two sorts of the whole
+    vocabulary (15 ms of a 45 ms SmolLM2 step on a 2-core host): the k-th value by
+    ``torch.topk``, top-k off without any search, and top-p over the non-zero probabilities only
+    (sorted by ``topk``: the same values in the same order, so the same prefix sums). The host
+    reads the rows' settings (CPU only: no graph to keep)."""
+    batch, vocab = logits.shape
+    device = logits.device
+    logits = logits.float()
+    temperature = ref._per_row(temperature, batch, torch.float32, device)
+    top_k = ref._per_row(top_k, batch, torch.int64, device)
+    top_p = ref._per_row(top_p, batch, torch.float32, device)
+
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if isinstance(top_h, torch.Tensor) or top_h != 0:
+        scaled = ref._top_h(scaled, ref._per_row(top_h, batch, torch.float32, device))
+
+    filtered = (top_k > 0) & (top_k < vocab)  # k >= V keeps every token, as the reference
+    if bool(filtered.any()):
+        k = torch.where(filtered, top_k, 1)
+        largest = scaled.topk(int(k.max()), dim=-1).values  # sorted, descending
+        kth_value = torch.where(filtered[:, None], largest.gather(1, (k - 1)[:, None]), -torch.inf)
+        scaled = scaled.masked_fill(scaled < kth_value, float("-inf"))
+
+    probs = torch.softmax(scaled, dim=-1)
+    if bool((top_p < 1.0).any()):
+        kept = int((probs > 0).sum(dim=-1).max())  # zeros stay zero whatever top-p says
+        sorted_p, order = probs.topk(kept, dim=-1)
+        keep_sorted = ref._top_p_keep(sorted_p, top_p)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    # the later filters, as the reference's _after_top_p; the engine passes each one as a
+    # tensor, and typical_p off on every row removes nothing: only its renormalization is left
+    # (no sort)
+    if isinstance(min_p, torch.Tensor) or min_p != 0:
+        floor = ref._per_row(min_p, batch, torch.float32, device)[:, None] * probs.amax(
+            dim=-1, keepdim=True
+        )
+        probs = torch.where(probs >= floor, probs, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if isinstance(typical_p, torch.Tensor) or typical_p < 1:
+        mass = ref._per_row(typical_p, batch, torch.float32, device)
+        if bool((mass < 1).any()):
+            probs = ref._typical(probs, mass)
+        else:
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+    return ref._after_top_p(logits, greedy, probs, 0.0, 1.0, epsilon_cutoff, eta_cutoff)

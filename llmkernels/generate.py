@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import torch
 
 from . import ops
-from . import reference as ref
 from .beam import beam_search
 from .callbacks import GenerateCallbacks, GuessPositions, refuse_speculative
 from .chat import ChatSession, prompt_ids, reply
@@ -598,7 +597,7 @@ class Engine:
             rows = self._sampling_rows(batch)
             if check_values:  # NaN / inf scores and the settings, as ops.sample checks them
                 ops._check_sampling_values(logits, *rows[:3])
-            probs = ref.sampling_probs(logits, *rows)
+            probs = ops.sampling_probs(logits, *rows)
             ops.sample_from_probs(probs, rng_state=self._rng, out=tokens)
         else:
             ops.sample(

@@ -977,8 +977,22 @@ def sample(
         return out
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
-    out.copy_(ref.sample(logits, temperature_t, top_k_t, top_p_t, generator=generator))
+    out.copy_(_draw(logits, temperature_t, top_k_t, top_p_t, generator))
     return out
+
+
+def sampling_probs(logits: torch.Tensor, *settings) -> torch.Tensor:
+    """:func:`reference.sampling_probs` (the same arguments and values): on CPU tensors outside
+    torch.compile its lean twin (:func:`llmkernels.cpu.sampling_probs`, no sort of the whole
+    vocabulary; reads the settings on the host), elsewhere the reference itself (no host sync:
+    it runs inside captured decode steps). No value checks."""
+    return (cpu.sampling_probs if _lean_cpu(logits) else ref.sampling_probs)(logits, *settings)
+
+
+def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """:func:`reference.sample`: one token per row from :func:`sampling_probs`."""
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def sample_from_probs(
@@ -995,7 +1009,7 @@ def _sample_from_state(out, logits, temperature, top_k, top_p, rng_state) -> Non
     """Reference sampling driven by an (seed, offset) state, which it advances by one."""
     seed, offset = (int(v) for v in rng_state.tolist())
     generator = torch.Generator(logits.device).manual_seed((seed * 1_000_003 + offset) % (2**63))
-    out.copy_(ref.sample(logits, temperature, top_k, top_p, generator=generator))
+    out.copy_(_draw(logits, temperature, top_k, top_p, generator))
     rng_state[1] += 1
 
 

@@ -407,10 +407,19 @@ def sampling_probs(
     kth_value = sorted_desc.gather(1, (k - 1)[:, None])
     scaled = scaled.masked_fill(scaled < kth_value, float("-inf"))
 
-    # top-p: mass strictly above each token (computed in sorted order, ties share their group's
-    # first exclusive prefix sum)
+    # top-p: mass strictly above each token, in sorted order
     probs = torch.softmax(scaled, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, _top_p_keep(sorted_p, top_p))
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return _after_top_p(logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff)
+
+
+def _top_p_keep(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Step 3 of :func:`sampling_probs` on ``sorted_p [B, N]`` (descending; N may stop after
+    the last non-zero p): which to keep, ``[B, N]`` bool. Ties share their group's first
+    exclusive prefix sum."""
     exclusive = sorted_p.cumsum(dim=-1) - sorted_p
     neg = -sorted_p  # ascending, for a leftmost search of each tie group
     group_start = torch.searchsorted(neg.contiguous(), neg.contiguous(), right=False)
@@ -419,9 +428,14 @@ def sampling_probs(
     # would keep the tail, and HF skips its top-p warper at 1.0)
     keep_sorted = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep_sorted[:, 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    probs = torch.where(keep, probs, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return keep_sorted
+
+
+def _after_top_p(logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff):
+    """Steps 5-8 of :func:`sampling_probs` on the renormalized ``probs [B, V]``, then the greedy
+    rows' one-hot (``greedy [B]``, from ``logits [B, V]`` fp32)."""
+    batch, vocab = probs.shape
+    device = probs.device
     if isinstance(min_p, torch.Tensor) or min_p != 0:  # a Python 0 leaves p bit-identical
         min_p = _per_row(min_p, batch, torch.float32, device)
         floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)

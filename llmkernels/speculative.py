@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from . import reference as ref
 
 __all__ = [
     "prompt_lookup",
@@ -114,7 +113,7 @@ def accept(
         accepted = keep.long().cumprod(dim=1).sum(dim=1)  # [B]
         return accepted, best.gather(1, accepted[:, None]).squeeze(1)
 
-    p = ref.sampling_probs(  # each row's settings at each of its positions
+    p = ops.sampling_probs(  # each row's settings at each of its positions
         logits.reshape(batch * positions, vocab),
         *(setting.repeat_interleave(positions) for setting in sampling),
     ).view(batch, positions, vocab)
@@ -255,7 +254,7 @@ class DraftModel:
             else:
                 d._sample_into_tokens(logits, greedy, check_values=False)
             if probs is not None:  # the law d._tokens was drawn from (the row settings)
-                probs[:, j] = ref.sampling_probs(logits, *d._sampling_rows(batch))
+                probs[:, j] = ops.sampling_probs(logits, *d._sampling_rows(batch))
             drafts[:, j] = d._tokens[:batch]
         lengths = [min(k, b) for b in budgets]
         return Proposal(drafts.to(device), lengths, None if probs is None else probs.to(device))

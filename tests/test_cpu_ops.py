@@ -171,3 +171,61 @@ def test_public_ops_dispatch_to_the_lean_cpu_path(monkeypatch):
     lk.kv_cache_append(_randn(1, 1, 64), _randn(1, 1, 64), kc, vc, torch.tensor([2]))
     lk.decode_attention(_randn(1, 2, 64), kc, vc, torch.tensor([3], dtype=torch.int32))
     assert called == ["rms_norm", "rotary_embedding", "kv_cache_append", "decode_attention"]
+
+
+@pytest.mark.parametrize("vocab", [7, 50, 1000, 49152])
+def test_sampling_probs_bit_identical(vocab):
+    """The lean law (topk instead of whole-vocabulary sorts) equals the reference bit for bit:
+    ties, removed tokens, mixed per-row settings (greedy rows, top-k off / on / >= V, top-p
+    off / on) and each later filter."""
+    gen = torch.Generator().manual_seed(vocab)
+    cases = 0
+    for trial in range(20):
+        logits = torch.randn(3, vocab, generator=gen) * (3.0 if trial % 2 else 0.5)
+        if trial % 5 == 0:
+            logits = (logits * 4).round() / 4  # many ties
+        if trial % 7 == 0:
+            logits[:, ::5] = float("-inf")  # tokens a processor removed
+        temperature = torch.tensor([0.7, 0.0, 1.3])[torch.randperm(3, generator=gen)]
+        top_k = torch.tensor([0, 5, 50, vocab, vocab + 3, 1])[
+            torch.randint(0, 6, (3,), generator=gen)
+        ]
+        top_p = torch.tensor([1.0, 0.9, 0.5, 0.05])[torch.randint(0, 4, (3,), generator=gen)]
+        later = [(), (0.05,), (0.0, 0.8), (0.0, 1.0, 1e-4, 1e-3), (0.0, 1.0, 0.0, 0.0, 0.5)]
+        # as the engine passes them: every later filter a per-row tensor, most rows off
+        as_rows = [torch.tensor(v) for v in ([0.0, 0.05, 0.0], [1.0] * 3, [0.0] * 3, [0.0] * 3)]
+        as_rows += [torch.tensor([0.0, 0.0, 0.5])]
+        if trial % 3 == 0:
+            as_rows[1] = torch.tensor([1.0, 0.8, 1.0])  # typical on in one row
+        for settings in (
+            (temperature, top_k, top_p, *later[trial % 5]),
+            (temperature, top_k, top_p, *as_rows),
+            (0.8, 0, 1.0, *later[trial % 5]),
+            (0.8, 20, 1.0),
+            (1.0, 0, 0.9),
+            (1.0, 20, 0.9),
+        ):
+            expected = ref.sampling_probs(logits, *settings)
+            assert torch.equal(cpu.sampling_probs(logits, *settings), expected), (trial, settings)
+            cases += 1
+    assert cases == 120
+
+
+def test_sampling_dispatches_to_the_lean_law_on_cpu_and_the_reference_when_compiled(monkeypatch):
+    from llmkernels import ops
+
+    called = []
+    real = cpu.sampling_probs
+
+    def spy(*args, **kwargs):
+        called.append(args[1:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "sampling_probs", spy)
+    logits = _randn(2, 300)
+    lk.sample(logits, temperature=0.8, top_k=20, seed=1)
+    ops.sample(logits, 0.8, 0, 0.9, rng_state=ops.new_rng_state(logits.device, 3))
+    assert len(called) == 2
+    traced = torch.compile(ops.sampling_probs, fullgraph=True, backend="eager")
+    expected = ref.sampling_probs(logits, 0.8, 20, 0.9)
+    assert torch.equal(traced(logits, 0.8, 20, 0.9), expected) and len(called) == 2

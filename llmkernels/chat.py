@@ -186,12 +186,12 @@ class ChatSession:
     def send(self, content: str, **gen_kwargs: Any) -> str:
         self.messages.append({"role": "user", "content": content})
         try:
-            reply = self.engine.chat(self.messages, **{**self.gen_kwargs, **gen_kwargs})
+            answer = self.engine.chat(self.messages, **{**self.gen_kwargs, **gen_kwargs})
         except Exception:
             self.messages.pop()
             raise
-        self.messages.append({"role": "assistant", "content": reply})
-        return reply
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
 
     @property
     def last_prefill_len(self) -> int:

@@ -46,7 +46,8 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _top_p(text: str) -> float:
+def _fraction(text: str) -> float:
+    """A number in (0, 1] (top_p, top_h)."""
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
@@ -57,13 +58,6 @@ def _min_p(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _top_h(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -518,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--temperature", type=_non_negative_float, default=None, help="0 = greedy"
             )
             p.add_argument("--top-k", type=_non_negative_int, default=None, help="0 = off")
-            p.add_argument("--top-p", type=_top_p, default=None)
+            p.add_argument("--top-p", type=_fraction, default=None)
             p.add_argument(
                 "--min-p",
                 type=_min_p,
@@ -527,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--top-h",
-                type=_top_h,
+                type=_fraction,
                 default=None,
                 help="HF's top-h: after temperature, keep the most likely tokens whose summed "
                 "entropy stays within top_h x the entropy of the top 100",
@@ -605,9 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--top", type=_positive_int, default=10)
     n.add_argument("--temperature", type=_non_negative_float, default=1.0)
     n.add_argument("--top-k", type=_non_negative_int, default=None)
-    n.add_argument("--top-p", type=_top_p, default=None)
+    n.add_argument("--top-p", type=_fraction, default=None)
     n.add_argument("--min-p", type=_min_p, default=None)
-    n.add_argument("--top-h", type=_top_h, default=None)
+    n.add_argument("--top-h", type=_fraction, default=None)
     n.add_argument(
         "--raw", action="store_true", help="score the prompt as plain text (no chat template)"
     )

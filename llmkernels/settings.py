@@ -455,7 +455,7 @@ def _decay(value: Any, eos_ids: list[int]) -> tuple[int, float] | None:
         )
     if not eos_ids:
         raise ValueError(
-            "exponential_decay_length_penalty raises the EOS scores, but there is no "
+            "exponential_decay_length_penalty moves the EOS scores, but there is no "
             "eos_token_id: set one"
         )
     return int(start), float(factor)

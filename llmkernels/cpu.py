@@ -226,22 +226,15 @@ def sampling_probs(
     eta_cutoff: float | torch.Tensor = 0.0,
     top_h: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """:func:`reference.sampling_probs`, bit for bit, without its two sorts of the whole
-    vocabulary (15 ms of a 45 ms SmolLM2 step on a 2-core host): the k-th value by
-    ``torch.topk``, top-k off without any search, and top-p over the non-zero probabilities only
-    (sorted by ``topk``: the same values in the same order, so the same prefix sums). The host
-    reads the rows' settings (CPU only: no graph to keep)."""
+    """:func:`reference.sampling_probs`, bit for bit, without its sorts of the whole vocabulary
+    (15 ms of a 45 ms SmolLM2 step on a 2-core host): the k-th value by ``torch.topk``, top-k
+    off without any search, top-p over the most probable tokens only (:func:`_top_p_keep`), and
+    typical-p's sort only when a row asks for it. The host reads the rows' settings (CPU only:
+    no graph to keep)."""
+    logits, greedy, scaled = ref._scaled_logits(logits, temperature, top_h)
     batch, vocab = logits.shape
-    device = logits.device
-    logits = logits.float()
-    temperature = ref._per_row(temperature, batch, torch.float32, device)
-    top_k = ref._per_row(top_k, batch, torch.int64, device)
-    top_p = ref._per_row(top_p, batch, torch.float32, device)
-
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    if isinstance(top_h, torch.Tensor) or top_h != 0:
-        scaled = ref._top_h(scaled, ref._per_row(top_h, batch, torch.float32, device))
+    top_k = ref._per_row(top_k, batch, torch.int64, logits.device)
+    top_p = ref._per_row(top_p, batch, torch.float32, logits.device)
 
     filtered = (top_k > 0) & (top_k < vocab)  # k >= V keeps every token, as the reference
     if bool(filtered.any()):
@@ -252,25 +245,66 @@ def sampling_probs(
 
     probs = torch.softmax(scaled, dim=-1)
     if bool((top_p < 1.0).any()):
-        kept = int((probs > 0).sum(dim=-1).max())  # zeros stay zero whatever top-p says
-        sorted_p, order = probs.topk(kept, dim=-1)
-        keep_sorted = ref._top_p_keep(sorted_p, top_p)
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
+        probs = torch.where(_top_p_keep(probs, top_p, greedy), probs, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
-    # the later filters, as the reference's _after_top_p; the engine passes each one as a
-    # tensor, and typical_p off on every row removes nothing: only its renormalization is left
-    # (no sort)
-    if isinstance(min_p, torch.Tensor) or min_p != 0:
-        floor = ref._per_row(min_p, batch, torch.float32, device)[:, None] * probs.amax(
-            dim=-1, keepdim=True
-        )
-        probs = torch.where(probs >= floor, probs, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    if isinstance(typical_p, torch.Tensor) or typical_p < 1:
-        mass = ref._per_row(typical_p, batch, torch.float32, device)
-        if bool((mass < 1).any()):
-            probs = ref._typical(probs, mass)
-        else:
-            probs = probs / probs.sum(dim=-1, keepdim=True)
-    return ref._after_top_p(logits, greedy, probs, 0.0, 1.0, epsilon_cutoff, eta_cutoff)
+    return ref._after_top_p(
+        logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff, typical=_typical
+    )
+
+
+TOP_P_MARGIN = 1e-6  # above the fp32 rounding of a prefix sum (~1e-7 near 1)
+TOP_P_SORT_ALL = 4096  # fewer candidates are sorted whole: topk(4096) ~ the estimate + a topk
+_BUCKETS = 128  # 127 - p's fp32 exponent bits for p in [0, 1]: zeros and subnormals last
+
+
+def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """The reference's top-p mask over ``probs [B, V]`` (``top_p [B]``; ``greedy [B]`` rows are
+    one-hot later, so any mask does), sorting only the most probable tokens. Sorted by
+    ``topk``, the first m probabilities are the reference's first m sorted values, so the same
+    prefix sums and verdicts. Each row's m (:func:`_top_p_prefix`) is a value threshold, so no
+    tie group is cut, and holds ``top_p`` plus a margin, checked on the prefix sums themselves:
+    past it, the mass above a token (an exclusive prefix sum) only grows, and the margin covers
+    its rounding. Where a check fails, or when there are at most :data:`TOP_P_SORT_ALL` (top-k
+    on), every non-zero probability is sorted."""
+    nonzero = int((probs > 0).sum(dim=-1).max())  # zeros stay zero whatever top-p says
+    filters = (top_p < 1.0) & ~greedy
+    prefix = nonzero
+    if nonzero > TOP_P_SORT_ALL:  # else sorting them all costs less than the estimate
+        own = _top_p_prefix(probs, top_p).clamp(min=1, max=nonzero)
+        prefix = int(torch.where(filters, own, 1).max())
+    while True:
+        sorted_p, order = probs.topk(prefix, dim=-1)
+        keep_sorted = ref._top_p_keep(sorted_p, top_p)
+        if prefix == nonzero:
+            break
+        held = sorted_p.cumsum(dim=-1).gather(1, (own.clamp(max=prefix) - 1)[:, None])[:, 0]
+        if not bool((filters & (held < top_p + TOP_P_MARGIN)).any()):
+            break
+        prefix = nonzero
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_sorted)
+    return keep | (top_p >= 1.0)[:, None]
+
+
+def _top_p_prefix(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs [B, V]``, how many of the most probable tokens hold ``top_p [B]`` plus
+    :data:`TOP_P_MARGIN`: every token down to the power of two where the row's mass passes it
+    (one pass over the vocabulary: the mass and count of each fp32 exponent), ``[B]`` int64. An
+    estimate: the sums here run in another order than top-p's."""
+    batch = probs.shape[0]
+    # exponent bits, exact and monotone in p (a log2 need not be): each count ends at a value
+    bucket = (127 - (probs.view(torch.int32) >> 23)).long()
+    bucket += _BUCKETS * torch.arange(batch)[:, None]
+    size = batch * _BUCKETS
+    count = torch.bincount(bucket.flatten(), minlength=size).view(batch, _BUCKETS)
+    mass = torch.bincount(bucket.flatten(), probs.flatten().double(), minlength=size)
+    short = mass.view(batch, _BUCKETS).cumsum(dim=1) < (top_p.double() + TOP_P_MARGIN)[:, None]
+    crossing = short.sum(dim=1, keepdim=True).clamp(max=_BUCKETS - 1)  # past it: all of them
+    return count.cumsum(dim=1).gather(1, crossing)[:, 0]
+
+
+def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """The reference's typical-p step; with it off on every row it removes nothing, so only its
+    renormalization is left (no sort)."""
+    if bool((mass < 1).any()):
+        return ref._typical(probs, mass)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .penalties import apply_repetition_penalty, mark_seen, ngram_bans, verify_seen
+from .speculative import MAX_SPECULATIVE_TOKENS
 
 __all__ = ["LogitsProcessors", "ProcessorKey", "SequenceRules"]
 
@@ -134,7 +135,8 @@ class LogitsProcessors:
             self.text_len[:batch].copy_(real.sum(1))
         self.remove_invalid = bool(params.remove_invalid_values)
         if params.exponential_decay_length_penalty is not None and eos:
-            self._start_decay(*params.exponential_decay_length_penalty, eos, batch)
+            start, factor = params.exponential_decay_length_penalty
+            self._start_decay(start, factor, eos, batch, params.max_new_tokens)
         suppressed = self._token_ids(params.suppress_tokens, "suppress_tokens")
         if suppressed:
             self.suppress_mask = self._static_mask(self.suppress_mask, suppressed)
@@ -163,20 +165,26 @@ class LogitsProcessors:
         used = [r for r in (self.sequence_bias, self.bad_words) if r is not None]
         self.tail = max((r.longest for r in used), default=0)
 
-    def _start_decay(self, start: int, factor: float, eos: list[int], batch: int) -> None:
+    def _start_decay(
+        self, start: int, factor: float, eos: list[int], batch: int, max_new: int
+    ) -> None:
         """transformers' ``ExponentialDecayLengthPenalty``: at new token n > ``start`` each EOS
         score s becomes ``s + |s| * (factor ** (n - start) - 1)`` (0 for a non-finite s, as from
         5.24; 5.17 gave NaN there). The factors are Python floats rounded to fp32, as the scalar
-        transformers multiplies by; one past the double range is inf."""
+        transformers multiplies by; one past the double range is inf. Only the indices a row can
+        reach are computed (``max_new`` plus a verify forward's guesses): the table spans the
+        whole cache, and a loop over it cost ~1 ms per call at 4K."""
+        reach = min(self.text_size, max_new + MAX_SPECULATIVE_TOKENS + 1)
         factors = []
-        for n in range(self.text_size):
+        for n in range(reach):
             try:
                 factors.append(factor ** (n - start) - 1.0 if n > start else 0.0)
             except OverflowError:
                 factors.append(float("inf"))
         if self.decay_table is None:
             self.decay_table = torch.zeros(self.text_size, dtype=torch.float32, device=self.device)
-        self.decay_table.copy_(torch.tensor(factors, dtype=torch.float32))
+        self.decay_table[:reach].copy_(torch.tensor(factors, dtype=torch.float32))
+        self.decay_table[reach:].fill_(float("nan"))  # never read: NaN would show if it were
         self.decay_mask = self._static_mask(self.decay_mask, eos)
         self.decay_at[:batch].zero_()
         self.decayed = True

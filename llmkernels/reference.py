@@ -389,17 +389,10 @@ def sampling_probs(
     ``[B]``. A float setting at its off value leaves p bit-identical (no work). The settings'
     positions follow the order they were added in, not the filter order.
     """
+    logits, greedy, scaled = _scaled_logits(logits, temperature, top_h)
     batch, vocab = logits.shape
-    device = logits.device
-    logits = logits.float()
-    temperature = _per_row(temperature, batch, torch.float32, device)
-    top_k = _per_row(top_k, batch, torch.int64, device)
-    top_p = _per_row(top_p, batch, torch.float32, device)
-
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    if isinstance(top_h, torch.Tensor) or top_h != 0:
-        scaled = _top_h(scaled, _per_row(top_h, batch, torch.float32, device))
+    top_k = _per_row(top_k, batch, torch.int64, logits.device)
+    top_p = _per_row(top_p, batch, torch.float32, logits.device)
 
     # top-k: threshold at the k-th largest value
     k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
@@ -414,6 +407,21 @@ def sampling_probs(
     probs = torch.where(keep, probs, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     return _after_top_p(logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff)
+
+
+def _scaled_logits(
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_h: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1 of :func:`sampling_probs`: the fp32 ``logits [B, V]``, the greedy rows ``[B]``
+    (``T = 0``) and the scaled, top-h filtered logits ``[B, V]`` (greedy rows unscaled)."""
+    batch, device = logits.shape[0], logits.device
+    logits = logits.float()
+    temperature = _per_row(temperature, batch, torch.float32, device)
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if isinstance(top_h, torch.Tensor) or top_h != 0:
+        scaled = _top_h(scaled, _per_row(top_h, batch, torch.float32, device))
+    return logits, greedy, scaled
 
 
 def _top_p_keep(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -431,18 +439,18 @@ def _top_p_keep(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return keep_sorted
 
 
-def _after_top_p(logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff):
+def _after_top_p(
+    logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff, typical=None
+) -> torch.Tensor:
     """Steps 5-8 of :func:`sampling_probs` on the renormalized ``probs [B, V]``, then the greedy
-    rows' one-hot (``greedy [B]``, from ``logits [B, V]`` fp32)."""
+    rows' one-hot (``greedy [B]``, from ``logits [B, V]`` fp32). ``typical`` replaces
+    :func:`_typical` (the CPU twin's, which skips the sort when no row asks)."""
     batch, vocab = probs.shape
     device = probs.device
     if isinstance(min_p, torch.Tensor) or min_p != 0:  # a Python 0 leaves p bit-identical
-        min_p = _per_row(min_p, batch, torch.float32, device)
-        floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-        probs = torch.where(probs >= floor, probs, 0.0)  # the largest always stays
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = _min_p(probs, _per_row(min_p, batch, torch.float32, device))
     if isinstance(typical_p, torch.Tensor) or typical_p < 1:
-        probs = _typical(probs, _per_row(typical_p, batch, torch.float32, device))
+        probs = (typical or _typical)(probs, _per_row(typical_p, batch, torch.float32, device))
     if isinstance(epsilon_cutoff, torch.Tensor) or epsilon_cutoff > 0:
         cutoff = _per_row(epsilon_cutoff, batch, torch.float32, device)
         probs = _cut_below(probs, torch.where(cutoff > 0, cutoff, 0.0)[:, None])
@@ -454,6 +462,13 @@ def _after_top_p(logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cu
     # no `if greedy.any()`: a host sync, which a CUDA-graph capture of the decode step refuses
     one_hot = F.one_hot(logits.argmax(dim=-1), vocab).float()
     return torch.where(greedy[:, None], one_hot, probs)
+
+
+def _min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Step 5 of :func:`sampling_probs` on renormalized ``probs [B, V]`` (``min_p [B]``)."""
+    floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    probs = torch.where(probs >= floor, probs, 0.0)  # the largest always stays
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 TOP_H_CANDIDATES = 100  # transformers' TopHLogitsWarper.top_n: the tokens top-h looks at

@@ -229,3 +229,65 @@ def test_sampling_dispatches_to_the_lean_law_on_cpu_and_the_reference_when_compi
     traced = torch.compile(ops.sampling_probs, fullgraph=True, backend="eager")
     expected = ref.sampling_probs(logits, 0.8, 20, 0.9)
     assert torch.equal(traced(logits, 0.8, 20, 0.9), expected) and len(called) == 2
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.7, 0.75, 0.8, 0.9, 0.999, 0.9999999])
+def test_top_p_prefix_ends_where_the_reference_cuts(monkeypatch, top_p):
+    """The lean top-p sorts only a prefix of the probabilities (here at any vocabulary size): tie
+    groups near its end (kept or removed), a cut right at a power of two, a wide nucleus and a
+    top_p that fp32 prefix sums barely reach all give the reference's mask, in a batch (where
+    the longest row's prefix serves all) and alone."""
+    monkeypatch.setattr(cpu, "TOP_P_SORT_ALL", 0)
+    vocab = 3000
+    logits = torch.full((5, vocab), -4.0)
+    logits[0, :60], logits[0, 60:80] = 5.0, 4.9  # ties at sorted positions 60..79
+    logits[1, :64] = 5.0  # the first prefix is exactly the head
+    logits[2, :63], logits[2, 63] = 5.0, 4.0
+    logits[3] = torch.linspace(3.0, -3.0, vocab)  # a wide nucleus
+    logits[4, ::7] = float("-inf")
+    temperature = torch.tensor([1.0, 1.0, 0.5, 1.0, 2.0])
+    for settings in ((temperature, 0, top_p), (temperature, 0, torch.full((5,), top_p))):
+        expected = ref.sampling_probs(logits, *settings)
+        assert torch.equal(cpu.sampling_probs(logits, *settings), expected), settings
+    for row in range(5):  # alone, where no other row makes the prefix grow
+        settings = (temperature[row : row + 1], 0, top_p)
+        expected = ref.sampling_probs(logits[row : row + 1], *settings)
+        assert torch.equal(cpu.sampling_probs(logits[row : row + 1], *settings), expected), row
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 1e-3, 0.0])
+def test_top_p_prefix_estimate_only_costs_time(monkeypatch, fraction):
+    """Each row's prefix is an estimate from sums in another order: one too short (a count of
+    the tokens above a fraction of the largest p: a value threshold, as the estimate's) falls
+    back to sorting every non-zero probability, one too long only sorts more."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 5000, generator=gen) * torch.tensor([[0.3], [1.0], [3.0], [8.0]])
+    logits[0, :40] = 2.0  # a tie group
+
+    def estimate(probs, top_p):
+        return (probs >= fraction * probs.amax(dim=-1, keepdim=True)).sum(dim=-1)
+
+    monkeypatch.setattr(cpu, "_top_p_prefix", estimate)
+    monkeypatch.setattr(cpu, "TOP_P_SORT_ALL", 0)
+    for top_p in (0.3, 0.9, torch.tensor([0.5, 1.0, 0.95, 0.2])):
+        expected = ref.sampling_probs(logits, 1.0, 0, top_p)
+        assert torch.equal(cpu.sampling_probs(logits, 1.0, 0, top_p), expected)
+
+
+def test_top_p_prefix_estimate_is_the_first_power_of_two_holding_top_p():
+    """The estimate is the number of tokens with p >= 2^-j for the largest 2^-j whose tokens
+    hold top_p + the margin (so the fast path is taken, not just correct)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 20000, generator=gen) * torch.tensor([[0.5], [2.0], [4.0], [9.0]])
+    logits[1, ::3] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.95])
+    expected = []
+    for row, p in zip(probs.double(), top_p.tolist()):
+        for j in range(150):
+            above = row >= 2.0**-j
+            if row[above].sum() >= p + cpu.TOP_P_MARGIN:
+                expected.append(int(above.sum()))
+                break
+    assert cpu._top_p_prefix(probs, top_p).tolist() == expected
+    assert all(n < 20000 for n in expected)

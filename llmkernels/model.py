@@ -46,7 +46,7 @@ from .reference import rope_parameters
 
 __all__ = ["ModelConfig", "Transformer", "linear", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # model_type -> the architecture fields its family sets (everything else is read alike).
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -96,7 +96,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # positions served: with YaRN up to original x factor
     tie_word_embeddings: bool
     rope: dict = field(default_factory=dict)  # reference.rope_parameters(config)
     model_type: str = "llama"
@@ -144,7 +144,7 @@ class ModelConfig:
         naming the field for anything the engine does not implement: another ``model_type``
         (MoE, ...), an activation other than silu / gelu_pytorch_tanh, ``attention_bias`` /
         ``mlp_bias`` (biases other than Qwen2's q/k/v), layer types other than full / sliding
-        attention, a partial rotary factor, a RoPE type other than default / linear / llama3,
+        attention, a partial rotary factor, a RoPE type other than default / linear / llama3 / yarn,
         attention logit soft-capping, bidirectional attention, or a quantized checkpoint.
         """
         model_type = _get(config, "model_type", "llama")
@@ -216,11 +216,21 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=int(rope["head_dim"]),
             rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(_get(config, "max_position_embeddings", 2048)),
+            max_position_embeddings=_max_positions(config, rope),
             tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
             rope=rope,
             model_type=model_type,
         )
+
+
+def _max_positions(config: Any, rope: dict) -> int:
+    """The positions the model serves: ``max_position_embeddings``, or with YaRN the context it
+    was set for, ``original_max_position_embeddings * factor``, when that is longer (Qwen's
+    recipe keeps the pre-training length in max_position_embeddings; vLLM derives it so too)."""
+    positions = int(_get(config, "max_position_embeddings", 2048))
+    if rope["rope_type"] == "yarn":
+        positions = max(positions, int(rope["original_max_position_embeddings"] * rope["factor"]))
+    return positions
 
 
 def _layer_windows(config: Any, model_type: str, num_layers: int) -> tuple[int, ...]:

@@ -337,7 +337,7 @@ def fused_add_rms_norm(
 def rope_cos_sin_cache(config, max_position: int | None = None, device=None) -> torch.Tensor:
     """fp32 ``[max_position, rotary_dim]`` RoPE table (cos half | sin half) from an HF
     ``LlamaConfig`` or config dict, honouring ``rope_theta`` and rope scaling (default, linear,
-    llama3). See :func:`llmkernels.reference.rope_cos_sin_cache` for the formula."""
+    llama3, yarn). See :func:`llmkernels.reference.rope_cos_sin_cache` for the formula."""
     return ref.rope_cos_sin_cache(config, max_position, device)
 
 

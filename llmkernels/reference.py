@@ -111,21 +111,36 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict:
         head_dim=int(head_dim),
         rotary_dim=int(head_dim * partial),
     )
-    if rope_type == "llama3":
+    if rope_type in ("llama3", "yarn"):  # the pre-training length, as transformers finds it
+        top_level = _get(config, "original_max_position_embeddings", None)
+        if top_level is not None:  # Phi-3 style: the config's own field wins
+            out["original_max_position_embeddings"] = top_level
         out.setdefault(
             "original_max_position_embeddings", _get(config, "max_position_embeddings", 8192)
+        )
+    if rope_type == "yarn" and out.get("factor") is None:  # DeepSeek-V3 style: from the lengths
+        out["factor"] = (
+            _get(config, "max_position_embeddings") / out["original_max_position_embeddings"]
         )
     return out
 
 
 def rope_inv_freq(config: Any) -> torch.Tensor:
-    """Inverse frequencies ``[rotary_dim / 2]`` (fp32) for rope types default, linear, llama3.
+    """Inverse frequencies ``[rotary_dim / 2]`` (fp32) for rope types default, linear, llama3,
+    yarn.
 
     default: ``inv_freq[i] = theta ** (-2i / rotary_dim)``; linear: ``inv_freq / factor``;
     llama3: low frequencies (wavelength > original_max / low_freq_factor) divided by ``factor``,
     high frequencies (wavelength < original_max / high_freq_factor) kept, and in between a linear
     blend with ``s = (original_max / wavelength - low_freq_factor) / (high_freq_factor -
     low_freq_factor)``: ``(1 - s) * inv_freq / factor + s * inv_freq``.
+    yarn (YaRN, arXiv 2309.00071, as transformers computes it): with ``d = rotary_dim`` and
+    ``c(r) = d * ln(original_max / (2 pi r)) / (2 ln theta)`` the dimension that turns r times
+    over the pre-training length, ``lo = max(floor(c(beta_fast)), 0)``, ``hi = min(ceil(c(beta_slow)),
+    d - 1)`` (no floor / ceil with ``truncate: false``; beta_fast 32, beta_slow 1 by default)
+    and ``e[i] = 1 - clamp((i - lo) / (hi - lo), 0, 1)``: ``inv_freq / factor * (1 - e) +
+    inv_freq * e`` (fast dimensions kept, slow ones interpolated). Its cos / sin are scaled by
+    :func:`rope_attention_factor`.
     """
     p = rope_parameters(config)
     dim = p["rotary_dim"]
@@ -148,16 +163,53 @@ def rope_inv_freq(config: Any) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, blended, scaled)
+    if rope_type == "yarn":
+        theta, old_len = p["rope_theta"], p["original_max_position_embeddings"]
+
+        def turning_dim(rotations: float) -> float:
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = turning_dim(p.get("beta_fast") or 32), turning_dim(p.get("beta_slow") or 1)
+        if p.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001  # a one-point ramp: a step
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolated = 1 - ramp  # 1: the dimension keeps its frequency
+        powers = theta ** (torch.arange(0, dim, 2).float() / dim)
+        return (1.0 / (p["factor"] * powers)) * (1 - extrapolated) + (1.0 / powers) * extrapolated
     raise ValueError(
-        f"config: rope_type {rope_type!r} is not supported (supported: default, linear, llama3)"
+        f"config: rope_type {rope_type!r} is not supported (supported: default, linear, llama3, "
+        "yarn)"
     )
+
+
+def rope_attention_factor(config: Any) -> float:
+    """What the RoPE's cos and sin are multiplied by: 1, except yarn's attention factor (the
+    config's ``attention_factor``, else ``m(factor, mscale) / m(factor, mscale_all_dim)`` when
+    both are given, else ``m(factor, 1)``, with ``m(s, k) = 0.1 k ln s + 1`` for s > 1, else 1)."""
+    p = rope_parameters(config)
+    if p["rope_type"] != "yarn":
+        return 1.0
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 0.1 * k * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+    factor, mscale, mscale_all_dim = p["factor"], p.get("mscale"), p.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(m(factor, mscale) / m(factor, mscale_all_dim))
+    return m(factor)
 
 
 def rope_cos_sin_cache(
     config: Any, max_position: int | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """RoPE table ``[max_position, rotary_dim]`` (fp32): ``cos(p * inv_freq)`` in the first half,
-    ``sin(p * inv_freq)`` in the second, for positions ``p = 0 .. max_position - 1``.
+    """RoPE table ``[max_position, rotary_dim]`` (fp32): ``a * cos(p * inv_freq)`` in the first
+    half, ``a * sin(p * inv_freq)`` in the second, for positions ``p = 0 .. max_position - 1``
+    (:func:`rope_inv_freq`; ``a`` is :func:`rope_attention_factor`, 1 but for yarn).
 
     max_position defaults to the config's ``max_position_embeddings``.
     """
@@ -168,7 +220,11 @@ def rope_cos_sin_cache(
     inv_freq = rope_inv_freq(config)
     positions = torch.arange(int(max_position), dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    attention_factor = rope_attention_factor(config)
+    if attention_factor != 1.0:
+        table = table * attention_factor  # in fp32, before any cast, as transformers
+    return table.to(device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:

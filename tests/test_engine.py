@@ -583,7 +583,6 @@ def test_bad_inputs_raise(eng_gqa):
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(attention_bias=True), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
-        (dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0)), "yarn"),
         (
             dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
             "dynamic",

@@ -133,8 +133,8 @@ def test_model_config_fields_per_family():
             "layer_types",
         ),
         (
-            dict(model_type="qwen2", rope_parameters={"rope_type": "yarn", "factor": 4.0}),
-            "rope type 'yarn'",
+            dict(model_type="qwen2", rope_parameters={"rope_type": "dynamic", "factor": 4.0}),
+            "rope type 'dynamic'",
         ),
     ],
 )
@@ -154,6 +154,28 @@ def test_logits_match_hf(name):
     actual = eng.logits(ids)
     assert expected.std() > 0.5  # not near-constant logits
     assert (actual - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_yarn_rope_matches_hf(family):
+    """Qwen's long-context recipe (rope_type yarn, factor 4 over a max_position_embeddings left
+    at the pre-training length): the engine serves 4x the positions, with the same logits and
+    greedy tokens as transformers past the pre-training length, and not the plain RoPE's."""
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    yarn["original_max_position_embeddings"] = 64
+    hf = make_hf(family, head_dim=16, max_position_embeddings=64, rope_parameters=yarn)
+    assert ModelConfig.from_hf(hf.config).max_position_embeddings == 256
+    eng = lk.Engine.from_hf(hf, max_batch_size=2, max_seq_len=160)
+    ids = prompts(2, 90)  # past 64
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (eng.logits(ids) - expected).abs().max().item() <= 1e-4
+    plain = make_hf(
+        family, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
+    )
+    with torch.no_grad():
+        assert (plain(ids).logits - expected).abs().max().item() > 0.1
+    assert torch.equal(eng.generate(ids, max_new_tokens=60), hf_greedy(hf, ids, 60))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

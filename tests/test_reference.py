@@ -23,6 +23,40 @@ ROPE_CONFIGS = {
             "original_max_position_embeddings": 8192,
         }
     ),
+    # Qwen2.5 / Qwen3's long-context setting
+    "yarn": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1e6,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+        }
+    ),
+    # DeepSeek-V3's fields: mscale over mscale_all_dim, its betas, no truncation
+    "yarn_mscale": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "truncate": False,
+        }
+    ),
+    "yarn_attention_factor": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 16384,
+            "attention_factor": 1.25,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+        }
+    ),
 }
 
 
@@ -100,6 +134,42 @@ def test_cos_sin_cache_matches_llama_rotary_embedding(rope, head_dim):
     torch.testing.assert_close(cos[0, :, half:], cos[0, :, :half])  # HF repeats the half
 
 
+@pytest.mark.parametrize("rope", ["yarn", "yarn_mscale", "yarn_attention_factor"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_yarn_cos_sin_cache_is_transformers_bit_for_bit(rope, head_dim):
+    """YaRN's frequencies and its attention factor (cos and sin scaled in fp32) as transformers'
+    rotary computes them, at every position of a long table."""
+    config = llama_config(rope, head_dim=head_dim)
+    positions = torch.arange(0, 131072, 7)[None]
+    cos, sin = hf.LlamaRotaryEmbedding(config)(torch.empty(1), positions)  # [1, T, D]
+    cache = lk.rope_cos_sin_cache(config)
+    ours_cos, ours_sin = cache[positions[0]].chunk(2, dim=-1)
+    assert torch.equal(ours_cos, cos[0, :, : head_dim // 2])
+    assert torch.equal(ours_sin, sin[0, :, : head_dim // 2])
+    assert ref.rope_attention_factor(config) != 1.0
+
+
+def test_yarn_lengths_as_transformers_finds_them():
+    """original_max_position_embeddings from the config's own field (Phi-3 style), else from
+    max_position_embeddings; a missing factor from their ratio (DeepSeek-V3 style); a v4
+    rope_scaling dict equal to the v5 config."""
+    base = {"hidden_size": 256, "num_attention_heads": 4, "max_position_embeddings": 65536}
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16384}
+    v4 = {**base, "rope_theta": 1e6, "rope_scaling": scaling}
+    v5 = LlamaConfig(**base, rope_parameters={**scaling, "rope_theta": 1e6})
+    assert torch.equal(lk.rope_cos_sin_cache(v4), lk.rope_cos_sin_cache(v5))
+    top_level = {**v4, "original_max_position_embeddings": 8192}
+    assert ref.rope_parameters(top_level)["original_max_position_embeddings"] == 8192
+    no_original = {**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    assert ref.rope_parameters(no_original)["original_max_position_embeddings"] == 65536
+    no_factor = {**base, "rope_scaling": {**scaling, "factor": None}}
+    assert ref.rope_parameters(no_factor)["factor"] == 4.0  # 65536 / 16384
+    hf_config = LlamaConfig(**base, rope_parameters={**scaling, "factor": None, "rope_theta": 1e4})
+    cos, sin = hf.LlamaRotaryEmbedding(hf_config)(torch.empty(1), torch.arange(0, 65536, 5)[None])
+    ours = lk.rope_cos_sin_cache(hf_config)[0:65536:5]
+    assert torch.equal(ours, torch.cat([cos[0, :, :32], sin[0, :, :32]], dim=-1))
+
+
 def test_cos_sin_cache_from_v4_style_dict():
     """A config.json dict with rope_theta + rope_scaling (transformers v4 format)."""
     v4 = {
@@ -132,7 +202,7 @@ def test_unsupported_rope_type_is_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rope", ["default", "llama3"])
+@pytest.mark.parametrize("rope", ["default", "llama3", "yarn"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 1, 128)])
 def test_rotary_embedding_matches_apply_rotary_pos_emb(dtype, rope, heads, kv_heads, head_dim):
     config = llama_config(rope, head_dim=head_dim, heads=heads, kv_heads=kv_heads)

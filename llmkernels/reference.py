@@ -136,11 +136,11 @@ def rope_inv_freq(config: Any) -> torch.Tensor:
     low_freq_factor)``: ``(1 - s) * inv_freq / factor + s * inv_freq``.
     yarn (YaRN, arXiv 2309.00071, as transformers computes it): with ``d = rotary_dim`` and
     ``c(r) = d * ln(original_max / (2 pi r)) / (2 ln theta)`` the dimension that turns r times
-    over the pre-training length, ``lo = max(floor(c(beta_fast)), 0)``, ``hi = min(ceil(c(beta_slow)),
-    d - 1)`` (no floor / ceil with ``truncate: false``; beta_fast 32, beta_slow 1 by default)
-    and ``e[i] = 1 - clamp((i - lo) / (hi - lo), 0, 1)``: ``inv_freq / factor * (1 - e) +
-    inv_freq * e`` (fast dimensions kept, slow ones interpolated). Its cos / sin are scaled by
-    :func:`rope_attention_factor`.
+    over the pre-training length, ``lo = max(floor(c(beta_fast)), 0)``,
+    ``hi = min(ceil(c(beta_slow)), d - 1)`` (no floor / ceil with ``truncate: false``; beta_fast
+    32, beta_slow 1 by default) and ``e[i] = 1 - clamp((i - lo) / (hi - lo), 0, 1)``:
+    ``inv_freq / factor * (1 - e) + inv_freq * e`` (fast dimensions kept, slow ones
+    interpolated). Its cos / sin are scaled by :func:`rope_attention_factor`.
     """
     p = rope_parameters(config)
     dim = p["rotary_dim"]

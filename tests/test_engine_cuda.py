@@ -278,6 +278,19 @@ def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
     [
         ("qwen2", {}),
         ("qwen3", dict(head_dim=128)),
+        (  # Qwen's long-context recipe: the table serves 4 x 32 positions
+            "qwen3",
+            dict(
+                head_dim=128,
+                max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 1e4,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                },
+            ),
+        ),
         ("mistral", dict(sliding_window=16)),
         ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
         (  # Gemma-3-270M's attention: 4 query heads on 1 KV head of 256 (the SIMT decode kernel)
@@ -292,7 +305,7 @@ def test_masked_grouped_attention_repeats_heads_on_cuda(dtype, seq):
             ),
         ),
     ],
-    ids=["qwen2-bias", "qwen3-qk-norm", "mistral-window", "qwen2-window", "gemma3"],
+    ids=["qwen2-bias", "qwen3-qk-norm", "qwen3-yarn", "mistral-window", "qwen2-window", "gemma3"],
 )
 @torch.inference_mode()
 def test_families_bf16_close_to_hf_and_graphs_equal_eager(family, overrides):

@@ -247,8 +247,9 @@ def sampling_probs(
     if bool((top_p < 1.0).any()):
         probs = torch.where(_top_p_keep(probs, top_p, greedy), probs, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
+    greedy_rows = greedy if bool(greedy.any()) else None  # else no argmax nor one-hot
     return ref._after_top_p(
-        logits, greedy, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff, typical=_typical
+        logits, greedy_rows, probs, min_p, typical_p, epsilon_cutoff, eta_cutoff, typical=_typical
     )
 
 

@@ -1002,7 +1002,8 @@ def sample_from_probs(
     zero entries are never drawn) by :func:`sample`: their log at temperature 1, unfiltered. For
     laws the sampler's own filters cannot express (speculative residuals, min_p). No value
     checks (check the scores the probabilities came from); nothing syncs with the host."""
-    return sample(probs.log(), 1.0, 0, 1.0, rng_state=rng_state, check_values=False, out=out)
+    log_probs = ref.log_or_minus_inf(probs)
+    return sample(log_probs, 1.0, 0, 1.0, rng_state=rng_state, check_values=False, out=out)
 
 
 def _sample_from_state(out, logits, temperature, top_k, top_p, rng_state) -> None:

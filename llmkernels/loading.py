@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .model import ModelConfig, expected_shapes, fuse_gate_up, fuse_qkv
+from .reference import rope_parameters
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -300,17 +301,51 @@ def _load_generation_config(folder: Path, hf_config: dict):
     return GenerationConfig.from_model_config(hf_config)
 
 
+def with_rope_scaling(hf_config: dict, scaling: dict) -> dict:
+    """``hf_config`` (a config.json dict) with ``scaling`` as its RoPE scaling (vLLM's
+    ``--rope-scaling``; e.g. Qwen's YaRN, ``{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 32768}``), keeping the checkpoint's ``rope_theta`` and
+    ``partial_rotary_factor`` (transformers 5's ``from_pretrained(rope_scaling=...)`` replaces
+    the whole ``rope_parameters`` and loses the theta). Refused for a RoPE per layer type
+    (Gemma 3): edit its config.json."""
+    if not isinstance(scaling, dict) or not (scaling.get("rope_type") or scaling.get("type")):
+        raise ValueError(
+            'rope_scaling must be a dict with a \'rope_type\', e.g. {"rope_type": "yarn", '
+            f'"factor": 4.0, "original_max_position_embeddings": 32768}}, got {scaling!r}'
+        )
+    params = hf_config.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in params.values()) or "rope_local_base_freq" in hf_config:
+        raise ValueError(
+            "rope_scaling: this model has a RoPE per layer type (Gemma 3); edit the "
+            "rope_parameters of its config.json instead"
+        )
+    kept = {"rope_theta": rope_parameters(hf_config)["rope_theta"]}
+    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+    if partial is not None:
+        kept["partial_rotary_factor"] = partial
+    out = {k: v for k, v in hf_config.items() if k not in ("rope_scaling", "rope_parameters")}
+    out["rope_parameters"] = {
+        **kept,
+        **scaling,
+        "rope_type": scaling.get("rope_type") or scaling["type"],
+    }
+    return out
+
+
 def load_pretrained(
     path_or_id: str | os.PathLike = DEFAULT_MODEL,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     shard: tuple[int, int] | None = None,
+    rope_scaling: dict | None = None,
 ) -> LoadedModel:
     """Resolve ``path_or_id`` (see :func:`resolve_model_dir`), validate its config, and load the
     fused weights onto ``device`` (default :func:`default_device`) in ``dtype`` (default
     :func:`default_dtype`), with its tokenizer and generation config. ``shard = (rank,
     world_size)``: only that tensor-parallel rank's blocks of the projections are read
-    (``weights`` is then one rank's shard; ``config`` stays the full model's)."""
+    (``weights`` is then one rank's shard; ``config`` stays the full model's).
+    ``rope_scaling``: the RoPE scaling to use instead of the config's
+    (:func:`with_rope_scaling`)."""
     folder = resolve_model_dir(path_or_id)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
@@ -320,6 +355,8 @@ def load_pretrained(
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not an HF model folder")
     hf_config = json.loads(config_path.read_text())
+    if rope_scaling is not None:
+        hf_config = with_rope_scaling(hf_config, rope_scaling)
     config = ModelConfig.from_hf(hf_config)  # rejects unsupported models before reading weights
     if shard is None:
         weights = _load_safetensors(folder, config, device, dtype)

@@ -455,9 +455,37 @@ def test_user_errors_are_one_line(capsys, argv, message):
         ("--max-new-tokens", "0"),
         ("--chat-template-kwargs", "[1]"),
         ("--chat-template-kwargs", "{enable_thinking: false}"),
+        ("--rope-scaling", "yarn"),
     ],
 )
 def test_bad_flag_values_exit_nonzero(capsys, flag, value):
     code, _, err = run_cli(capsys, "generate", "hi", flag, value)
     assert code == 2
     assert flag in err and "Traceback" not in err
+
+
+@needs_model
+def test_rope_scaling_flag_reaches_the_engine(capsys, monkeypatch):
+    """--rope-scaling (vLLM's flag) replaces the config's RoPE scaling, keeping its theta; YaRN
+    serves original x factor positions, so --max-seq-len may pass max_position_embeddings."""
+    from llmkernels import Engine
+
+    built = []
+    real = Engine.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(real(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(spy))
+    yarn = '{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}'
+    argv = ["generate", "1+1=", "--raw", "--max-new-tokens", "2", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *argv, "--rope-scaling", yarn, "--max-seq-len", "9000")
+    assert code == 0, err
+    (scaled,) = built
+    config = scaled.config
+    assert config.rope["rope_type"] == "yarn" and config.rope["factor"] == 2.0
+    assert config.max_position_embeddings == 16384 and scaled.max_seq_len == 9000
+    assert config.rope["rope_theta"] == Engine.from_pretrained("default").config.rope["rope_theta"]
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--rope-scaling", "{}")
+    assert code == cli.EXIT_USER_ERROR and "rope_type" in err and "Traceback" not in err

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 import llmkernels as lk
+from llmkernels.loading import with_rope_scaling
 from llmkernels.model import ModelConfig
 from llmkernels.perf.generate import CONFIGS
 
@@ -259,6 +260,42 @@ def test_chat_continuation_prefills_only_the_new_turn(smol_tokenizer):
     assert 0 < session.last_prefill_len <= len(ids2) - len(ids1)
     eng.reset()
     assert eng.chat(session.messages[:4], **kw) == second  # = recomputing the whole conversation
+
+
+def test_from_pretrained_rope_scaling_keeps_the_checkpoints_theta(tmp_path):
+    """rope_scaling= on a saved folder (v5 rope_parameters) equals transformers' model whose
+    rope_parameters hold the same scaling and the checkpoint's theta, past the pre-training
+    length; a per-layer-type RoPE and a dict without rope_type are refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_hf("qwen3", head_dim=16, max_position_embeddings=64)
+    hf.save_pretrained(tmp_path)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    eng = lk.Engine.from_pretrained(str(tmp_path), rope_scaling=yarn, max_seq_len=160)
+    theta = hf.config.rope_parameters["rope_theta"]
+    expected_model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, rope_parameters={**yarn, "rope_theta": theta}
+    ).eval()
+    assert expected_model.config.rope_parameters["rope_type"] == "yarn"
+    ids = prompts(1, 100)
+    with torch.no_grad():
+        expected, plain = expected_model(ids).logits, hf(ids).logits
+    assert (eng.logits(ids) - expected).abs().max().item() <= 1e-4
+    assert (plain - expected).abs().max().item() > 0.1
+    v4 = {**TINY, "model_type": "qwen2", "rope_theta": 5e5, "rope_scaling": None}
+    scaled = with_rope_scaling(v4, {"type": "linear", "factor": 2.0})
+    assert scaled["rope_parameters"] == {
+        "rope_theta": 5e5,
+        "type": "linear",
+        "factor": 2.0,
+        "rope_type": "linear",
+    }
+    assert "rope_scaling" not in scaled and ModelConfig.from_hf(scaled).rope["factor"] == 2.0
+    nested = {**TINY, "rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
+    with pytest.raises(ValueError, match="per layer type"):
+        with_rope_scaling(nested, yarn)
+    with pytest.raises(ValueError, match="rope_type"):
+        with_rope_scaling(v4, {"factor": 4.0})
 
 
 @pytest.mark.parametrize("name", ["qwen2-window", "qwen3"])

@@ -991,8 +991,7 @@ def sampling_probs(logits: torch.Tensor, *settings) -> torch.Tensor:
 
 def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     """:func:`reference.sample`: one token per row from :func:`sampling_probs`."""
-    probs = sampling_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return ref.draw(sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 def sample_from_probs(

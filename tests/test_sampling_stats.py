@@ -286,3 +286,26 @@ def test_cuda_distribution_cases_are_well_posed():
         logits = cuda_cases.row_logits(kind, vocab)
         for dtype in cuda_cases.DTYPES:
             cuda_cases.expected(logits, dtype, temperature, top_k, top_p)
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    """reference.draw (the inverse distribution function over fp64 running sums): zeros first,
+    last and in between are never drawn, tiny masses next to large ones are, and the counts pass
+    the chi-square test; a one-hot row always gives its token."""
+    gen = torch.Generator().manual_seed(11)
+    probs = torch.softmax(torch.randn(3000, generator=gen) * 2.5, dim=0)
+    probs[:7] = 0.0
+    probs[-5:] = 0.0
+    probs[100:3000:3] = 0.0
+    probs[50] = probs.max() * 40  # a head with most of the mass
+    probs[51:53] = 1e-4
+    probs = probs / probs.sum()
+    n = 400_000
+    draws = ref.draw(probs.expand(n, -1), torch.Generator().manual_seed(5))
+    stats = assert_distribution(draws, probs, "reference.draw")
+    assert stats["cells"] > 100
+    counts = torch.bincount(draws, minlength=3000)
+    assert counts[51:53].sum() > 0  # 2e-4 of the mass: ~80 draws
+    one_hot = torch.zeros(4, 3000)
+    one_hot[torch.arange(4), torch.tensor([0, 7, 2999, 1234])] = 1.0
+    assert ref.draw(one_hot).tolist() == [0, 7, 2999, 1234]

@@ -273,15 +273,12 @@ def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor) 
     if nonzero > TOP_P_SORT_ALL:  # else sorting them all costs less than the estimate
         own = _top_p_prefix(probs, top_p).clamp(min=1, max=nonzero)
         prefix = int(torch.where(filters, own, 1).max())
-    while True:
-        sorted_p, order = probs.topk(prefix, dim=-1)
-        keep_sorted = ref._top_p_keep(sorted_p, top_p)
-        if prefix == nonzero:
-            break
+    sorted_p, order = probs.topk(prefix, dim=-1)
+    if prefix < nonzero:
         held = sorted_p.cumsum(dim=-1).gather(1, (own.clamp(max=prefix) - 1)[:, None])[:, 0]
-        if not bool((filters & (held < top_p + TOP_P_MARGIN)).any()):
-            break
-        prefix = nonzero
+        if bool((filters & (held < top_p + TOP_P_MARGIN)).any()):  # the estimate fell short
+            sorted_p, order = probs.topk(nonzero, dim=-1)
+    keep_sorted = ref._top_p_keep(sorted_p, top_p)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_sorted)
     return keep | (top_p >= 1.0)[:, None]
 

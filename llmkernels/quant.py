@@ -247,20 +247,27 @@ def int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 # GGUF block formats that are int4 groups of 32 as they stand: bytes per block of 32 weights.
-GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}
+GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}  # bytes per block
+_Q4_K_SUBBLOCKS = 8  # 32 inputs each, in a super-block of 256
 
 
 def gguf_int4_groups(
     blocks: torch.Tensor, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 ``[out, in]``, scales, zeros fp32 ``[out, in / 32]``) of a GGUF tensor stored
-    as ``Q4_0`` / ``Q4_1`` blocks, ``blocks`` uint8 ``[out, bytes per row]``, with no rounding:
+    as ``Q4_0`` / ``Q4_1`` / ``Q4_K`` blocks, ``blocks`` uint8 ``[out, bytes per row]``, with no
+    requantization (``W = (q - 8) scale + zero``):
 
     - Q4_1 block: fp16 ``d``, fp16 ``m``, 16 bytes of codes; ``w = d q + m``. Here ``scale = d``,
       ``zero = m + 8 d`` (exact in fp32: both are fp16 values, checked).
     - Q4_0 block: fp16 ``d``, 16 bytes; ``w = d (q - 8)``: ``scale = d``, ``zero = 0``.
+    - Q4_K super-block of 256 inputs: fp16 ``d``, fp16 ``dmin``, 12 bytes holding eight 6-bit
+      scales ``sc`` and mins ``mn``, 128 bytes of codes; sub-block j (32 inputs) has
+      ``w = (d sc_j) q - dmin mn_j``: ``scale = d sc_j`` (exact), ``zero = 8 scale - dmin mn_j``
+      (one fp32 rounding, so W is within an ulp of llama.cpp's fp32 dequantization).
 
-    Within a block the low nibbles of the 16 bytes are inputs 0-15, the high nibbles 16-31.
+    Q4_0 / Q4_1: within a block the low nibbles of the 16 bytes are inputs 0-15, the high nibbles
+    16-31. Q4_K: 32 bytes serve two sub-blocks, low nibbles the first, high nibbles the second.
     """
     if kind not in GGUF_INT4_BLOCKS:
         raise ValueError(f"not an int4 GGUF block format: {kind} (have {sorted(GGUF_INT4_BLOCKS)})")
@@ -269,7 +276,9 @@ def gguf_int4_groups(
     if row_bytes % size:
         raise ValueError(f"{kind} rows must be whole {size}-byte blocks, got {row_bytes} bytes")
     b = blocks.contiguous().view(out_features, row_bytes // size, size)
-    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [out, G]
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [out, blocks]
+    if kind == "Q4_K":
+        return _q4_k_groups(b, d)
     qs = b[..., size - 16 :]
     codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(out_features, -1)  # [out, in]
     if kind == "Q4_0":
@@ -279,6 +288,22 @@ def gguf_int4_groups(
     if not torch.equal(zeros.double() - 8 * d.double(), m.double()):
         raise ValueError("Q4_1 offsets not exact as m + 8 d in fp32")
     return codes, d, zeros
+
+
+def _q4_k_groups(b: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`gguf_int4_groups` of Q4_K super-blocks ``b`` uint8 ``[out, blocks, 144]`` whose
+    ``d`` is ``[out, blocks]`` fp32."""
+    out_features, n_blocks = d.shape
+    dmin = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    packed = b[..., 4:16].long()  # bytes 0-3: sc 0-3 (+ high bits of sc 4-7), 4-7: mn 0-3 (...)
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat((low & 63, (high & 15) | ((low >> 6) << 4)), dim=-1)  # [out, blocks, 8]
+    mn = torch.cat((mid & 63, (high >> 4) | ((mid >> 6) << 4)), dim=-1)
+    qs = b[..., 16:].reshape(out_features, n_blocks, _Q4_K_SUBBLOCKS // 2, 32)
+    codes = torch.stack((qs & 15, qs >> 4), dim=3).reshape(out_features, -1)  # [out, in]
+    scales = (d[..., None] * sc.float()).reshape(out_features, -1)  # [out, in / 32]
+    offsets = (dmin[..., None] * mn.float()).reshape(out_features, -1)
+    return codes, scales, 8 * scales - offsets
 
 
 def quantize_model_weights(

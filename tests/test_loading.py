@@ -225,3 +225,106 @@ def test_default_model_conversion_and_cache_reuse(tmp_path, monkeypatch):
     assert eng.config.num_layers == 30 and eng.config.vocab_size == 49152
     assert eng.tokenizer is not None and eng.tokenizer.chat_template
     assert eng.generation_config.eos_token_id == eng.tokenizer.eos_token_id
+
+
+@pytest.mark.model
+def test_a_gguf_file_is_converted_once_and_loads_like_the_embedded_model(
+    smollm2_dir, tmp_path, monkeypatch, capsys
+):
+    """A .gguf path (here a copy of the default model's file) is a model source: converted once
+    into the cache, keyed by its path, to the same weights and tokenizer as the embedded
+    conversion; reused while the file is unchanged, converted again when it changes; and
+    quantize="int4" takes its Q4_1 blocks."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from llmkernels import quant
+
+    source = tmp_path / "files" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    source.parent.mkdir()
+    shutil.copyfile(_wheel_or_skip(), source)
+    monkeypatch.setenv("LLMKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    folder = loading.resolve_model_dir(str(source))
+    assert folder.parent == tmp_path / "cache" / "gguf"
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    assert f"converting {source.name} once into {folder}" in capsys.readouterr().err
+    ours, embedded = (load_file(str(f / "model.safetensors")) for f in (folder, smollm2_dir))
+    assert ours.keys() == embedded.keys()
+    assert all(torch.equal(ours[k], embedded[k]) for k in ours)
+    assert (folder / "tokenizer.json").read_text() == (smollm2_dir / "tokenizer.json").read_text()
+
+    eng = lk.Engine.from_pretrained(source, device="cpu", quantize="int4", max_seq_len=64)
+    assert capsys.readouterr().err == ""  # reused: no second conversion
+    w = eng.model.layers[0].wqkv
+    assert isinstance(w, quant.QuantizedWeight)
+    mapped = loading.source_int4_projections(source, eng.config, torch.device("cpu"))
+    assert len(mapped) == 4 * eng.config.num_layers
+    assert torch.equal(w.dequantize(), mapped["layers.0.wqkv"].dequantize())
+    assert eng.tokenizer.chat_template
+
+    calls = []
+    monkeypatch.setattr(
+        loading, "convert_gguf", lambda src, dst, stamp: calls.append((src, stamp)) or dst
+    )
+    assert loading.resolve_model_dir(source) == folder and calls == []
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
+    assert loading.gguf_model_dir(source) == folder
+    assert [(src, stamp["mtime_ns"]) for src, stamp in calls] == [
+        (source.resolve(), stat.st_mtime_ns + 10**9)
+    ]
+    with pytest.raises(FileNotFoundError, match="neither a model folder, a .gguf file"):
+        loading.resolve_model_dir(tmp_path / "files" / "missing.gguf")
+
+
+@pytest.mark.parametrize("name", ["default", pytest.param("gemma3-270m", marks=pytest.mark.gemma)])
+def test_gguf_index_equals_the_gguf_package_reader(name):
+    """llmkernels.gguf_file reads the scalar metadata and the tensor index without the arrays:
+    the same tensors (names, types, shapes, bytes) and scalars as the gguf package's reader, on
+    the embedded files (SmolLM2: Q4_1, Q8_0, F32; Gemma 3: Q4_K, Q5_0, Q6_K, Q8_0, F32)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from llmkernels.gguf_file import read_index
+
+    try:
+        path = loading.embedded_gguf_path(name)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    index = read_index(path)
+    reader = GGUFReader(str(path))
+    assert set(index.tensors) == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        ours = index.tensors[t.name]
+        assert ours.kind == t.tensor_type.name
+        assert ours.shape == tuple(int(d) for d in reversed(t.shape))
+        assert np.array_equal(index.raw(t.name).reshape(-1), t.data.view(np.uint8).reshape(-1))
+    scalars = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if len(field.types) == 1 and not key.startswith("GGUF.")
+    }
+    assert index.fields == scalars
+    assert index.fields["general.architecture"] in ("llama", "gemma3")
+
+
+def test_gguf_index_refuses_other_files(tmp_path):
+    from llmkernels.gguf_file import read_index
+
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_index(tmp_path / "x.gguf")
+    (tmp_path / "y.gguf").write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(ValueError, match="GGUF version 7 is not supported"):
+        read_index(tmp_path / "y.gguf")
+    (tmp_path / "z.gguf").write_bytes(
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (1).to_bytes(8, "little")
+        + (5).to_bytes(8, "little")
+        + bytes(10)
+    )
+    with pytest.raises(ValueError, match="truncated GGUF header"):
+        read_index(tmp_path / "z.gguf")

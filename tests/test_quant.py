@@ -199,6 +199,45 @@ def test_gguf_int4_blocks_map_exactly(kind):
     assert not torch.equal(expected, torch.from_numpy(x))  # the test is on quantized values
 
 
+def random_q4_k_blocks(np, rows: int, blocks: int, seed: int = 0):
+    """uint8 ``[rows, blocks * 144]`` of Q4_K super-blocks with random bytes (every 6-bit scale
+    and min, every code) and finite positive fp16 ``d`` / ``dmin``: the gguf package cannot
+    quantize to Q4_K, but it dequantizes it, which is the oracle."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
+    for offset in (0, 2):  # d, dmin
+        values = np.abs(rng.standard_normal((rows, blocks, 1))) * 1e-3
+        b[..., offset : offset + 2] = values.astype(np.float16).view(np.uint8)
+    return b.reshape(rows, blocks * 144)
+
+
+def test_gguf_q4_k_blocks_map_within_an_fp32_rounding():
+    """Q4_K super-blocks (eight sub-blocks of 32 with 6-bit scales and mins) map onto int4 groups
+    of 32: codes as stored, scale = d * sc exactly, and W within one fp32 rounding of the zero
+    (8 scale - dmin mn) of the gguf package's dequantization (``d sc q - dmin mn``)."""
+    np = pytest.importorskip("numpy")
+    gguf = pytest.importorskip("gguf")
+    blocks = random_q4_k_blocks(np, 48, 3)
+    codes, scales, zeros = quant.gguf_int4_groups(torch.from_numpy(blocks), "Q4_K")
+    assert codes.shape == (48, 768) and scales.shape == zeros.shape == (48, 24)
+    assert int(codes.max()) == 15 and int(codes.min()) == 0
+    w = quant.int4_weight(codes, scales, zeros).dequantize()
+    expected = torch.from_numpy(
+        gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).astype(np.float32)
+    )
+    # each of our two fp32 roundings (the zero, then W) against the gguf package's one
+    bound = zeros.abs().repeat_interleave(32, dim=1) * 2**-24 + expected.abs() * 2**-23
+    assert ((w - expected).abs() <= bound).all()
+    assert (w == expected).float().mean() > 0.99
+    # the scales exactly: d (fp16) times a 6-bit integer, decoded independently here
+    b = torch.from_numpy(blocks).view(48, 3, 144)
+    d = b[..., 0:2].contiguous().view(torch.float16).double()  # [48, 3, 1]
+    sc0 = (b[..., 4] & 63).double()[..., None]  # sub-block 0's scale: the low 6 bits of byte 4
+    assert torch.equal(scales.view(48, 3, 8)[..., :1].double(), d * sc0)
+    with pytest.raises(ValueError, match="whole 144-byte blocks, got 140 bytes"):
+        quant.gguf_int4_groups(torch.zeros(2, 140, dtype=torch.uint8), "Q4_K")
+
+
 def test_gguf_int4_blocks_bad_input():
     with pytest.raises(ValueError, match="not an int4 GGUF block format: Q8_0"):
         quant.gguf_int4_groups(torch.zeros(2, 34, dtype=torch.uint8), "Q8_0")

@@ -135,7 +135,7 @@ def _load_engine(args, max_batch_size: int = 1):
     from .generate import Engine
 
     if args.quantize_lm_head and not args.quantize:
-        raise UserError("--quantize-lm-head needs --quantize int8 or int4")
+        raise UserError("--quantize-lm-head needs --quantize int8, int4 or gguf")
     device = _resolve_device(args.device)
     tensor_parallel = getattr(args, "tensor_parallel", False)
     if tensor_parallel:
@@ -479,8 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--quantize",
             default=None,
-            choices=["int8", "int4"],
-            help="weight-only quantization (default: none, the exact weights)",
+            choices=["int8", "int4", "gguf"],
+            help=(
+                "weight-only quantization (default: none, the exact weights); gguf: a GGUF "
+                "model's projections at the precision its file stores them (4-bit blocks as "
+                "int4, more bits as int8)"
+            ),
         )
         p.add_argument(
             "--group-size", type=_positive_int, default=32, help="int4: inputs per scale"

@@ -37,11 +37,17 @@ from .beam import beam_search
 from .callbacks import GenerateCallbacks, GuessPositions, refuse_speculative
 from .chat import ChatSession, prompt_ids, reply
 from .guidance import guided_scores, stack_rows, unconditional_rows
-from .loading import DEFAULT_MODEL, fuse_hf_weights, load_pretrained, source_int4_projections
+from .loading import (
+    DEFAULT_MODEL,
+    fuse_hf_weights,
+    load_pretrained,
+    source_gguf_projections,
+    source_int4_projections,
+)
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
 from .processors import LogitsProcessors, ProcessorKey
-from .quant import quantize_model_weights
+from .quant import GGUF_MODE, quantize_model_weights
 from .settings import GenerationParams, resolve_generation_params, transformers_warpers
 from .speculative import (
     MAX_SPECULATIVE_TOKENS,
@@ -184,6 +190,10 @@ class Engine:
         (embedded or a file) takes int4 with group size 32 straight from the projections it
         stores as Q4_0 / Q4_1 / Q4_K blocks (all of the default SmolLM2's; some of a Q4_K_M
         file's) and quantizes the rest (:func:`llmkernels.loading.gguf_int4_projections`).
+        ``"gguf"``: a GGUF's projections at the precision the file stores them, 4-bit blocks as
+        int4 (as above), more bits as int8, floats exact
+        (:func:`llmkernels.loading.source_gguf_projections`; a Q4_K_M file's mix of 4, 5 and 6
+        bits loses far less than all-int4).
         quantize_lm_head: with ``quantize``, the LM head too, int8 per output channel (bf16
         logits; the batch-1 step's largest matrix, so the fastest CPU mode; see
         :func:`~llmkernels.quant.quantize_model_weights`).
@@ -208,7 +218,14 @@ class Engine:
         )
         seq = cls._default_seq_len(loaded.config, max_seq_len)
         weights = loaded.weights
-        if quantize == "int4" and group_size == 32 and tp is None:
+        if quantize == GGUF_MODE:
+            if tp is not None or group_size != 32:
+                raise ValueError(
+                    "quantize='gguf' takes the file's own groups of 32, on one device: no "
+                    "group_size or tensor_parallel"
+                )
+            weights = {**weights, **source_gguf_projections(path_or_id, loaded.config, weights)}
+        elif quantize == "int4" and group_size == 32 and tp is None:
             # a 4-bit GGUF's own codes and scales, not a requantization of their dequantization
             weights = {
                 **weights,
@@ -286,6 +303,11 @@ class Engine:
         input-major copies, :func:`~llmkernels.model.input_major_weights`): SmolLM2-135M +100%.
         Later in-place changes to the HF weights that were copied are not seen by the engine.
         """
+        if quantize == GGUF_MODE:
+            raise ValueError(
+                "quantize='gguf' takes a GGUF file's own quantization: only with "
+                "Engine.from_pretrained of a .gguf file or an embedded model (use 'int8' or 'int4')"
+            )
         config = ModelConfig.from_hf(hf_model.config)
         state = hf_model.state_dict()
         devices = {t.device for t in state.values()}

@@ -54,6 +54,7 @@ __all__ = [
     "embedded_model_dir",
     "gguf_model_dir",
     "gguf_int4_projections",
+    "gguf_stored_modes",
     "with_rope_scaling",
     "LoadedModel",
     "cache_root",
@@ -665,13 +666,45 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
     un-permuted, by whole rows, which keeps the per-row groups exact) and ``gemma3``; ``{}`` for
     any other."""
     from .gguf_file import read_index
-    from .quant import GGUF_INT4_BLOCKS, gguf_int4_groups, int4_weight
 
     index = read_index(gguf)
-    arch = index.fields.get("general.architecture")
-    if arch not in _GGUF_INT4_ARCHITECTURES:
+    if index.fields.get("general.architecture") not in _GGUF_INT4_ARCHITECTURES:
         return {}
-    permuted = _GGUF_INT4_ARCHITECTURES[arch]
+    return _int4_from_blocks(index, config, device)
+
+
+def gguf_stored_modes(index, config: ModelConfig) -> dict:
+    """How a GGUF (a :class:`~llmkernels.gguf_file.GGUFIndex`) stores each layer's fused
+    projections: ``"int4"`` when every part is 4-bit blocks (Q4_0, Q4_1, Q4_K), ``"float"`` when
+    every part is F32 / F16 / BF16, else ``"int8"`` (more bits than 4, e.g. Q5_0, Q6_K, Q8_0, or
+    a mix)."""
+    from .quant import GGUF_INT4_BLOCKS
+
+    modes = {}
+    for i in range(config.num_layers):
+        for name, parts in _GGUF_PROJECTIONS.items():
+            names = [f"blk.{i}.{part}.weight" for part in parts]
+            missing = [n for n in names if n not in index.tensors]
+            if missing:
+                raise ValueError(f"{index.path.name} has no tensor {missing[0]}")
+            kinds = [index.tensors[n].kind for n in names]
+            if all(k in GGUF_INT4_BLOCKS for k in kinds):
+                modes[f"layers.{i}.{name}"] = "int4"
+            elif all(k in _GGUF_FLOATS for k in kinds):
+                modes[f"layers.{i}.{name}"] = "float"
+            else:
+                modes[f"layers.{i}.{name}"] = "int8"
+    return modes
+
+
+_GGUF_FLOATS = ("F32", "F16", "BF16")
+
+
+def _int4_from_blocks(index, config: ModelConfig, device) -> dict:
+    """:func:`gguf_int4_projections` of an architecture it serves, from the file's index."""
+    from .quant import GGUF_INT4_BLOCKS, gguf_int4_groups, int4_weight
+
+    permuted = _GGUF_INT4_ARCHITECTURES[index.fields["general.architecture"]]
     tensors = index.tensors
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     out = {}
@@ -695,20 +728,54 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
     return out
 
 
+def _source_gguf(path_or_id) -> Path | None:
+    """The GGUF file a model comes from (an embedded model's, or a ``.gguf`` path), else None."""
+    if str(path_or_id) in EMBEDDED_MODELS:
+        try:
+            return embedded_gguf_path(str(path_or_id))
+        except FileNotFoundError:  # a cached conversion without its package: nothing to map from
+            return None
+    if _is_gguf_file(path_or_id):
+        return Path(path_or_id).expanduser()
+    return None
+
+
 def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
     """:func:`gguf_int4_projections` of the GGUF a model comes from: an embedded model's
     (``EMBEDDED_MODELS``) or a ``.gguf`` file's; ``{}`` for other sources (the caller
     quantizes)."""
-    if str(path_or_id) in EMBEDDED_MODELS:
-        try:
-            gguf = embedded_gguf_path(str(path_or_id))
-        except FileNotFoundError:  # a cached conversion without its package: nothing to map from
-            return {}
-    elif _is_gguf_file(path_or_id):
-        gguf = Path(path_or_id).expanduser()
-    else:
-        return {}
-    return gguf_int4_projections(gguf, config, device)
+    gguf = _source_gguf(path_or_id)
+    return {} if gguf is None else gguf_int4_projections(gguf, config, device)
+
+
+def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> dict:
+    """``quantize="gguf"``: each layer's projections at the precision its GGUF stores them
+    (:func:`gguf_stored_modes`): 4-bit blocks as int4, taken as they are
+    (:func:`gguf_int4_projections`); more bits than 4 as int8 per output channel, quantized from
+    the fp32 ``weights`` (the engine's fused weights of the file); floats kept as they are. So
+    a Q4_K_M file runs at its own mix of 4 and more bits, as llama.cpp runs it. Raises
+    ``ValueError`` for a model that does not come from a GGUF of architecture llama / gemma3."""
+    from .gguf_file import read_index
+    from .quant import quantize_weight
+
+    gguf = _source_gguf(path_or_id)
+    if gguf is None:
+        raise ValueError(
+            f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "
+            "a .gguf file or an embedded model (use 'int8' or 'int4')"
+        )
+    index = read_index(gguf)
+    arch = index.fields.get("general.architecture")
+    if arch not in _GGUF_INT4_ARCHITECTURES:
+        raise ValueError(
+            f"quantize='gguf' supports GGUF architectures {sorted(_GGUF_INT4_ARCHITECTURES)}; "
+            f"{gguf.name} is {arch!r} (use 'int8' or 'int4')"
+        )
+    out = _int4_from_blocks(index, config, weights["embed"].device)
+    for name, mode in gguf_stored_modes(index, config).items():
+        if mode == "int8":
+            out[name] = quantize_weight(weights[name], "int8")
+    return out
 
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:

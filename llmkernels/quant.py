@@ -36,11 +36,15 @@ __all__ = [
     "gguf_int4_groups",
     "GGUF_INT4_BLOCKS",
     "MODES",
+    "GGUF_MODE",
     "INT4_GROUP_SIZES",
     "PROJECTIONS",
 ]
 
 MODES = ("int8", "int4")
+# the engine's quantize="gguf": a GGUF's projections at their stored precision, made before
+# quantize_model_weights (llmkernels.loading.source_gguf_projections)
+GGUF_MODE = "gguf"
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels accept
 _CUDA_INNER_K_TILES = 8  # tinygemm's packing: in_features must be a multiple of 8 * 16
 
@@ -315,7 +319,9 @@ def quantize_model_weights(
     lm_head: bool = False,
 ) -> dict:
     """The engine's fused weights with every layer's projections quantized (``wqkv``, ``wo``,
-    ``w_gate_up``, ``w_down``). Norms, biases and the embedding are kept as they are.
+    ``w_gate_up``, ``w_down``). Norms, biases and the embedding are kept as they are. Mode
+    ``"gguf"`` (:data:`GGUF_MODE`) leaves the projections as they come (already quantized at a
+    GGUF's own precision, or floats) and handles only ``lm_head``.
 
     The LM head stays in the model's dtype unless ``lm_head``: the packed kernels return bf16,
     and bf16 logits (a resolution of 0.125 at 24) tie candidates that fp32 logits tell apart,
@@ -330,10 +336,14 @@ def quantize_model_weights(
     for name in [f"layers.{i}.{n}" for i in range(num_layers) for n in PROJECTIONS]:
         w = weights[name]
         if isinstance(w, QuantizedWeight):  # already quantized (e.g. mapped from a GGUF's blocks)
-            if (w.mode, w.group_size) != (mode, group_size if mode == "int4" else w.group_size):
+            if mode != GGUF_MODE and (w.mode, w.group_size) != (
+                mode,
+                group_size if mode == "int4" else w.group_size,
+            ):
                 raise ValueError(f"{name} is already {w.mode} (group {w.group_size}), not {mode}")
             continue
-        out[name] = quantize_weight(w, mode, group_size)
+        if mode != GGUF_MODE:  # "gguf": the file stores it as floats, kept as they are
+            out[name] = quantize_weight(w, mode, group_size)
     if lm_head:
         head = weights["embed"] if tie_word_embeddings else weights["lm_head"]
         out["lm_head"] = quantize_weight(head, "int8")

@@ -1,6 +1,8 @@
 """Weight-only quantization (llmkernels.quant): codes and scales, PyTorch's packed kernels against
 the dequantized reference, the quantized engine against the fp32 one, bad arguments."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -300,3 +302,53 @@ def test_quant_gemv_benchmark_calls_each_kernel_on_its_weight():
         err = (fn().float() - expected).norm() / expected.norm()
         assert err < (0.01 if "bf16" in name or "int8" in name else 0.15), name
     assert impls["int4_linear g32 (ours)"][1] == 64 * 128 + 64 * 8 * 2 * 2  # codes + bf16 pairs
+
+
+def test_gguf_stored_modes_by_the_parts_of_each_fused_weight():
+    """quantize="gguf" keeps a GGUF's precision per fused weight: int4 when every part is 4-bit
+    blocks, float when every part is a float, else int8 (more bits, or a mix)."""
+    from types import SimpleNamespace
+
+    from llmkernels import loading
+    from llmkernels.gguf_file import GGUFIndex, GGUFTensor
+
+    kinds = {  # layer 0: the int4 cases; layer 1: mixes and more bits; layer 2: floats
+        0: {"attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q4_K",
+            "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q4_1"},
+        1: {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_0",
+            "ffn_gate": "Q8_0", "ffn_up": "Q8_0", "ffn_down": "F16"},
+        2: {"attn_q": "F32", "attn_k": "F16", "attn_v": "BF16", "attn_output": "F16",
+            "ffn_gate": "F32", "ffn_up": "F32", "ffn_down": "F32"},
+    }  # fmt: skip
+    tensors = {
+        f"blk.{i}.{part}.weight": GGUFTensor(f"blk.{i}.{part}.weight", kind, (32, 32), 0, 0)
+        for i, parts in kinds.items()
+        for part, kind in parts.items()
+    }
+    index = GGUFIndex(Path("x.gguf"), {"general.architecture": "llama"}, tensors)
+    modes = loading.gguf_stored_modes(index, SimpleNamespace(num_layers=3))
+    assert modes == {
+        **{f"layers.0.{n}": "int4" for n in quant.PROJECTIONS},
+        "layers.1.wqkv": "int8",  # q, k 4-bit, v 6-bit: one fused weight, the larger
+        "layers.1.wo": "int8",
+        "layers.1.w_gate_up": "int8",
+        "layers.1.w_down": "float",
+        **{f"layers.2.{n}": "float" for n in quant.PROJECTIONS},
+    }
+
+
+def test_quantize_gguf_needs_a_gguf_source(tmp_path):
+    """quantize="gguf" takes a file's own quantization: refused, with the alternatives named,
+    for an HF model in memory, an HF folder, other group sizes."""
+    from test_loading import random_hf
+
+    import llmkernels as lk
+
+    hf = random_hf()
+    with pytest.raises(ValueError, match="only with Engine.from_pretrained of a .gguf file"):
+        lk.Engine.from_hf(hf, quantize="gguf")
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is not a .gguf file or an embedded model"):
+        lk.Engine.from_pretrained(tmp_path, device="cpu", quantize="gguf")
+    with pytest.raises(ValueError, match="no group_size or tensor_parallel"):
+        lk.Engine.from_pretrained(tmp_path, device="cpu", quantize="gguf", group_size=64)

@@ -40,7 +40,10 @@ MODES = {
     "int8": ("int8", False),
     "int4": ("int4", False),
     "int4+head8": ("int4", True),  # int4 projections, int8 LM head
+    "gguf": ("gguf", False),  # a GGUF's own precision
 }
+# "gguf" only when asked: for the default SmolLM2, whose projections are all Q4_1, it is "int4"
+DEFAULT_MODES = ("exact", "int8", "int4", "int4+head8")
 
 
 def text_from_sdist(
@@ -157,7 +160,7 @@ def run(model: str, modes, tokens: int, window: int, stride: int, device, out_di
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="an embedded model, or a local HF folder")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the text scored")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)

@@ -72,6 +72,9 @@ class _Cursor:
         item, count = self.take("I"), self.take("Q")
         if item in _SCALARS:  # skipped: a fixed size per element
             self.pos += count * struct.calcsize("<" + _SCALARS[item])
+        elif item == _STRING:  # skipped by their lengths, not decoded (a vocabulary)
+            for _ in range(count):
+                self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
         else:
             for _ in range(count):
                 self.value(item)

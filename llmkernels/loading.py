@@ -514,8 +514,8 @@ def gguf_model_dir(gguf: str | os.PathLike) -> Path:
 
     The folder holds the fp32 weights that transformers' GGUF loader makes of the file (a 4-bit
     file grows ~8x: a 7B model takes 28 GB of disk, and as much memory while converting); with
-    ``quantize="int4"`` the engine still takes the file's own 4-bit blocks
-    (:func:`gguf_int4_projections`)."""
+    ``quantize="int4"`` or ``"gguf"`` the engine still takes the file's own 4-bit blocks
+    (:func:`gguf_int4_projections`, :func:`source_gguf_projections`)."""
     import hashlib
 
     gguf = Path(gguf).expanduser().resolve()
@@ -651,6 +651,7 @@ _GGUF_PROJECTIONS = {  # our fused weight -> the GGUF tensors it stacks, in row 
 # undoes it on load, and gemma3 files are read as they are: both checked against transformers'
 # loader on the embedded models)
 _GGUF_INT4_ARCHITECTURES = {"llama": True, "gemma3": False}
+_GGUF_FLOATS = ("F32", "F16", "BF16")  # tensor types kept as floats by quantize="gguf"
 
 
 def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
@@ -695,9 +696,6 @@ def gguf_stored_modes(index, config: ModelConfig) -> dict:
             else:
                 modes[f"layers.{i}.{name}"] = "int8"
     return modes
-
-
-_GGUF_FLOATS = ("F32", "F16", "BF16")
 
 
 def _int4_from_blocks(index, config: ModelConfig, device) -> dict:
@@ -758,7 +756,10 @@ def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> d
     from .gguf_file import read_index
     from .quant import quantize_weight
 
-    gguf = _source_gguf(path_or_id)
+    if str(path_or_id) in EMBEDDED_MODELS:  # its package missing: the error says how to install
+        gguf = embedded_gguf_path(str(path_or_id))
+    else:
+        gguf = _source_gguf(path_or_id)
     if gguf is None:
         raise ValueError(
             f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "

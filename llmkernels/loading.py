@@ -55,6 +55,7 @@ __all__ = [
     "gguf_model_dir",
     "gguf_int4_projections",
     "gguf_stored_modes",
+    "source_gguf_path",
     "with_rope_scaling",
     "LoadedModel",
     "cache_root",
@@ -726,7 +727,7 @@ def _int4_from_blocks(index, config: ModelConfig, device) -> dict:
     return out
 
 
-def _source_gguf(path_or_id) -> Path | None:
+def source_gguf_path(path_or_id) -> Path | None:
     """The GGUF file a model comes from (an embedded model's, or a ``.gguf`` path), else None."""
     if str(path_or_id) in EMBEDDED_MODELS:
         try:
@@ -742,7 +743,7 @@ def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
     """:func:`gguf_int4_projections` of the GGUF a model comes from: an embedded model's
     (``EMBEDDED_MODELS``) or a ``.gguf`` file's; ``{}`` for other sources (the caller
     quantizes)."""
-    gguf = _source_gguf(path_or_id)
+    gguf = source_gguf_path(path_or_id)
     return {} if gguf is None else gguf_int4_projections(gguf, config, device)
 
 
@@ -759,7 +760,7 @@ def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> d
     if str(path_or_id) in EMBEDDED_MODELS:  # its package missing: the error says how to install
         gguf = embedded_gguf_path(str(path_or_id))
     else:
-        gguf = _source_gguf(path_or_id)
+        gguf = source_gguf_path(path_or_id)
     if gguf is None:
         raise ValueError(
             f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "

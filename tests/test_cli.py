@@ -338,7 +338,8 @@ def test_bench_cpu_smoke_writes_results(capsys, tmp_path):
 
 def test_llama_cpp_contender_prefills_every_call_and_returns_prompt_plus_new(monkeypatch, tmp_path):
     """The llama.cpp runner with a stand-in llama_cpp module (the real one is optional): greedy
-    settings, a reset before every call (no cached prefix), batch 1 only, the GGUF's bytes."""
+    settings, a reset before every call (no cached prefix), batch 1 only, the GGUF's bytes; an
+    embedded model's GGUF or a .gguf file."""
     import sys
     import types
 
@@ -377,6 +378,9 @@ def test_llama_cpp_contender_prefills_every_call_and_returns_prompt_plus_new(mon
         generate.make_runner("llama.cpp", None, 2, 64, source="default")
     with pytest.raises(ValueError, match="embedded model"):
         generate.make_runner("llama.cpp", None, 1, 64, source="/some/folder")
+    run, done = generate.make_runner("llama.cpp", None, 1, 64, source=str(gguf))  # a .gguf file
+    done()
+    assert calls[-2] == ("init", str(gguf), 64)
 
 
 def test_engine_contender_gets_the_prompt_hf_gets_even_with_pad_ids_in_it():

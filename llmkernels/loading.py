@@ -53,6 +53,7 @@ __all__ = [
     "embedded_gguf_path",
     "embedded_model_dir",
     "gguf_model_dir",
+    "gguf_file_path",
     "gguf_int4_projections",
     "gguf_stored_modes",
     "source_gguf_path",
@@ -405,6 +406,21 @@ def resolve_model_dir(path_or_id: str | os.PathLike = DEFAULT_MODEL) -> Path:
             f"{text!r} is neither a model folder, a .gguf file nor an HF id of the form 'org/name'"
         )
     return _from_hf_cache(text)
+
+
+def gguf_file_path(path_or_id: str | os.PathLike, gguf_file: str) -> Path:
+    """transformers' ``from_pretrained(path_or_id, gguf_file=name)``: the GGUF file ``name`` in
+    a local folder or in an HF repo's snapshot found in the local HF cache (never downloads)."""
+    if str(path_or_id) in EMBEDDED_MODELS:
+        raise ValueError(
+            f"gguf_file= names a file in a folder or a cached HF repo; {str(path_or_id)!r} is an "
+            "embedded model (pass it without gguf_file)"
+        )
+    path = Path(path_or_id).expanduser()
+    folder = path if path.is_dir() else resolve_model_dir(path_or_id)
+    if not _is_gguf_file(folder / gguf_file):
+        raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {folder}")
+    return folder / gguf_file
 
 
 def _from_hf_cache(repo_id: str) -> Path:

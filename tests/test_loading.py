@@ -158,6 +158,15 @@ def test_hf_id_resolves_from_local_cache(tmp_path, monkeypatch):
     check_same_logits(
         lk.Engine.from_pretrained("someorg/tiny-llama", device="cpu", max_seq_len=32), hf
     )
+    # gguf_file=, as transformers' from_pretrained takes it: a file of the repo's snapshot
+    (snapshot / "tiny.Q4_0.gguf").write_bytes(b"GGUF")
+    assert loading.gguf_file_path("someorg/tiny-llama", "tiny.Q4_0.gguf") == (
+        snapshot / "tiny.Q4_0.gguf"
+    )
+    with pytest.raises(FileNotFoundError, match="no GGUF file 'other.gguf' in"):
+        loading.gguf_file_path("someorg/tiny-llama", "other.gguf")
+    with pytest.raises(ValueError, match="is an embedded model"):
+        loading.gguf_file_path("default", "tiny.Q4_0.gguf")
 
 
 # ---- the default model ---------------------------------------------------------------------------
@@ -263,6 +272,11 @@ def test_a_gguf_file_is_converted_once_and_loads_like_the_embedded_model(
     assert len(mapped) == 4 * eng.config.num_layers
     assert torch.equal(w.dequantize(), mapped["layers.0.wqkv"].dequantize())
     assert eng.tokenizer.chat_template
+
+    again = lk.Engine.from_pretrained(  # gguf_file=, as transformers takes it: the same file
+        source.parent, gguf_file=source.name, device="cpu", max_seq_len=32
+    )
+    assert capsys.readouterr().err == "" and again.config == eng.config
 
     calls = []
     monkeypatch.setattr(

@@ -317,7 +317,7 @@ def test_real_gemma_int4_takes_the_q4_k_blocks_of_its_q4_k_m_file(real_gemma):
         seq = eng.generate(ids, max_new_tokens=24, do_sample=False)
         picks = [e.logits(seq)[0, ids.shape[1] - 1 :].argmax(-1) for e in (eng, int4)]
         agree.append((picks[0] == picks[1]).float().mean().item())
-    print("top-1 agreement with the exact engine:", agree)  # 0.87 on average when written
+    print("top-1 agreement with the exact engine:", agree)  # 0.84 on average when written
     assert sum(agree) / len(agree) >= 0.75
 
 

@@ -262,7 +262,19 @@ def test_a_gguf_file_is_converted_once_and_loads_like_the_embedded_model(
     ours, embedded = (load_file(str(f / "model.safetensors")) for f in (folder, smollm2_dir))
     assert ours.keys() == embedded.keys()
     assert all(torch.equal(ours[k], embedded[k]) for k in ours)
-    assert (folder / "tokenizer.json").read_text() == (smollm2_dir / "tokenizer.json").read_text()
+    # the same tokenizer (compared by what it does: the embedded conversion may have been made
+    # by another transformers release, whose tokenizer.json is written differently)
+    from transformers import AutoTokenizer
+
+    a, b = (AutoTokenizer.from_pretrained(str(f)) for f in (folder, smollm2_dir))
+    assert a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+    assert (a.bos_token_id, a.eos_token_id, a.pad_token_id) == (
+        b.bos_token_id,
+        b.eos_token_id,
+        b.pad_token_id,
+    )
+    text = "Hello, world! The capital of France is Paris."
+    assert a(text).input_ids == b(text).input_ids
 
     eng = lk.Engine.from_pretrained(source, device="cpu", quantize="int4", max_seq_len=64)
     assert capsys.readouterr().err == ""  # reused: no second conversion

@@ -41,6 +41,7 @@ from .loading import (
     DEFAULT_MODEL,
     fuse_hf_weights,
     gguf_file_path,
+    gguf_quantization_source,
     load_pretrained,
     source_gguf_projections,
     source_int4_projections,
@@ -215,6 +216,13 @@ class Engine:
         """
         if gguf_file is not None:
             path_or_id = gguf_file_path(path_or_id, gguf_file)
+        if quantize == GGUF_MODE:  # refused before loading: a first conversion takes minutes
+            if tensor_parallel or group_size != 32:
+                raise ValueError(
+                    "quantize='gguf' takes the file's own groups of 32, on one device: no "
+                    "group_size or tensor_parallel"
+                )
+            gguf_quantization_source(path_or_id)
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
         # a tensor-parallel rank reads only its blocks of the projections from the files
@@ -224,11 +232,6 @@ class Engine:
         seq = cls._default_seq_len(loaded.config, max_seq_len)
         weights = loaded.weights
         if quantize == GGUF_MODE:
-            if tp is not None or group_size != 32:
-                raise ValueError(
-                    "quantize='gguf' takes the file's own groups of 32, on one device: no "
-                    "group_size or tensor_parallel"
-                )
             weights = {**weights, **source_gguf_projections(path_or_id, loaded.config, weights)}
         elif quantize == "int4" and group_size == 32 and tp is None:
             # a 4-bit GGUF's own codes and scales, not a requantization of their dequantization

@@ -121,7 +121,9 @@ def _parse(path, buf, n_tensors, n_fields, quant_sizes, quant_types) -> GGUFInde
         dims = [cursor.take("Q") for _ in range(cursor.take("I"))]
         kind, offset = cursor.take("I"), cursor.take("Q")
         infos.append((name, dims, kind, offset))
-    alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT))
+    alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
     start = -(-cursor.pos // alignment) * alignment
     tensors = {}
     for name, dims, kind, offset in infos:

@@ -57,6 +57,7 @@ __all__ = [
     "gguf_int4_projections",
     "gguf_stored_modes",
     "source_gguf_path",
+    "gguf_quantization_source",
     "with_rope_scaling",
     "LoadedModel",
     "cache_root",
@@ -416,6 +417,8 @@ def gguf_file_path(path_or_id: str | os.PathLike, gguf_file: str) -> Path:
             f"gguf_file= names a file in a folder or a cached HF repo; {str(path_or_id)!r} is an "
             "embedded model (pass it without gguf_file)"
         )
+    if Path(gguf_file).is_absolute() or len(Path(gguf_file).parts) != 1:
+        raise ValueError(f"gguf_file must be a file name in {str(path_or_id)!r}, got {gguf_file!r}")
     path = Path(path_or_id).expanduser()
     folder = path if path.is_dir() else resolve_model_dir(path_or_id)
     if not _is_gguf_file(folder / gguf_file):
@@ -535,21 +538,22 @@ def gguf_model_dir(gguf: str | os.PathLike) -> Path:
     (:func:`gguf_int4_projections`, :func:`source_gguf_projections`)."""
     import hashlib
 
-    gguf = Path(gguf).expanduser().resolve()
-    if not gguf.is_file():
-        raise FileNotFoundError(f"no GGUF file at {gguf}")
-    key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    stat = gguf.stat()
-    stamp = {**_stamp_for(gguf), "path": str(gguf), "mtime_ns": stat.st_mtime_ns}
+    given = Path(gguf).expanduser().absolute()  # its name, not an HF cache blob's hash, is shown
+    real = given.resolve()
+    if not real.is_file():
+        raise FileNotFoundError(f"no GGUF file at {given}")
+    key = hashlib.sha256(str(real).encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{given.stem}-{key}"
+    stat = real.stat()
+    stamp = {**_stamp_for(real), "path": str(real), "mtime_ns": stat.st_mtime_ns}
     if _read_stamp(target) == stamp:
         return target
     print(
-        f"llmkernels: converting {gguf.name} once into {target} (fp32 safetensors: about 4 bytes "
-        "per weight)",
+        f"llmkernels: converting {given.name} once into {target} (fp32 safetensors: about 4 "
+        "bytes per weight)",
         file=sys.stderr,
     )
-    return convert_gguf(gguf, target, stamp=stamp)
+    return convert_gguf(given, target, stamp=stamp)
 
 
 def convert_gguf(gguf: Path, target: Path, stamp: dict | None = None) -> Path:
@@ -694,8 +698,8 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
 def gguf_stored_modes(index, config: ModelConfig) -> dict:
     """How a GGUF (a :class:`~llmkernels.gguf_file.GGUFIndex`) stores each layer's fused
     projections: ``"int4"`` when every part is 4-bit blocks (Q4_0, Q4_1, Q4_K), ``"float"`` when
-    every part is F32 / F16 / BF16, else ``"int8"`` (more bits than 4, e.g. Q5_0, Q6_K, Q8_0, or
-    a mix)."""
+    every part is F32 / F16 / BF16, else ``"int8"`` (other blocks, e.g. Q5_0, Q6_K, Q8_0, or a
+    mix; also fewer bits than 4, Q2_K / Q3_K / IQ*, which int8 holds with room to spare)."""
     from .quant import GGUF_INT4_BLOCKS
 
     modes = {}
@@ -763,6 +767,31 @@ def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
     return {} if gguf is None else gguf_int4_projections(gguf, config, device)
 
 
+def gguf_quantization_source(path_or_id) -> Path:
+    """The GGUF file ``quantize="gguf"`` takes its quantization from (cheap: the engine checks it
+    before loading anything). Raises ``ValueError`` for a model that does not come from a GGUF
+    of architecture llama / gemma3, ``FileNotFoundError`` (with the install command) for an
+    embedded model whose package is missing."""
+    from .gguf_file import read_index
+
+    if str(path_or_id) in EMBEDDED_MODELS:
+        gguf = embedded_gguf_path(str(path_or_id))
+    else:
+        gguf = source_gguf_path(path_or_id)
+    if gguf is None:
+        raise ValueError(
+            f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "
+            "a .gguf file or an embedded model (use 'int8' or 'int4')"
+        )
+    arch = read_index(gguf).fields.get("general.architecture")
+    if arch not in _GGUF_INT4_ARCHITECTURES:
+        raise ValueError(
+            f"quantize='gguf' supports GGUF architectures {sorted(_GGUF_INT4_ARCHITECTURES)}; "
+            f"{gguf.name} is {arch!r} (use 'int8' or 'int4')"
+        )
+    return gguf
+
+
 def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> dict:
     """``quantize="gguf"``: each layer's projections at the precision its GGUF stores them
     (:func:`gguf_stored_modes`): 4-bit blocks as int4, taken as they are
@@ -773,22 +802,7 @@ def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> d
     from .gguf_file import read_index
     from .quant import quantize_weight
 
-    if str(path_or_id) in EMBEDDED_MODELS:  # its package missing: the error says how to install
-        gguf = embedded_gguf_path(str(path_or_id))
-    else:
-        gguf = source_gguf_path(path_or_id)
-    if gguf is None:
-        raise ValueError(
-            f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "
-            "a .gguf file or an embedded model (use 'int8' or 'int4')"
-        )
-    index = read_index(gguf)
-    arch = index.fields.get("general.architecture")
-    if arch not in _GGUF_INT4_ARCHITECTURES:
-        raise ValueError(
-            f"quantize='gguf' supports GGUF architectures {sorted(_GGUF_INT4_ARCHITECTURES)}; "
-            f"{gguf.name} is {arch!r} (use 'int8' or 'int4')"
-        )
+    index = read_index(gguf_quantization_source(path_or_id))
     out = _int4_from_blocks(index, config, weights["embed"].device)
     for name, mode in gguf_stored_modes(index, config).items():
         if mode == "int8":

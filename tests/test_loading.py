@@ -167,6 +167,8 @@ def test_hf_id_resolves_from_local_cache(tmp_path, monkeypatch):
         loading.gguf_file_path("someorg/tiny-llama", "other.gguf")
     with pytest.raises(ValueError, match="is an embedded model"):
         loading.gguf_file_path("default", "tiny.Q4_0.gguf")
+    with pytest.raises(ValueError, match="gguf_file must be a file name"):
+        loading.gguf_file_path("someorg/tiny-llama", str(snapshot / "tiny.Q4_0.gguf"))
 
 
 # ---- the default model ---------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_a_gguf_file_is_converted_once_and_loads_like_the_embedded_model(
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
     assert loading.gguf_model_dir(source) == folder
     assert [(src, stamp["mtime_ns"]) for src, stamp in calls] == [
-        (source.resolve(), stat.st_mtime_ns + 10**9)
+        (source.absolute(), stat.st_mtime_ns + 10**9)
     ]
     with pytest.raises(FileNotFoundError, match="neither a model folder, a .gguf file"):
         loading.resolve_model_dir(tmp_path / "files" / "missing.gguf")
@@ -354,3 +356,15 @@ def test_gguf_index_refuses_other_files(tmp_path):
     )
     with pytest.raises(ValueError, match="truncated GGUF header"):
         read_index(tmp_path / "z.gguf")
+    key = b"general.alignment"
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little")  # version, tensors
+    field = len(key).to_bytes(8, "little") + key + (4).to_bytes(4, "little")  # a uint32
+    (tmp_path / "a.gguf").write_bytes(
+        header + (1).to_bytes(8, "little") + field + (48).to_bytes(4, "little")
+    )
+    with pytest.raises(ValueError, match="general.alignment must be a power of two, got 48"):
+        read_index(tmp_path / "a.gguf")
+    (tmp_path / "b.gguf").write_bytes(
+        header + (1).to_bytes(8, "little") + field + (64).to_bytes(4, "little")
+    )
+    assert read_index(tmp_path / "b.gguf").fields == {"general.alignment": 64}

@@ -216,13 +216,14 @@ class Engine:
         """
         if gguf_file is not None:
             path_or_id = gguf_file_path(path_or_id, gguf_file)
+        gguf_index = None
         if quantize == GGUF_MODE:  # refused before loading: a first conversion takes minutes
             if tensor_parallel or group_size != 32:
                 raise ValueError(
                     "quantize='gguf' takes the file's own groups of 32, on one device: no "
                     "group_size or tensor_parallel"
                 )
-            gguf_quantization_source(path_or_id)
+            gguf_index = gguf_quantization_source(path_or_id)
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
         # a tensor-parallel rank reads only its blocks of the projections from the files
@@ -232,7 +233,7 @@ class Engine:
         seq = cls._default_seq_len(loaded.config, max_seq_len)
         weights = loaded.weights
         if quantize == GGUF_MODE:
-            weights = {**weights, **source_gguf_projections(path_or_id, loaded.config, weights)}
+            weights = {**weights, **source_gguf_projections(gguf_index, loaded.config, weights)}
         elif quantize == "int4" and group_size == 32 and tp is None:
             # a 4-bit GGUF's own codes and scales, not a requantization of their dequantization
             weights = {

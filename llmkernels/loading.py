@@ -692,7 +692,8 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
     index = read_index(gguf)
     if index.fields.get("general.architecture") not in _GGUF_INT4_ARCHITECTURES:
         return {}
-    return _int4_from_blocks(index, config, device)
+    modes = gguf_stored_modes(index, config)
+    return _int4_from_blocks(index, config, device, [n for n, m in modes.items() if m == "int4"])
 
 
 def gguf_stored_modes(index, config: ModelConfig) -> dict:
@@ -719,31 +720,28 @@ def gguf_stored_modes(index, config: ModelConfig) -> dict:
     return modes
 
 
-def _int4_from_blocks(index, config: ModelConfig, device) -> dict:
-    """:func:`gguf_int4_projections` of an architecture it serves, from the file's index."""
-    from .quant import GGUF_INT4_BLOCKS, gguf_int4_groups, int4_weight
+def _int4_from_blocks(index, config: ModelConfig, device, names: list[str]) -> dict:
+    """The fused weights ``names`` (``"layers.{i}.{name}"``, all of whose parts
+    :func:`gguf_stored_modes` found as 4-bit blocks) as int4, from the file's index of an
+    architecture :func:`gguf_int4_projections` serves."""
+    from .quant import gguf_int4_groups, int4_weight
 
     permuted = _GGUF_INT4_ARCHITECTURES[index.fields["general.architecture"]]
-    tensors = index.tensors
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     out = {}
-    for i in range(config.num_layers):
-        for name, parts in _GGUF_PROJECTIONS.items():
-            stored = [tensors.get(f"blk.{i}.{part}.weight") for part in parts]
-            if any(t is None or t.kind not in GGUF_INT4_BLOCKS for t in stored):
-                continue
-            pieces = []
-            for part, t in zip(parts, stored):
-                blocks = torch.from_numpy(np.array(index.raw(t.name)))  # a copy, not the map
-                codes, scales, zeros = gguf_int4_groups(blocks, t.kind)
-                if permuted and part in heads:  # undo the converter's per-head row interleave
-                    rows = _unpermute_rows(codes.shape[0], heads[part])
-                    codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
-                pieces.append((codes, scales, zeros))
-            codes, scales, zeros = (torch.cat(x) for x in zip(*pieces))
-            out[f"layers.{i}.{name}"] = int4_weight(
-                codes.to(device), scales.to(device), zeros.to(device)
-            )
+    for fused in names:
+        _, i, name = fused.split(".")
+        pieces = []
+        for part in _GGUF_PROJECTIONS[name]:
+            t = index.tensors[f"blk.{i}.{part}.weight"]
+            blocks = torch.from_numpy(np.array(index.raw(t.name)))  # a copy, not the map
+            codes, scales, zeros = gguf_int4_groups(blocks, t.kind)
+            if permuted and part in heads:  # undo the converter's per-head row interleave
+                rows = _unpermute_rows(codes.shape[0], heads[part])
+                codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
+            pieces.append((codes, scales, zeros))
+        codes, scales, zeros = (torch.cat(x) for x in zip(*pieces))
+        out[fused] = int4_weight(codes.to(device), scales.to(device), zeros.to(device))
     return out
 
 
@@ -767,9 +765,9 @@ def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
     return {} if gguf is None else gguf_int4_projections(gguf, config, device)
 
 
-def gguf_quantization_source(path_or_id) -> Path:
-    """The GGUF file ``quantize="gguf"`` takes its quantization from (cheap: the engine checks it
-    before loading anything). Raises ``ValueError`` for a model that does not come from a GGUF
+def gguf_quantization_source(path_or_id):
+    """The index (:class:`~llmkernels.gguf_file.GGUFIndex`) of the GGUF file ``quantize="gguf"``
+    takes its quantization from (cheap: the engine reads it before loading anything). Raises ``ValueError`` for a model that does not come from a GGUF
     of architecture llama / gemma3, ``FileNotFoundError`` (with the install command) for an
     embedded model whose package is missing."""
     from .gguf_file import read_index
@@ -783,28 +781,29 @@ def gguf_quantization_source(path_or_id) -> Path:
             f"quantize='gguf' takes a GGUF file's own quantization: {str(path_or_id)!r} is not "
             "a .gguf file or an embedded model (use 'int8' or 'int4')"
         )
-    arch = read_index(gguf).fields.get("general.architecture")
+    index = read_index(gguf)
+    arch = index.fields.get("general.architecture")
     if arch not in _GGUF_INT4_ARCHITECTURES:
         raise ValueError(
             f"quantize='gguf' supports GGUF architectures {sorted(_GGUF_INT4_ARCHITECTURES)}; "
             f"{gguf.name} is {arch!r} (use 'int8' or 'int4')"
         )
-    return gguf
+    return index
 
 
-def source_gguf_projections(path_or_id, config: ModelConfig, weights: dict) -> dict:
-    """``quantize="gguf"``: each layer's projections at the precision its GGUF stores them
-    (:func:`gguf_stored_modes`): 4-bit blocks as int4, taken as they are
-    (:func:`gguf_int4_projections`); more bits than 4 as int8 per output channel, quantized from
-    the fp32 ``weights`` (the engine's fused weights of the file); floats kept as they are. So
-    a Q4_K_M file runs at its own mix of 4 and more bits, as llama.cpp runs it. Raises
-    ``ValueError`` for a model that does not come from a GGUF of architecture llama / gemma3."""
-    from .gguf_file import read_index
+def source_gguf_projections(index, config: ModelConfig, weights: dict) -> dict:
+    """``quantize="gguf"``: each layer's projections at the precision the GGUF of ``index``
+    (from :func:`gguf_quantization_source`) stores them (:func:`gguf_stored_modes`): 4-bit
+    blocks as int4, taken as they are (:func:`gguf_int4_projections`); more bits than 4 as int8
+    per output channel, quantized from the fp32 ``weights`` (the engine's fused weights of the
+    file); floats kept as they are. So a Q4_K_M file runs at its own mix of 4 and more bits, as
+    llama.cpp runs it."""
     from .quant import quantize_weight
 
-    index = read_index(gguf_quantization_source(path_or_id))
-    out = _int4_from_blocks(index, config, weights["embed"].device)
-    for name, mode in gguf_stored_modes(index, config).items():
+    modes = gguf_stored_modes(index, config)
+    int4 = [name for name, mode in modes.items() if mode == "int4"]
+    out = _int4_from_blocks(index, config, weights["embed"].device, int4)
+    for name, mode in modes.items():
         if mode == "int8":
             out[name] = quantize_weight(weights[name], "int8")
     return out

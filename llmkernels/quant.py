@@ -268,7 +268,8 @@ def gguf_int4_groups(
     - Q4_K super-block of 256 inputs: fp16 ``d``, fp16 ``dmin``, 12 bytes holding eight 6-bit
       scales ``sc`` and mins ``mn``, 128 bytes of codes; sub-block j (32 inputs) has
       ``w = (d sc_j) q - dmin mn_j``: ``scale = d sc_j`` (exact), ``zero = 8 scale - dmin mn_j``
-      (one fp32 rounding, so W is within an ulp of llama.cpp's fp32 dequantization).
+      (one fp32 rounding, so W is within that rounding, plus an ulp of W, of llama.cpp's fp32
+      dequantization).
 
     Q4_0 / Q4_1: within a block the low nibbles of the 16 bytes are inputs 0-15, the high nibbles
     16-31. Q4_K: 32 bytes serve two sub-blocks, low nibbles the first, high nibbles the second.

@@ -93,6 +93,13 @@ def read_index(path: str | Path) -> GGUFIndex:
         version, n_tensors, n_fields = struct.unpack_from("<IQQ", header, 4)
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        file_size = path.stat().st_size
+        # each field takes at least 12 bytes (key length, value type), each tensor 24
+        if 12 * n_fields + 24 * n_tensors > file_size:
+            raise ValueError(
+                f"{path}: truncated GGUF header ({n_fields} fields and {n_tensors} tensors "
+                f"cannot fit in {file_size} bytes)"
+            )
         size, buf = 16 << 20, header
         while True:  # the metadata and index fit in the first 16 MB unless arrays are huge
             buf += f.read(size)
@@ -101,7 +108,7 @@ def read_index(path: str | Path) -> GGUFIndex:
                     path, buf, n_tensors, n_fields, GGML_QUANT_SIZES, GGMLQuantizationType
                 )
             except struct.error:
-                if len(buf) >= path.stat().st_size:
+                if len(buf) >= file_size:
                     raise ValueError(f"{path}: truncated GGUF header") from None
                 size *= 4
 
@@ -125,15 +132,24 @@ def _parse(path, buf, n_tensors, n_fields, quant_sizes, quant_types) -> GGUFInde
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
     start = -(-cursor.pos // alignment) * alignment
+    file_size = path.stat().st_size
     tensors = {}
     for name, dims, kind, offset in infos:
+        if name in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is listed twice")
         block, block_bytes = quant_sizes[quant_types(kind)]
         elements = int(np.prod(dims))
-        tensors[name] = GGUFTensor(
+        tensor = GGUFTensor(
             name,
             quant_types(kind).name,
             tuple(reversed(dims)),
             start + offset,
             elements // block * block_bytes,
         )
+        if elements % block or tensor.offset + tensor.nbytes > file_size:
+            raise ValueError(
+                f"{path}: tensor {name!r} ({tensor.kind} {list(tensor.shape)}) does not fit the "
+                f"file (truncated, or not a whole number of {block}-element blocks)"
+            )
+        tensors[name] = tensor
     return GGUFIndex(path, fields, tensors)

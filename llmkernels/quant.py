@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 MODES = ("int8", "int4")
-# the engine's quantize="gguf": a GGUF's projections at their stored precision, made before
-# quantize_model_weights (llmkernels.loading.source_gguf_projections)
+# the engine's quantize="gguf": a GGUF's projections at their stored precision, made while
+# loading (llmkernels.loading.projection_quantizer), before quantize_model_weights
 GGUF_MODE = "gguf"
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels accept
 _CUDA_INNER_K_TILES = 8  # tinygemm's packing: in_features must be a multiple of 8 * 16

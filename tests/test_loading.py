@@ -85,6 +85,49 @@ def test_dtype_override(tmp_path):
     assert (actual.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
 
 
+def test_quantized_load_finishes_each_layer_before_reading_the_next(tmp_path, monkeypatch):
+    """from_pretrained(quantize=...) quantizes each projection as it is read: a layer's fused
+    weights are finished before the next layer's tensors are read, so the float weights are
+    never all in memory (the memory figures: README, benchmarks/results/.../load-memory)."""
+    from llmkernels import quant
+    from llmkernels.model import ModelConfig
+
+    hf = random_hf()
+    hf.save_pretrained(tmp_path)
+    config = ModelConfig.from_hf(hf.config)
+    state = hf.state_dict()
+    events = []
+
+    def get(name):
+        events.append(("read", int(name.split(".")[2]) if ".layers." in name else None))
+        return state[name]
+
+    def finish(name, weight):
+        if name.startswith("layers."):
+            events.append(("finish", int(name.split(".")[1])))
+        return weight
+
+    loading.fuse_hf_weights(state.keys(), get, config, finish=finish)
+    layers = [layer for kind, layer in events if layer is not None]
+    assert layers == sorted(layers)  # each layer read and finished before the next one is read
+    per_layer = 6  # 2 norms, 4 projections
+    assert [e for e in events if e[0] == "finish"] == [
+        ("finish", i // per_layer) for i in range(18)
+    ]
+    calls = []
+    real = quant.quantize_weight
+    monkeypatch.setattr(quant, "quantize_weight", lambda *a: calls.append(a[1:]) or real(*a))
+    eng = lk.Engine.from_pretrained(tmp_path, device="cpu", quantize="int8")
+    assert calls == [("int8", 32)] * 12
+    assert {
+        getattr(layer, name).mode for layer in eng.model.layers for name in quant.PROJECTIONS
+    } == {"int8"}
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (eng.logits(ids) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_bin_only_folder_is_refused(tmp_path, no_torch_load):
     random_hf().config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")

@@ -378,7 +378,7 @@ def load_pretrained(
     ``"gguf"`` with the source's ``gguf_index`` from :func:`gguf_quantization_source`): each
     projection is quantized as soon as it is read (:func:`projection_quantizer`), so a
     quantized model never holds all its float weights (a 1.1B bf16 checkpoint loaded as int4
-    on CPU: 7.3 GB at the peak before, when fp32 weights were quantized after loading)."""
+    on CPU peaked at 7.9 GB when the fp32 weights were quantized after loading, now at 4.1 GB)."""
     folder = resolve_model_dir(path_or_id)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
@@ -565,10 +565,11 @@ def gguf_model_dir(gguf: str | os.PathLike) -> Path:
     (atomically): ``<cache_root()>/gguf/<file stem>-<hash of its absolute path>``. Redone when
     the file changed (size or modification time) or the conversion format changed.
 
-    The folder holds the fp32 weights that transformers' GGUF loader makes of the file (a 4-bit
-    file grows ~8x: a 7B model takes 28 GB of disk, and as much memory while converting); with
-    ``quantize="int4"`` or ``"gguf"`` the engine still takes the file's own 4-bit blocks
-    (:func:`projection_quantizer`)."""
+    The folder holds the fp32 weights that transformers' GGUF loader makes of the file, written
+    one tensor at a time (:func:`convert_gguf`): a 4-bit file grows ~8x on disk (a 7B model:
+    28 GB), while converting takes about its largest tensor in memory. With ``quantize="int4"``
+    or ``"gguf"`` the engine still takes the file's own 4-bit blocks
+    (:func:`projection_quantizer`), and quantizes the rest layer by layer as it reads them."""
     import hashlib
 
     given = Path(gguf).expanduser().absolute()  # its name, not an HF cache blob's hash, is shown
@@ -593,11 +594,12 @@ def convert_gguf(gguf: Path, target: Path, stamp: dict | None = None) -> Path:
     """Convert a GGUF file (of a supported family) to an HF safetensors folder at ``target``,
     atomically.
 
-    transformers reads and dequantizes the GGUF (fp32); we write ``model.safetensors`` ourselves
-    (``save_pretrained`` refuses GGUF-loaded models), ``config.json`` (without the GGUF
-    quantization entry), the tokenizer (with its chat template) and ``generation_config.json``,
-    into a temporary sibling folder that is then renamed onto ``target``, with ``stamp`` (default:
-    the file's name and size) recording what it was converted from.
+    ``model.safetensors``: the fp32 weights transformers' GGUF loader makes of the file, written
+    one tensor at a time (:mod:`llmkernels.gguf_convert`; the loader itself holds them all).
+    transformers reads the config (``config.json``, without the GGUF quantization entry) and the
+    tokenizer (with its chat template); ``generation_config.json`` follows from the config. All
+    go into a temporary sibling folder that is then renamed onto ``target``, with ``stamp``
+    (default: the file's name and size) recording what it was converted from.
     """
     try:
         import gguf as _gguf  # noqa: F401  (transformers needs it to read GGUF)
@@ -605,8 +607,15 @@ def convert_gguf(gguf: Path, target: Path, stamp: dict | None = None) -> Path:
         raise ImportError(
             "converting a GGUF model needs the gguf package: `pip install gguf`"
         ) from None
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoConfig,
+        AutoTokenizer,
+        GenerationConfig,
+    )
+
+    from .gguf_convert import write_safetensors
+    from .gguf_file import read_index
 
     gguf = Path(gguf)
     target = Path(target)
@@ -614,33 +623,22 @@ def convert_gguf(gguf: Path, target: Path, stamp: dict | None = None) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        # only the weights are read: no Hub kernels (transformers >= 5.25 fetches them by default)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
-        )
+        hf_config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = hf_config.to_dict()
+        write_safetensors(read_index(gguf), config, tmp / "model.safetensors")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _set_special_tokens_from_gguf(tokenizer, gguf)
         # A byte-level BPE tokenizer must not "clean up" spaces before punctuation on decode:
         # transformers >= 5.24 ignores the flag for BPE (with a warning), older ones apply it.
         tokenizer.clean_up_tokenization_spaces = False
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # shared with the embedding; HF re-ties on load
-        save_file(
-            {k: v.detach().contiguous() for k, v in state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        config = model.config.to_dict()
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             config.pop(key, None)
-        config["architectures"] = [type(model).__name__]
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)].__name__]
         config["dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
-        model.generation_config.save_pretrained(str(tmp))
+        GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
         (tmp / _STAMP).write_text(json.dumps(stamp or _stamp_for(gguf)))
-        del model, state
         _replace_dir(tmp, target)
     finally:
         if tmp.exists():

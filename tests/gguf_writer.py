@@ -1,4 +1,6 @@
-"""Write a small GGUF file from an HF model, as llama.cpp's converter lays one out: its tensor
+"""GGUF files for tests, and the check of a conversion against transformers' GGUF loader.
+
+``write_gguf``: a small GGUF file from an HF model, as llama.cpp's converter lays one out: its tensor
 names, its metadata keys, q / k rows permuted per head for architecture ``llama`` only (what
 transformers' GGUF loader undoes, for ``llama`` only), projections quantized with the ``gguf``
 package, everything else F32 / F16. The tokenizer is copied from another GGUF (the embedded
@@ -106,3 +108,30 @@ def write_gguf(path: Path, hf_model, arch: str, kinds: dict, tokenizer_from: Pat
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def assert_converted_like_transformers(folder: Path, hf_model) -> None:
+    """The converted folder (``loading.convert_gguf``) holds exactly what transformers' own GGUF
+    loader made of the same file (``hf_model``, fp32): every tensor bit for bit (a tied LM head
+    left out, as HF re-ties it), its config and its generation config."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    expected = hf_model.state_dict()
+    if hf_model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(expected)
+        for name, tensor in expected.items():
+            ours = f.get_tensor(name)
+            assert ours.dtype == torch.float32 and torch.equal(ours, tensor), name
+    config = hf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config.update(architectures=[type(hf_model).__name__], dtype="float32")
+    assert json.loads((folder / "config.json").read_text()) == json.loads(json.dumps(config))
+    ours = GenerationConfig.from_pretrained(str(folder)).to_dict()
+    assert ours == hf_model.generation_config.to_dict()

@@ -253,6 +253,15 @@ def real_gemma():
 
 
 @pytest.mark.gemma
+def test_real_gemma_conversion_equals_transformers(real_gemma):
+    """The cached conversion (written one tensor at a time) holds what transformers' GGUF loader
+    makes of the file: Gemma's norms as w where the file stores 1 + w, bit for bit."""
+    from gguf_writer import assert_converted_like_transformers
+
+    assert_converted_like_transformers(loading.embedded_model_dir("gemma3-270m"), real_gemma[1])
+
+
+@pytest.mark.gemma
 def test_real_gemma_logits_and_greedy_match_transformers(real_gemma):
     eng, hf, tok = real_gemma
     assert eng.config.layer_windows.count(0) == 3 and eng.config.vocab_size == 262144

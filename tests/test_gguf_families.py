@@ -1,15 +1,16 @@
 """GGUF files of each family the engine runs (llama, qwen2, qwen3), written as llama.cpp lays them
-out (``gguf_writer``): the engine takes their 4-bit blocks as they are, and each int4 weight
-dequantizes to exactly what transformers' own GGUF loader reads from the same file. This is what
-says the engine reads each architecture's row order right (llama.cpp permutes llama's q / k rows
-only), without a real file of each family."""
+out (``gguf_writer``): our conversion equals transformers' GGUF loader's, tensor for tensor; the
+engine takes their 4-bit blocks as they are, and each int4 weight dequantizes to exactly what
+transformers' loader reads from the same file. This is what says the engine reads each
+architecture's row order right (llama.cpp permutes llama's q / k rows only), without a real file
+of each family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf_writer import write_gguf
+from gguf_writer import assert_converted_like_transformers, write_gguf
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -94,6 +95,7 @@ def test_int4_takes_every_4_bit_block_as_transformers_reads_it(arch, tmp_path, m
     path, hf = _gguf_and_hf(tmp_path, arch, _ALL_4_BIT)
     exact = lk.Engine.from_pretrained(path, device="cpu", max_seq_len=64)
     assert exact.config.model_type == hf.config.model_type
+    assert_converted_like_transformers(loading.gguf_model_dir(path), hf)
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(1))
     ours, theirs = _logits(exact, hf, ids)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=2e-4)  # the loader's fp32 weights

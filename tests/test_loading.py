@@ -259,6 +259,14 @@ def test_default_model_conversion_and_cache_reuse(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
+    from gguf_writer import assert_converted_like_transformers
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    assert_converted_like_transformers(folder, hf)  # written one tensor at a time
+    del hf
     # second resolution: reused as is (no re-conversion)
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
@@ -447,3 +455,41 @@ def test_gguf_index_refuses_duplicate_and_overlong_tensors(tmp_path):
     short = _gguf_with_tensors(tmp_path / "c.gguf", [("w", 4, 0), ("v", 4, 32)], bytes(40))
     with pytest.raises(ValueError, match=r"tensor 'v' \(F32 \[4\]\) does not fit the file"):
         read_index(short)
+
+
+def test_gguf_conversion_names_and_refusals():
+    """The GGUF -> HF names of the conversion (checked bit for bit against transformers' loader
+    on real and written files elsewhere): Gemma's four norms per layer, llama 3's rope_freqs
+    dropped as transformers drops it; an unknown architecture or block tensor refused."""
+    from llmkernels.gguf_convert import hf_tensor_names
+    from llmkernels.gguf_file import GGUFIndex, GGUFTensor
+
+    def index(arch, names):
+        tensors = {n: GGUFTensor(n, "F32", (4,), 0, 16) for n in names}
+        return GGUFIndex(Path("x.gguf"), {"general.architecture": arch}, tensors)
+
+    names = ["token_embd.weight", "rope_freqs.weight", "blk.0.ffn_norm.weight", "output.weight"]
+    assert hf_tensor_names(index("llama", names)) == {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "blk.0.ffn_norm.weight": "model.layers.0.post_attention_layernorm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    gemma = [
+        "blk.3.ffn_norm.weight",
+        "blk.3.post_attention_norm.weight",
+        "blk.3.post_ffw_norm.weight",
+    ]
+    assert list(hf_tensor_names(index("gemma3", gemma)).values()) == [
+        "model.layers.3.pre_feedforward_layernorm.weight",
+        "model.layers.3.post_attention_layernorm.weight",
+        "model.layers.3.post_feedforward_layernorm.weight",
+    ]
+    assert hf_tensor_names(index("qwen2", ["blk.1.attn_q.bias"])) == {
+        "blk.1.attn_q.bias": "model.layers.1.self_attn.q_proj.bias"
+    }
+    with pytest.raises(ValueError, match="GGUF architecture 'phi3' is not one of"):
+        hf_tensor_names(index("phi3", names))
+    with pytest.raises(
+        ValueError, match="'blk.0.ffn_gate_exps.weight' is not part of a qwen3 block"
+    ):
+        hf_tensor_names(index("qwen3", ["blk.0.ffn_gate_exps.weight"]))

@@ -1,0 +1,124 @@
+"""A GGUF file's tensors as an HF ``model.safetensors``, written one tensor at a time.
+
+transformers' GGUF loader (``from_pretrained(..., gguf_file=)``) dequantizes every tensor to fp32
+and holds them all, and then the model: a 1.1B Q4_0 file peaked at 5.7 GB of memory on the 2-core
+host, a 7B one would need ~35 GB. Here each tensor is dequantized (with the ``gguf`` package's
+``dequantize``, which transformers uses too), renamed, fixed up as transformers' loader does, and
+streamed into the file, so the peak is the largest tensor (the embedding). The result equals
+transformers' conversion bit for bit (tested on both embedded models, and on llama / qwen2 / qwen3
+files written as llama.cpp writes them); the config, tokenizer and generation config still come
+from transformers (:func:`llmkernels.loading.convert_gguf`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .gguf_file import GGUFIndex
+
+__all__ = ["CONVERTIBLE_ARCHITECTURES", "hf_tensor_names", "write_safetensors"]
+
+# llama.cpp's tensor names inside blk.{i} -> the HF module (per architecture where they differ)
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GEMMA3_BLOCK = {  # Gemma norms before and after each sub-layer
+    **_BLOCK,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+CONVERTIBLE_ARCHITECTURES = {
+    "llama": _BLOCK,
+    "qwen2": _BLOCK,
+    "qwen3": _BLOCK,
+    "gemma3": _GEMMA3_BLOCK,
+}
+
+
+def hf_tensor_names(index: GGUFIndex) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name, for the tensors transformers' loader keeps (others,
+    such as llama 3's ``rope_freqs``, it drops, and so do we). Raises ``ValueError`` for an
+    architecture not in :data:`CONVERTIBLE_ARCHITECTURES` or a tensor of a block it does not
+    know."""
+    arch = index.fields.get("general.architecture")
+    if arch not in CONVERTIBLE_ARCHITECTURES:
+        raise ValueError(
+            f"{index.path.name}: GGUF architecture {arch!r} is not one of "
+            f"{sorted(CONVERTIBLE_ARCHITECTURES)}"
+        )
+    block = CONVERTIBLE_ARCHITECTURES[arch]
+    names = {}
+    for name in index.tensors:
+        stem, _, kind = name.rpartition(".")  # kind: weight / bias
+        if stem.startswith("blk."):
+            _, layer, part = stem.split(".", 2)
+            if part not in block:
+                raise ValueError(
+                    f"{index.path.name}: tensor {name!r} is not part of a {arch} block"
+                )
+            names[name] = f"model.layers.{layer}.{block[part]}.{kind}"
+        elif stem in _TOP:
+            names[name] = f"{_TOP[stem]}.{kind}"
+    return names
+
+
+def _fp32(index: GGUFIndex, name: str, hf_config: dict) -> np.ndarray:
+    """The tensor as transformers' loader makes it: dequantized to fp32 in HF's row order, and
+    Gemma's norms stored as ``w`` where the file stores ``1 + w``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    t = index.tensors[name]
+    data = dequantize(index.raw(name).reshape(-1), GGMLQuantizationType[t.kind])
+    weights = np.asarray(data, dtype=np.float32).reshape(t.shape)
+    arch = index.fields["general.architecture"]
+    part = name.split(".")[-2]
+    if arch == "llama" and part in ("attn_q", "attn_k"):  # undo llama.cpp's per-head row order
+        heads = hf_config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
+        rows = weights.shape[0]
+        weights = weights.reshape(heads, rows // heads // 2, 2, -1).swapaxes(2, 1)
+        weights = weights.reshape(t.shape)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        weights = weights - np.float32(1)
+    return np.ascontiguousarray(weights)
+
+
+def write_safetensors(index: GGUFIndex, hf_config: dict, path: Path) -> list[str]:
+    """Write the GGUF's tensors as fp32 HF parameters into the safetensors file ``path``, one at
+    a time (the header first: every shape is known from the index). ``hf_config``: transformers'
+    config of the file (head counts for llama's row order). Returns the HF names written."""
+    names = hf_tensor_names(index)
+    header, offset = {}, 0
+    for gguf_name, hf_name in names.items():
+        shape = list(index.tensors[gguf_name].shape)
+        nbytes = 4 * int(np.prod(shape))
+        header[hf_name] = {
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for gguf_name in names:
+            f.write(memoryview(_fp32(index, gguf_name, hf_config)).cast("B"))
+    return list(names.values())

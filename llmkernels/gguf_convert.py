@@ -3,16 +3,18 @@
 transformers' GGUF loader (``from_pretrained(..., gguf_file=)``) dequantizes every tensor to fp32
 and holds them all, and then the model: a 1.1B Q4_0 file peaked at 5.7 GB of memory on the 2-core
 host, a 7B one would need ~35 GB. Here each tensor is dequantized (with the ``gguf`` package's
-``dequantize``, which transformers uses too), renamed, fixed up as transformers' loader does, and
-streamed into the file, so the peak is the largest tensor (the embedding). The result equals
-transformers' conversion bit for bit (tested on both embedded models, and on llama / qwen2 / qwen3
-files written as llama.cpp writes them); the config, tokenizer and generation config still come
-from transformers (:func:`llmkernels.loading.convert_gguf`).
+``dequantize``, which transformers uses too) in slices of 64 MB of output, renamed, fixed up as
+transformers' loader does, and streamed into the file, so the peak is a few slices (the 1.1B
+file: 0.56 GB, most of it the tokenizer). The result equals transformers' conversion bit for bit
+(tested on both embedded models, and on llama / qwen2 / qwen3 files written as llama.cpp writes
+them); the config, tokenizer and generation config still come from transformers
+(:func:`llmkernels.loading.convert_gguf`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -52,10 +54,11 @@ CONVERTIBLE_ARCHITECTURES = {
 
 
 def hf_tensor_names(index: GGUFIndex) -> dict[str, str]:
-    """GGUF tensor name -> HF parameter name, for the tensors transformers' loader keeps (others,
-    such as llama 3's ``rope_freqs``, it drops, and so do we). Raises ``ValueError`` for an
-    architecture not in :data:`CONVERTIBLE_ARCHITECTURES` or a tensor of a block it does not
-    know."""
+    """GGUF tensor name -> HF parameter name, for the tensors transformers' loader keeps (others
+    outside the blocks, such as llama 3's ``rope_freqs``, it drops, and so do we). Raises
+    ``ValueError`` for an architecture not in :data:`CONVERTIBLE_ARCHITECTURES` or a block tensor
+    the engine's families do not have (transformers would drop it silently, e.g. a llama file's
+    ``attn_q.bias`` when its config has no attention bias: a model we would then run wrong)."""
     arch = index.fields.get("general.architecture")
     if arch not in CONVERTIBLE_ARCHITECTURES:
         raise ValueError(
@@ -67,8 +70,8 @@ def hf_tensor_names(index: GGUFIndex) -> dict[str, str]:
     for name in index.tensors:
         stem, _, kind = name.rpartition(".")  # kind: weight / bias
         if stem.startswith("blk."):
-            _, layer, part = stem.split(".", 2)
-            if part not in block:
+            _, layer, part = (stem.split(".", 2) + ["", ""])[:3]
+            if part not in block or not layer.isdigit():
                 raise ValueError(
                     f"{index.path.name}: tensor {name!r} is not part of a {arch} block"
                 )
@@ -78,25 +81,36 @@ def hf_tensor_names(index: GGUFIndex) -> dict[str, str]:
     return names
 
 
-def _fp32(index: GGUFIndex, name: str, hf_config: dict) -> np.ndarray:
-    """The tensor as transformers' loader makes it: dequantized to fp32 in HF's row order, and
-    Gemma's norms stored as ``w`` where the file stores ``1 + w``."""
+_CHUNK_BYTES = 64 << 20  # fp32 output per dequantized slice of rows
+
+
+def _fp32_slices(index: GGUFIndex, name: str, hf_config: dict):
+    """The tensor as transformers' loader makes it, in slices of whole rows (fp32, C order):
+    dequantized, in HF's row order, and Gemma's norms as ``w`` where the file stores ``1 + w``.
+    Slicing keeps the dequantizer's temporaries (~3x its output) to a slice; llama's q / k,
+    whose rows move between slices, come whole (they are hidden x hidden at most)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     t = index.tensors[name]
-    data = dequantize(index.raw(name).reshape(-1), GGMLQuantizationType[t.kind])
-    weights = np.asarray(data, dtype=np.float32).reshape(t.shape)
+    kind = GGMLQuantizationType[t.kind]
+    raw = index.raw(name)  # [rows, bytes per row]
     arch = index.fields["general.architecture"]
     part = name.split(".")[-2]
     if arch == "llama" and part in ("attn_q", "attn_k"):  # undo llama.cpp's per-head row order
         heads = hf_config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
+        weights = np.asarray(dequantize(raw, kind), dtype=np.float32).reshape(t.shape)
         rows = weights.shape[0]
         weights = weights.reshape(heads, rows // heads // 2, 2, -1).swapaxes(2, 1)
-        weights = weights.reshape(t.shape)
-    if arch == "gemma3" and name.endswith("norm.weight"):
-        weights = weights - np.float32(1)
-    return np.ascontiguousarray(weights)
+        yield np.ascontiguousarray(weights.reshape(t.shape))
+        return
+    row_bytes = 4 * (math.prod(t.shape) // raw.shape[0])
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, raw.shape[0], step):
+        weights = np.asarray(dequantize(raw[start : start + step], kind), dtype=np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            weights = weights - np.float32(1)
+        yield np.ascontiguousarray(weights)
 
 
 def write_safetensors(index: GGUFIndex, hf_config: dict, path: Path) -> list[str]:
@@ -107,7 +121,7 @@ def write_safetensors(index: GGUFIndex, hf_config: dict, path: Path) -> list[str
     header, offset = {}, 0
     for gguf_name, hf_name in names.items():
         shape = list(index.tensors[gguf_name].shape)
-        nbytes = 4 * int(np.prod(shape))
+        nbytes = 4 * math.prod(shape)
         header[hf_name] = {
             "dtype": "F32",
             "shape": shape,
@@ -120,5 +134,6 @@ def write_safetensors(index: GGUFIndex, hf_config: dict, path: Path) -> list[str
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for gguf_name in names:
-            f.write(memoryview(_fp32(index, gguf_name, hf_config)).cast("B"))
+            for rows in _fp32_slices(index, gguf_name, hf_config):
+                f.write(memoryview(rows).cast("B"))
     return list(names.values())

@@ -10,6 +10,7 @@ tested against ``GGUFReader`` on both embedded files.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = ["GGUFIndex", "GGUFTensor", "read_index"]
 _SCALARS = dict(zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIif?Qqd"))
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,12 @@ def _parse(path, buf, n_tensors, n_fields, quant_sizes, quant_types) -> GGUFInde
     infos = []
     for _ in range(n_tensors):
         name = cursor.string()
-        dims = [cursor.take("Q") for _ in range(cursor.take("I"))]
+        n_dims = cursor.take("I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(
+                f"{path}: tensor {name!r} has {n_dims} dimensions (GGML has at most 4)"
+            )
+        dims = [cursor.take("Q") for _ in range(n_dims)]
         kind, offset = cursor.take("I"), cursor.take("Q")
         infos.append((name, dims, kind, offset))
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
@@ -138,7 +145,7 @@ def _parse(path, buf, n_tensors, n_fields, quant_sizes, quant_types) -> GGUFInde
         if name in tensors:
             raise ValueError(f"{path}: tensor {name!r} is listed twice")
         block, block_bytes = quant_sizes[quant_types(kind)]
-        elements = int(np.prod(dims))
+        elements = math.prod(dims)  # Python ints: no wrap-around for absurd sizes
         tensor = GGUFTensor(
             name,
             quant_types(kind).name,

@@ -567,7 +567,7 @@ def gguf_model_dir(gguf: str | os.PathLike) -> Path:
 
     The folder holds the fp32 weights that transformers' GGUF loader makes of the file, written
     one tensor at a time (:func:`convert_gguf`): a 4-bit file grows ~8x on disk (a 7B model:
-    28 GB), while converting takes about its largest tensor in memory. With ``quantize="int4"``
+    28 GB), while converting holds a few 64 MB slices of it in memory. With ``quantize="int4"``
     or ``"gguf"`` the engine still takes the file's own 4-bit blocks
     (:func:`projection_quantizer`), and quantizes the rest layer by layer as it reads them."""
     import hashlib
@@ -811,6 +811,8 @@ def projection_quantizer(
     from .quant import GGUF_MODE, PROJECTIONS, quantize_weight
 
     index, stored = None, {}
+    if quantize == GGUF_MODE and sharded:
+        raise ValueError("quantize='gguf' takes the file's own blocks whole: no tensor parallel")
     if quantize == GGUF_MODE:
         index = gguf_index if gguf_index is not None else gguf_quantization_source(path_or_id)
         stored = gguf_stored_modes(index, config)

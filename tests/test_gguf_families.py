@@ -39,10 +39,13 @@ _SIZES = dict(
 _FAMILIES = {  # GGUF architecture -> the HF model written into it
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_SIZES)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_SIZES)),  # q / k / v biases
-    # transformers' GGUF loader leaves Qwen3's head_dim at its default, 128 (every Qwen3 has it)
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**_SIZES, head_dim=128)),
+    # transformers' GGUF loader leaves Qwen3's head_dim at its default, 128 (every Qwen3 has it);
+    # tied, as the small Qwen3s are: the file then has no output.weight
+    "qwen3": lambda: Qwen3ForCausalLM(
+        Qwen3Config(**{**_SIZES, "tie_word_embeddings": True}, head_dim=128)
+    ),
 }
-_ALL_4_BIT = {  # both 4-bit block types, and q and v of one fused weight in different ones
+_ALL_4_BIT = {  # both 4-bit block types, also within one fused weight (q Q4_0, k Q4_1)
     "attn_q": Q.Q4_0,
     "attn_k": Q.Q4_1,
     "attn_v": Q.Q4_0,
@@ -51,8 +54,8 @@ _ALL_4_BIT = {  # both 4-bit block types, and q and v of one fused weight in dif
     "ffn_up": Q.Q4_0,
     "ffn_down": Q.Q4_0,
 }
-# as a Q4_K_M file mixes them: v and down with more bits
-_MIXED = {**_ALL_4_BIT, "attn_v": Q.Q8_0, "ffn_down": Q.Q5_0}
+# as a Q4_K_M file mixes them: v and down with more bits; o as a float
+_MIXED = {**_ALL_4_BIT, "attn_v": Q.Q8_0, "attn_output": Q.BF16, "ffn_down": Q.Q5_0}
 
 
 def _gguf_and_hf(tmp_path, arch: str, kinds: dict):
@@ -116,21 +119,25 @@ def test_int4_takes_every_4_bit_block_as_transformers_reads_it(arch, tmp_path, m
 
 
 def test_quantize_gguf_runs_a_qwen2_file_at_its_own_mix(tmp_path, monkeypatch):
-    """A Q4_K_M-like qwen2 file (v in Q8_0, down in Q5_0): the all-4-bit fused weights int4 as
-    stored, the others int8 per channel; wqkv is int8 because one of its parts has 8 bits."""
+    """A Q4_K_M-like qwen2 file (v in Q8_0, down in Q5_0, o in BF16): the all-4-bit fused
+    weights int4 as stored, the float one exact, the others int8 per channel; wqkv is int8
+    because one of its parts has 8 bits."""
     monkeypatch.setenv("LLMKERNELS_CACHE_DIR", str(tmp_path / "cache"))
     path, hf = _gguf_and_hf(tmp_path, "qwen2", _MIXED)
     mixed = lk.Engine.from_pretrained(path, device="cpu", quantize="gguf", max_seq_len=64)
     for layer, hf_layer in zip(mixed.model.layers, hf.model.layers):
         weights = _hf_projections(hf_layer)
-        assert {name: getattr(layer, name).mode for name in weights} == {
+        modes = {
+            name: w.mode if isinstance(w, quant.QuantizedWeight) else "float"
+            for name, w in ((name, getattr(layer, name)) for name in weights)
+        }
+        assert modes == {
             "wqkv": "int8",
-            "wo": "int4",
+            "wo": "float",
             "w_gate_up": "int4",
             "w_down": "int8",
         }
-        for name in ("wo", "w_gate_up"):
-            assert torch.equal(getattr(layer, name).dequantize(), weights[name])
+        assert torch.equal(layer.w_gate_up.dequantize(), weights["w_gate_up"])
         for name in ("wqkv", "w_down"):  # int8 per output channel: half a step of its scale
             w = getattr(layer, name)
             step = w.dequantize() - weights[name]

@@ -428,12 +428,13 @@ def test_gguf_index_refuses_other_files(tmp_path):
         read_index(tmp_path / "c.gguf")
 
 
-def _gguf_with_tensors(path: Path, infos: list[tuple[str, int, int]], data: bytes) -> Path:
-    """A GGUF v3 file with no fields and F32 vectors ``(name, length, offset)``."""
+def _gguf_with_tensors(path: Path, infos: list[tuple], data: bytes) -> Path:
+    """A GGUF v3 file with no fields and F32 tensors ``(name, length or [dims], offset)``."""
     out = b"GGUF" + (3).to_bytes(4, "little") + len(infos).to_bytes(8, "little") + bytes(8)
-    for name, length, offset in infos:
-        out += len(name).to_bytes(8, "little") + name.encode() + (1).to_bytes(4, "little")
-        out += length.to_bytes(8, "little") + (0).to_bytes(4, "little")  # one dim, F32
+    for name, dims, offset in infos:
+        dims = dims if isinstance(dims, list) else [dims]
+        out += len(name).to_bytes(8, "little") + name.encode() + len(dims).to_bytes(4, "little")
+        out += b"".join(d.to_bytes(8, "little") for d in dims) + (0).to_bytes(4, "little")  # F32
         out += offset.to_bytes(8, "little")
     path.write_bytes(out + bytes(-len(out) % 32) + data)
     return path
@@ -455,12 +456,19 @@ def test_gguf_index_refuses_duplicate_and_overlong_tensors(tmp_path):
     short = _gguf_with_tensors(tmp_path / "c.gguf", [("w", 4, 0), ("v", 4, 32)], bytes(40))
     with pytest.raises(ValueError, match=r"tensor 'v' \(F32 \[4\]\) does not fit the file"):
         read_index(short)
+    huge = _gguf_with_tensors(tmp_path / "d.gguf", [("w", [1 << 32, 1 << 32], 0)], bytes(16))
+    with pytest.raises(ValueError, match="tensor 'w' .* does not fit the file"):  # 2^64 elements
+        read_index(huge)
+    five = _gguf_with_tensors(tmp_path / "e.gguf", [("w", [1, 1, 1, 1, 4], 0)], bytes(16))
+    with pytest.raises(ValueError, match="tensor 'w' has 5 dimensions"):
+        read_index(five)
 
 
 def test_gguf_conversion_names_and_refusals():
     """The GGUF -> HF names of the conversion (checked bit for bit against transformers' loader
     on real and written files elsewhere): Gemma's four norms per layer, llama 3's rope_freqs
-    dropped as transformers drops it; an unknown architecture or block tensor refused."""
+    dropped (transformers' loader has no HF name for it); an unknown architecture or block
+    tensor refused; quantize="gguf" refused on tensor-parallel shards."""
     from llmkernels.gguf_convert import hf_tensor_names
     from llmkernels.gguf_file import GGUFIndex, GGUFTensor
 
@@ -493,3 +501,7 @@ def test_gguf_conversion_names_and_refusals():
         ValueError, match="'blk.0.ffn_gate_exps.weight' is not part of a qwen3 block"
     ):
         hf_tensor_names(index("qwen3", ["blk.0.ffn_gate_exps.weight"]))
+    with pytest.raises(ValueError, match="'blk.0.weight' is not part of a llama block"):
+        hf_tensor_names(index("llama", ["blk.0.weight"]))
+    with pytest.raises(ValueError, match="quantize='gguf' takes the file's own blocks whole"):
+        loading.projection_quantizer("x.gguf", None, "gguf", sharded=True)

@@ -97,7 +97,7 @@ class QuantizedWeight:
     zeros: torch.Tensor | None = None  # int4: [out, in / group_size] (fp32)
     packed: torch.Tensor | None = None  # the packed kernel's layout (see packed_now)
     scale_and_zero: torch.Tensor | None = None  # int4: bf16 [in / G, out, 2], ATen's layout
-    scale_zero_rows: torch.Tensor | None = None  # int4: bf16 [out, in / G, 2], int4_linear's
+    scale_zero_rows: torch.Tensor | None = None  # int4, CUDA: bf16 [out, in / G, 2], ours
     kernel_scales: torch.Tensor | None = None  # int8: bf16 [out]
 
     @property
@@ -133,10 +133,12 @@ class QuantizedWeight:
             self.packed = self.qweight
             self.kernel_scales = self.scales.to(torch.bfloat16)
             return
-        # bf16 scales and zeros: [out, in / G, 2] for int4_linear, [in / G, out, 2] for ATen's
-        self.scale_zero_rows = torch.stack((self.scales, self.zeros), dim=-1).to(torch.bfloat16)
-        self.scale_and_zero = self.scale_zero_rows.transpose(0, 1).contiguous()
+        # bf16 scales and zeros: [out, in / G, 2] for int4_linear (CUDA only: not kept on CPU,
+        # 1/8 byte per weight), [in / G, out, 2] for ATen's
+        rows = torch.stack((self.scales, self.zeros), dim=-1).to(torch.bfloat16)
+        self.scale_and_zero = rows.transpose(0, 1).contiguous()
         if self.device.type == "cuda":
+            self.scale_zero_rows = rows
             self.packed = torch.ops.aten._convert_weight_to_int4pack(
                 self.qweight, _CUDA_INNER_K_TILES
             )

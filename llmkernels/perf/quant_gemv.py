@@ -54,9 +54,13 @@ def _impls(
         q8.qweight.numel() + q8.kernel_scales.numel() * 2,
     )
     for group, q4 in q4s.items():
-        nbytes = q4.qweight.numel() + q4.scale_zero_rows.numel() * 2
+        # int4_linear's [out, in / G, 2] layout (kept on CUDA only; here for a CPU smoke run)
+        rows = q4.scale_zero_rows
+        if rows is None:
+            rows = q4.scale_and_zero.transpose(0, 1).contiguous()
+        nbytes = q4.qweight.numel() + rows.numel() * 2
         impls[f"int4_linear g{group} (ours)"] = (
-            lambda q4=q4: ops.int4_linear(x, q4.qweight, q4.scale_zero_rows),
+            lambda q4=q4, rows=rows: ops.int4_linear(x, q4.qweight, rows),
             nbytes,
         )
         impls[f"int4 tinygemm g{group}"] = (
